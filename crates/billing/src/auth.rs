@@ -1,0 +1,103 @@
+//! Credentials: random bearer tokens, shown once, stored as SHA-256 hashes.
+
+use crate::error::{BillingError, Result};
+use chrono::{DateTime, Utc};
+use entity::{api_keys, user_tokens};
+use rand::Rng;
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+/// Prefixes say what a token is when it turns up in a log or a leak scanner.
+pub const USER_TOKEN_PREFIX: &str = "rsv_u_";
+pub const API_KEY_PREFIX: &str = "rsv_k_";
+/// Random characters after the prefix: 43 base62 characters ≈ 256 bits.
+const SECRET_CHARS: usize = 43;
+/// Characters of an API key kept in clear to recognise it in a list.
+pub const API_KEY_VISIBLE_PREFIX_CHARS: usize = 12;
+/// Longest bearer token looked up (anything longer is refused before hashing).
+pub const TOKEN_LEN_MAX: usize = 256;
+
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+pub fn generate_secret(prefix: &str) -> String {
+    let mut rng = rand::rng();
+    let mut secret = String::with_capacity(prefix.len() + SECRET_CHARS);
+    secret.push_str(prefix);
+    for _ in 0..SECRET_CHARS {
+        secret.push(char::from(BASE62[rng.random_range(0..BASE62.len())]));
+    }
+    secret
+}
+
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Compares two secrets in constant time (for the configured platform admin token).
+pub fn secrets_equal(a: &str, b: &str) -> bool {
+    let (ha, hb) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    ha.ct_eq(&hb).into()
+}
+
+/// Who a bearer token belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    PlatformAdmin,
+    User { user_id: Uuid, token_id: Uuid },
+    ApiKey { api_key_id: Uuid, workspace_id: Uuid, project_id: Option<Uuid> },
+}
+
+/// Resolves a bearer token. Lookup is by hash (an index probe, so no timing leak of
+/// the stored hash); revoked credentials are refused like unknown ones.
+pub async fn authenticate<C: ConnectionTrait>(
+    c: &C,
+    token: &str,
+    admin_token: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Principal> {
+    if token.is_empty() || token.len() > TOKEN_LEN_MAX {
+        return Err(BillingError::Unauthenticated);
+    }
+    if admin_token.is_some_and(|admin| secrets_equal(admin, token)) {
+        return Ok(Principal::PlatformAdmin);
+    }
+    let hash = hash_secret(token);
+    if token.starts_with(USER_TOKEN_PREFIX) {
+        let found = user_tokens::Entity::find()
+            .filter(user_tokens::Column::TokenHash.eq(hash))
+            .one(c)
+            .await?;
+        if let Some(t) = found.filter(|t| t.revoked_at.is_none_or(|at| at > now)) {
+            return Ok(Principal::User { user_id: t.user_id, token_id: t.id });
+        }
+    } else if token.starts_with(API_KEY_PREFIX) {
+        let found = api_keys::Entity::find()
+            .filter(api_keys::Column::SecretHash.eq(hash))
+            .one(c)
+            .await?;
+        if let Some(k) = found.filter(|k| k.revoked_at.is_none_or(|at| at > now)) {
+            return Ok(Principal::ApiKey { api_key_id: k.id, workspace_id: k.workspace_id, project_id: k.project_id });
+        }
+    }
+    Err(BillingError::Unauthenticated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_random_prefixed_and_hashed() {
+        let a = generate_secret(USER_TOKEN_PREFIX);
+        let b = generate_secret(USER_TOKEN_PREFIX);
+        assert_ne!(a, b);
+        assert!(a.starts_with(USER_TOKEN_PREFIX));
+        assert_eq!(a.len(), USER_TOKEN_PREFIX.len() + SECRET_CHARS);
+        assert_eq!(hash_secret(&a).len(), 64);
+        assert_ne!(hash_secret(&a), hash_secret(&b));
+        assert!(secrets_equal(&a, &a.clone()));
+        assert!(!secrets_equal(&a, &b));
+    }
+}

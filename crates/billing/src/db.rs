@@ -1,0 +1,86 @@
+//! Connecting to the database, migrating it, and opening write transactions.
+
+use crate::error::{BillingError, Result};
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sqlx::{self, postgres::PgPoolOptions, sqlite::SqlitePoolOptions};
+use sea_orm::{
+    DatabaseConnection, DatabaseTransaction, DbBackend, SqlxPostgresConnector,
+    SqlxSqliteConnector, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Pool limits. SQLite has one writer at a time whatever the pool size, so a small
+/// pool suffices there; PostgreSQL gets enough connections for the API's concurrency.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolLimits {
+    pub connections_max: u32,
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        Self { connections_max: 16, acquire_timeout_ms: 10_000 }
+    }
+}
+
+/// How long a SQLite writer waits for the lock before failing. Generous, because the
+/// alternative to waiting is refusing a customer's request.
+const SQLITE_BUSY_TIMEOUT_MS: u64 = 30_000;
+
+pub async fn connect(url: &str, limits: PoolLimits) -> Result<DatabaseConnection> {
+    let acquire_timeout = Duration::from_millis(limits.acquire_timeout_ms);
+    if url.starts_with("sqlite:") {
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+            .map_err(|e| BillingError::invalid(format!("bad SQLite URL: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            // FULL: a committed debit survives a power cut, not only a process crash.
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(limits.connections_max.min(8))
+            .acquire_timeout(acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(conn_err)?;
+        Ok(SqlxSqliteConnector::from_sqlx_sqlite_pool(pool))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let pool = PgPoolOptions::new()
+            .max_connections(limits.connections_max)
+            .acquire_timeout(acquire_timeout)
+            .connect(url)
+            .await
+            .map_err(conn_err)?;
+        Ok(SqlxPostgresConnector::from_sqlx_postgres_pool(pool))
+    } else {
+        Err(BillingError::invalid(
+            "database URL must start with sqlite: or postgres:",
+        ))
+    }
+}
+
+/// Applies every pending migration.
+pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
+    Migrator::up(db, None).await?;
+    Ok(())
+}
+
+/// Opens a transaction that will write. On SQLite it is `BEGIN IMMEDIATE`: the write
+/// lock is taken up front, so the busy timeout applies; a deferred transaction that
+/// reads first and then writes fails at once with SQLITE_BUSY when another writer
+/// committed in between. On PostgreSQL it is a plain READ COMMITTED transaction: money
+/// rows are changed by conditional single-statement updates, which lock and re-check.
+pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction> {
+    let options = TransactionOptions {
+        sqlite_transaction_mode: (db.get_database_backend() == DbBackend::Sqlite)
+            .then_some(SqliteTransactionMode::Immediate),
+        ..Default::default()
+    };
+    Ok(db.begin_with_options(options).await?)
+}
+
+fn conn_err(e: sqlx::Error) -> BillingError {
+    BillingError::Database(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))
+}

@@ -1,0 +1,122 @@
+//! The ledger's invariants, checked against the database as it is. Used by the tests
+//! after every concurrency run and by `reservoir check` in operations.
+
+use crate::error::Result;
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+
+/// Each query returns the rows that break one invariant, with a printable detail.
+const CHECKS: &[(&str, &str)] = &[
+    (
+        "cached balance equals the sum of the workspace's ledger entries",
+        "SELECT w.name AS subject, CAST(w.balance_nanos AS BIGINT) AS expected, \
+                CAST(COALESCE(SUM(e.amount_nanos), 0) AS BIGINT) AS actual \
+         FROM workspaces w LEFT JOIN ledger_entries e ON e.workspace_id = w.id \
+         GROUP BY w.id, w.name, w.balance_nanos \
+         HAVING w.balance_nanos <> COALESCE(SUM(e.amount_nanos), 0)",
+    ),
+    (
+        "every ledger transaction sums to zero",
+        "SELECT CAST(t.idempotency_key AS TEXT) AS subject, CAST(0 AS BIGINT) AS expected, \
+                CAST(COALESCE(SUM(e.amount_nanos), 0) AS BIGINT) AS actual \
+         FROM ledger_transactions t LEFT JOIN ledger_entries e ON e.transaction_id = t.id \
+         GROUP BY t.id, t.idempotency_key \
+         HAVING COALESCE(SUM(e.amount_nanos), 0) <> 0 OR COUNT(e.id) < 2",
+    ),
+    (
+        "no balance is negative and reserved stays within 0..=balance",
+        "SELECT w.name AS subject, CAST(w.reserved_nanos AS BIGINT) AS expected, \
+                CAST(w.balance_nanos AS BIGINT) AS actual \
+         FROM workspaces w \
+         WHERE w.balance_nanos < 0 OR w.reserved_nanos < 0 OR w.reserved_nanos > w.balance_nanos",
+    ),
+    (
+        "reserved equals the sum of the workspace's open holds",
+        "SELECT w.name AS subject, CAST(w.reserved_nanos AS BIGINT) AS expected, \
+                CAST(COALESCE(SUM(r.amount_nanos), 0) AS BIGINT) AS actual \
+         FROM workspaces w LEFT JOIN reservations r ON r.workspace_id = w.id AND r.status = 'HELD' \
+         GROUP BY w.id, w.name, w.reserved_nanos \
+         HAVING w.reserved_nanos <> COALESCE(SUM(r.amount_nanos), 0)",
+    ),
+    (
+        "a project's held budget equals the sum of its open holds",
+        "SELECT p.tag AS subject, CAST(p.budget_reserved_nanos AS BIGINT) AS expected, \
+                CAST(COALESCE(SUM(r.amount_nanos), 0) AS BIGINT) AS actual \
+         FROM projects p LEFT JOIN reservations r ON r.project_id = p.id AND r.status = 'HELD' \
+         GROUP BY p.id, p.tag, p.budget_reserved_nanos \
+         HAVING p.budget_reserved_nanos <> COALESCE(SUM(r.amount_nanos), 0)",
+    ),
+    (
+        "usage charged to a workspace equals its usage events' cost less shortfall",
+        "SELECT w.name AS subject, \
+                CAST(COALESCE((SELECT SUM(u.cost_nanos - u.shortfall_nanos) FROM usage_events u \
+                               WHERE u.workspace_id = w.id), 0) AS BIGINT) AS expected, \
+                CAST(-COALESCE((SELECT SUM(e.amount_nanos) FROM ledger_entries e \
+                                WHERE e.workspace_id = w.id AND e.kind = 'USAGE'), 0) AS BIGINT) AS actual \
+         FROM workspaces w \
+         WHERE COALESCE((SELECT SUM(u.cost_nanos - u.shortfall_nanos) FROM usage_events u \
+                         WHERE u.workspace_id = w.id), 0) \
+            <> -COALESCE((SELECT SUM(e.amount_nanos) FROM ledger_entries e \
+                          WHERE e.workspace_id = w.id AND e.kind = 'USAGE'), 0)",
+    ),
+    (
+        "every usage event is posted to the ledger exactly once",
+        "SELECT CAST(u.request_id AS TEXT) AS subject, CAST(1 AS BIGINT) AS expected, \
+                CAST(COUNT(t.id) AS BIGINT) AS actual \
+         FROM usage_events u LEFT JOIN ledger_transactions t ON t.usage_event_id = u.id \
+         GROUP BY u.id, u.request_id HAVING COUNT(t.id) <> 1",
+    ),
+    (
+        "the last balance event of a workspace matches its cached state",
+        "SELECT w.name AS subject, CAST(w.balance_sequence AS BIGINT) AS expected, \
+                CAST(COALESCE(MAX(b.sequence), 0) AS BIGINT) AS actual \
+         FROM workspaces w LEFT JOIN balance_events b ON b.workspace_id = w.id \
+         GROUP BY w.id, w.name, w.balance_sequence \
+         HAVING w.balance_sequence <> COALESCE(MAX(b.sequence), 0)",
+    ),
+];
+
+/// One broken invariant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub subject: String,
+    pub expected: i64,
+    pub actual: i64,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} (expected {}, found {})", self.invariant, self.subject, self.expected, self.actual)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub checks_run: usize,
+    pub violations: Vec<Violation>,
+}
+
+impl Report {
+    pub fn is_ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// Runs every invariant check; the report lists each violation found.
+pub async fn check(db: &DatabaseConnection) -> Result<Report> {
+    let backend = db.get_database_backend();
+    let mut report = Report::default();
+    for (invariant, sql) in CHECKS {
+        let rows = db.query_all_raw(Statement::from_string(backend, *sql)).await?;
+        for row in rows {
+            report.violations.push(Violation {
+                invariant,
+                subject: row.try_get::<String>("", "subject").unwrap_or_else(|_| "?".into()),
+                expected: row.try_get::<i64>("", "expected")?,
+                actual: row.try_get::<i64>("", "actual")?,
+            });
+        }
+        report.checks_run += 1;
+    }
+    Ok(report)
+}

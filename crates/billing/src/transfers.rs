@@ -1,0 +1,164 @@
+//! Transfers: instant, fee-free moves of credits between workspaces of one account.
+
+use crate::db::begin_write;
+use crate::error::{BillingError, Result};
+use crate::ids::{IdempotencyKey, new_id, request_hash};
+use crate::ledger::{self, EntrySpec, Guard, LedgerAccount, PostingRefs};
+use crate::money::Credits;
+use chrono::{DateTime, Utc};
+use entity::enums::{BalanceChangeCause, LedgerEntryKind};
+use entity::{transfers, workspaces};
+use sea_orm::{ActiveModelTrait as _, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait, IntoActiveModel, QueryFilter};
+use uuid::Uuid;
+
+/// Longest memo kept with a transfer.
+pub const MEMO_LEN_MAX: usize = 500;
+
+#[derive(Clone, Debug)]
+pub struct TransferRequest {
+    pub from_workspace_id: Uuid,
+    pub to_workspace_id: Uuid,
+    pub amount: Credits,
+    pub memo: Option<String>,
+    pub idempotency_key: String,
+    pub created_by_user_id: Option<Uuid>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Transferred {
+    pub transfer: transfers::Model,
+    pub replayed: bool,
+}
+
+async fn existing_transfer(db: &DatabaseConnection, account_id: Uuid, key: &str, hash: &str) -> Result<Option<transfers::Model>> {
+    let found = transfers::Entity::find()
+        .filter(transfers::Column::AccountId.eq(account_id))
+        .filter(transfers::Column::IdempotencyKey.eq(key))
+        .one(db)
+        .await?;
+    match found {
+        Some(t) if t.request_hash == hash => Ok(Some(t)),
+        Some(_) => Err(BillingError::IdempotencyConflict),
+        None => Ok(None),
+    }
+}
+
+/// Moves `amount` from one workspace's available credits to another's, both sides in
+/// one transaction. Idempotent on the key within the account.
+pub async fn transfer(db: &DatabaseConnection, req: TransferRequest, now: DateTime<Utc>) -> Result<Transferred> {
+    let key = IdempotencyKey::parse("idempotencyKey", &req.idempotency_key)?;
+    if !req.amount.is_positive() {
+        return Err(BillingError::invalid("amount must be greater than zero"));
+    }
+    if req.from_workspace_id == req.to_workspace_id {
+        return Err(BillingError::invalid("cannot transfer a workspace's credits to itself"));
+    }
+    let memo = req.memo.as_deref().map(str::trim).filter(|m| !m.is_empty()).map(str::to_owned);
+    if memo.as_ref().is_some_and(|m| m.chars().count() > MEMO_LEN_MAX) {
+        return Err(BillingError::invalid(format!("memo is longer than {MEMO_LEN_MAX} characters")));
+    }
+    let from = ledger::load_workspace(db, req.from_workspace_id).await?;
+    let to = ledger::load_workspace(db, req.to_workspace_id).await?;
+    if from.account_id != to.account_id {
+        // Never a hint that a workspace of another account exists.
+        return Err(BillingError::NotFound("workspace"));
+    }
+    let hash = request_hash(&[
+        "transfer",
+        &from.id.to_string(),
+        &to.id.to_string(),
+        &req.amount.to_string(),
+        memo.as_deref().unwrap_or_default(),
+    ]);
+    if let Some(transfer) = existing_transfer(db, from.account_id, key.as_str(), &hash).await? {
+        return Ok(Transferred { transfer, replayed: true });
+    }
+    let transfer = transfers::Model {
+        id: new_id(),
+        account_id: from.account_id,
+        from_workspace_id: from.id,
+        to_workspace_id: to.id,
+        amount_nanos: req.amount.nanos(),
+        memo,
+        created_by_user_id: req.created_by_user_id,
+        idempotency_key: key.as_str().to_owned(),
+        request_hash: hash.clone(),
+        created_at: now,
+    };
+    let tx = begin_write(db).await?;
+    match transfer_in(&tx, &from, &to, &transfer, now).await {
+        Ok(()) => {
+            tx.commit().await?;
+            Ok(Transferred { transfer, replayed: false })
+        }
+        Err(e) => {
+            tx.rollback().await?;
+            if e.is_unique_violation()
+                && let Some(transfer) = existing_transfer(db, from.account_id, key.as_str(), &hash).await?
+            {
+                return Ok(Transferred { transfer, replayed: true });
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn transfer_in(
+    tx: &DatabaseTransaction,
+    from: &workspaces::Model,
+    to: &workspaces::Model,
+    transfer: &transfers::Model,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let amount = Credits::from_nanos(transfer.amount_nanos);
+    // Rows are always locked in id order, so two opposite transfers cannot deadlock.
+    let debit_first = from.id < to.id;
+    let mut from_after = None;
+    let mut to_after = None;
+    for step in 0..2 {
+        if (step == 0) == debit_first {
+            let ws = ledger::change_workspace(tx, from.id, amount.checked_neg()?, Credits::ZERO, Guard::AvailableAtLeast(amount), true).await?;
+            let Some(ws) = ws else {
+                let ws = ledger::load_workspace(tx, from.id).await?;
+                return Err(BillingError::InsufficientCredits { available: ledger::available(&ws) });
+            };
+            from_after = Some(ws);
+        } else {
+            to_after = ledger::change_workspace(tx, to.id, amount, Credits::ZERO, Guard::None, true).await?;
+        }
+    }
+    let (Some(from_after), Some(to_after)) = (from_after, to_after) else {
+        return Err(BillingError::NotFound("workspace"));
+    };
+    transfers::Entity::insert(transfer.clone().into_active_model().reset_all())
+        .exec_without_returning(tx)
+        .await?;
+    let memo = transfer.memo.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+    ledger::post(
+        tx,
+        "TRANSFER",
+        format!("transfer:{}", transfer.id),
+        PostingRefs { transfer_id: Some(transfer.id), ..Default::default() },
+        &[
+            EntrySpec {
+                account: LedgerAccount::Workspace(from.id),
+                kind: LedgerEntryKind::TransferOut,
+                amount: amount.checked_neg()?,
+                balance_after: Some(Credits::from_nanos(from_after.balance_nanos)),
+                description: format!("transfer to {}{memo}", to.name),
+            },
+            EntrySpec {
+                account: LedgerAccount::Workspace(to.id),
+                kind: LedgerEntryKind::TransferIn,
+                amount,
+                balance_after: Some(Credits::from_nanos(to_after.balance_nanos)),
+                description: format!("transfer from {}{memo}", from.name),
+            },
+        ],
+        now,
+    )
+    .await?;
+    ledger::balance_event(tx, &from_after, BalanceChangeCause::TransferOut, now).await?;
+    ledger::balance_event(tx, &to_after, BalanceChangeCause::TransferIn, now).await?;
+    Ok(())
+}

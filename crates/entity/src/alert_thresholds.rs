@@ -1,0 +1,22 @@
+//! Table `alert_thresholds`.
+
+use sea_orm::entity::prelude::*;
+use crate::enums::{AlertSeverity};
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "alert_thresholds")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub workspace_id: Uuid,
+    pub amount_nanos: i64,
+    pub severity: AlertSeverity,
+    pub armed: bool,
+    pub last_triggered_at: Option<DateTimeUtc>,
+    pub created_at: DateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

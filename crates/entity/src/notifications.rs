@@ -1,0 +1,27 @@
+//! Table `notifications`.
+
+use sea_orm::entity::prelude::*;
+use crate::enums::{NotificationStatus};
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "notifications")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub kind: String,
+    pub account_id: Option<Uuid>,
+    pub workspace_id: Option<Uuid>,
+    pub recipients: String,
+    pub payload: String,
+    pub dedupe_key: String,
+    pub status: NotificationStatus,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_at: DateTimeUtc,
+    pub sent_at: Option<DateTimeUtc>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,25 @@
+//! Table `payment_methods`.
+
+use sea_orm::entity::prelude::*;
+use crate::enums::{CardBrand};
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "payment_methods")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub account_id: Uuid,
+    pub gateway_token: String,
+    pub brand: CardBrand,
+    pub last4: String,
+    pub exp_month: i32,
+    pub exp_year: i32,
+    pub is_default: bool,
+    pub created_at: DateTimeUtc,
+    pub removed_at: Option<DateTimeUtc>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

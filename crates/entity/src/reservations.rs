@@ -1,0 +1,29 @@
+//! Table `reservations`.
+
+use sea_orm::entity::prelude::*;
+use crate::enums::{ReservationStatus};
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "reservations")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub workspace_id: Uuid,
+    pub project_id: Option<Uuid>,
+    pub user_id: Option<Uuid>,
+    pub api_key_id: Option<Uuid>,
+    pub model_id: String,
+    pub request_id: String,
+    pub request_hash: String,
+    pub amount_nanos: i64,
+    pub status: ReservationStatus,
+    pub expires_at: DateTimeUtc,
+    pub usage_event_id: Option<Uuid>,
+    pub created_at: DateTimeUtc,
+    pub resolved_at: Option<DateTimeUtc>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,20 @@
+//! Schema migrations. Steps are append-only: a released step is never edited, a
+//! change is a new step. This crate never imports `entity` (the entities describe
+//! the latest shape; a migration describes one moment).
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261126_000001_initial;
+mod m20261126_000002_seed_catalog;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261126_000001_initial::Migration),
+            Box::new(m20261126_000002_seed_catalog::Migration),
+        ]
+    }
+}
