@@ -7,7 +7,10 @@ use crate::ids::new_id;
 use crate::money::Credits;
 use chrono::{DateTime, Utc};
 use entity::enums::{AccountRole, BudgetPeriod, WorkspaceRole};
-use entity::{account_members, accounts, api_keys, projects, user_tokens, users, workspace_members, workspaces};
+use entity::{
+    account_members, accounts, api_keys, projects, user_tokens, users, workspace_members,
+    workspaces,
+};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,
     EntityTrait, IntoActiveModel, QueryFilter, TransactionTrait,
@@ -28,7 +31,10 @@ pub struct Name(String);
 impl Name {
     pub fn parse(field: &'static str, value: &str) -> Result<Self> {
         let value = value.trim();
-        if value.is_empty() || value.chars().count() > NAME_LEN_MAX || value.chars().any(char::is_control) {
+        if value.is_empty()
+            || value.chars().count() > NAME_LEN_MAX
+            || value.chars().any(char::is_control)
+        {
             return Err(BillingError::invalid(format!(
                 "{field} must be 1 to {NAME_LEN_MAX} characters without control characters"
             )));
@@ -74,7 +80,9 @@ impl Tag {
     pub fn parse(value: &str) -> Result<Self> {
         let ok = !value.is_empty()
             && value.len() <= TAG_LEN_MAX
-            && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
         if !ok {
             return Err(BillingError::invalid(format!(
                 "tag must be 1 to {TAG_LEN_MAX} characters of a-z, 0-9, '-', '_' or '.'"
@@ -96,21 +104,43 @@ pub struct CreatedAccount {
 }
 
 /// Finds the user with this address or creates them.
-async fn user_by_email<C: ConnectionTrait>(c: &C, email: &Email, name: Option<&Name>, now: DateTime<Utc>) -> Result<users::Model> {
-    if let Some(user) = users::Entity::find().filter(users::Column::Email.eq(email.as_str())).one(c).await? {
+async fn user_by_email<C: ConnectionTrait>(
+    c: &C,
+    email: &Email,
+    name: Option<&Name>,
+    now: DateTime<Utc>,
+) -> Result<users::Model> {
+    if let Some(user) = users::Entity::find()
+        .filter(users::Column::Email.eq(email.as_str()))
+        .one(c)
+        .await?
+    {
         return Ok(user);
     }
     let name = match name {
         Some(name) => name.clone(),
         None => Name::parse("name", email.as_str().split('@').next().unwrap_or("member"))?,
     };
-    let user = users::Model { id: new_id(), email: email.as_str().to_owned(), name: name.as_str().to_owned(), created_at: now };
-    users::Entity::insert(user.clone().into_active_model().reset_all()).exec_without_returning(c).await?;
+    let user = users::Model {
+        id: new_id(),
+        email: email.as_str().to_owned(),
+        name: name.as_str().to_owned(),
+        created_at: now,
+    };
+    users::Entity::insert(user.clone().into_active_model().reset_all())
+        .exec_without_returning(c)
+        .await?;
     Ok(user)
 }
 
 /// Creates an account with its owner (a new or existing user) and an owner token.
-pub async fn create_account(db: &DatabaseConnection, name: &str, owner_email: &str, owner_name: &str, now: DateTime<Utc>) -> Result<CreatedAccount> {
+pub async fn create_account(
+    db: &DatabaseConnection,
+    name: &str,
+    owner_email: &str,
+    owner_name: &str,
+    now: DateTime<Utc>,
+) -> Result<CreatedAccount> {
     let name = Name::parse("name", name)?;
     let email = Email::parse(owner_email)?;
     let owner_name = Name::parse("ownerName", owner_name)?;
@@ -124,17 +154,33 @@ pub async fn create_account(db: &DatabaseConnection, name: &str, owner_email: &s
         invoice_sequence: 0,
         created_at: now,
     };
-    accounts::Entity::insert(account.clone().into_active_model().reset_all()).exec_without_returning(&tx).await?;
-    let owner = user_by_email(&tx, &email, Some(&owner_name), now).await?;
-    account_members::ActiveModel { account_id: Set(account.id), user_id: Set(owner.id), role: Set(AccountRole::Owner), created_at: Set(now) }
-        .insert(&tx)
+    accounts::Entity::insert(account.clone().into_active_model().reset_all())
+        .exec_without_returning(&tx)
         .await?;
+    let owner = user_by_email(&tx, &email, Some(&owner_name), now).await?;
+    account_members::ActiveModel {
+        account_id: Set(account.id),
+        user_id: Set(owner.id),
+        role: Set(AccountRole::Owner),
+        created_at: Set(now),
+    }
+    .insert(&tx)
+    .await?;
     let owner_token = mint_user_token(&tx, owner.id, "owner", now).await?;
     tx.commit().await?;
-    Ok(CreatedAccount { account, owner, owner_token })
+    Ok(CreatedAccount {
+        account,
+        owner,
+        owner_token,
+    })
 }
 
-async fn mint_user_token<C: ConnectionTrait>(c: &C, user_id: Uuid, name: &str, now: DateTime<Utc>) -> Result<String> {
+async fn mint_user_token<C: ConnectionTrait>(
+    c: &C,
+    user_id: Uuid,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Result<String> {
     let token = auth::generate_secret(USER_TOKEN_PREFIX);
     user_tokens::Entity::insert(user_tokens::ActiveModel {
         id: Set(new_id()),
@@ -151,14 +197,27 @@ async fn mint_user_token<C: ConnectionTrait>(c: &C, user_id: Uuid, name: &str, n
 }
 
 /// A new bearer token for a user; shown once.
-pub async fn create_user_token(db: &DatabaseConnection, user_id: Uuid, name: &str, now: DateTime<Utc>) -> Result<String> {
+pub async fn create_user_token(
+    db: &DatabaseConnection,
+    user_id: Uuid,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Result<String> {
     let name = Name::parse("name", name)?;
-    users::Entity::find_by_id(user_id).one(db).await?.ok_or(BillingError::NotFound("user"))?;
+    users::Entity::find_by_id(user_id)
+        .one(db)
+        .await?
+        .ok_or(BillingError::NotFound("user"))?;
     mint_user_token(db, user_id, name.as_str(), now).await
 }
 
 /// Revokes every token of a user with this name (used to rotate the demo token).
-pub async fn revoke_user_tokens_named(db: &DatabaseConnection, user_id: Uuid, name: &str, now: DateTime<Utc>) -> Result<u64> {
+pub async fn revoke_user_tokens_named(
+    db: &DatabaseConnection,
+    user_id: Uuid,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Result<u64> {
     use sea_orm::sea_query::Expr;
     let result = user_tokens::Entity::update_many()
         .col_expr(user_tokens::Column::RevokedAt, Expr::value(now))
@@ -170,9 +229,17 @@ pub async fn revoke_user_tokens_named(db: &DatabaseConnection, user_id: Uuid, na
     Ok(result.rows_affected)
 }
 
-pub async fn create_workspace(db: &DatabaseConnection, account_id: Uuid, name: &str, now: DateTime<Utc>) -> Result<workspaces::Model> {
+pub async fn create_workspace(
+    db: &DatabaseConnection,
+    account_id: Uuid,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Result<workspaces::Model> {
     let name = Name::parse("name", name)?;
-    accounts::Entity::find_by_id(account_id).one(db).await?.ok_or(BillingError::NotFound("account"))?;
+    accounts::Entity::find_by_id(account_id)
+        .one(db)
+        .await?
+        .ok_or(BillingError::NotFound("account"))?;
     let ws = workspaces::Model {
         id: new_id(),
         account_id,
@@ -185,18 +252,36 @@ pub async fn create_workspace(db: &DatabaseConnection, account_id: Uuid, name: &
     workspaces::Entity::insert(ws.clone().into_active_model().reset_all())
         .exec_without_returning(db)
         .await
-        .map_err(|e| unique_as_invalid(e, "a workspace with this name already exists in the account"))?;
+        .map_err(|e| {
+            unique_as_invalid(
+                e,
+                "a workspace with this name already exists in the account",
+            )
+        })?;
     Ok(ws)
 }
 
 fn unique_as_invalid(e: sea_orm::DbErr, message: &str) -> BillingError {
-    if crate::error::is_unique_violation(&e) { BillingError::invalid(message) } else { e.into() }
+    if crate::error::is_unique_violation(&e) {
+        BillingError::invalid(message)
+    } else {
+        e.into()
+    }
 }
 
-pub async fn create_project(db: &DatabaseConnection, workspace_id: Uuid, name: &str, tag: &str, now: DateTime<Utc>) -> Result<projects::Model> {
+pub async fn create_project(
+    db: &DatabaseConnection,
+    workspace_id: Uuid,
+    name: &str,
+    tag: &str,
+    now: DateTime<Utc>,
+) -> Result<projects::Model> {
     let name = Name::parse("name", name)?;
     let tag = Tag::parse(tag)?;
-    workspaces::Entity::find_by_id(workspace_id).one(db).await?.ok_or(BillingError::NotFound("workspace"))?;
+    workspaces::Entity::find_by_id(workspace_id)
+        .one(db)
+        .await?
+        .ok_or(BillingError::NotFound("workspace"))?;
     let project = projects::Model {
         id: new_id(),
         workspace_id,
@@ -212,7 +297,9 @@ pub async fn create_project(db: &DatabaseConnection, workspace_id: Uuid, name: &
     projects::Entity::insert(project.clone().into_active_model().reset_all())
         .exec_without_returning(db)
         .await
-        .map_err(|e| unique_as_invalid(e, "a project with this tag already exists in the workspace"))?;
+        .map_err(|e| {
+            unique_as_invalid(e, "a project with this tag already exists in the workspace")
+        })?;
     Ok(project)
 }
 
@@ -229,7 +316,10 @@ pub async fn set_project_budget(
         return Err(BillingError::invalid("limit must not be negative"));
     }
     let tx = crate::db::begin_write(db).await?;
-    let project = projects::Entity::find_by_id(project_id).one(&tx).await?.ok_or(BillingError::NotFound("project"))?;
+    let project = projects::Entity::find_by_id(project_id)
+        .one(&tx)
+        .await?
+        .ok_or(BillingError::NotFound("project"))?;
     let mut active = project.clone().into_active_model();
     active.budget_limit_nanos = Set(limit.map(Credits::nanos));
     if project.budget_period != period {
@@ -253,24 +343,42 @@ pub async fn add_workspace_member(
     let email = Email::parse(email)?;
     let name = name.map(|n| Name::parse("name", n)).transpose()?;
     let tx = db.begin().await?;
-    let ws = workspaces::Entity::find_by_id(workspace_id).one(&tx).await?.ok_or(BillingError::NotFound("workspace"))?;
+    let ws = workspaces::Entity::find_by_id(workspace_id)
+        .one(&tx)
+        .await?
+        .ok_or(BillingError::NotFound("workspace"))?;
     let user = user_by_email(&tx, &email, name.as_ref(), now).await?;
-    let in_account = account_members::Entity::find_by_id((ws.account_id, user.id)).one(&tx).await?;
+    let in_account = account_members::Entity::find_by_id((ws.account_id, user.id))
+        .one(&tx)
+        .await?;
     if in_account.is_none() {
-        account_members::ActiveModel { account_id: Set(ws.account_id), user_id: Set(user.id), role: Set(AccountRole::Member), created_at: Set(now) }
-            .insert(&tx)
-            .await?;
+        account_members::ActiveModel {
+            account_id: Set(ws.account_id),
+            user_id: Set(user.id),
+            role: Set(AccountRole::Member),
+            created_at: Set(now),
+        }
+        .insert(&tx)
+        .await?;
     }
-    match workspace_members::Entity::find_by_id((workspace_id, user.id)).one(&tx).await? {
+    match workspace_members::Entity::find_by_id((workspace_id, user.id))
+        .one(&tx)
+        .await?
+    {
         Some(existing) => {
             let mut active = existing.into_active_model();
             active.role = Set(role);
             active.update(&tx).await?;
         }
         None => {
-            workspace_members::ActiveModel { workspace_id: Set(workspace_id), user_id: Set(user.id), role: Set(role), created_at: Set(now) }
-                .insert(&tx)
-                .await?;
+            workspace_members::ActiveModel {
+                workspace_id: Set(workspace_id),
+                user_id: Set(user.id),
+                role: Set(role),
+                created_at: Set(now),
+            }
+            .insert(&tx)
+            .await?;
         }
     }
     tx.commit().await?;
@@ -284,9 +392,18 @@ pub struct CreatedApiKey {
     pub secret: String,
 }
 
-pub async fn create_api_key(db: &DatabaseConnection, workspace_id: Uuid, name: &str, project_id: Option<Uuid>, now: DateTime<Utc>) -> Result<CreatedApiKey> {
+pub async fn create_api_key(
+    db: &DatabaseConnection,
+    workspace_id: Uuid,
+    name: &str,
+    project_id: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<CreatedApiKey> {
     let name = Name::parse("name", name)?;
-    workspaces::Entity::find_by_id(workspace_id).one(db).await?.ok_or(BillingError::NotFound("workspace"))?;
+    workspaces::Entity::find_by_id(workspace_id)
+        .one(db)
+        .await?
+        .ok_or(BillingError::NotFound("workspace"))?;
     if let Some(project_id) = project_id {
         let project = projects::Entity::find_by_id(project_id).one(db).await?;
         if project.is_none_or(|p| p.workspace_id != workspace_id) {
@@ -305,6 +422,8 @@ pub async fn create_api_key(db: &DatabaseConnection, workspace_id: Uuid, name: &
         last_used_at: None,
         revoked_at: None,
     };
-    api_keys::Entity::insert(api_key.clone().into_active_model().reset_all()).exec_without_returning(db).await?;
+    api_keys::Entity::insert(api_key.clone().into_active_model().reset_all())
+        .exec_without_returning(db)
+        .await?;
     Ok(CreatedApiKey { api_key, secret })
 }

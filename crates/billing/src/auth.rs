@@ -45,8 +45,15 @@ pub fn secrets_equal(a: &str, b: &str) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Principal {
     PlatformAdmin,
-    User { user_id: Uuid, token_id: Uuid },
-    ApiKey { api_key_id: Uuid, workspace_id: Uuid, project_id: Option<Uuid> },
+    User {
+        user_id: Uuid,
+        token_id: Uuid,
+    },
+    ApiKey {
+        api_key_id: Uuid,
+        workspace_id: Uuid,
+        project_id: Option<Uuid>,
+    },
 }
 
 /// Resolves a bearer token. Lookup is by hash (an index probe, so no timing leak of
@@ -70,7 +77,10 @@ pub async fn authenticate<C: ConnectionTrait>(
             .one(c)
             .await?;
         if let Some(t) = found.filter(|t| t.revoked_at.is_none_or(|at| at > now)) {
-            return Ok(Principal::User { user_id: t.user_id, token_id: t.id });
+            return Ok(Principal::User {
+                user_id: t.user_id,
+                token_id: t.id,
+            });
         }
     } else if token.starts_with(API_KEY_PREFIX) {
         let found = api_keys::Entity::find()
@@ -78,7 +88,11 @@ pub async fn authenticate<C: ConnectionTrait>(
             .one(c)
             .await?;
         if let Some(k) = found.filter(|k| k.revoked_at.is_none_or(|at| at > now)) {
-            return Ok(Principal::ApiKey { api_key_id: k.id, workspace_id: k.workspace_id, project_id: k.project_id });
+            return Ok(Principal::ApiKey {
+                api_key_id: k.id,
+                workspace_id: k.workspace_id,
+                project_id: k.project_id,
+            });
         }
     }
     Err(BillingError::Unauthenticated)

@@ -9,7 +9,11 @@ fn midnight(date: NaiveDate) -> DateTime<Utc> {
 
 /// Start of the period containing `now` (UTC calendar periods; weeks start on Monday).
 /// A LIFETIME budget never resets: its period starts when the budget was created.
-pub fn period_start(period: BudgetPeriod, now: DateTime<Utc>, lifetime_start: DateTime<Utc>) -> DateTime<Utc> {
+pub fn period_start(
+    period: BudgetPeriod,
+    now: DateTime<Utc>,
+    lifetime_start: DateTime<Utc>,
+) -> DateTime<Utc> {
     let today = now.date_naive();
     match period {
         BudgetPeriod::Daily => midnight(today),
@@ -28,7 +32,11 @@ pub fn period_end(period: BudgetPeriod, start: DateTime<Utc>) -> Option<DateTime
         BudgetPeriod::Weekly => Some(start + Duration::days(7)),
         BudgetPeriod::Monthly => {
             let date = start.date_naive();
-            let (year, month) = if date.month() == 12 { (date.year() + 1, 1) } else { (date.year(), date.month() + 1) };
+            let (year, month) = if date.month() == 12 {
+                (date.year() + 1, 1)
+            } else {
+                (date.year(), date.month() + 1)
+            };
             NaiveDate::from_ymd_opt(year, month, 1).map(midnight)
         }
         BudgetPeriod::Lifetime => None,
@@ -40,19 +48,36 @@ mod tests {
     use super::*;
 
     fn at(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).map(|d| d.with_timezone(&Utc)).expect("timestamp")
+        DateTime::parse_from_rfc3339(s)
+            .map(|d| d.with_timezone(&Utc))
+            .expect("timestamp")
     }
 
     #[test]
     fn calendar_periods() {
         let now = at("2026-11-26T17:55:00Z"); // a Thursday
         let origin = at("2020-01-01T00:00:00Z");
-        assert_eq!(period_start(BudgetPeriod::Daily, now, origin), at("2026-11-26T00:00:00Z"));
-        assert_eq!(period_start(BudgetPeriod::Weekly, now, origin), at("2026-11-23T00:00:00Z"));
-        assert_eq!(period_start(BudgetPeriod::Monthly, now, origin), at("2026-11-01T00:00:00Z"));
+        assert_eq!(
+            period_start(BudgetPeriod::Daily, now, origin),
+            at("2026-11-26T00:00:00Z")
+        );
+        assert_eq!(
+            period_start(BudgetPeriod::Weekly, now, origin),
+            at("2026-11-23T00:00:00Z")
+        );
+        assert_eq!(
+            period_start(BudgetPeriod::Monthly, now, origin),
+            at("2026-11-01T00:00:00Z")
+        );
         assert_eq!(period_start(BudgetPeriod::Lifetime, now, origin), origin);
-        assert_eq!(period_end(BudgetPeriod::Monthly, at("2026-12-01T00:00:00Z")), Some(at("2027-01-01T00:00:00Z")));
-        assert_eq!(period_end(BudgetPeriod::Weekly, at("2026-11-23T00:00:00Z")), Some(at("2026-11-30T00:00:00Z")));
+        assert_eq!(
+            period_end(BudgetPeriod::Monthly, at("2026-12-01T00:00:00Z")),
+            Some(at("2027-01-01T00:00:00Z"))
+        );
+        assert_eq!(
+            period_end(BudgetPeriod::Weekly, at("2026-11-23T00:00:00Z")),
+            Some(at("2026-11-30T00:00:00Z"))
+        );
         assert_eq!(period_end(BudgetPeriod::Lifetime, origin), None);
     }
 }

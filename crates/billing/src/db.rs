@@ -4,8 +4,8 @@ use crate::error::{BillingError, Result};
 use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx::{self, postgres::PgPoolOptions, sqlite::SqlitePoolOptions};
 use sea_orm::{
-    DatabaseConnection, DatabaseTransaction, DbBackend, SqlxPostgresConnector,
-    SqlxSqliteConnector, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode,
+    SqlxPostgresConnector, SqlxSqliteConnector, TransactionOptions, TransactionTrait,
 };
 use std::str::FromStr;
 use std::time::Duration;
@@ -20,7 +20,10 @@ pub struct PoolLimits {
 
 impl Default for PoolLimits {
     fn default() -> Self {
-        Self { connections_max: 16, acquire_timeout_ms: 10_000 }
+        Self {
+            connections_max: 16,
+            acquire_timeout_ms: 10_000,
+        }
     }
 }
 
@@ -82,5 +85,7 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction>
 }
 
 fn conn_err(e: sqlx::Error) -> BillingError {
-    BillingError::Database(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))
+    BillingError::Database(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(
+        e.into(),
+    )))
 }

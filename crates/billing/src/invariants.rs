@@ -86,7 +86,11 @@ pub struct Violation {
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {} (expected {}, found {})", self.invariant, self.subject, self.expected, self.actual)
+        write!(
+            f,
+            "{}: {} (expected {}, found {})",
+            self.invariant, self.subject, self.expected, self.actual
+        )
     }
 }
 
@@ -107,11 +111,15 @@ pub async fn check(db: &DatabaseConnection) -> Result<Report> {
     let backend = db.get_database_backend();
     let mut report = Report::default();
     for (invariant, sql) in CHECKS {
-        let rows = db.query_all_raw(Statement::from_string(backend, *sql)).await?;
+        let rows = db
+            .query_all_raw(Statement::from_string(backend, *sql))
+            .await?;
         for row in rows {
             report.violations.push(Violation {
                 invariant,
-                subject: row.try_get::<String>("", "subject").unwrap_or_else(|_| "?".into()),
+                subject: row
+                    .try_get::<String>("", "subject")
+                    .unwrap_or_else(|_| "?".into()),
                 expected: row.try_get::<i64>("", "expected")?,
                 actual: row.try_get::<i64>("", "actual")?,
             });

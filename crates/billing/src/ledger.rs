@@ -10,7 +10,9 @@ use crate::error::{BillingError, Result};
 use crate::money::Credits;
 use chrono::{DateTime, Utc};
 use entity::enums::{BalanceChangeCause, LedgerEntryKind};
-use entity::{balance_events, ledger_entries, ledger_transactions, usage_daily, usage_events, workspaces};
+use entity::{
+    balance_events, ledger_entries, ledger_transactions, usage_daily, usage_events, workspaces,
+};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
 use uuid::Uuid;
@@ -102,7 +104,9 @@ pub(crate) async fn post<C: ConnectionTrait>(
             ..Default::default()
         }
     });
-    ledger_entries::Entity::insert_many(rows).exec_without_returning(c).await?;
+    ledger_entries::Entity::insert_many(rows)
+        .exec_without_returning(c)
+        .await?;
     Ok(transaction_id)
 }
 
@@ -131,8 +135,14 @@ pub(crate) async fn change_workspace<C: ConnectionTrait>(
 ) -> Result<Option<workspaces::Model>> {
     use workspaces::Column as W;
     let mut update = workspaces::Entity::update_many()
-        .col_expr(W::BalanceNanos, Expr::col(W::BalanceNanos).add(balance_delta.nanos()))
-        .col_expr(W::ReservedNanos, Expr::col(W::ReservedNanos).add(reserved_delta.nanos()))
+        .col_expr(
+            W::BalanceNanos,
+            Expr::col(W::BalanceNanos).add(balance_delta.nanos()),
+        )
+        .col_expr(
+            W::ReservedNanos,
+            Expr::col(W::ReservedNanos).add(reserved_delta.nanos()),
+        )
         .filter(W::Id.eq(workspace_id));
     if bump_sequence {
         update = update.col_expr(W::BalanceSequence, Expr::col(W::BalanceSequence).add(1));
@@ -149,7 +159,10 @@ pub(crate) async fn change_workspace<C: ConnectionTrait>(
 }
 
 /// Loads a workspace (for a refusal's `available`, or to fail with NOT_FOUND).
-pub(crate) async fn load_workspace<C: ConnectionTrait>(c: &C, workspace_id: Uuid) -> Result<workspaces::Model> {
+pub(crate) async fn load_workspace<C: ConnectionTrait>(
+    c: &C,
+    workspace_id: Uuid,
+) -> Result<workspaces::Model> {
     workspaces::Entity::find_by_id(workspace_id)
         .one(c)
         .await?
@@ -184,7 +197,10 @@ pub(crate) async fn balance_event<C: ConnectionTrait>(
 
 /// Adds a usage event to its daily rollup row (one row per workspace, UTC day and
 /// dimension combination; the nil UUID stands for "none").
-pub(crate) async fn add_to_rollup<C: ConnectionTrait>(c: &C, event: &usage_events::Model) -> Result<()> {
+pub(crate) async fn add_to_rollup<C: ConnectionTrait>(
+    c: &C,
+    event: &usage_events::Model,
+) -> Result<()> {
     use usage_daily::Column as D;
     let add = |col: D, n: i64| (col, Expr::col((usage_daily::Entity, col)).add(n));
     let row = usage_daily::ActiveModel {
@@ -200,14 +216,21 @@ pub(crate) async fn add_to_rollup<C: ConnectionTrait>(c: &C, event: &usage_event
         cost_nanos: Set(event.cost_nanos),
         ..Default::default()
     };
-    let on_conflict = OnConflict::columns([D::WorkspaceId, D::Day, D::ProjectId, D::UserId, D::ApiKeyId, D::ModelId])
-        .values([
-            add(D::Requests, 1),
-            add(D::PromptTokens, event.prompt_tokens),
-            add(D::CompletionTokens, event.completion_tokens),
-            add(D::CostNanos, event.cost_nanos),
-        ])
-        .to_owned();
+    let on_conflict = OnConflict::columns([
+        D::WorkspaceId,
+        D::Day,
+        D::ProjectId,
+        D::UserId,
+        D::ApiKeyId,
+        D::ModelId,
+    ])
+    .values([
+        add(D::Requests, 1),
+        add(D::PromptTokens, event.prompt_tokens),
+        add(D::CompletionTokens, event.completion_tokens),
+        add(D::CostNanos, event.cost_nanos),
+    ])
+    .to_owned();
     usage_daily::Entity::insert(row)
         .on_conflict(on_conflict)
         .exec_without_returning(c)

@@ -10,7 +10,10 @@ use chrono::{DateTime, Utc};
 use entity::enums::{BalanceChangeCause, LedgerEntryKind, PurchaseSource, PurchaseStatus};
 use entity::{credit_packages, purchases};
 use sea_orm::sea_query::Expr;
-use sea_orm::{ActiveModelTrait as _, ColumnTrait, DatabaseConnection, EntityTrait, IntoActiveModel, QueryFilter};
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait, DatabaseConnection, EntityTrait, IntoActiveModel,
+    QueryFilter,
+};
 use uuid::Uuid;
 
 /// Bounds on a custom purchase, in whole credits: a floor that keeps card fees
@@ -45,7 +48,10 @@ pub struct Purchased {
 }
 
 /// What a request buys: (amount, bonus, price, package id).
-async fn price_item(db: &DatabaseConnection, item: &PurchaseItem) -> Result<(Credits, Credits, Credits, Option<String>)> {
+async fn price_item(
+    db: &DatabaseConnection,
+    item: &PurchaseItem,
+) -> Result<(Credits, Credits, Credits, Option<String>)> {
     match item {
         PurchaseItem::Package(id) => {
             let package = credit_packages::Entity::find_by_id(id.clone())
@@ -69,7 +75,9 @@ async fn price_item(db: &DatabaseConnection, item: &PurchaseItem) -> Result<(Cre
                 )));
             }
             if amount.to_cents_exact().is_none() {
-                return Err(BillingError::invalid("amount must be a whole number of cents"));
+                return Err(BillingError::invalid(
+                    "amount must be a whole number of cents",
+                ));
             }
             Ok((*amount, Credits::ZERO, *amount, None))
         }
@@ -79,7 +87,11 @@ async fn price_item(db: &DatabaseConnection, item: &PurchaseItem) -> Result<(Cre
 /// Writes a PENDING purchase (idempotent on the key within the workspace). The
 /// payment is captured later, by the worker, with the purchase id as the gateway's
 /// idempotency key.
-pub async fn create_purchase(db: &DatabaseConnection, req: PurchaseRequest, now: DateTime<Utc>) -> Result<Purchased> {
+pub async fn create_purchase(
+    db: &DatabaseConnection,
+    req: PurchaseRequest,
+    now: DateTime<Utc>,
+) -> Result<Purchased> {
     let key = IdempotencyKey::parse("idempotencyKey", &req.idempotency_key)?;
     ledger::load_workspace(db, req.workspace_id).await?;
     let (amount, bonus, price, package_id) = price_item(db, &req.item).await?;
@@ -96,7 +108,12 @@ pub async fn create_purchase(db: &DatabaseConnection, req: PurchaseRequest, now:
         .one(db)
         .await?;
     match existing {
-        Some(p) if p.request_hash == hash => return Ok(Purchased { purchase: p, replayed: true }),
+        Some(p) if p.request_hash == hash => {
+            return Ok(Purchased {
+                purchase: p,
+                replayed: true,
+            });
+        }
         Some(_) => return Err(BillingError::IdempotencyConflict),
         None => {}
     }
@@ -124,7 +141,10 @@ pub async fn create_purchase(db: &DatabaseConnection, req: PurchaseRequest, now:
         .exec_without_returning(db)
         .await
     {
-        Ok(_) => Ok(Purchased { purchase, replayed: false }),
+        Ok(_) => Ok(Purchased {
+            purchase,
+            replayed: false,
+        }),
         Err(e) if crate::error::is_unique_violation(&e) => {
             // A concurrent request with the same key won; answer as it did.
             Box::pin(create_purchase(db, req, now)).await
@@ -151,9 +171,15 @@ pub async fn credit_purchase(
 ) -> Result<purchases::Model> {
     let tx = begin_write(db).await?;
     let succeeded = purchases::Entity::update_many()
-        .col_expr(purchases::Column::Status, Expr::value(PurchaseStatus::Succeeded.as_str()))
+        .col_expr(
+            purchases::Column::Status,
+            Expr::value(PurchaseStatus::Succeeded.as_str()),
+        )
         .col_expr(purchases::Column::CompletedAt, Expr::value(now))
-        .col_expr(purchases::Column::GatewayChargeId, Expr::value(gateway_charge_id))
+        .col_expr(
+            purchases::Column::GatewayChargeId,
+            Expr::value(gateway_charge_id),
+        )
         .filter(purchases::Column::Id.eq(purchase_id))
         .filter(purchases::Column::Status.eq(PurchaseStatus::Pending))
         .exec_with_returning(&tx)
@@ -172,9 +198,16 @@ pub async fn credit_purchase(
     };
     let amount = Credits::from_nanos(purchase.amount_nanos);
     let bonus = Credits::from_nanos(purchase.bonus_nanos);
-    let ws = ledger::change_workspace(&tx, purchase.workspace_id, amount.checked_add(bonus)?, Credits::ZERO, Guard::None, true)
-        .await?
-        .ok_or(BillingError::NotFound("workspace"))?;
+    let ws = ledger::change_workspace(
+        &tx,
+        purchase.workspace_id,
+        amount.checked_add(bonus)?,
+        Credits::ZERO,
+        Guard::None,
+        true,
+    )
+    .await?
+    .ok_or(BillingError::NotFound("workspace"))?;
     let balance = Credits::from_nanos(ws.balance_nanos);
     let counter_account = match purchase.source {
         PurchaseSource::Invoice => system_account::INVOICE_RECEIVABLES,
@@ -216,7 +249,10 @@ pub async fn credit_purchase(
         &tx,
         "PURCHASE",
         format!("purchase:{}", purchase.id),
-        PostingRefs { purchase_id: Some(purchase.id), ..Default::default() },
+        PostingRefs {
+            purchase_id: Some(purchase.id),
+            ..Default::default()
+        },
         &entries,
         now,
     )
@@ -227,10 +263,18 @@ pub async fn credit_purchase(
 }
 
 /// Marks a PENDING purchase FAILED with the gateway's reason; nothing is credited.
-pub async fn fail_purchase(db: &DatabaseConnection, purchase_id: Uuid, reason: &str, now: DateTime<Utc>) -> Result<purchases::Model> {
+pub async fn fail_purchase(
+    db: &DatabaseConnection,
+    purchase_id: Uuid,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<purchases::Model> {
     let reason: String = reason.chars().take(FAILURE_REASON_LEN_MAX).collect();
     let failed = purchases::Entity::update_many()
-        .col_expr(purchases::Column::Status, Expr::value(PurchaseStatus::Failed.as_str()))
+        .col_expr(
+            purchases::Column::Status,
+            Expr::value(PurchaseStatus::Failed.as_str()),
+        )
         .col_expr(purchases::Column::FailureReason, Expr::value(reason))
         .col_expr(purchases::Column::CompletedAt, Expr::value(now))
         .filter(purchases::Column::Id.eq(purchase_id))

@@ -18,8 +18,8 @@ use chrono::{DateTime, Duration, Utc};
 use entity::enums::{BalanceChangeCause, LedgerEntryKind, ReservationStatus};
 use entity::{projects, reservations, usage_events};
 use sea_orm::sea_query::Expr;
-use sea_orm::{ActiveModelTrait as _, 
-    ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
     IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
 };
 use uuid::Uuid;
@@ -76,7 +76,11 @@ async fn existing_reservation(
 /// Holds the worst-case cost (max tokens at current prices, after discount) against
 /// the workspace's available credits and the project's budget. Idempotent on the
 /// request id.
-pub async fn reserve(db: &DatabaseConnection, req: ReserveRequest, now: DateTime<Utc>) -> Result<reservations::Model> {
+pub async fn reserve(
+    db: &DatabaseConnection,
+    req: ReserveRequest,
+    now: DateTime<Utc>,
+) -> Result<reservations::Model> {
     let request_id = IdempotencyKey::parse("requestId", &req.request_id)?;
     if !(TTL_SECONDS_MIN..=TTL_SECONDS_MAX).contains(&req.ttl_seconds) {
         return Err(BillingError::invalid(format!(
@@ -84,7 +88,9 @@ pub async fn reserve(db: &DatabaseConnection, req: ReserveRequest, now: DateTime
         )));
     }
     let ctx = pricing_context(db, req.workspace_id, &req.model_id, &req.project).await?;
-    let hold = ctx.cost(req.max_prompt_tokens, req.max_completion_tokens)?.total;
+    let hold = ctx
+        .cost(req.max_prompt_tokens, req.max_completion_tokens)?
+        .total;
     let project_id = ctx.project.as_ref().map(|p| p.id);
     let hash = reserve_hash(&req, project_id);
     if let Some(r) = existing_reservation(db, req.workspace_id, request_id.as_str(), &hash).await? {
@@ -108,10 +114,20 @@ pub async fn reserve(db: &DatabaseConnection, req: ReserveRequest, now: DateTime
     };
     let tx = begin_write(db).await?;
     let result: Result<()> = async {
-        let ws = ledger::change_workspace(&tx, req.workspace_id, Credits::ZERO, hold, Guard::AvailableAtLeast(hold), true).await?;
+        let ws = ledger::change_workspace(
+            &tx,
+            req.workspace_id,
+            Credits::ZERO,
+            hold,
+            Guard::AvailableAtLeast(hold),
+            true,
+        )
+        .await?;
         let Some(ws) = ws else {
             let ws = ledger::load_workspace(&tx, req.workspace_id).await?;
-            return Err(BillingError::InsufficientCredits { available: ledger::available(&ws) });
+            return Err(BillingError::InsufficientCredits {
+                available: ledger::available(&ws),
+            });
         };
         if let Some(project) = &ctx.project {
             charge_project(&tx, project, Credits::ZERO, hold, Some(hold), now).await?;
@@ -131,7 +147,8 @@ pub async fn reserve(db: &DatabaseConnection, req: ReserveRequest, now: DateTime
         Err(e) => {
             tx.rollback().await?;
             if e.is_unique_violation()
-                && let Some(r) = existing_reservation(db, req.workspace_id, request_id.as_str(), &hash).await?
+                && let Some(r) =
+                    existing_reservation(db, req.workspace_id, request_id.as_str(), &hash).await?
             {
                 return Ok(r);
             }
@@ -188,11 +205,27 @@ pub async fn settle(
     };
     let workspace = ledger::load_workspace(db, reservation.workspace_id).await?;
     let discount = usage::account_discount(db, workspace.account_id).await?;
-    let ctx = usage::PricingContext { discount, model, project };
+    let ctx = usage::PricingContext {
+        discount,
+        model,
+        project,
+    };
     let cost = ctx.cost(prompt_tokens, completion_tokens)?.total;
     let event_id = new_id();
     let tx = begin_write(db).await?;
-    match settle_in(&tx, &ctx, &reservation, event_id, prompt_tokens, completion_tokens, cost, hash.clone(), now).await {
+    match settle_in(
+        &tx,
+        &ctx,
+        &reservation,
+        event_id,
+        prompt_tokens,
+        completion_tokens,
+        cost,
+        hash.clone(),
+        now,
+    )
+    .await
+    {
         Ok(Some(settled)) => {
             tx.commit().await?;
             Ok(settled)
@@ -210,17 +243,27 @@ pub async fn settle(
     }
 }
 
-async fn settled_replay(db: &DatabaseConnection, reservation: reservations::Model, hash: &str) -> Result<Settled> {
+async fn settled_replay(
+    db: &DatabaseConnection,
+    reservation: reservations::Model,
+    hash: &str,
+) -> Result<Settled> {
     match (reservation.status, reservation.usage_event_id) {
         (ReservationStatus::Settled, Some(event_id)) => {
             let event = usage_events::Entity::find_by_id(event_id)
                 .one(db)
                 .await?
-                .ok_or_else(|| BillingError::Internal("settled reservation without usage event".into()))?;
+                .ok_or_else(|| {
+                    BillingError::Internal("settled reservation without usage event".into())
+                })?;
             if event.request_hash != hash {
                 return Err(BillingError::IdempotencyConflict);
             }
-            Ok(Settled { event, reservation, replayed: true })
+            Ok(Settled {
+                event,
+                reservation,
+                replayed: true,
+            })
         }
         (status, _) => Err(BillingError::invalid(format!(
             "reservation is {}; only a HELD reservation can be settled",
@@ -242,13 +285,14 @@ async fn settle_in(
     now: DateTime<Utc>,
 ) -> Result<Option<Settled>> {
     let hold = Credits::from_nanos(reservation.amount_nanos);
-    // Free the hold first (this also locks the workspace row), then charge what is
-    // available: the cost, or everything left if the cost exceeds it.
-    let freed = ledger::change_workspace(tx, reservation.workspace_id, Credits::ZERO, hold.checked_neg()?, Guard::None, false)
-        .await?
-        .ok_or(BillingError::NotFound("workspace"))?;
+    // Claim the reservation first (HELD -> SETTLED, conditional): whoever flips it owns
+    // the hold. Every path locks the reservation row before the workspace row, and the
+    // workspace row before the project row, so racing settle/release cannot deadlock.
     let resolved = reservations::Entity::update_many()
-        .col_expr(reservations::Column::Status, Expr::value(ReservationStatus::Settled.as_str()))
+        .col_expr(
+            reservations::Column::Status,
+            Expr::value(ReservationStatus::Settled.as_str()),
+        )
         .col_expr(reservations::Column::UsageEventId, Expr::value(event_id))
         .col_expr(reservations::Column::ResolvedAt, Expr::value(now))
         .filter(reservations::Column::Id.eq(reservation.id))
@@ -256,12 +300,32 @@ async fn settle_in(
         .exec_with_returning(tx)
         .await?
         .pop();
-    let Some(resolved) = resolved else { return Ok(None) };
+    let Some(resolved) = resolved else {
+        return Ok(None);
+    };
+    // Free the hold, then charge what is available: the cost, or all that is left.
+    let freed = ledger::change_workspace(
+        tx,
+        reservation.workspace_id,
+        Credits::ZERO,
+        hold.checked_neg()?,
+        Guard::None,
+        false,
+    )
+    .await?
+    .ok_or(BillingError::NotFound("workspace"))?;
     let charge = cost.min(ledger::available(&freed));
     let shortfall = cost.checked_sub(charge)?;
-    let ws = ledger::change_workspace(tx, reservation.workspace_id, charge.checked_neg()?, Credits::ZERO, Guard::AvailableAtLeast(charge), true)
-        .await?
-        .ok_or_else(|| BillingError::Internal("available credits changed under the row lock".into()))?;
+    let ws = ledger::change_workspace(
+        tx,
+        reservation.workspace_id,
+        charge.checked_neg()?,
+        Credits::ZERO,
+        Guard::AvailableAtLeast(charge),
+        true,
+    )
+    .await?
+    .ok_or_else(|| BillingError::Internal("available credits changed under the row lock".into()))?;
     if let Some(project) = &ctx.project {
         charge_project(tx, project, cost, hold.checked_neg()?, None, now).await?;
     }
@@ -322,27 +386,41 @@ async fn settle_in(
         tx,
         "USAGE",
         format!("usage:{event_id}"),
-        PostingRefs { usage_event_id: Some(event_id), ..Default::default() },
+        PostingRefs {
+            usage_event_id: Some(event_id),
+            ..Default::default()
+        },
         &entries,
         now,
     )
     .await?;
     ledger::add_to_rollup(tx, &event).await?;
     ledger::balance_event(tx, &ws, BalanceChangeCause::Usage, now).await?;
-    Ok(Some(Settled { event, reservation: resolved, replayed: false }))
+    Ok(Some(Settled {
+        event,
+        reservation: resolved,
+        replayed: false,
+    }))
 }
 
 /// Releases a HELD reservation without charging it. Releasing a released or expired
 /// reservation returns it unchanged; a settled one cannot be released.
-pub async fn release(db: &DatabaseConnection, reservation_id: Uuid, now: DateTime<Utc>) -> Result<reservations::Model> {
+pub async fn release(
+    db: &DatabaseConnection,
+    reservation_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<reservations::Model> {
     let reservation = load_reservation(db, reservation_id).await?;
     if let Some(done) = resolved_for_release(reservation.clone())? {
         return Ok(done);
     }
     match free_hold(db, &reservation, ReservationStatus::Released, now).await? {
         Some(r) => Ok(r),
-        None => resolved_for_release(load_reservation(db, reservation_id).await?)?
-            .ok_or_else(|| BillingError::Internal("reservation still held after losing a race".into())),
+        None => {
+            resolved_for_release(load_reservation(db, reservation_id).await?)?.ok_or_else(|| {
+                BillingError::Internal("reservation still held after losing a race".into())
+            })
+        }
     }
 }
 
@@ -355,8 +433,7 @@ fn resolved_for_release(r: reservations::Model) -> Result<Option<reservations::M
 }
 
 /// HELD -> `status` and the hold given back, in one transaction; None if it was no
-/// longer HELD. The workspace row is locked before the reservation row, the same
-/// order as settlement, so a release racing a settlement cannot deadlock.
+/// longer HELD. Locks the reservation row, then the workspace row, as settlement does.
 async fn free_hold(
     db: &DatabaseConnection,
     reservation: &reservations::Model,
@@ -365,9 +442,6 @@ async fn free_hold(
 ) -> Result<Option<reservations::Model>> {
     let hold = Credits::from_nanos(reservation.amount_nanos);
     let tx = begin_write(db).await?;
-    let ws = ledger::change_workspace(&tx, reservation.workspace_id, Credits::ZERO, hold.checked_neg()?, Guard::None, true)
-        .await?
-        .ok_or(BillingError::NotFound("workspace"))?;
     let resolved = reservations::Entity::update_many()
         .col_expr(reservations::Column::Status, Expr::value(status.as_str()))
         .col_expr(reservations::Column::ResolvedAt, Expr::value(now))
@@ -380,6 +454,16 @@ async fn free_hold(
         tx.rollback().await?;
         return Ok(None);
     };
+    let ws = ledger::change_workspace(
+        &tx,
+        reservation.workspace_id,
+        Credits::ZERO,
+        hold.checked_neg()?,
+        Guard::None,
+        true,
+    )
+    .await?
+    .ok_or(BillingError::NotFound("workspace"))?;
     if let Some(project_id) = resolved.project_id {
         let project = projects::Entity::find_by_id(project_id)
             .one(&tx)
@@ -403,7 +487,10 @@ pub async fn expire_due(db: &DatabaseConnection, now: DateTime<Utc>) -> Result<u
         .await?;
     let mut expired = 0;
     for reservation in due {
-        if free_hold(db, &reservation, ReservationStatus::Expired, now).await?.is_some() {
+        if free_hold(db, &reservation, ReservationStatus::Expired, now)
+            .await?
+            .is_some()
+        {
             expired += 1;
         }
     }

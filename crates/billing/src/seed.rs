@@ -29,14 +29,19 @@ pub struct Demo {
 /// owner token either way (the previous start's token is revoked). Returns None when
 /// the database holds accounts but no demo account (a real deployment).
 pub async fn ensure_demo(db: &DatabaseConnection, now: DateTime<Utc>) -> Result<Option<Demo>> {
-    let owner = users::Entity::find().filter(users::Column::Email.eq(DEMO_OWNER_EMAIL)).one(db).await?;
+    let owner = users::Entity::find()
+        .filter(users::Column::Email.eq(DEMO_OWNER_EMAIL))
+        .one(db)
+        .await?;
     let (account_id, owner_id, created) = match owner {
         Some(owner) => {
             let membership = account_members::Entity::find()
                 .filter(account_members::Column::UserId.eq(owner.id))
                 .one(db)
                 .await?;
-            let Some(membership) = membership else { return Ok(None) };
+            let Some(membership) = membership else {
+                return Ok(None);
+            };
             (membership.account_id, owner.id, false)
         }
         None if accounts_entity::Entity::find().count(db).await? == 0 => {
@@ -47,15 +52,22 @@ pub async fn ensure_demo(db: &DatabaseConnection, now: DateTime<Utc>) -> Result<
     };
     accounts::revoke_user_tokens_named(db, owner_id, DEMO_TOKEN_NAME, now).await?;
     let token = accounts::create_user_token(db, owner_id, DEMO_TOKEN_NAME, now).await?;
-    Ok(Some(Demo { account_id, owner_id, created, token }))
+    Ok(Some(Demo {
+        account_id,
+        owner_id,
+        created,
+        token,
+    }))
 }
 
 async fn seed_demo(db: &DatabaseConnection, now: DateTime<Utc>) -> Result<(Uuid, Uuid)> {
-    let created = accounts::create_account(db, "Demo Inc.", DEMO_OWNER_EMAIL, "Demo Owner", now).await?;
+    let created =
+        accounts::create_account(db, "Demo Inc.", DEMO_OWNER_EMAIL, "Demo Owner", now).await?;
     let account_id = created.account.id;
     let production = accounts::create_workspace(db, account_id, "Production", now).await?;
     let staging = accounts::create_workspace(db, account_id, "Staging", now).await?;
-    let chatbot = accounts::create_project(db, production.id, "Support chatbot", "chatbot", now).await?;
+    let chatbot =
+        accounts::create_project(db, production.id, "Support chatbot", "chatbot", now).await?;
     accounts::create_project(db, production.id, "Search", "search", now).await?;
     accounts::create_project(db, staging.id, "Experiments", "experiments", now).await?;
     let budget = crate::money::Credits::from_whole_credits(50)?;

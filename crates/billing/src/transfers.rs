@@ -8,7 +8,10 @@ use crate::money::Credits;
 use chrono::{DateTime, Utc};
 use entity::enums::{BalanceChangeCause, LedgerEntryKind};
 use entity::{transfers, workspaces};
-use sea_orm::{ActiveModelTrait as _, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait, IntoActiveModel, QueryFilter};
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
+    IntoActiveModel, QueryFilter,
+};
 use uuid::Uuid;
 
 /// Longest memo kept with a transfer.
@@ -30,7 +33,12 @@ pub struct Transferred {
     pub replayed: bool,
 }
 
-async fn existing_transfer(db: &DatabaseConnection, account_id: Uuid, key: &str, hash: &str) -> Result<Option<transfers::Model>> {
+async fn existing_transfer(
+    db: &DatabaseConnection,
+    account_id: Uuid,
+    key: &str,
+    hash: &str,
+) -> Result<Option<transfers::Model>> {
     let found = transfers::Entity::find()
         .filter(transfers::Column::AccountId.eq(account_id))
         .filter(transfers::Column::IdempotencyKey.eq(key))
@@ -45,17 +53,33 @@ async fn existing_transfer(db: &DatabaseConnection, account_id: Uuid, key: &str,
 
 /// Moves `amount` from one workspace's available credits to another's, both sides in
 /// one transaction. Idempotent on the key within the account.
-pub async fn transfer(db: &DatabaseConnection, req: TransferRequest, now: DateTime<Utc>) -> Result<Transferred> {
+pub async fn transfer(
+    db: &DatabaseConnection,
+    req: TransferRequest,
+    now: DateTime<Utc>,
+) -> Result<Transferred> {
     let key = IdempotencyKey::parse("idempotencyKey", &req.idempotency_key)?;
     if !req.amount.is_positive() {
         return Err(BillingError::invalid("amount must be greater than zero"));
     }
     if req.from_workspace_id == req.to_workspace_id {
-        return Err(BillingError::invalid("cannot transfer a workspace's credits to itself"));
+        return Err(BillingError::invalid(
+            "cannot transfer a workspace's credits to itself",
+        ));
     }
-    let memo = req.memo.as_deref().map(str::trim).filter(|m| !m.is_empty()).map(str::to_owned);
-    if memo.as_ref().is_some_and(|m| m.chars().count() > MEMO_LEN_MAX) {
-        return Err(BillingError::invalid(format!("memo is longer than {MEMO_LEN_MAX} characters")));
+    let memo = req
+        .memo
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(str::to_owned);
+    if memo
+        .as_ref()
+        .is_some_and(|m| m.chars().count() > MEMO_LEN_MAX)
+    {
+        return Err(BillingError::invalid(format!(
+            "memo is longer than {MEMO_LEN_MAX} characters"
+        )));
     }
     let from = ledger::load_workspace(db, req.from_workspace_id).await?;
     let to = ledger::load_workspace(db, req.to_workspace_id).await?;
@@ -71,7 +95,10 @@ pub async fn transfer(db: &DatabaseConnection, req: TransferRequest, now: DateTi
         memo.as_deref().unwrap_or_default(),
     ]);
     if let Some(transfer) = existing_transfer(db, from.account_id, key.as_str(), &hash).await? {
-        return Ok(Transferred { transfer, replayed: true });
+        return Ok(Transferred {
+            transfer,
+            replayed: true,
+        });
     }
     let transfer = transfers::Model {
         id: new_id(),
@@ -89,14 +116,21 @@ pub async fn transfer(db: &DatabaseConnection, req: TransferRequest, now: DateTi
     match transfer_in(&tx, &from, &to, &transfer, now).await {
         Ok(()) => {
             tx.commit().await?;
-            Ok(Transferred { transfer, replayed: false })
+            Ok(Transferred {
+                transfer,
+                replayed: false,
+            })
         }
         Err(e) => {
             tx.rollback().await?;
             if e.is_unique_violation()
-                && let Some(transfer) = existing_transfer(db, from.account_id, key.as_str(), &hash).await?
+                && let Some(transfer) =
+                    existing_transfer(db, from.account_id, key.as_str(), &hash).await?
             {
-                return Ok(Transferred { transfer, replayed: true });
+                return Ok(Transferred {
+                    transfer,
+                    replayed: true,
+                });
             }
             Err(e)
         }
@@ -117,14 +151,26 @@ async fn transfer_in(
     let mut to_after = None;
     for step in 0..2 {
         if (step == 0) == debit_first {
-            let ws = ledger::change_workspace(tx, from.id, amount.checked_neg()?, Credits::ZERO, Guard::AvailableAtLeast(amount), true).await?;
+            let ws = ledger::change_workspace(
+                tx,
+                from.id,
+                amount.checked_neg()?,
+                Credits::ZERO,
+                Guard::AvailableAtLeast(amount),
+                true,
+            )
+            .await?;
             let Some(ws) = ws else {
                 let ws = ledger::load_workspace(tx, from.id).await?;
-                return Err(BillingError::InsufficientCredits { available: ledger::available(&ws) });
+                return Err(BillingError::InsufficientCredits {
+                    available: ledger::available(&ws),
+                });
             };
             from_after = Some(ws);
         } else {
-            to_after = ledger::change_workspace(tx, to.id, amount, Credits::ZERO, Guard::None, true).await?;
+            to_after =
+                ledger::change_workspace(tx, to.id, amount, Credits::ZERO, Guard::None, true)
+                    .await?;
         }
     }
     let (Some(from_after), Some(to_after)) = (from_after, to_after) else {
@@ -133,12 +179,19 @@ async fn transfer_in(
     transfers::Entity::insert(transfer.clone().into_active_model().reset_all())
         .exec_without_returning(tx)
         .await?;
-    let memo = transfer.memo.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+    let memo = transfer
+        .memo
+        .as_deref()
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default();
     ledger::post(
         tx,
         "TRANSFER",
         format!("transfer:{}", transfer.id),
-        PostingRefs { transfer_id: Some(transfer.id), ..Default::default() },
+        PostingRefs {
+            transfer_id: Some(transfer.id),
+            ..Default::default()
+        },
         &[
             EntrySpec {
                 account: LedgerAccount::Workspace(from.id),

@@ -9,10 +9,10 @@ use crate::money::{Credits, DiscountBps};
 use crate::pricing::{self, CostBreakdown, TokenPrice};
 use chrono::{DateTime, Utc};
 use entity::enums::{BalanceChangeCause, LedgerEntryKind};
-use entity::{accounts, models, projects, usage_events, workspaces};
+use entity::{accounts, models, projects, usage_events};
 use sea_orm::sea_query::{Condition, Expr, ExprTrait};
-use sea_orm::{ActiveModelTrait as _, 
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
     EntityTrait, IntoActiveModel, QueryFilter,
 };
 use uuid::Uuid;
@@ -61,16 +61,26 @@ impl PricingContext {
     pub fn price(&self) -> TokenPrice {
         TokenPrice {
             prompt_per_million: Credits::from_nanos(self.model.prompt_price_per_million_nanos),
-            completion_per_million: Credits::from_nanos(self.model.completion_price_per_million_nanos),
+            completion_per_million: Credits::from_nanos(
+                self.model.completion_price_per_million_nanos,
+            ),
         }
     }
 
     pub fn cost(&self, prompt_tokens: i64, completion_tokens: i64) -> Result<CostBreakdown> {
-        Ok(pricing::usage_cost(self.price(), prompt_tokens, completion_tokens, self.discount)?)
+        Ok(pricing::usage_cost(
+            self.price(),
+            prompt_tokens,
+            completion_tokens,
+            self.discount,
+        )?)
     }
 }
 
-pub(crate) async fn account_discount<C: ConnectionTrait>(c: &C, account_id: Uuid) -> Result<DiscountBps> {
+pub(crate) async fn account_discount<C: ConnectionTrait>(
+    c: &C,
+    account_id: Uuid,
+) -> Result<DiscountBps> {
     let account = accounts::Entity::find_by_id(account_id)
         .one(c)
         .await?
@@ -79,10 +89,18 @@ pub(crate) async fn account_discount<C: ConnectionTrait>(c: &C, account_id: Uuid
 }
 
 /// A model that can be used now (inactive models keep their history but take no new usage).
-pub(crate) async fn active_model<C: ConnectionTrait>(c: &C, model_id: &str) -> Result<models::Model> {
-    match models::Entity::find_by_id(model_id.to_owned()).one(c).await? {
+pub(crate) async fn active_model<C: ConnectionTrait>(
+    c: &C,
+    model_id: &str,
+) -> Result<models::Model> {
+    match models::Entity::find_by_id(model_id.to_owned())
+        .one(c)
+        .await?
+    {
         Some(model) if model.active => Ok(model),
-        Some(_) => Err(BillingError::invalid(format!("model {model_id} is no longer available"))),
+        Some(_) => Err(BillingError::invalid(format!(
+            "model {model_id} is no longer available"
+        ))),
         None => Err(BillingError::invalid(format!("unknown model {model_id}"))),
     }
 }
@@ -119,7 +137,11 @@ pub(crate) async fn pricing_context<C: ConnectionTrait>(
     let discount = account_discount(c, workspace.account_id).await?;
     let model = active_model(c, model_id).await?;
     let project = resolve_project(c, workspace_id, project).await?;
-    Ok(PricingContext { discount, model, project })
+    Ok(PricingContext {
+        discount,
+        model,
+        project,
+    })
 }
 
 fn usage_hash(req: &UsageRequest, project_id: Option<Uuid>) -> String {
@@ -157,7 +179,11 @@ pub(crate) async fn existing_usage<C: ConnectionTrait>(
 /// ledger entries, cached balance, project spend, daily rollup and balance event. A
 /// call that does not fit is refused with INSUFFICIENT_CREDITS or BUDGET_EXCEEDED and
 /// writes nothing. The same request id twice records once.
-pub async fn record_usage(db: &DatabaseConnection, req: UsageRequest, now: DateTime<Utc>) -> Result<Recorded> {
+pub async fn record_usage(
+    db: &DatabaseConnection,
+    req: UsageRequest,
+    now: DateTime<Utc>,
+) -> Result<Recorded> {
     let request_id = IdempotencyKey::parse("requestId", &req.request_id)?;
     let ctx = pricing_context(db, req.workspace_id, &req.model_id, &req.project).await?;
     let cost = ctx.cost(req.prompt_tokens, req.completion_tokens)?.total;
@@ -166,7 +192,10 @@ pub async fn record_usage(db: &DatabaseConnection, req: UsageRequest, now: DateT
 
     // Fast path for retries: no write lock taken for a request already recorded.
     if let Some(event) = existing_usage(db, req.workspace_id, request_id.as_str(), &hash).await? {
-        return Ok(Recorded { event, replayed: true });
+        return Ok(Recorded {
+            event,
+            replayed: true,
+        });
     }
 
     let event = usage_events::Model {
@@ -189,15 +218,22 @@ pub async fn record_usage(db: &DatabaseConnection, req: UsageRequest, now: DateT
     match debit_usage(&tx, &ctx, &event, now).await {
         Ok(()) => {
             tx.commit().await?;
-            Ok(Recorded { event, replayed: false })
+            Ok(Recorded {
+                event,
+                replayed: false,
+            })
         }
         Err(e) => {
             tx.rollback().await?;
             // Lost a race with the same request id: answer as a replay.
             if e.is_unique_violation()
-                && let Some(event) = existing_usage(db, req.workspace_id, request_id.as_str(), &hash).await?
+                && let Some(event) =
+                    existing_usage(db, req.workspace_id, request_id.as_str(), &hash).await?
             {
-                return Ok(Recorded { event, replayed: true });
+                return Ok(Recorded {
+                    event,
+                    replayed: true,
+                });
             }
             Err(e)
         }
@@ -224,7 +260,9 @@ async fn debit_usage(
     .await?;
     let Some(ws) = ws else {
         let ws = ledger::load_workspace(tx, event.workspace_id).await?;
-        return Err(BillingError::InsufficientCredits { available: ledger::available(&ws) });
+        return Err(BillingError::InsufficientCredits {
+            available: ledger::available(&ws),
+        });
     };
     if let Some(project) = &ctx.project {
         charge_project(tx, project, cost, Credits::ZERO, Some(cost), now).await?;
@@ -237,7 +275,10 @@ async fn debit_usage(
         tx,
         "USAGE",
         format!("usage:{}", event.id),
-        PostingRefs { usage_event_id: Some(event.id), ..Default::default() },
+        PostingRefs {
+            usage_event_id: Some(event.id),
+            ..Default::default()
+        },
         &[
             EntrySpec {
                 account: LedgerAccount::Workspace(event.workspace_id),
@@ -284,8 +325,14 @@ pub(crate) async fn charge_project<C: ConnectionTrait>(
     use projects::Column as P;
     roll_budget_period(c, project, now).await?;
     let mut update = projects::Entity::update_many()
-        .col_expr(P::BudgetSpentNanos, Expr::col(P::BudgetSpentNanos).add(spent_delta.nanos()))
-        .col_expr(P::BudgetReservedNanos, Expr::col(P::BudgetReservedNanos).add(reserved_delta.nanos()))
+        .col_expr(
+            P::BudgetSpentNanos,
+            Expr::col(P::BudgetSpentNanos).add(spent_delta.nanos()),
+        )
+        .col_expr(
+            P::BudgetReservedNanos,
+            Expr::col(P::BudgetReservedNanos).add(reserved_delta.nanos()),
+        )
         .filter(P::Id.eq(project.id));
     if let Some(needed) = admit {
         update = update.filter(
@@ -304,19 +351,27 @@ pub(crate) async fn charge_project<C: ConnectionTrait>(
         .one(c)
         .await?
         .ok_or(BillingError::NotFound("project"))?;
-    Err(BillingError::BudgetExceeded { available: budget_remaining(&current) })
+    Err(BillingError::BudgetExceeded {
+        available: budget_remaining(&current),
+    })
 }
 
 /// What is left under a project's cap in the current period (zero when over it).
 pub fn budget_remaining(project: &projects::Model) -> Credits {
     let limit = project.budget_limit_nanos.unwrap_or(i64::MAX);
-    let used = project.budget_spent_nanos.saturating_add(project.budget_reserved_nanos);
+    let used = project
+        .budget_spent_nanos
+        .saturating_add(project.budget_reserved_nanos);
     Credits::from_nanos(Ord::max(limit.saturating_sub(used), 0))
 }
 
 /// Starts a new budget period when the stored one has ended: spend back to zero.
 /// Conditional on the stored start, so concurrent rollers reset it exactly once.
-pub(crate) async fn roll_budget_period<C: ConnectionTrait>(c: &C, project: &projects::Model, now: DateTime<Utc>) -> Result<bool> {
+pub(crate) async fn roll_budget_period<C: ConnectionTrait>(
+    c: &C,
+    project: &projects::Model,
+    now: DateTime<Utc>,
+) -> Result<bool> {
     use projects::Column as P;
     let start = budget::period_start(project.budget_period, now, project.budget_period_start);
     if start <= project.budget_period_start {

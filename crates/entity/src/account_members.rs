@@ -1,7 +1,7 @@
 //! Table `account_members`.
 
+use crate::enums::AccountRole;
 use sea_orm::entity::prelude::*;
-use crate::enums::{AccountRole};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "account_members")]

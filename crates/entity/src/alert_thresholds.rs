@@ -1,7 +1,7 @@
 //! Table `alert_thresholds`.
 
+use crate::enums::AlertSeverity;
 use sea_orm::entity::prelude::*;
-use crate::enums::{AlertSeverity};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "alert_thresholds")]

@@ -1,7 +1,7 @@
 //! Table `auto_reload_settings`.
 
+use crate::enums::AutoReloadStatus;
 use sea_orm::entity::prelude::*;
-use crate::enums::{AutoReloadStatus};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "auto_reload_settings")]

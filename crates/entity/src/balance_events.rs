@@ -1,7 +1,7 @@
 //! Table `balance_events`.
 
+use crate::enums::BalanceChangeCause;
 use sea_orm::entity::prelude::*;
-use crate::enums::{BalanceChangeCause};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "balance_events")]

@@ -1,7 +1,7 @@
 //! Table `invoices`.
 
+use crate::enums::InvoiceStatus;
 use sea_orm::entity::prelude::*;
-use crate::enums::{InvoiceStatus};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "invoices")]

@@ -1,7 +1,7 @@
 //! Table `ledger_entries`.
 
+use crate::enums::LedgerEntryKind;
 use sea_orm::entity::prelude::*;
-use crate::enums::{LedgerEntryKind};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "ledger_entries")]

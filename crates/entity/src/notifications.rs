@@ -1,7 +1,7 @@
 //! Table `notifications`.
 
+use crate::enums::NotificationStatus;
 use sea_orm::entity::prelude::*;
-use crate::enums::{NotificationStatus};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "notifications")]

@@ -1,7 +1,7 @@
 //! Table `payment_methods`.
 
+use crate::enums::CardBrand;
 use sea_orm::entity::prelude::*;
-use crate::enums::{CardBrand};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "payment_methods")]

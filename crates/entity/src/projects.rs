@@ -1,7 +1,7 @@
 //! Table `projects`.
 
+use crate::enums::BudgetPeriod;
 use sea_orm::entity::prelude::*;
-use crate::enums::{BudgetPeriod};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "projects")]

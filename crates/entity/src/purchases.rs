@@ -1,7 +1,7 @@
 //! Table `purchases`.
 
-use sea_orm::entity::prelude::*;
 use crate::enums::{PurchaseSource, PurchaseStatus};
+use sea_orm::entity::prelude::*;
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "purchases")]

@@ -1,7 +1,7 @@
 //! Table `reservations`.
 
+use crate::enums::ReservationStatus;
 use sea_orm::entity::prelude::*;
-use crate::enums::{ReservationStatus};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "reservations")]

@@ -1,7 +1,7 @@
 //! Table `workspace_members`.
 
+use crate::enums::WorkspaceRole;
 use sea_orm::entity::prelude::*;
-use crate::enums::{WorkspaceRole};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "workspace_members")]

@@ -14,7 +14,11 @@ impl MigrationName for Migration {
     }
 }
 
-fn fk(from_table: &'static str, from_col: &'static str, to_table: &'static str) -> ForeignKeyCreateStatement {
+fn fk(
+    from_table: &'static str,
+    from_col: &'static str,
+    to_table: &'static str,
+) -> ForeignKeyCreateStatement {
     ForeignKey::create()
         .name(format!("fk_{from_table}_{from_col}"))
         .from(from_table, from_col)
@@ -27,7 +31,11 @@ fn created_at() -> ColumnDef {
     timestamp_with_time_zone("created_at")
 }
 
-fn unique_index(table: &'static str, name: &'static str, cols: &[&'static str]) -> IndexCreateStatement {
+fn unique_index(
+    table: &'static str,
+    name: &'static str,
+    cols: &[&'static str],
+) -> IndexCreateStatement {
     let mut index = Index::create();
     index.name(name).table(table).unique();
     for col in cols {
@@ -36,7 +44,11 @@ fn unique_index(table: &'static str, name: &'static str, cols: &[&'static str]) 
     index.to_owned()
 }
 
-fn plain_index(table: &'static str, name: &'static str, cols: &[&'static str]) -> IndexCreateStatement {
+fn plain_index(
+    table: &'static str,
+    name: &'static str,
+    cols: &[&'static str],
+) -> IndexCreateStatement {
     let mut index = Index::create();
     index.name(name).table(table);
     for col in cols {
@@ -93,7 +105,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(plain_index("account_members", "ix_account_members_user", &["user_id"])).await?;
+        m.create_index(plain_index(
+            "account_members",
+            "ix_account_members_user",
+            &["user_id"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -111,11 +128,18 @@ impl MigrationTrait for Migration {
                 .col(created_at())
                 .foreign_key(&mut fk("workspaces", "account_id", "accounts"))
                 // available = balance - reserved never goes below zero, so neither does balance.
-                .check(Expr::cust("reserved_nanos >= 0 AND balance_nanos >= reserved_nanos"))
+                .check(Expr::cust(
+                    "reserved_nanos >= 0 AND balance_nanos >= reserved_nanos",
+                ))
                 .to_owned(),
         )
         .await?;
-        m.create_index(unique_index("workspaces", "ux_workspaces_account_name", &["account_id", "name"])).await?;
+        m.create_index(unique_index(
+            "workspaces",
+            "ux_workspaces_account_name",
+            &["account_id", "name"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -131,7 +155,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(plain_index("workspace_members", "ix_workspace_members_user", &["user_id"])).await?;
+        m.create_index(plain_index(
+            "workspace_members",
+            "ix_workspace_members_user",
+            &["user_id"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -149,7 +178,9 @@ impl MigrationTrait for Migration {
                 .col(big_integer("budget_reserved_nanos").default(0))
                 .col(created_at())
                 .foreign_key(&mut fk("projects", "workspace_id", "workspaces"))
-                .check(Expr::cust("budget_period IN ('DAILY', 'WEEKLY', 'MONTHLY', 'LIFETIME')"))
+                .check(Expr::cust(
+                    "budget_period IN ('DAILY', 'WEEKLY', 'MONTHLY', 'LIFETIME')",
+                ))
                 .check(Expr::cust(
                     "budget_spent_nanos >= 0 AND budget_reserved_nanos >= 0 \
                      AND (budget_limit_nanos IS NULL OR budget_limit_nanos >= 0)",
@@ -157,7 +188,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(unique_index("projects", "ux_projects_workspace_tag", &["workspace_id", "tag"])).await?;
+        m.create_index(unique_index(
+            "projects",
+            "ux_projects_workspace_tag",
+            &["workspace_id", "tag"],
+        ))
+        .await?;
 
         // --- credentials -------------------------------------------------------------
         m.create_table(
@@ -193,7 +229,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(plain_index("api_keys", "ix_api_keys_workspace", &["workspace_id"])).await?;
+        m.create_index(plain_index(
+            "api_keys",
+            "ix_api_keys_workspace",
+            &["workspace_id"],
+        ))
+        .await?;
 
         // --- catalog -----------------------------------------------------------------
         m.create_table(
@@ -222,7 +263,9 @@ impl MigrationTrait for Migration {
                 .col(big_integer("bonus_nanos").default(0))
                 .col(boolean("active").default(true))
                 .col(integer("position"))
-                .check(Expr::cust("amount_nanos > 0 AND price_nanos > 0 AND bonus_nanos >= 0"))
+                .check(Expr::cust(
+                    "amount_nanos > 0 AND price_nanos > 0 AND bonus_nanos >= 0",
+                ))
                 // Card charges are whole cents.
                 .check(Expr::cust("price_nanos % 10000000 = 0"))
                 .to_owned(),
@@ -245,12 +288,19 @@ impl MigrationTrait for Migration {
                 .col(created_at())
                 .col(timestamp_with_time_zone_null("removed_at"))
                 .foreign_key(&mut fk("payment_methods", "account_id", "accounts"))
-                .check(Expr::cust("brand IN ('VISA', 'MASTERCARD', 'AMEX', 'DISCOVER', 'OTHER')"))
+                .check(Expr::cust(
+                    "brand IN ('VISA', 'MASTERCARD', 'AMEX', 'DISCOVER', 'OTHER')",
+                ))
                 .check(Expr::cust("exp_month BETWEEN 1 AND 12"))
                 .to_owned(),
         )
         .await?;
-        m.create_index(plain_index("payment_methods", "ix_payment_methods_account", &["account_id"])).await?;
+        m.create_index(plain_index(
+            "payment_methods",
+            "ix_payment_methods_account",
+            &["account_id"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -271,7 +321,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(unique_index("invoices", "ux_invoices_account_sequence", &["account_id", "sequence"])).await?;
+        m.create_index(unique_index(
+            "invoices",
+            "ux_invoices_account_sequence",
+            &["account_id", "sequence"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -285,7 +340,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(unique_index("invoice_lines", "ux_invoice_lines_position", &["invoice_id", "position"])).await?;
+        m.create_index(unique_index(
+            "invoice_lines",
+            "ux_invoice_lines_position",
+            &["invoice_id", "position"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -315,13 +375,25 @@ impl MigrationTrait for Migration {
                 .foreign_key(&mut fk("purchases", "invoice_id", "invoices"))
                 .check(Expr::cust("status IN ('PENDING', 'SUCCEEDED', 'FAILED')"))
                 .check(Expr::cust("source IN ('MANUAL', 'AUTO_RELOAD', 'INVOICE')"))
-                .check(Expr::cust("amount_nanos > 0 AND bonus_nanos >= 0 AND price_nanos > 0"))
+                .check(Expr::cust(
+                    "amount_nanos > 0 AND bonus_nanos >= 0 AND price_nanos > 0",
+                ))
                 .check(Expr::cust("price_nanos % 10000000 = 0"))
                 .to_owned(),
         )
         .await?;
-        m.create_index(unique_index("purchases", "ux_purchases_idempotency", &["workspace_id", "idempotency_key"])).await?;
-        m.create_index(plain_index("purchases", "ix_purchases_status", &["status", "created_at"])).await?;
+        m.create_index(unique_index(
+            "purchases",
+            "ux_purchases_idempotency",
+            &["workspace_id", "idempotency_key"],
+        ))
+        .await?;
+        m.create_index(plain_index(
+            "purchases",
+            "ix_purchases_status",
+            &["status", "created_at"],
+        ))
+        .await?;
 
         // --- usage, reservations, transfers ------------------------------------------
         m.create_table(
@@ -344,13 +416,25 @@ impl MigrationTrait for Migration {
                 .foreign_key(&mut fk("reservations", "workspace_id", "workspaces"))
                 .foreign_key(&mut fk("reservations", "project_id", "projects"))
                 .foreign_key(&mut fk("reservations", "model_id", "models"))
-                .check(Expr::cust("status IN ('HELD', 'SETTLED', 'RELEASED', 'EXPIRED')"))
+                .check(Expr::cust(
+                    "status IN ('HELD', 'SETTLED', 'RELEASED', 'EXPIRED')",
+                ))
                 .check(Expr::cust("amount_nanos >= 0"))
                 .to_owned(),
         )
         .await?;
-        m.create_index(unique_index("reservations", "ux_reservations_request", &["workspace_id", "request_id"])).await?;
-        m.create_index(plain_index("reservations", "ix_reservations_status_expiry", &["status", "expires_at"])).await?;
+        m.create_index(unique_index(
+            "reservations",
+            "ux_reservations_request",
+            &["workspace_id", "request_id"],
+        ))
+        .await?;
+        m.create_index(plain_index(
+            "reservations",
+            "ix_reservations_status_expiry",
+            &["status", "expires_at"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -380,8 +464,18 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(unique_index("usage_events", "ux_usage_events_request", &["workspace_id", "request_id"])).await?;
-        m.create_index(plain_index("usage_events", "ix_usage_events_created", &["workspace_id", "created_at"])).await?;
+        m.create_index(unique_index(
+            "usage_events",
+            "ux_usage_events_request",
+            &["workspace_id", "request_id"],
+        ))
+        .await?;
+        m.create_index(plain_index(
+            "usage_events",
+            "ix_usage_events_created",
+            &["workspace_id", "created_at"],
+        ))
+        .await?;
 
         // Daily rollups. The dimension columns use the nil UUID for "none" instead of NULL,
         // because NULLs are distinct in a unique index on both backends and the upsert needs
@@ -408,7 +502,14 @@ impl MigrationTrait for Migration {
         m.create_index(unique_index(
             "usage_daily",
             "ux_usage_daily_dims",
-            &["workspace_id", "day", "project_id", "user_id", "api_key_id", "model_id"],
+            &[
+                "workspace_id",
+                "day",
+                "project_id",
+                "user_id",
+                "api_key_id",
+                "model_id",
+            ],
         ))
         .await?;
 
@@ -428,11 +529,18 @@ impl MigrationTrait for Migration {
                 .foreign_key(&mut fk("transfers", "account_id", "accounts"))
                 .foreign_key(&mut fk("transfers", "from_workspace_id", "workspaces"))
                 .foreign_key(&mut fk("transfers", "to_workspace_id", "workspaces"))
-                .check(Expr::cust("amount_nanos > 0 AND from_workspace_id <> to_workspace_id"))
+                .check(Expr::cust(
+                    "amount_nanos > 0 AND from_workspace_id <> to_workspace_id",
+                ))
                 .to_owned(),
         )
         .await?;
-        m.create_index(unique_index("transfers", "ux_transfers_idempotency", &["account_id", "idempotency_key"])).await?;
+        m.create_index(unique_index(
+            "transfers",
+            "ux_transfers_idempotency",
+            &["account_id", "idempotency_key"],
+        ))
+        .await?;
 
         // --- the ledger --------------------------------------------------------------
         m.create_table(
@@ -478,8 +586,18 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(plain_index("ledger_entries", "ix_ledger_entries_workspace", &["workspace_id", "id"])).await?;
-        m.create_index(plain_index("ledger_entries", "ix_ledger_entries_transaction", &["transaction_id"])).await?;
+        m.create_index(plain_index(
+            "ledger_entries",
+            "ix_ledger_entries_workspace",
+            &["workspace_id", "id"],
+        ))
+        .await?;
+        m.create_index(plain_index(
+            "ledger_entries",
+            "ix_ledger_entries_transaction",
+            &["transaction_id"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -495,7 +613,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(unique_index("balance_events", "ux_balance_events_sequence", &["workspace_id", "sequence"])).await?;
+        m.create_index(unique_index(
+            "balance_events",
+            "ux_balance_events_sequence",
+            &["workspace_id", "sequence"],
+        ))
+        .await?;
 
         // --- auto-reload, alerts, notifications --------------------------------------
         m.create_table(
@@ -514,10 +637,22 @@ impl MigrationTrait for Migration {
                 // Backoff after a failure: no new reload before this.
                 .col(timestamp_with_time_zone_null("next_attempt_at"))
                 .col(timestamp_with_time_zone("updated_at"))
-                .foreign_key(&mut fk("auto_reload_settings", "workspace_id", "workspaces"))
-                .foreign_key(&mut fk("auto_reload_settings", "payment_method_id", "payment_methods"))
-                .check(Expr::cust("status IN ('IDLE', 'RELOADING', 'DISABLED_AFTER_FAILURES')"))
-                .check(Expr::cust("threshold_nanos >= 0 AND amount_nanos > 0 AND max_reloads_per_day >= 1"))
+                .foreign_key(&mut fk(
+                    "auto_reload_settings",
+                    "workspace_id",
+                    "workspaces",
+                ))
+                .foreign_key(&mut fk(
+                    "auto_reload_settings",
+                    "payment_method_id",
+                    "payment_methods",
+                ))
+                .check(Expr::cust(
+                    "status IN ('IDLE', 'RELOADING', 'DISABLED_AFTER_FAILURES')",
+                ))
+                .check(Expr::cust(
+                    "threshold_nanos >= 0 AND amount_nanos > 0 AND max_reloads_per_day >= 1",
+                ))
                 .to_owned(),
         )
         .await?;
@@ -533,11 +668,18 @@ impl MigrationTrait for Migration {
                 .col(timestamp_with_time_zone_null("last_triggered_at"))
                 .col(created_at())
                 .foreign_key(&mut fk("alert_thresholds", "workspace_id", "workspaces"))
-                .check(Expr::cust("severity IN ('WARNING', 'URGENT') AND amount_nanos > 0"))
+                .check(Expr::cust(
+                    "severity IN ('WARNING', 'URGENT') AND amount_nanos > 0",
+                ))
                 .to_owned(),
         )
         .await?;
-        m.create_index(unique_index("alert_thresholds", "ux_alert_thresholds_amount", &["workspace_id", "amount_nanos"])).await?;
+        m.create_index(unique_index(
+            "alert_thresholds",
+            "ux_alert_thresholds_amount",
+            &["workspace_id", "amount_nanos"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -545,7 +687,11 @@ impl MigrationTrait for Migration {
                 .col(uuid("alert_threshold_id"))
                 .col(uuid("user_id"))
                 .primary_key(Index::create().col("alert_threshold_id").col("user_id"))
-                .foreign_key(&mut fk("alert_recipients", "alert_threshold_id", "alert_thresholds"))
+                .foreign_key(&mut fk(
+                    "alert_recipients",
+                    "alert_threshold_id",
+                    "alert_thresholds",
+                ))
                 .foreign_key(&mut fk("alert_recipients", "user_id", "users"))
                 .to_owned(),
         )
@@ -573,7 +719,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(plain_index("notifications", "ix_notifications_status", &["status", "created_at"])).await?;
+        m.create_index(plain_index(
+            "notifications",
+            "ix_notifications_status",
+            &["status", "created_at"],
+        ))
+        .await?;
 
         Ok(())
     }

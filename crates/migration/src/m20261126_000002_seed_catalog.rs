@@ -37,12 +37,22 @@ const MODELS: &[(&str, &str, i64, i64)] = &[
     ("openai/o3", "o3", 200, 800),
     ("openai/o4-mini", "o4-mini", 110, 440),
     ("anthropic/claude-opus-4.1", "Claude Opus 4.1", 1500, 7500),
-    ("anthropic/claude-sonnet-4.5", "Claude Sonnet 4.5", 300, 1500),
+    (
+        "anthropic/claude-sonnet-4.5",
+        "Claude Sonnet 4.5",
+        300,
+        1500,
+    ),
     ("anthropic/claude-haiku-4.5", "Claude Haiku 4.5", 100, 500),
     ("google/gemini-2.5-pro", "Gemini 2.5 Pro", 125, 1000),
     ("google/gemini-2.5-flash", "Gemini 2.5 Flash", 30, 250),
     ("mistralai/mistral-large", "Mistral Large", 200, 600),
-    ("meta-llama/llama-3.3-70b-instruct", "Llama 3.3 70B Instruct", 13, 40),
+    (
+        "meta-llama/llama-3.3-70b-instruct",
+        "Llama 3.3 70B Instruct",
+        13,
+        40,
+    ),
     ("deepseek/deepseek-chat", "DeepSeek V3", 27, 110),
 ];
 
@@ -50,11 +60,17 @@ const MODELS: &[(&str, &str, i64, i64)] = &[
 impl MigrationTrait for Migration {
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
         let mut packages = Query::insert();
-        packages
-            .into_table("credit_packages")
-            .columns(["id", "amount_nanos", "price_nanos", "bonus_nanos", "active", "position"]);
+        packages.into_table("credit_packages").columns([
+            "id",
+            "amount_nanos",
+            "price_nanos",
+            "bonus_nanos",
+            "active",
+            "position",
+        ]);
         for (position, (id, credits, bonus)) in PACKAGES.iter().enumerate() {
-            let position = <i32 as TryFrom<usize>>::try_from(position).map_err(|e| DbErr::Custom(e.to_string()))?;
+            let position = <i32 as TryFrom<usize>>::try_from(position)
+                .map_err(|e| DbErr::Custom(e.to_string()))?;
             packages.values_panic([
                 (*id).into(),
                 (credits * NANOS_PER_CREDIT).into(),
@@ -93,8 +109,10 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        m.exec_stmt(Query::delete().from_table("models").to_owned()).await?;
-        m.exec_stmt(Query::delete().from_table("credit_packages").to_owned()).await?;
+        m.exec_stmt(Query::delete().from_table("models").to_owned())
+            .await?;
+        m.exec_stmt(Query::delete().from_table("credit_packages").to_owned())
+            .await?;
         Ok(())
     }
 }
