@@ -5,6 +5,7 @@
 //! ledger entries (summing to zero), the cached balance, the daily rollup and a
 //! balance event together, and is idempotent on its key.
 
+pub mod access;
 pub mod accounts;
 pub mod auth;
 pub mod budget;

@@ -387,20 +387,29 @@ pub(crate) async fn roll_budget_period<C: ConnectionTrait>(
     Ok(result.rows_affected == 1)
 }
 
-/// Rolls every project whose budget period has ended (the worker's periodic sweep;
-/// usage also rolls lazily, so this only keeps dashboards current). Returns how many.
+/// Rolls every project whose calendar budget period has ended (the worker's periodic
+/// sweep; usage also rolls lazily, so this keeps dashboards current). One conditional
+/// UPDATE per period kind, so it is cheap and idempotent. Returns how many rolled.
 pub async fn roll_budget_periods(db: &DatabaseConnection, now: DateTime<Utc>) -> Result<u64> {
-    let candidates = projects::Entity::find()
-        .filter(projects::Column::BudgetPeriod.ne(entity::enums::BudgetPeriod::Lifetime))
-        .all(db)
-        .await?;
+    use entity::enums::BudgetPeriod;
+    use projects::Column as P;
     let mut rolled = 0;
-    for project in candidates {
+    for period in [
+        BudgetPeriod::Daily,
+        BudgetPeriod::Weekly,
+        BudgetPeriod::Monthly,
+    ] {
+        let start = budget::period_start(period, now, now);
         let tx = begin_write(db).await?;
-        if roll_budget_period(&tx, &project, now).await? {
-            rolled += 1;
-        }
+        let result = projects::Entity::update_many()
+            .col_expr(P::BudgetSpentNanos, Expr::value(0i64))
+            .col_expr(P::BudgetPeriodStart, Expr::value(start))
+            .filter(P::BudgetPeriod.eq(period))
+            .filter(P::BudgetPeriodStart.lt(start))
+            .exec(&tx)
+            .await?;
         tx.commit().await?;
+        rolled += result.rows_affected;
     }
     Ok(rolled)
 }

@@ -1,0 +1,367 @@
+//! Configuration from environment variables (and an optional `.env`), typed and
+//! validated once at start-up. Unsafe production combinations are refused here, so a
+//! misconfigured process never starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{var}: {message}")]
+    Invalid { var: &'static str, message: String },
+    #[error("refusing to start: {0}")]
+    Unsafe(String),
+}
+
+fn invalid(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        var,
+        message: message.into(),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PaymentGateway {
+    /// Deterministic test cards, no money moves. The default on the embedded setup.
+    Sandbox,
+    Stripe {
+        secret_key: String,
+        base_url: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminToken {
+    pub value: String,
+    /// Generated at start-up because none was configured (embedded default only).
+    pub generated: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub backend: Backend,
+    pub queue_url: String,
+    pub listen: SocketAddr,
+    pub admin_token: AdminToken,
+    /// None: emails are written as .eml files under `<data dir>/outbox`.
+    pub smtp_url: Option<String>,
+    pub email_from: String,
+    pub payment_gateway: PaymentGateway,
+    pub demo_seed: bool,
+    pub db_connections_max: u32,
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Every variable this file reads, for `.env.example` and the README.
+pub const VARIABLES: &[&str] = &[
+    "RESERVOIR_DATA_DIR",
+    "RESERVOIR_DATABASE_URL",
+    "RESERVOIR_QUEUE_URL",
+    "RESERVOIR_LISTEN",
+    "RESERVOIR_ADMIN_TOKEN",
+    "RESERVOIR_SMTP_URL",
+    "RESERVOIR_EMAIL_FROM",
+    "RESERVOIR_PAYMENT_GATEWAY",
+    "RESERVOIR_STRIPE_SECRET_KEY",
+    "RESERVOIR_STRIPE_BASE_URL",
+    "RESERVOIR_DEMO_SEED",
+    "RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES",
+    "RESERVOIR_DB_CONNECTIONS_MAX",
+    "RESERVOIR_LOG_FORMAT",
+];
+
+/// The shortest admin token accepted: it is the key to every account.
+pub const ADMIN_TOKEN_LEN_MIN: usize = 32;
+
+fn parse_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        other => Err(invalid(
+            var,
+            format!("expected true or false, got {other:?}"),
+        )),
+    }
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Builds the configuration from a variable lookup (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let data_dir = PathBuf::from(get("RESERVOIR_DATA_DIR").unwrap_or_else(|| "./data".into()));
+        let database_url = get("RESERVOIR_DATABASE_URL")
+            .unwrap_or_else(|| format!("sqlite://{}/reservoir.db", data_dir.display()));
+        let backend = if database_url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://")
+        {
+            Backend::Postgres
+        } else {
+            return Err(invalid(
+                "RESERVOIR_DATABASE_URL",
+                "must start with sqlite:// or postgres://",
+            ));
+        };
+        let queue_url = get("RESERVOIR_QUEUE_URL").unwrap_or_else(|| match backend {
+            // Its own file: the SQLite queue tunes its connection for speed, never the
+            // money database (STACK.md, trap 8).
+            Backend::Sqlite => format!("sqlite://{}/queue.db", data_dir.display()),
+            Backend::Postgres => database_url.clone(),
+        });
+        if !(queue_url.starts_with("sqlite:")
+            || queue_url.starts_with("postgres")
+            || queue_url.starts_with("redis://"))
+        {
+            return Err(invalid(
+                "RESERVOIR_QUEUE_URL",
+                "must be a sqlite://, postgres:// or redis:// URL",
+            ));
+        }
+        let listen = get("RESERVOIR_LISTEN")
+            .unwrap_or_else(|| "127.0.0.1:8000".into())
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("RESERVOIR_LISTEN", format!("expected host:port ({e})")))?;
+        let admin_token = match get("RESERVOIR_ADMIN_TOKEN") {
+            Some(value) if value.len() < ADMIN_TOKEN_LEN_MIN => {
+                return Err(invalid(
+                    "RESERVOIR_ADMIN_TOKEN",
+                    format!("must be at least {ADMIN_TOKEN_LEN_MIN} characters"),
+                ));
+            }
+            Some(value) => AdminToken {
+                value,
+                generated: false,
+            },
+            None if backend == Backend::Sqlite => AdminToken {
+                value: billing::auth::generate_secret("rsv_admin_"),
+                generated: true,
+            },
+            None => {
+                return Err(ConfigError::Unsafe(
+                    "RESERVOIR_ADMIN_TOKEN must be set when running on PostgreSQL".into(),
+                ));
+            }
+        };
+        let smtp_url = get("RESERVOIR_SMTP_URL");
+        if let Some(url) = &smtp_url
+            && !(url.starts_with("smtp://") || url.starts_with("smtps://"))
+        {
+            return Err(invalid(
+                "RESERVOIR_SMTP_URL",
+                "must start with smtp:// (STARTTLS) or smtps:// (TLS)",
+            ));
+        }
+        let email_from = get("RESERVOIR_EMAIL_FROM")
+            .unwrap_or_else(|| "Reservoir <billing@reservoir.localhost>".into());
+        if !email_from.contains('@') {
+            return Err(invalid(
+                "RESERVOIR_EMAIL_FROM",
+                "must contain an e-mail address",
+            ));
+        }
+        let payment_gateway = match get("RESERVOIR_PAYMENT_GATEWAY")
+            .as_deref()
+            .unwrap_or("sandbox")
+        {
+            "sandbox" => PaymentGateway::Sandbox,
+            "stripe" => {
+                let secret_key = get("RESERVOIR_STRIPE_SECRET_KEY").ok_or_else(|| {
+                    invalid(
+                        "RESERVOIR_STRIPE_SECRET_KEY",
+                        "is required with the stripe gateway",
+                    )
+                })?;
+                if !(secret_key.starts_with("sk_") || secret_key.starts_with("rk_")) {
+                    return Err(invalid(
+                        "RESERVOIR_STRIPE_SECRET_KEY",
+                        "must be a Stripe secret (sk_…) or restricted (rk_…) key",
+                    ));
+                }
+                let base_url = get("RESERVOIR_STRIPE_BASE_URL")
+                    .unwrap_or_else(|| "https://api.stripe.com".into());
+                if !(base_url.starts_with("https://")
+                    || base_url.starts_with("http://127.0.0.1")
+                    || base_url.starts_with("http://localhost"))
+                {
+                    return Err(invalid(
+                        "RESERVOIR_STRIPE_BASE_URL",
+                        "must be https (plain http only to localhost, for tests)",
+                    ));
+                }
+                PaymentGateway::Stripe {
+                    secret_key,
+                    base_url,
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "RESERVOIR_PAYMENT_GATEWAY",
+                    format!("expected sandbox or stripe, got {other:?}"),
+                ));
+            }
+        };
+        let allow_sandbox = get("RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES")
+            .map(|v| parse_bool("RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES", &v))
+            .transpose()?
+            .unwrap_or(false);
+        if backend == Backend::Postgres
+            && payment_gateway == PaymentGateway::Sandbox
+            && !allow_sandbox
+        {
+            return Err(ConfigError::Unsafe(
+                "the sandbox payment gateway grants credits without charging anyone; on PostgreSQL \
+                 set RESERVOIR_PAYMENT_GATEWAY=stripe, or RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES=true for a staging setup"
+                    .into(),
+            ));
+        }
+        let demo_seed = get("RESERVOIR_DEMO_SEED")
+            .map(|v| parse_bool("RESERVOIR_DEMO_SEED", &v))
+            .transpose()?
+            .unwrap_or(backend == Backend::Sqlite);
+        let db_connections_max = match get("RESERVOIR_DB_CONNECTIONS_MAX") {
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=1_000).contains(n))
+                .ok_or_else(|| invalid("RESERVOIR_DB_CONNECTIONS_MAX", "must be 1 to 1000"))?,
+            None => 16,
+        };
+        let log_format = match get("RESERVOIR_LOG_FORMAT").as_deref().unwrap_or("json") {
+            "json" => LogFormat::Json,
+            "pretty" => LogFormat::Pretty,
+            other => {
+                return Err(invalid(
+                    "RESERVOIR_LOG_FORMAT",
+                    format!("expected json or pretty, got {other:?}"),
+                ));
+            }
+        };
+        Ok(Self {
+            data_dir,
+            database_url,
+            backend,
+            queue_url,
+            listen,
+            admin_token,
+            smtp_url,
+            email_from,
+            payment_gateway,
+            demo_seed,
+            db_connections_max,
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        let c = config(&[]).expect("defaults are valid");
+        assert_eq!(c.database_url, "sqlite://./data/reservoir.db");
+        assert_eq!(c.queue_url, "sqlite://./data/queue.db");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8000");
+        assert!(c.admin_token.generated && c.admin_token.value.len() >= ADMIN_TOKEN_LEN_MIN);
+        assert_eq!(c.payment_gateway, PaymentGateway::Sandbox);
+        assert!(c.demo_seed);
+        assert_eq!(c.smtp_url, None);
+    }
+
+    #[test]
+    fn postgres_needs_an_admin_token_and_a_real_gateway() {
+        let pg = ("RESERVOIR_DATABASE_URL", "postgres://db/reservoir");
+        let token = ("RESERVOIR_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef");
+        assert!(matches!(config(&[pg]), Err(ConfigError::Unsafe(_))));
+        assert!(
+            matches!(config(&[pg, token]), Err(ConfigError::Unsafe(_))),
+            "sandbox on postgres"
+        );
+        let allowed = config(&[pg, token, ("RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES", "true")])
+            .expect("allowed");
+        assert_eq!(allowed.queue_url, "postgres://db/reservoir");
+        assert!(!allowed.demo_seed);
+        let stripe = config(&[
+            pg,
+            token,
+            ("RESERVOIR_PAYMENT_GATEWAY", "stripe"),
+            ("RESERVOIR_STRIPE_SECRET_KEY", "sk_live_x"),
+        ])
+        .expect("stripe");
+        assert_eq!(
+            stripe.payment_gateway,
+            PaymentGateway::Stripe {
+                secret_key: "sk_live_x".into(),
+                base_url: "https://api.stripe.com".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (vars, var) in [
+            (vec![("RESERVOIR_LISTEN", "nope")], "RESERVOIR_LISTEN"),
+            (
+                vec![("RESERVOIR_DATABASE_URL", "mysql://x")],
+                "RESERVOIR_DATABASE_URL",
+            ),
+            (
+                vec![("RESERVOIR_ADMIN_TOKEN", "short")],
+                "RESERVOIR_ADMIN_TOKEN",
+            ),
+            (
+                vec![("RESERVOIR_SMTP_URL", "http://mail")],
+                "RESERVOIR_SMTP_URL",
+            ),
+            (
+                vec![("RESERVOIR_PAYMENT_GATEWAY", "paypal")],
+                "RESERVOIR_PAYMENT_GATEWAY",
+            ),
+            (
+                vec![("RESERVOIR_PAYMENT_GATEWAY", "stripe")],
+                "RESERVOIR_STRIPE_SECRET_KEY",
+            ),
+            (
+                vec![("RESERVOIR_DEMO_SEED", "maybe")],
+                "RESERVOIR_DEMO_SEED",
+            ),
+            (
+                vec![("RESERVOIR_DB_CONNECTIONS_MAX", "0")],
+                "RESERVOIR_DB_CONNECTIONS_MAX",
+            ),
+        ] {
+            match config(&vars) {
+                Err(ConfigError::Invalid { var: v, .. }) => assert_eq!(v, var),
+                other => panic!("{vars:?}: expected an error about {var}, got {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The launcher: configuration, start-up (migrations, demo seed) and the process
+//! modes of the one `reservoir` binary.
+
+pub mod config;
+
+use anyhow::Context as _;
+use billing::db::{self, PoolLimits};
+use billing::sea_orm::DatabaseConnection;
+use config::{Backend, Config};
+use std::net::TcpListener;
+use std::time::Duration;
+
+/// Time allowed for in-flight requests and sweeps to finish after SIGTERM.
+pub const SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+
+pub async fn connect(config: &Config) -> anyhow::Result<DatabaseConnection> {
+    if config.backend == Backend::Sqlite {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating the data folder {}", config.data_dir.display()))?;
+    }
+    let limits = PoolLimits {
+        connections_max: config.db_connections_max,
+        ..Default::default()
+    };
+    db::connect(&config.database_url, limits)
+        .await
+        .context("connecting to the database")
+}
+
+pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
+    db::migrate(db).await.context("applying migrations")
+}
+
+fn api_config(config: &Config) -> api::ApiConfig {
+    api::ApiConfig {
+        admin_token: Some(config.admin_token.value.clone()),
+        ..Default::default()
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown requested");
+}
+
+/// Runs the API (and, with `with_worker`, the worker) until a shutdown signal.
+pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::Result<()> {
+    let db = connect(&config).await?;
+    migrate(&db).await?;
+    let listener = if with_api {
+        Some(
+            TcpListener::bind(config.listen)
+                .with_context(|| format!("binding {}", config.listen))?,
+        )
+    } else {
+        None
+    };
+    if with_api {
+        print_banner(&config, &db, listener.as_ref()).await?;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let worker = with_worker.then(|| {
+        let db = db.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            worker::run(db, worker::WorkerConfig::default(), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+        })
+    });
+    let server = match listener {
+        Some(listener) => Some(api::spawn(listener, db.clone(), api_config(&config))?),
+        None => None,
+    };
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let timeout = Duration::from_millis(SHUTDOWN_TIMEOUT_MS);
+    if let Some((handle, _, join)) = server {
+        handle.stop(true).await;
+        let _ = tokio::time::timeout(timeout, join).await;
+    }
+    if let Some(worker) = worker
+        && tokio::time::timeout(timeout, worker).await.is_err()
+    {
+        tracing::warn!(
+            timeout_ms = SHUTDOWN_TIMEOUT_MS,
+            "worker did not stop in time"
+        );
+    }
+    db.close().await.ok();
+    Ok(())
+}
+
+async fn print_banner(
+    config: &Config,
+    db: &DatabaseConnection,
+    listener: Option<&TcpListener>,
+) -> anyhow::Result<()> {
+    let addr = match listener {
+        Some(l) => l.local_addr()?,
+        None => config.listen,
+    };
+    println!("Reservoir is running.");
+    println!("  GraphiQL:  http://{addr}/");
+    println!("  GraphQL:   http://{addr}/graphql");
+    println!("  Database:  {}", redact(&config.database_url));
+    if config.admin_token.generated {
+        println!(
+            "  Platform admin token (generated for this run): {}",
+            config.admin_token.value
+        );
+    }
+    if config.demo_seed {
+        match billing::seed::ensure_demo(db, chrono::Utc::now())
+            .await
+            .context("seeding the demo account")?
+        {
+            Some(demo) => {
+                println!(
+                    "  Demo account {} ({}): owner {}",
+                    demo.account_id,
+                    if demo.created {
+                        "just seeded"
+                    } else {
+                        "already present"
+                    },
+                    billing::seed::DEMO_OWNER_EMAIL
+                );
+                println!("  Demo token:  {}", demo.token);
+                println!(
+                    "  Try it in GraphiQL with the header  {{\"Authorization\": \"Bearer {}\"}}",
+                    demo.token
+                );
+            }
+            None => println!("  Demo seed skipped: the database already holds other accounts."),
+        }
+    }
+    Ok(())
+}
+
+/// A database URL without its password, for logs and banners.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Runs the invariant checks and prints the report; Ok(false) when any failed.
+pub async fn check(config: &Config) -> anyhow::Result<bool> {
+    let db = connect(config).await?;
+    let report = billing::invariants::check(&db).await?;
+    println!(
+        "{} invariant checks run, {} violations",
+        report.checks_run,
+        report.violations.len()
+    );
+    for v in &report.violations {
+        println!("  VIOLATION {v}");
+    }
+    Ok(report.is_ok())
+}
+
+/// The GraphQL schema in SDL.
+pub fn export_schema() -> String {
+    api::schema_sdl(DatabaseConnection::default())
+}
