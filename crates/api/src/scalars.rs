@@ -92,3 +92,39 @@ fn kind(value: &Value) -> &'static str {
         Value::Object(_) => "an object",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credits_are_strings_only_and_normalised() {
+        let parse = |v: Value| <CreditsScalar as ScalarType>::parse(v).map(|c| c.0);
+        assert_eq!(
+            parse(Value::String("0.50".into())).ok(),
+            Some(Credits::from_nanos(500_000_000))
+        );
+        assert!(
+            parse(Value::Number(serde_json::Number::from(5))).is_err(),
+            "a JSON number is refused"
+        );
+        assert!(
+            parse(Value::String("1.0000000001".into())).is_err(),
+            "10 fractional digits"
+        );
+        assert!(parse(Value::String("1e3".into())).is_err());
+        assert!(
+            parse(Value::String("99999999999".into())).is_err(),
+            "out of range"
+        );
+        assert_eq!(
+            CreditsScalar(Credits::from_nanos(1_500_000_000)).to_value(),
+            Value::String("1.5".into())
+        );
+        let pct = |v: &str| {
+            <DecimalScalar as ScalarType>::parse(Value::String(v.into())).map(|d| d.0.bps())
+        };
+        assert_eq!(pct("12.5").ok(), Some(1250));
+        assert!(pct("100.01").is_err());
+    }
+}

@@ -285,6 +285,14 @@ mod tests {
     }
 
     #[test]
+    fn env_example_lists_every_variable() {
+        let example = include_str!("../../../.env.example");
+        for var in VARIABLES {
+            assert!(example.contains(var), ".env.example does not mention {var}");
+        }
+    }
+
+    #[test]
     fn embedded_defaults() {
         let c = config(&[]).expect("defaults are valid");
         assert_eq!(c.database_url, "sqlite://./data/reservoir.db");
