@@ -563,3 +563,28 @@ async fn a_purchase_credits_amount_and_bonus_once() -> anyhow::Result<()> {
     }
     t.finish().await
 }
+
+#[tokio::test]
+async fn the_invariant_check_catches_a_tampered_balance() -> anyhow::Result<()> {
+    use billing::sea_orm::{ConnectionTrait, Statement};
+    let t = TestDb::new().await?;
+    let now = Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "5", now).await?;
+    usage::record_usage(&t.db, usage_req(f.ws_a, "u1", 1_000), now).await?;
+    assert!(billing::invariants::check(&t.db).await?.is_ok());
+    // A cached balance that drifts from its entries (what a lost update would leave).
+    let backend = t.db.get_database_backend();
+    t.db.execute_raw(Statement::from_string(backend, "UPDATE workspaces SET balance_nanos = balance_nanos + 1 WHERE name = 'A'"))
+        .await?;
+    let report = billing::invariants::check(&t.db).await?;
+    let broken: Vec<_> = report.violations.iter().map(|v| v.invariant).collect();
+    assert!(broken.contains(&"cached balance equals the sum of the workspace's ledger entries"), "{broken:?}");
+    // A negative balance is refused by the database itself.
+    let negative = t.db.execute_raw(Statement::from_string(backend, "UPDATE workspaces SET balance_nanos = -1 WHERE name = 'A'")).await;
+    assert!(negative.is_err(), "the CHECK constraint must refuse a negative balance");
+    // Put it back so that finish() passes.
+    t.db.execute_raw(Statement::from_string(backend, "UPDATE workspaces SET balance_nanos = balance_nanos - 1 WHERE name = 'A'"))
+        .await?;
+    t.finish().await
+}

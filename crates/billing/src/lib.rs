@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod accounts;
+pub mod analytics;
 pub mod auth;
 pub mod budget;
 pub mod db;
@@ -15,10 +16,12 @@ pub mod ids;
 pub mod invariants;
 pub mod ledger;
 pub mod money;
+pub mod payments;
 pub mod pricing;
 pub mod purchases;
 pub mod reservations;
 pub mod seed;
+pub mod settings;
 pub mod transfers;
 pub mod usage;
 
