@@ -1,6 +1,8 @@
 //! Test support: a fresh database per test, on SQLite by default or on PostgreSQL when
 //! `TEST_DATABASE_URL` names a server (each test gets its own database there).
 
+pub mod app;
+
 use billing::Credits;
 use billing::db::{self, PoolLimits};
 use billing::entity::{models, workspaces};

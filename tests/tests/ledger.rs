@@ -293,6 +293,21 @@ async fn settlement_above_the_hold_stops_at_zero_and_records_the_shortfall() -> 
     let other = reservations::load_reservation(&t.db, other.id).await?;
     assert_eq!(other.status, ReservationStatus::Expired);
     assert_eq!(workspace(&t.db, f.ws_a).await?.reserved_nanos, 0);
+    // A call that reports back after its hold expired is still recorded, charged from
+    // what is available now.
+    let late =
+        reservations::settle(&t.db, other.id, 500_000, 0, now + Duration::seconds(700)).await?;
+    assert_eq!(
+        (late.event.cost_nanos, late.event.shortfall_nanos),
+        (500_000_000, 0)
+    );
+    assert_eq!(late.reservation.status, ReservationStatus::Settled);
+    assert_eq!(workspace(&t.db, f.ws_a).await?.balance_nanos, 500_000_000);
+    // Releasing a settled reservation is refused.
+    let err = reservations::release(&t.db, other.id, now)
+        .await
+        .expect_err("settled");
+    assert_eq!(err.code(), ErrorCode::InvalidInput);
     t.finish().await
 }
 
@@ -338,6 +353,30 @@ async fn the_same_request_id_records_once_and_a_different_payload_conflicts() ->
     assert_eq!(ids.len(), 1);
     let ws = workspace(&t.db, f.ws_a).await?;
     assert_eq!(ws.balance_nanos, 5_000_000_000 - cost(1_000) - cost(500));
+
+    // A request id recorded as direct usage cannot be reserved afterwards.
+    let reserve_again = reservations::reserve(&t.db, reserve_req(f.ws_a, "same", 10), now).await;
+    assert!(matches!(
+        reserve_again,
+        Err(BillingError::IdempotencyConflict)
+    ));
+    // Usage can only be attributed to a member of the account.
+    let stranger = UsageRequest {
+        user_id: Some(Uuid::now_v7()),
+        ..usage_req(f.ws_a, "stranger", 10)
+    };
+    let err = usage::record_usage(&t.db, stranger, now)
+        .await
+        .expect_err("not a member");
+    assert_eq!(err.code(), ErrorCode::NotFound);
+    let owned = UsageRequest {
+        user_id: Some(f.owner_id),
+        ..usage_req(f.ws_a, "owned", 10)
+    };
+    assert_eq!(
+        usage::record_usage(&t.db, owned, now).await?.event.user_id,
+        Some(f.owner_id)
+    );
 
     // Transfers and purchases are idempotent on their keys too.
     let req = TransferRequest {
@@ -575,16 +614,33 @@ async fn the_invariant_check_catches_a_tampered_balance() -> anyhow::Result<()> 
     assert!(billing::invariants::check(&t.db).await?.is_ok());
     // A cached balance that drifts from its entries (what a lost update would leave).
     let backend = t.db.get_database_backend();
-    t.db.execute_raw(Statement::from_string(backend, "UPDATE workspaces SET balance_nanos = balance_nanos + 1 WHERE name = 'A'"))
-        .await?;
+    t.db.execute_raw(Statement::from_string(
+        backend,
+        "UPDATE workspaces SET balance_nanos = balance_nanos + 1 WHERE name = 'A'",
+    ))
+    .await?;
     let report = billing::invariants::check(&t.db).await?;
     let broken: Vec<_> = report.violations.iter().map(|v| v.invariant).collect();
-    assert!(broken.contains(&"cached balance equals the sum of the workspace's ledger entries"), "{broken:?}");
+    assert!(
+        broken.contains(&"cached balance equals the sum of the workspace's ledger entries"),
+        "{broken:?}"
+    );
     // A negative balance is refused by the database itself.
-    let negative = t.db.execute_raw(Statement::from_string(backend, "UPDATE workspaces SET balance_nanos = -1 WHERE name = 'A'")).await;
-    assert!(negative.is_err(), "the CHECK constraint must refuse a negative balance");
+    let negative =
+        t.db.execute_raw(Statement::from_string(
+            backend,
+            "UPDATE workspaces SET balance_nanos = -1 WHERE name = 'A'",
+        ))
+        .await;
+    assert!(
+        negative.is_err(),
+        "the CHECK constraint must refuse a negative balance"
+    );
     // Put it back so that finish() passes.
-    t.db.execute_raw(Statement::from_string(backend, "UPDATE workspaces SET balance_nanos = balance_nanos - 1 WHERE name = 'A'"))
-        .await?;
+    t.db.execute_raw(Statement::from_string(
+        backend,
+        "UPDATE workspaces SET balance_nanos = balance_nanos - 1 WHERE name = 'A'",
+    ))
+    .await?;
     t.finish().await
 }

@@ -41,3 +41,61 @@ impl<T> GqlResult<T> for Result<T, BillingError> {
         self.map_err(|e| to_gql(e, ctx.data_opt::<RequestId>()))
     }
 }
+
+/// Logs an INTERNAL error once, where it is handled, when the caller gets only its code.
+pub fn log_internal(e: &BillingError, request_id: Option<&RequestId>) {
+    let id = request_id.map(|r| r.0.as_str()).unwrap_or("-");
+    tracing::error!(request_id = id, error = %e, "internal error");
+}
+
+/// Gives every error of a response a stable `extensions.code`: errors raised before
+/// any resolver ran (parse and validation errors, a JSON number where a Credits string
+/// belongs, a missing argument) are INVALID_INPUT; the depth, complexity and size
+/// limits are LIMIT_EXCEEDED.
+pub struct ErrorCodes;
+
+impl async_graphql::extensions::ExtensionFactory for ErrorCodes {
+    fn create(&self) -> std::sync::Arc<dyn async_graphql::extensions::Extension> {
+        std::sync::Arc::new(ErrorCodesExtension)
+    }
+}
+
+struct ErrorCodesExtension;
+
+/// Messages of async-graphql's own limit checks.
+const LIMIT_MESSAGES: &[&str] = &[
+    "Query is too complex",
+    "Query is nested too deep",
+    "recursion depth",
+    "too many directives",
+];
+
+#[async_graphql::async_trait::async_trait]
+impl async_graphql::extensions::Extension for ErrorCodesExtension {
+    async fn request(
+        &self,
+        ctx: &async_graphql::extensions::ExtensionContext<'_>,
+        next: async_graphql::extensions::NextRequest<'_>,
+    ) -> async_graphql::Response {
+        let mut response = next.run(ctx).await;
+        for error in &mut response.errors {
+            let has_code = error
+                .extensions
+                .as_ref()
+                .is_some_and(|ext| ext.get("code").is_some());
+            if has_code {
+                continue;
+            }
+            let code = if LIMIT_MESSAGES.iter().any(|m| error.message.contains(m)) {
+                ErrorCode::LimitExceeded
+            } else {
+                ErrorCode::InvalidInput
+            };
+            error
+                .extensions
+                .get_or_insert_with(Default::default)
+                .set("code", code.as_str());
+        }
+        response
+    }
+}

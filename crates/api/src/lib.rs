@@ -3,38 +3,64 @@
 //! that the launcher and the tests start exactly the same app (tests bind port 0).
 
 pub mod error;
+pub mod events;
+pub mod metrics;
 pub mod scalars;
 pub mod schema;
 
 use actix_web::dev::{Server, ServerHandle};
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, guard, web};
 use async_graphql::http::GraphiQLSource;
-use async_graphql_actix_web::{GraphQLRequest, GraphQLResponse};
+use async_graphql_actix_web::{GraphQLResponse, GraphQLSubscription};
 use billing::auth;
 use billing::sea_orm::{ConnectionTrait, DatabaseConnection};
 use error::RequestId;
 use schema::{Caller, ReservoirSchema};
 use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use schema::build_schema;
 
 /// Settings of the API process.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ApiConfig {
+    /// Attaches cards for `addPaymentMethod` (the sandbox unless configured).
+    pub gateway: Arc<dyn billing::payments::PaymentGateway>,
     /// The platform admin token; None disables platform-admin calls.
     pub admin_token: Option<String>,
     /// Largest accepted request body.
     pub body_bytes_max: usize,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
+    /// Concurrent WebSocket (subscription) connections per process; more are answered
+    /// 503 with LIMIT_EXCEEDED.
+    pub websocket_connections_max: usize,
+    /// The live-balance tailer and its subscriber limits.
+    pub balance_hub: events::HubConfig,
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .field("body_bytes_max", &self.body_bytes_max)
+            .field("workers", &self.workers)
+            .field("websocket_connections_max", &self.websocket_connections_max)
+            .field("balance_hub", &self.balance_hub)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
+            gateway: Arc::new(billing::payments::SandboxGateway::new()),
             admin_token: None,
             body_bytes_max: 2 * 1024 * 1024,
             workers: 0,
+            websocket_connections_max: 10_000,
+            balance_hub: events::HubConfig::default(),
         }
     }
 }
@@ -44,6 +70,10 @@ struct AppState {
     db: DatabaseConnection,
     schema: ReservoirSchema,
     config: ApiConfig,
+    /// Open WebSocket connections of this process (all workers).
+    ws_connections: Arc<AtomicUsize>,
+    hub: Arc<events::BalanceHub>,
+    metrics: metrics::Metrics,
 }
 
 /// Exports the schema in SDL (what `reservoir export-schema` prints and what
@@ -58,16 +88,38 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
         .get(actix_web::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?;
-    value.strip_prefix("Bearer ").map(str::trim)
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A response for a request refused before GraphQL ran (bad JSON, bad token).
+fn refusal(e: billing::BillingError, request_id: &RequestId) -> GraphQLResponse {
+    let mut err = error::to_gql(e, Some(request_id)).into_server_error(Default::default());
+    err.locations.clear(); // not about any place in the query
+    async_graphql::Response::from_errors(vec![err]).into()
 }
 
 async fn graphql(
     state: web::Data<AppState>,
     http: HttpRequest,
-    body: GraphQLRequest,
+    body: web::Bytes,
 ) -> GraphQLResponse {
     let request_id = RequestId(uuid::Uuid::new_v4().simple().to_string());
-    let mut request = body.into_inner().data(request_id.clone());
+    // The body arrives through actix's `Bytes` extractor, which enforces the
+    // configured size limit (413) before anything is parsed.
+    let request: async_graphql::Request = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return refusal(
+                billing::BillingError::invalid(format!(
+                    "the body is not a GraphQL JSON request: {e}"
+                )),
+                &request_id,
+            );
+        }
+    };
+    let mut request = request.data(request_id.clone());
     if let Some(token) = bearer(&http) {
         match auth::authenticate(
             &state.db,
@@ -77,22 +129,133 @@ async fn graphql(
         )
         .await
         {
-            Ok(principal) => request = request.data(Caller(principal)),
-            Err(e) => {
-                let mut err =
-                    error::to_gql(e, Some(&request_id)).into_server_error(Default::default());
-                err.locations.clear(); // not about any place in the query
-                return async_graphql::Response::from_errors(vec![err]).into();
+            Ok(principal) => {
+                let loaders =
+                    schema::loaders::Loaders::new(&state.db, &principal, chrono::Utc::now());
+                request = request.data(Arc::new(loaders)).data(Caller(principal));
             }
+            Err(e) => return refusal(e, &request_id),
         }
     }
-    state.schema.execute(request).await.into()
+    let response = state.schema.execute(request).await;
+    if let Some(first) = response.errors.first() {
+        let code = first
+            .extensions
+            .as_ref()
+            .and_then(|ext| ext.get("code"))
+            .map(ToString::to_string);
+        tracing::info!(
+            request_id = %request_id.0,
+            errors = response.errors.len(),
+            code = code.as_deref().unwrap_or("-"),
+            "graphql request refused"
+        );
+    } else {
+        tracing::debug!(request_id = %request_id.0, "graphql request");
+    }
+    response.into()
 }
 
 async fn graphiql() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
-        .body(GraphiQLSource::build().endpoint("/graphql").finish())
+        .body(
+            GraphiQLSource::build()
+                .endpoint("/graphql")
+                .subscription_endpoint("/graphql")
+                .finish(),
+        )
+}
+
+/// One open WebSocket connection, counted until dropped.
+struct WsConnectionSlot(Arc<AtomicUsize>);
+
+impl WsConnectionSlot {
+    fn acquire(open: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Self(open.clone()))
+    }
+}
+
+impl Drop for WsConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// GET /graphql with `Upgrade: websocket`: subscriptions over `graphql-transport-ws`
+/// (or the older `graphql-ws`). The client authenticates in `connection_init` with
+/// `{"authorization": "Bearer <token>"}`; a bad token closes the connection with the
+/// error. Without a token the connection is anonymous and every subscription answers
+/// UNAUTHENTICATED, as over HTTP.
+async fn graphql_ws(
+    state: web::Data<AppState>,
+    http: HttpRequest,
+    payload: web::Payload,
+) -> actix_web::Result<HttpResponse> {
+    let Some(slot) = WsConnectionSlot::acquire(
+        &state.ws_connections,
+        state.config.websocket_connections_max,
+    ) else {
+        tracing::warn!(
+            max = state.config.websocket_connections_max,
+            "WebSocket connection refused: limit reached"
+        );
+        return Ok(HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "errors": [{
+                "message": "too many WebSocket connections; try again later",
+                "extensions": { "code": billing::ErrorCode::LimitExceeded.as_str() },
+            }]
+        })));
+    };
+    // The slot lives as long as the connection's incoming stream, which the
+    // connection's actor owns until it stops.
+    let payload = futures::StreamExt::map(payload, move |chunk| {
+        let _open = &slot;
+        chunk
+    });
+    let db = state.db.clone();
+    let admin_token = state.config.admin_token.clone();
+    GraphQLSubscription::new(state.schema.clone())
+        .on_connection_init(move |init| connection_init(db, admin_token, init))
+        .start(&http, payload)
+}
+
+async fn connection_init(
+    db: DatabaseConnection,
+    admin_token: Option<String>,
+    init: serde_json::Value,
+) -> async_graphql::Result<async_graphql::Data> {
+    let request_id = RequestId(uuid::Uuid::new_v4().simple().to_string());
+    let mut data = async_graphql::Data::default();
+    let value = init
+        .get("authorization")
+        .or_else(|| init.get("Authorization"))
+        .and_then(serde_json::Value::as_str);
+    if let Some(value) = value {
+        let token = value
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or(value, |(_, token)| token)
+            .trim();
+        let principal = auth::authenticate(&db, token, admin_token.as_deref(), chrono::Utc::now())
+            .await
+            .map_err(|e| error::to_gql(e, Some(&request_id)))?;
+        data.insert(Caller(principal));
+    }
+    data.insert(request_id);
+    Ok(data)
+}
+
+/// Prometheus metrics.
+async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
+    state.metrics.set_subscribers(state.hub.subscriber_count());
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
 }
 
 /// The process is up.
@@ -119,10 +282,20 @@ pub fn build_server(
     config: ApiConfig,
 ) -> std::io::Result<(Server, SocketAddr)> {
     let addr = listener.local_addr()?;
+    // One tailer per process; it stops when the last schema clone is dropped.
+    let hub = events::BalanceHub::start(db.clone(), config.balance_hub.clone());
+    let metrics = metrics::Metrics::new().map_err(std::io::Error::other)?;
     let state = AppState {
-        schema: build_schema(db.clone()),
+        schema: schema::schema_builder(db.clone(), config.gateway.clone())
+            .data(hub.clone())
+            .data(metrics.clone())
+            .extension(metrics::RequestMetrics(metrics.clone()))
+            .finish(),
+        hub,
+        metrics,
         db,
         config: config.clone(),
+        ws_connections: Arc::new(AtomicUsize::new(0)),
     };
     let mut server = HttpServer::new(move || {
         App::new()
@@ -131,8 +304,15 @@ pub fn build_server(
             .app_data(web::JsonConfig::default().limit(state.config.body_bytes_max))
             .route("/", web::get().to(graphiql))
             .route("/graphql", web::post().to(graphql))
+            .route(
+                "/graphql",
+                web::get()
+                    .guard(guard::Header("upgrade", "websocket"))
+                    .to(graphql_ws),
+            )
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics_endpoint))
     })
     .listen(listener)?
     .disable_signals();

@@ -126,3 +126,184 @@ pub async fn visible_accounts<C: ConnectionTrait>(
     };
     Ok(rows)
 }
+
+/// The account, when the caller may see all of it: a member (any role) or the platform
+/// admin. Anyone else, a workspace API key included, gets NOT_FOUND.
+pub async fn account_access<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    account_id: Uuid,
+) -> Result<(entity::accounts::Model, Option<AccountRole>)> {
+    let account = entity::accounts::Entity::find_by_id(account_id)
+        .one(c)
+        .await?
+        .ok_or(BillingError::NotFound("account"))?;
+    match principal {
+        Principal::PlatformAdmin => Ok((account, None)),
+        Principal::User { user_id, .. } => {
+            account_members::Entity::find_by_id((account_id, *user_id))
+                .one(c)
+                .await?
+                .map(|m| (account, Some(m.role)))
+                .ok_or(BillingError::NotFound("account"))
+        }
+        Principal::ApiKey { .. } => Err(BillingError::NotFound("account")),
+    }
+}
+
+/// Requires the account's OWNER or ADMIN role, or the platform admin. A MEMBER can see
+/// the account, so the refusal is FORBIDDEN; a stranger gets NOT_FOUND.
+pub async fn require_account_admin<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    account_id: Uuid,
+) -> Result<entity::accounts::Model> {
+    let (account, role) = account_access(c, principal, account_id).await?;
+    match role {
+        None | Some(AccountRole::Owner | AccountRole::Admin) => Ok(account),
+        Some(AccountRole::Member) => Err(BillingError::Forbidden(
+            "this needs the account's OWNER or ADMIN role",
+        )),
+    }
+}
+
+/// Calls reserved to the platform (creating accounts, pricing agreements, invoices
+/// paid, the model catalog).
+pub fn require_platform_admin(principal: &Principal) -> Result<()> {
+    match principal {
+        Principal::PlatformAdmin => Ok(()),
+        _ => Err(BillingError::Forbidden(
+            "only the platform admin token may do this",
+        )),
+    }
+}
+
+/// The caller's access to many workspaces at once, in three statements whatever their
+/// number (dashboards resolve nested workspaces through this). Workspaces the caller
+/// cannot see are absent from the map.
+pub async fn workspace_access_batch<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    workspace_ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, (workspaces::Model, WorkspaceAccess)>> {
+    use sea_orm::{ColumnTrait, QueryFilter};
+    use std::collections::HashMap;
+    let rows = workspaces::Entity::find()
+        .filter(workspaces::Column::Id.is_in(workspace_ids.iter().copied()))
+        .all(c)
+        .await?;
+    let mut out = HashMap::new();
+    match principal {
+        Principal::PlatformAdmin => {
+            for ws in rows {
+                out.insert(ws.id, (ws, WorkspaceAccess::Platform));
+            }
+        }
+        Principal::ApiKey { workspace_id, .. } => {
+            for ws in rows.into_iter().filter(|ws| ws.id == *workspace_id) {
+                out.insert(ws.id, (ws, WorkspaceAccess::ApiKey));
+            }
+        }
+        Principal::User { user_id, .. } => {
+            let account_roles: HashMap<Uuid, AccountRole> = account_members::Entity::find()
+                .filter(account_members::Column::UserId.eq(*user_id))
+                .all(c)
+                .await?
+                .into_iter()
+                .map(|m| (m.account_id, m.role))
+                .collect();
+            let workspace_roles: HashMap<Uuid, WorkspaceRole> = workspace_members::Entity::find()
+                .filter(workspace_members::Column::UserId.eq(*user_id))
+                .filter(workspace_members::Column::WorkspaceId.is_in(workspace_ids.iter().copied()))
+                .all(c)
+                .await?
+                .into_iter()
+                .map(|m| (m.workspace_id, m.role))
+                .collect();
+            for ws in rows {
+                let access = match account_roles.get(&ws.account_id) {
+                    Some(AccountRole::Owner | AccountRole::Admin) => Some(WorkspaceAccess::Admin),
+                    Some(AccountRole::Member) => {
+                        workspace_roles.get(&ws.id).map(|role| match role {
+                            WorkspaceRole::Admin => WorkspaceAccess::Admin,
+                            WorkspaceRole::Member => WorkspaceAccess::Member,
+                            WorkspaceRole::Viewer => WorkspaceAccess::Viewer,
+                        })
+                    }
+                    None => None,
+                };
+                if let Some(access) = access {
+                    out.insert(ws.id, (ws, access));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The workspaces of an account the caller can see: all of them for the platform admin
+/// and the account's OWNER/ADMIN, the ones a MEMBER belongs to, none for a stranger.
+pub async fn visible_workspaces<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    account_ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, Vec<workspaces::Model>>> {
+    use sea_orm::{ColumnTrait, QueryFilter, QueryOrder};
+    let all = workspaces::Entity::find()
+        .filter(workspaces::Column::AccountId.is_in(account_ids.iter().copied()))
+        .order_by_asc(workspaces::Column::Name)
+        .all(c)
+        .await?;
+    let ids: Vec<Uuid> = all.iter().map(|w| w.id).collect();
+    let visible = workspace_access_batch(c, principal, &ids).await?;
+    let mut out: std::collections::HashMap<Uuid, Vec<workspaces::Model>> =
+        account_ids.iter().map(|id| (*id, Vec::new())).collect();
+    for ws in all.into_iter().filter(|w| visible.contains_key(&w.id)) {
+        out.entry(ws.account_id).or_default().push(ws);
+    }
+    Ok(out)
+}
+
+/// Who may mint a token for a user: the user themself, an OWNER/ADMIN of an account the
+/// user belongs to, or the platform admin. Anyone else gets NOT_FOUND.
+pub async fn require_user_manager<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    target_user_id: Uuid,
+) -> Result<()> {
+    use sea_orm::{ColumnTrait, QueryFilter};
+    match principal {
+        Principal::PlatformAdmin => return Ok(()),
+        Principal::ApiKey { .. } => return Err(BillingError::NotFound("user")),
+        Principal::User { user_id, .. } if *user_id == target_user_id => return Ok(()),
+        Principal::User { .. } => {}
+    }
+    let Principal::User { user_id, .. } = principal else {
+        return Err(BillingError::NotFound("user"));
+    };
+    let target_accounts: Vec<Uuid> = account_members::Entity::find()
+        .filter(account_members::Column::UserId.eq(target_user_id))
+        .all(c)
+        .await?
+        .into_iter()
+        .map(|m| m.account_id)
+        .collect();
+    let managing = account_members::Entity::find()
+        .filter(account_members::Column::UserId.eq(*user_id))
+        .filter(account_members::Column::AccountId.is_in(target_accounts))
+        .all(c)
+        .await?;
+    if managing.is_empty() {
+        return Err(BillingError::NotFound("user"));
+    }
+    if managing
+        .iter()
+        .any(|m| matches!(m.role, AccountRole::Owner | AccountRole::Admin))
+    {
+        Ok(())
+    } else {
+        Err(BillingError::Forbidden(
+            "only the user or an account OWNER/ADMIN may do this",
+        ))
+    }
+}

@@ -13,7 +13,7 @@ use entity::{
 };
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,
-    EntityTrait, IntoActiveModel, QueryFilter, TransactionTrait,
+    EntityTrait, IntoActiveModel, QueryFilter,
 };
 use uuid::Uuid;
 
@@ -127,10 +127,21 @@ async fn user_by_email<C: ConnectionTrait>(
         name: name.as_str().to_owned(),
         created_at: now,
     };
+    // Two requests may create the same new user at once: the loser inserts nothing and
+    // reads the winner's row (a failed INSERT would abort a PostgreSQL transaction).
     users::Entity::insert(user.clone().into_active_model().reset_all())
+        .on_conflict(
+            sea_orm::sea_query::OnConflict::column(users::Column::Email)
+                .do_nothing()
+                .to_owned(),
+        )
         .exec_without_returning(c)
         .await?;
-    Ok(user)
+    users::Entity::find()
+        .filter(users::Column::Email.eq(email.as_str()))
+        .one(c)
+        .await?
+        .ok_or_else(|| BillingError::Internal("user vanished after insert".into()))
 }
 
 /// Creates an account with its owner (a new or existing user) and an owner token.
@@ -144,7 +155,7 @@ pub async fn create_account(
     let name = Name::parse("name", name)?;
     let email = Email::parse(owner_email)?;
     let owner_name = Name::parse("ownerName", owner_name)?;
-    let tx = db.begin().await?;
+    let tx = crate::db::begin_write(db).await?;
     let account = accounts::Model {
         id: new_id(),
         name: name.as_str().to_owned(),
@@ -342,7 +353,7 @@ pub async fn add_workspace_member(
 ) -> Result<(users::Model, WorkspaceRole)> {
     let email = Email::parse(email)?;
     let name = name.map(|n| Name::parse("name", n)).transpose()?;
-    let tx = db.begin().await?;
+    let tx = crate::db::begin_write(db).await?;
     let ws = workspaces::Entity::find_by_id(workspace_id)
         .one(&tx)
         .await?

@@ -66,12 +66,46 @@ const CHECKS: &[(&str, &str)] = &[
          GROUP BY u.id, u.request_id HAVING COUNT(t.id) <> 1",
     ),
     (
-        "the last balance event of a workspace matches its cached state",
+        "the last balance event of a workspace carries its cached sequence",
         "SELECT w.name AS subject, CAST(w.balance_sequence AS BIGINT) AS expected, \
                 CAST(COALESCE(MAX(b.sequence), 0) AS BIGINT) AS actual \
          FROM workspaces w LEFT JOIN balance_events b ON b.workspace_id = w.id \
          GROUP BY w.id, w.name, w.balance_sequence \
          HAVING w.balance_sequence <> COALESCE(MAX(b.sequence), 0)",
+    ),
+    (
+        "the last balance event of a workspace carries its cached balance",
+        "SELECT w.name AS subject, CAST(w.balance_nanos AS BIGINT) AS expected, \
+                CAST(b.balance_nanos AS BIGINT) AS actual \
+         FROM workspaces w JOIN balance_events b \
+           ON b.workspace_id = w.id AND b.sequence = w.balance_sequence \
+         WHERE b.balance_nanos <> w.balance_nanos",
+    ),
+    (
+        "the last balance event of a workspace carries its cached reserved credits",
+        "SELECT w.name AS subject, CAST(w.reserved_nanos AS BIGINT) AS expected, \
+                CAST(b.reserved_nanos AS BIGINT) AS actual \
+         FROM workspaces w JOIN balance_events b \
+           ON b.workspace_id = w.id AND b.sequence = w.balance_sequence \
+         WHERE b.reserved_nanos <> w.reserved_nanos",
+    ),
+    (
+        "each workspace entry's balance_after is the running sum of its entries",
+        "SELECT CAST(r.id AS TEXT) AS subject, CAST(r.balance_after_nanos AS BIGINT) AS expected, \
+                CAST(r.running AS BIGINT) AS actual \
+         FROM (SELECT e.id, e.balance_after_nanos, \
+                      SUM(e.amount_nanos) OVER (PARTITION BY e.workspace_id ORDER BY e.id) AS running \
+               FROM ledger_entries e WHERE e.workspace_id IS NOT NULL) r \
+         WHERE r.balance_after_nanos <> r.running",
+    ),
+    (
+        "every succeeded purchase is posted exactly once, and no other purchase is",
+        "SELECT CAST(p.idempotency_key AS TEXT) AS subject, \
+                CAST(CASE WHEN p.status = 'SUCCEEDED' THEN 1 ELSE 0 END AS BIGINT) AS expected, \
+                CAST(COUNT(t.id) AS BIGINT) AS actual \
+         FROM purchases p LEFT JOIN ledger_transactions t ON t.purchase_id = p.id \
+         GROUP BY p.id, p.idempotency_key, p.status \
+         HAVING COUNT(t.id) <> CASE WHEN p.status = 'SUCCEEDED' THEN 1 ELSE 0 END",
     ),
 ];
 

@@ -144,6 +144,14 @@ pub(crate) async fn change_workspace<C: ConnectionTrait>(
             Expr::col(W::ReservedNanos).add(reserved_delta.nanos()),
         )
         .filter(W::Id.eq(workspace_id));
+    if balance_delta.is_positive() {
+        // SQLite turns an overflowing integer into a REAL instead of failing: refuse the
+        // change here instead, so a balance is always an exact integer.
+        update = update.filter(W::BalanceNanos.lte(i64::MAX - balance_delta.nanos()));
+    }
+    if reserved_delta.is_positive() {
+        update = update.filter(W::ReservedNanos.lte(i64::MAX - reserved_delta.nanos()));
+    }
     if bump_sequence {
         update = update.col_expr(W::BalanceSequence, Expr::col(W::BalanceSequence).add(1));
     }
@@ -192,8 +200,17 @@ pub(crate) async fn balance_event<C: ConnectionTrait>(
     })
     .exec_without_returning(c)
     .await?;
+    if c.get_database_backend() == sea_orm::DbBackend::Postgres {
+        // Delivered at commit (and not at all on rollback): wakes every API process's
+        // balance-event tailer at once instead of waiting for its next poll.
+        c.execute_unprepared("SELECT pg_notify('reservoir_balance_events', '')")
+            .await?;
+    }
     Ok(())
 }
+
+/// The PostgreSQL channel notified when balance events commit.
+pub const BALANCE_EVENTS_CHANNEL: &str = "reservoir_balance_events";
 
 /// Adds a usage event to its daily rollup row (one row per workspace, UTC day and
 /// dimension combination; the nil UUID stands for "none").

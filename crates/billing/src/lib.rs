@@ -12,6 +12,7 @@ pub mod auth;
 pub mod budget;
 pub mod db;
 pub mod error;
+pub mod history;
 pub mod ids;
 pub mod invariants;
 pub mod ledger;

@@ -1,19 +1,27 @@
 //! Buying credits: a PENDING purchase is written first; once the payment is captured
-//! it is credited (amount and bonus as separate ledger entries) exactly once.
+//! it is credited (amount and bonus as separate ledger entries) exactly once, and
+//! invoiced. Verified accounts may pay by invoice: credited at once, invoice OPEN.
+//!
+//! Lock order (as in the ledger): the purchase row (claimed or newly inserted) → the
+//! workspace row (credit) → the account row (invoice number).
 
 use crate::db::begin_write;
 use crate::error::{BillingError, Result};
 use crate::ids::{IdempotencyKey, new_id, opt_uuid_str, request_hash};
 use crate::ledger::{self, EntrySpec, Guard, LedgerAccount, PostingRefs, system_account};
 use crate::money::Credits;
-use chrono::{DateTime, Utc};
-use entity::enums::{BalanceChangeCause, LedgerEntryKind, PurchaseSource, PurchaseStatus};
-use entity::{credit_packages, purchases};
-use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ActiveModelTrait as _, ColumnTrait, DatabaseConnection, EntityTrait, IntoActiveModel,
-    QueryFilter,
+use crate::payments;
+use chrono::{DateTime, TimeDelta, Utc};
+use entity::enums::{
+    BalanceChangeCause, InvoiceStatus, LedgerEntryKind, PurchaseSource, PurchaseStatus,
 };
+use entity::{accounts, credit_packages, invoice_lines, invoices, purchases, workspaces};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
+    IntoActiveModel, QueryFilter, QueryOrder,
+};
+use std::collections::HashMap;
 use uuid::Uuid;
 
 /// Bounds on a custom purchase, in whole credits: a floor that keeps card fees
@@ -84,6 +92,34 @@ async fn price_item(
     }
 }
 
+/// The payload fingerprint stored beside a purchase's idempotency key.
+fn purchase_hash(
+    package_id: Option<&str>,
+    amount: Credits,
+    source: PurchaseSource,
+    payment_method_id: Option<Uuid>,
+) -> String {
+    request_hash(&[
+        "purchase",
+        package_id.unwrap_or_default(),
+        &amount.to_string(),
+        source.as_str(),
+        &opt_uuid_str(payment_method_id),
+    ])
+}
+
+async fn find_by_key(
+    db: &DatabaseConnection,
+    workspace_id: Uuid,
+    key: &IdempotencyKey,
+) -> Result<Option<purchases::Model>> {
+    Ok(purchases::Entity::find()
+        .filter(purchases::Column::WorkspaceId.eq(workspace_id))
+        .filter(purchases::Column::IdempotencyKey.eq(key.as_str()))
+        .one(db)
+        .await?)
+}
+
 /// Writes a PENDING purchase (idempotent on the key within the workspace). The
 /// payment is captured later, by the worker, with the purchase id as the gateway's
 /// idempotency key.
@@ -95,19 +131,13 @@ pub async fn create_purchase(
     let key = IdempotencyKey::parse("idempotencyKey", &req.idempotency_key)?;
     ledger::load_workspace(db, req.workspace_id).await?;
     let (amount, bonus, price, package_id) = price_item(db, &req.item).await?;
-    let hash = request_hash(&[
-        "purchase",
-        package_id.as_deref().unwrap_or_default(),
-        &amount.to_string(),
-        req.source.as_str(),
-        &opt_uuid_str(req.payment_method_id),
-    ]);
-    let existing = purchases::Entity::find()
-        .filter(purchases::Column::WorkspaceId.eq(req.workspace_id))
-        .filter(purchases::Column::IdempotencyKey.eq(key.as_str()))
-        .one(db)
-        .await?;
-    match existing {
+    let hash = purchase_hash(
+        package_id.as_deref(),
+        amount,
+        req.source,
+        req.payment_method_id,
+    );
+    match find_by_key(db, req.workspace_id, &key).await? {
         Some(p) if p.request_hash == hash => {
             return Ok(Purchased {
                 purchase: p,
@@ -160,17 +190,15 @@ pub async fn load_purchase(db: &DatabaseConnection, id: Uuid) -> Result<purchase
         .ok_or(BillingError::NotFound("purchase"))
 }
 
-/// Credits a PENDING purchase whose payment was captured: SUCCEEDED, the amount and
-/// the bonus as separate ledger entries, the cached balance and a balance event, in
-/// one transaction. Crediting a SUCCEEDED purchase again returns it unchanged.
-pub async fn credit_purchase(
-    db: &DatabaseConnection,
+/// Claims a PENDING purchase for crediting: PENDING → SUCCEEDED (the purchase row's
+/// lock, first in the lock order). None when it is not PENDING (any more).
+async fn claim_pending(
+    tx: &DatabaseTransaction,
     purchase_id: Uuid,
     gateway_charge_id: Option<String>,
     now: DateTime<Utc>,
-) -> Result<purchases::Model> {
-    let tx = begin_write(db).await?;
-    let succeeded = purchases::Entity::update_many()
+) -> Result<Option<purchases::Model>> {
+    Ok(purchases::Entity::update_many()
         .col_expr(
             purchases::Column::Status,
             Expr::value(PurchaseStatus::Succeeded.as_str()),
@@ -182,24 +210,38 @@ pub async fn credit_purchase(
         )
         .filter(purchases::Column::Id.eq(purchase_id))
         .filter(purchases::Column::Status.eq(PurchaseStatus::Pending))
-        .exec_with_returning(&tx)
+        .exec_with_returning(tx)
         .await?
-        .pop();
-    let Some(purchase) = succeeded else {
-        tx.rollback().await?;
-        let purchase = load_purchase(db, purchase_id).await?;
-        return match purchase.status {
-            PurchaseStatus::Succeeded => Ok(purchase),
-            _ => Err(BillingError::invalid(format!(
-                "purchase is {}; only a PENDING purchase can be credited",
-                purchase.status.as_str()
-            ))),
-        };
-    };
+        .pop())
+}
+
+/// The answer to crediting a purchase that was not PENDING: SUCCEEDED is returned
+/// unchanged (a replay), anything else is refused.
+async fn already_resolved(db: &DatabaseConnection, purchase_id: Uuid) -> Result<purchases::Model> {
+    let purchase = load_purchase(db, purchase_id).await?;
+    match purchase.status {
+        PurchaseStatus::Succeeded => Ok(purchase),
+        _ => Err(BillingError::invalid(format!(
+            "purchase is {}; only a PENDING purchase can be credited",
+            purchase.status.as_str()
+        ))),
+    }
+}
+
+/// Credits a purchase that this transaction has just made SUCCEEDED (claimed from
+/// PENDING, or inserted SUCCEEDED): the workspace +(amount + bonus) with its balance
+/// event, and the ledger transaction `purchase:<id>` (amount against `card_payments`
+/// or `invoice_receivables`, bonus against `promotions`). The ledger's unique key
+/// makes a second posting of one purchase fail. Returns the workspace afterwards.
+pub async fn post_purchase_credit(
+    tx: &DatabaseTransaction,
+    purchase: &purchases::Model,
+    now: DateTime<Utc>,
+) -> Result<workspaces::Model> {
     let amount = Credits::from_nanos(purchase.amount_nanos);
     let bonus = Credits::from_nanos(purchase.bonus_nanos);
     let ws = ledger::change_workspace(
-        &tx,
+        tx,
         purchase.workspace_id,
         amount.checked_add(bonus)?,
         Credits::ZERO,
@@ -246,7 +288,7 @@ pub async fn credit_purchase(
         });
     }
     ledger::post(
-        &tx,
+        tx,
         "PURCHASE",
         format!("purchase:{}", purchase.id),
         PostingRefs {
@@ -257,7 +299,50 @@ pub async fn credit_purchase(
         now,
     )
     .await?;
-    ledger::balance_event(&tx, &ws, BalanceChangeCause::Purchase, now).await?;
+    ledger::balance_event(tx, &ws, BalanceChangeCause::Purchase, now).await?;
+    Ok(ws)
+}
+
+/// Credits a PENDING purchase whose payment was captured: SUCCEEDED, the amount and
+/// the bonus as separate ledger entries, the cached balance and a balance event, in
+/// one transaction. Crediting a SUCCEEDED purchase again returns it unchanged. Issues
+/// no invoice: the worker's capture path is [`capture_succeeded`].
+pub async fn credit_purchase(
+    db: &DatabaseConnection,
+    purchase_id: Uuid,
+    gateway_charge_id: Option<String>,
+    now: DateTime<Utc>,
+) -> Result<purchases::Model> {
+    let tx = begin_write(db).await?;
+    let Some(purchase) = claim_pending(&tx, purchase_id, gateway_charge_id, now).await? else {
+        tx.rollback().await?;
+        return already_resolved(db, purchase_id).await;
+    };
+    post_purchase_credit(&tx, &purchase, now).await?;
+    tx.commit().await?;
+    Ok(purchase)
+}
+
+/// What the worker calls when the gateway captured a purchase's charge: in one
+/// transaction the purchase becomes SUCCEEDED with the charge id, is credited (as
+/// [`credit_purchase`]) and gets its PAID invoice. Idempotent: a purchase already
+/// SUCCEEDED is returned unchanged (no second credit, no second invoice); a FAILED
+/// one is INVALID_INPUT.
+pub async fn capture_succeeded(
+    db: &DatabaseConnection,
+    purchase_id: Uuid,
+    gateway_charge_id: &str,
+    now: DateTime<Utc>,
+) -> Result<purchases::Model> {
+    let tx = begin_write(db).await?;
+    let claimed = claim_pending(&tx, purchase_id, Some(gateway_charge_id.to_owned()), now).await?;
+    let Some(mut purchase) = claimed else {
+        tx.rollback().await?;
+        return already_resolved(db, purchase_id).await;
+    };
+    let ws = post_purchase_credit(&tx, &purchase, now).await?;
+    let invoice = issue_invoice(&tx, &purchase, ws.account_id, InvoiceStatus::Paid, now).await?;
+    purchase.invoice_id = Some(invoice.id);
     tx.commit().await?;
     Ok(purchase)
 }
@@ -295,4 +380,390 @@ pub async fn fail_purchase(
             }
         }
     }
+}
+
+// --- buying credits the way the API does -------------------------------------------
+
+/// `purchaseCredits`: a card purchase (the given card or the account's default) or,
+/// for verified accounts, a purchase paid by invoice.
+///
+/// Prices are list prices: the account's volume discount does NOT apply to
+/// purchases; it applies to usage (see `pricing`), so a discounted account is never
+/// discounted twice.
+#[derive(Clone, Debug)]
+pub struct PurchaseCreditsRequest {
+    pub workspace_id: Uuid,
+    pub item: PurchaseItem,
+    /// None: the account's default card. Must be None when paying by invoice.
+    pub payment_method_id: Option<Uuid>,
+    pub pay_by_invoice: bool,
+    pub idempotency_key: String,
+    pub created_by_user_id: Option<Uuid>,
+}
+
+/// Buys credits.
+///
+/// - **Card**: resolves the card (given → it must belong to the workspace's account
+///   and not be removed, else NOT_FOUND; none → the account's default; no card at all
+///   → INVALID_INPUT "add a payment method first"), then writes a PENDING MANUAL
+///   purchase exactly as [`create_purchase`]. The worker captures it later
+///   ([`capture_succeeded`] / [`fail_purchase`]).
+/// - **Invoice** (verified accounts only, else FORBIDDEN): one transaction writes the
+///   purchase SUCCEEDED with source INVOICE, credits it against
+///   `invoice_receivables`, and issues its OPEN invoice (next number of the account,
+///   due after the account's payment terms).
+///
+/// Idempotent on the key within the workspace: a replay returns the original
+/// purchase (`replayed`), another payload with the key is IDEMPOTENCY_CONFLICT. A
+/// card replay that names no card matches the card the original resolved to, so it
+/// stays a replay after the default changes. Refusals write nothing.
+pub async fn purchase_credits(
+    db: &DatabaseConnection,
+    req: PurchaseCreditsRequest,
+    now: DateTime<Utc>,
+) -> Result<Purchased> {
+    if req.pay_by_invoice {
+        if req.payment_method_id.is_some() {
+            return Err(BillingError::invalid(
+                "choose either a payment method or payment by invoice, not both",
+            ));
+        }
+        return purchase_by_invoice(db, req, now).await;
+    }
+    let key = IdempotencyKey::parse("idempotencyKey", &req.idempotency_key)?;
+    let ws = ledger::load_workspace(db, req.workspace_id).await?;
+    let payment_method_id = match find_by_key(db, ws.id, &key).await? {
+        // A replay (create_purchase compares the rest of the payload).
+        Some(p)
+            if p.source == PurchaseSource::Manual
+                && req
+                    .payment_method_id
+                    .is_none_or(|id| Some(id) == p.payment_method_id) =>
+        {
+            p.payment_method_id
+        }
+        Some(_) => return Err(BillingError::IdempotencyConflict),
+        None => Some(
+            payments::resolve_payment_method(db, ws.account_id, req.payment_method_id, now)
+                .await?
+                .id,
+        ),
+    };
+    create_purchase(
+        db,
+        PurchaseRequest {
+            workspace_id: req.workspace_id,
+            item: req.item,
+            source: PurchaseSource::Manual,
+            payment_method_id,
+            idempotency_key: req.idempotency_key,
+            created_by_user_id: req.created_by_user_id,
+        },
+        now,
+    )
+    .await
+}
+
+async fn purchase_by_invoice(
+    db: &DatabaseConnection,
+    req: PurchaseCreditsRequest,
+    now: DateTime<Utc>,
+) -> Result<Purchased> {
+    let key = IdempotencyKey::parse("idempotencyKey", &req.idempotency_key)?;
+    let ws = ledger::load_workspace(db, req.workspace_id).await?;
+    let (amount, bonus, price, package_id) = price_item(db, &req.item).await?;
+    let hash = purchase_hash(package_id.as_deref(), amount, PurchaseSource::Invoice, None);
+    match find_by_key(db, ws.id, &key).await? {
+        Some(p) if p.request_hash == hash => {
+            return Ok(Purchased {
+                purchase: p,
+                replayed: true,
+            });
+        }
+        Some(_) => return Err(BillingError::IdempotencyConflict),
+        None => {}
+    }
+    let account = accounts::Entity::find_by_id(ws.account_id)
+        .one(db)
+        .await?
+        .ok_or(BillingError::NotFound("account"))?;
+    if !account.verified {
+        return Err(BillingError::Forbidden(
+            "paying by invoice needs a verified account; pay by card or contact sales",
+        ));
+    }
+    let mut purchase = purchases::Model {
+        id: new_id(),
+        workspace_id: ws.id,
+        package_id,
+        amount_nanos: amount.nanos(),
+        bonus_nanos: bonus.nanos(),
+        price_nanos: price.nanos(),
+        status: PurchaseStatus::Succeeded,
+        source: PurchaseSource::Invoice,
+        payment_method_id: None,
+        idempotency_key: key.as_str().to_owned(),
+        request_hash: hash,
+        failure_reason: None,
+        gateway_charge_id: None,
+        attempts: 0,
+        invoice_id: None,
+        created_by_user_id: req.created_by_user_id,
+        created_at: now,
+        completed_at: Some(now),
+    };
+    // Lock order: the new purchase row → the workspace (credit) → the account
+    // (invoice number), as in capture_succeeded.
+    let tx = begin_write(db).await?;
+    let inserted = purchases::Entity::insert(purchase.clone().into_active_model().reset_all())
+        .exec_without_returning(&tx)
+        .await;
+    match inserted {
+        Ok(_) => {}
+        Err(e) if crate::error::is_unique_violation(&e) => {
+            // A concurrent request with the same key won; answer as it did.
+            tx.rollback().await?;
+            return Box::pin(purchase_by_invoice(db, req, now)).await;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    post_purchase_credit(&tx, &purchase, now).await?;
+    let invoice = issue_invoice(&tx, &purchase, ws.account_id, InvoiceStatus::Open, now).await?;
+    purchase.invoice_id = Some(invoice.id);
+    tx.commit().await?;
+    Ok(Purchased {
+        purchase,
+        replayed: false,
+    })
+}
+
+// --- invoices ----------------------------------------------------------------------
+
+/// Formats an invoice number: `INV-000042`.
+pub fn invoice_number(sequence: i64) -> String {
+    format!("INV-{sequence:06}")
+}
+
+/// Issues the invoice of a SUCCEEDED purchase inside the caller's transaction: the
+/// account's next number (an atomic `UPDATE … RETURNING` of `invoice_sequence`, so
+/// concurrent invoices get distinct consecutive numbers), the invoice, its lines (the
+/// credits at their price; the bonus at zero price), and `purchases.invoice_id`.
+/// OPEN invoices are due after the account's payment terms; PAID ones are paid now.
+async fn issue_invoice(
+    tx: &DatabaseTransaction,
+    purchase: &purchases::Model,
+    account_id: Uuid,
+    status: InvoiceStatus,
+    now: DateTime<Utc>,
+) -> Result<invoices::Model> {
+    if purchase.status != PurchaseStatus::Succeeded {
+        return Err(BillingError::Internal(format!(
+            "purchase {} is {}; only a SUCCEEDED purchase is invoiced",
+            purchase.id,
+            purchase.status.as_str()
+        )));
+    }
+    let account = accounts::Entity::update_many()
+        .col_expr(
+            accounts::Column::InvoiceSequence,
+            Expr::col(accounts::Column::InvoiceSequence).add(1),
+        )
+        .filter(accounts::Column::Id.eq(account_id))
+        .exec_with_returning(tx)
+        .await?
+        .pop()
+        .ok_or(BillingError::NotFound("account"))?;
+    let (due_at, paid_at) = match status {
+        InvoiceStatus::Open => (
+            Some(now + TimeDelta::days(i64::from(account.payment_terms_days))),
+            None,
+        ),
+        InvoiceStatus::Paid => (None, Some(now)),
+        InvoiceStatus::Void => {
+            return Err(BillingError::Internal(
+                "an invoice is never issued VOID".into(),
+            ));
+        }
+    };
+    let invoice = invoices::Model {
+        id: new_id(),
+        account_id,
+        sequence: account.invoice_sequence,
+        number: invoice_number(account.invoice_sequence),
+        purchase_id: Some(purchase.id),
+        total_nanos: purchase.price_nanos,
+        status,
+        issued_at: now,
+        due_at,
+        paid_at,
+    };
+    invoices::Entity::insert(invoice.clone().into_active_model().reset_all())
+        .exec_without_returning(tx)
+        .await?;
+    let amount = Credits::from_nanos(purchase.amount_nanos);
+    let bonus = Credits::from_nanos(purchase.bonus_nanos);
+    let mut lines = vec![(
+        match &purchase.package_id {
+            Some(package) => format!("{amount} credits ({package} package)"),
+            None => format!("{amount} credits"),
+        },
+        purchase.price_nanos,
+    )];
+    if bonus.is_positive() {
+        lines.push((format!("Bonus credits (free): {bonus} credits"), 0));
+    }
+    let rows = lines
+        .into_iter()
+        .zip(1..)
+        .map(|((description, amount_nanos), position)| {
+            invoice_lines::Model {
+                id: new_id(),
+                invoice_id: invoice.id,
+                position,
+                description,
+                amount_nanos,
+            }
+            .into_active_model()
+            .reset_all()
+        });
+    invoice_lines::Entity::insert_many(rows)
+        .exec_without_returning(tx)
+        .await?;
+    let linked = purchases::Entity::update_many()
+        .col_expr(purchases::Column::InvoiceId, Expr::value(invoice.id))
+        .filter(purchases::Column::Id.eq(purchase.id))
+        .filter(purchases::Column::InvoiceId.is_null())
+        .exec(tx)
+        .await?;
+    if linked.rows_affected != 1 {
+        return Err(BillingError::Internal(format!(
+            "purchase {} already has an invoice",
+            purchase.id
+        )));
+    }
+    Ok(invoice)
+}
+
+/// Issues the PAID invoice of a captured card purchase (paid now, no due date) in
+/// the caller's transaction. The purchase must be SUCCEEDED; one that already has an
+/// invoice gets that invoice back. [`capture_succeeded`] calls this.
+pub async fn issue_paid_invoice(
+    tx: &DatabaseTransaction,
+    purchase: &purchases::Model,
+    now: DateTime<Utc>,
+) -> Result<invoices::Model> {
+    if let Some(invoice_id) = purchase.invoice_id {
+        return invoices::Entity::find_by_id(invoice_id)
+            .one(tx)
+            .await?
+            .ok_or(BillingError::NotFound("invoice"));
+    }
+    let ws = ledger::load_workspace(tx, purchase.workspace_id).await?;
+    issue_invoice(tx, purchase, ws.account_id, InvoiceStatus::Paid, now).await
+}
+
+/// Records that an OPEN invoice was paid: PAID with `paid_at = now` (one conditional
+/// UPDATE). Marking a PAID invoice again returns it unchanged; a VOID one is
+/// INVALID_INPUT.
+///
+/// It posts nothing: the credits were granted (workspace +amount against
+/// `invoice_receivables`) when the invoice was issued, and the payment settles that
+/// receivable outside the credit pools, so no workspace balance moves. What is still
+/// owed is the total of the OPEN invoices.
+pub async fn mark_invoice_paid(
+    db: &DatabaseConnection,
+    invoice_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<invoices::Model> {
+    let paid = invoices::Entity::update_many()
+        .col_expr(
+            invoices::Column::Status,
+            Expr::value(InvoiceStatus::Paid.as_str()),
+        )
+        .col_expr(invoices::Column::PaidAt, Expr::value(now))
+        .filter(invoices::Column::Id.eq(invoice_id))
+        .filter(invoices::Column::Status.eq(InvoiceStatus::Open))
+        .exec_with_returning(db)
+        .await?
+        .pop();
+    if let Some(invoice) = paid {
+        return Ok(invoice);
+    }
+    let invoice = load_invoice(db, invoice_id).await?;
+    match invoice.status {
+        InvoiceStatus::Paid => Ok(invoice),
+        InvoiceStatus::Open | InvoiceStatus::Void => Err(BillingError::invalid(format!(
+            "invoice {} is {}; only an OPEN invoice can be paid",
+            invoice.number,
+            invoice.status.as_str()
+        ))),
+    }
+}
+
+pub async fn load_invoice(db: &DatabaseConnection, id: Uuid) -> Result<invoices::Model> {
+    invoices::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .ok_or(BillingError::NotFound("invoice"))
+}
+
+/// Ids per query in the batched loaders.
+const LOADER_CHUNK: usize = 500;
+
+/// Invoices by id (absent ids are left out). One query per 500 ids.
+pub async fn invoices_by_ids(
+    db: &DatabaseConnection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, invoices::Model>> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(LOADER_CHUNK) {
+        let rows = invoices::Entity::find()
+            .filter(invoices::Column::Id.is_in(chunk.iter().copied()))
+            .all(db)
+            .await?;
+        out.extend(rows.into_iter().map(|i| (i.id, i)));
+    }
+    Ok(out)
+}
+
+/// Each invoice's lines, ordered by position; every requested id has an entry.
+pub async fn invoice_lines_by_invoice(
+    db: &DatabaseConnection,
+    invoice_ids: &[Uuid],
+) -> Result<HashMap<Uuid, Vec<invoice_lines::Model>>> {
+    let mut out: HashMap<Uuid, Vec<invoice_lines::Model>> =
+        invoice_ids.iter().map(|id| (*id, Vec::new())).collect();
+    for chunk in invoice_ids.chunks(LOADER_CHUNK) {
+        let rows = invoice_lines::Entity::find()
+            .filter(invoice_lines::Column::InvoiceId.is_in(chunk.iter().copied()))
+            .order_by_asc(invoice_lines::Column::InvoiceId)
+            .order_by_asc(invoice_lines::Column::Position)
+            .all(db)
+            .await?;
+        for row in rows {
+            out.entry(row.invoice_id).or_default().push(row);
+        }
+    }
+    Ok(out)
+}
+
+/// Each account's invoices, newest (highest number) first; every requested id has
+/// an entry.
+pub async fn invoices_by_account(
+    db: &DatabaseConnection,
+    account_ids: &[Uuid],
+) -> Result<HashMap<Uuid, Vec<invoices::Model>>> {
+    let mut out: HashMap<Uuid, Vec<invoices::Model>> =
+        account_ids.iter().map(|id| (*id, Vec::new())).collect();
+    for chunk in account_ids.chunks(LOADER_CHUNK) {
+        let rows = invoices::Entity::find()
+            .filter(invoices::Column::AccountId.is_in(chunk.iter().copied()))
+            .order_by_desc(invoices::Column::Sequence)
+            .all(db)
+            .await?;
+        for row in rows {
+            out.entry(row.account_id).or_default().push(row);
+        }
+    }
+    Ok(out)
 }

@@ -44,13 +44,15 @@ pub struct ReserveRequest {
     pub api_key_id: Option<Uuid>,
 }
 
-fn reserve_hash(req: &ReserveRequest, project_id: Option<Uuid>) -> String {
+/// The request as sent (see `usage_hash`): a retry is recognised before any lookup.
+fn reserve_hash(req: &ReserveRequest) -> String {
     request_hash(&[
         "reserve",
         &req.model_id,
         &req.max_prompt_tokens.to_string(),
         &req.max_completion_tokens.to_string(),
-        &opt_uuid_str(project_id),
+        &req.ttl_seconds.to_string(),
+        &req.project.fingerprint(),
         &opt_uuid_str(req.user_id),
     ])
 }
@@ -87,15 +89,26 @@ pub async fn reserve(
             "ttlSeconds must be between {TTL_SECONDS_MIN} and {TTL_SECONDS_MAX}"
         )));
     }
+    let hash = reserve_hash(&req);
+    if let Some(r) = existing_reservation(db, req.workspace_id, request_id.as_str(), &hash).await? {
+        return Ok(r);
+    }
+    // A request id already recorded as direct usage cannot be held and settled again:
+    // refuse now rather than strand a hold whose settlement must conflict.
+    let recorded = usage_events::Entity::find()
+        .filter(usage_events::Column::WorkspaceId.eq(req.workspace_id))
+        .filter(usage_events::Column::RequestId.eq(request_id.as_str()))
+        .one(db)
+        .await?;
+    if recorded.is_some() {
+        return Err(BillingError::IdempotencyConflict);
+    }
     let ctx = pricing_context(db, req.workspace_id, &req.model_id, &req.project).await?;
+    usage::check_attributed_user(db, ctx.account_id, req.user_id).await?;
     let hold = ctx
         .cost(req.max_prompt_tokens, req.max_completion_tokens)?
         .total;
     let project_id = ctx.project.as_ref().map(|p| p.id);
-    let hash = reserve_hash(&req, project_id);
-    if let Some(r) = existing_reservation(db, req.workspace_id, request_id.as_str(), &hash).await? {
-        return Ok(r);
-    }
     let reservation = reservations::Model {
         id: new_id(),
         workspace_id: req.workspace_id,
@@ -191,7 +204,13 @@ pub async fn settle(
         &opt_uuid_str(reservation.project_id),
         &opt_uuid_str(reservation.user_id),
     ]);
-    if reservation.status != ReservationStatus::Held {
+    // A HELD reservation is settled against its hold. An EXPIRED one (the call outlived
+    // its TTL) is still settled: the usage happened and must be recorded; its hold was
+    // already given back, so it is charged from what is available now.
+    if !matches!(
+        reservation.status,
+        ReservationStatus::Held | ReservationStatus::Expired
+    ) {
         return settled_replay(db, reservation, &hash).await;
     }
     // The model may have been deactivated since the hold; it is still priced.
@@ -206,6 +225,7 @@ pub async fn settle(
     let workspace = ledger::load_workspace(db, reservation.workspace_id).await?;
     let discount = usage::account_discount(db, workspace.account_id).await?;
     let ctx = usage::PricingContext {
+        account_id: workspace.account_id,
         discount,
         model,
         project,
@@ -284,8 +304,12 @@ async fn settle_in(
     hash: String,
     now: DateTime<Utc>,
 ) -> Result<Option<Settled>> {
-    let hold = Credits::from_nanos(reservation.amount_nanos);
-    // Claim the reservation first (HELD -> SETTLED, conditional): whoever flips it owns
+    let from = reservation.status;
+    let hold = match from {
+        ReservationStatus::Held => Credits::from_nanos(reservation.amount_nanos),
+        _ => Credits::ZERO,
+    };
+    // Claim the reservation first (HELD/EXPIRED -> SETTLED, conditional): whoever flips it owns
     // the hold. Every path locks the reservation row before the workspace row, and the
     // workspace row before the project row, so racing settle/release cannot deadlock.
     let resolved = reservations::Entity::update_many()
@@ -296,7 +320,7 @@ async fn settle_in(
         .col_expr(reservations::Column::UsageEventId, Expr::value(event_id))
         .col_expr(reservations::Column::ResolvedAt, Expr::value(now))
         .filter(reservations::Column::Id.eq(reservation.id))
-        .filter(reservations::Column::Status.eq(ReservationStatus::Held))
+        .filter(reservations::Column::Status.eq(from))
         .exec_with_returning(tx)
         .await?
         .pop();

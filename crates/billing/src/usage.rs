@@ -52,6 +52,7 @@ pub struct Recorded {
 /// transaction (prices and the discount in force when the request arrives).
 #[derive(Clone, Debug)]
 pub(crate) struct PricingContext {
+    pub account_id: Uuid,
     pub discount: DiscountBps,
     pub model: models::Model,
     pub project: Option<projects::Model>,
@@ -138,21 +139,52 @@ pub(crate) async fn pricing_context<C: ConnectionTrait>(
     let model = active_model(c, model_id).await?;
     let project = resolve_project(c, workspace_id, project).await?;
     Ok(PricingContext {
+        account_id: workspace.account_id,
         discount,
         model,
         project,
     })
 }
 
-fn usage_hash(req: &UsageRequest, project_id: Option<Uuid>) -> String {
+/// The request's payload as sent (the project as named, not as resolved), so that a
+/// retry is recognised before anything is looked up: a retry after the model was
+/// deactivated or the project renamed still gets its original answer.
+fn usage_hash(req: &UsageRequest) -> String {
     request_hash(&[
         "usage",
         &req.model_id,
         &req.prompt_tokens.to_string(),
         &req.completion_tokens.to_string(),
-        &opt_uuid_str(project_id),
+        &req.project.fingerprint(),
         &opt_uuid_str(req.user_id),
     ])
+}
+
+impl ProjectRef {
+    /// A stable text form for request fingerprints.
+    pub(crate) fn fingerprint(&self) -> String {
+        match self {
+            Self::None => String::new(),
+            Self::Id(id) => format!("id:{id}"),
+            Self::Tag(tag) => format!("tag:{tag}"),
+        }
+    }
+}
+
+/// Usage may only be attributed to a member of the workspace's account.
+pub(crate) async fn check_attributed_user<C: ConnectionTrait>(
+    c: &C,
+    account_id: Uuid,
+    user_id: Option<Uuid>,
+) -> Result<()> {
+    let Some(user_id) = user_id else {
+        return Ok(());
+    };
+    entity::account_members::Entity::find_by_id((account_id, user_id))
+        .one(c)
+        .await?
+        .map(|_| ())
+        .ok_or(BillingError::NotFound("user"))
 }
 
 /// The earlier result for a request id, or IDEMPOTENCY_CONFLICT when its payload differs.
@@ -185,11 +217,7 @@ pub async fn record_usage(
     now: DateTime<Utc>,
 ) -> Result<Recorded> {
     let request_id = IdempotencyKey::parse("requestId", &req.request_id)?;
-    let ctx = pricing_context(db, req.workspace_id, &req.model_id, &req.project).await?;
-    let cost = ctx.cost(req.prompt_tokens, req.completion_tokens)?.total;
-    let project_id = ctx.project.as_ref().map(|p| p.id);
-    let hash = usage_hash(&req, project_id);
-
+    let hash = usage_hash(&req);
     // Fast path for retries: no write lock taken for a request already recorded.
     if let Some(event) = existing_usage(db, req.workspace_id, request_id.as_str(), &hash).await? {
         return Ok(Recorded {
@@ -197,6 +225,10 @@ pub async fn record_usage(
             replayed: true,
         });
     }
+    let ctx = pricing_context(db, req.workspace_id, &req.model_id, &req.project).await?;
+    check_attributed_user(db, ctx.account_id, req.user_id).await?;
+    let cost = ctx.cost(req.prompt_tokens, req.completion_tokens)?.total;
+    let project_id = ctx.project.as_ref().map(|p| p.id);
 
     let event = usage_events::Model {
         id: new_id(),
@@ -381,6 +413,7 @@ pub(crate) async fn roll_budget_period<C: ConnectionTrait>(
         .col_expr(P::BudgetSpentNanos, Expr::value(0i64))
         .col_expr(P::BudgetPeriodStart, Expr::value(start))
         .filter(P::Id.eq(project.id))
+        .filter(P::BudgetPeriod.eq(project.budget_period))
         .filter(P::BudgetPeriodStart.lt(start))
         .exec(c)
         .await?;

@@ -555,6 +555,9 @@ impl MigrationTrait for Migration {
                 .col(uuid_null("purchase_id"))
                 .col(uuid_null("transfer_id"))
                 .col(created_at())
+                .check(Expr::cust(
+                    "kind IN ('USAGE', 'PURCHASE', 'TRANSFER', 'ADJUSTMENT')",
+                ))
                 .to_owned(),
         )
         .await?;
@@ -610,6 +613,11 @@ impl MigrationTrait for Migration {
                 .col(string("cause"))
                 .col(created_at())
                 .foreign_key(&mut fk("balance_events", "workspace_id", "workspaces"))
+                .check(Expr::cust(
+                    "cause IN ('PURCHASE', 'BONUS', 'USAGE', 'TRANSFER_IN', 'TRANSFER_OUT', \
+                     'ADJUSTMENT', 'RESERVATION', 'RELEASE') AND sequence > 0 \
+                     AND reserved_nanos >= 0 AND balance_nanos >= reserved_nanos",
+                ))
                 .to_owned(),
         )
         .await?;

@@ -82,6 +82,7 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES",
     "RESERVOIR_DB_CONNECTIONS_MAX",
     "RESERVOIR_LOG_FORMAT",
+    "RESERVOIR_LOG",
 ];
 
 /// The shortest admin token accepted: it is the key to every account.
@@ -96,6 +97,22 @@ fn parse_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
             format!("expected true or false, got {other:?}"),
         )),
     }
+}
+
+/// https anywhere; plain http only to this machine (a local test double).
+fn stripe_base_url_ok(url: &str) -> bool {
+    if url.starts_with("https://") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    matches!(host, "localhost" | "127.0.0.1" | "[::1]")
 }
 
 impl Config {
@@ -126,9 +143,16 @@ impl Config {
             Backend::Sqlite => format!("sqlite://{}/queue.db", data_dir.display()),
             Backend::Postgres => database_url.clone(),
         });
-        if !(queue_url.starts_with("sqlite:")
-            || queue_url.starts_with("postgres")
-            || queue_url.starts_with("redis://"))
+        let queue_schemes = [
+            "sqlite:",
+            "postgres://",
+            "postgresql://",
+            "redis://",
+            "rediss://",
+        ];
+        if !queue_schemes
+            .iter()
+            .any(|scheme| queue_url.starts_with(scheme))
         {
             return Err(invalid(
                 "RESERVOIR_QUEUE_URL",
@@ -197,13 +221,10 @@ impl Config {
                 }
                 let base_url = get("RESERVOIR_STRIPE_BASE_URL")
                     .unwrap_or_else(|| "https://api.stripe.com".into());
-                if !(base_url.starts_with("https://")
-                    || base_url.starts_with("http://127.0.0.1")
-                    || base_url.starts_with("http://localhost"))
-                {
+                if !stripe_base_url_ok(&base_url) {
                     return Err(invalid(
                         "RESERVOIR_STRIPE_BASE_URL",
-                        "must be https (plain http only to localhost, for tests)",
+                        "must be https (plain http only to localhost or 127.0.0.1, for tests)",
                     ));
                 }
                 PaymentGateway::Stripe {
@@ -236,6 +257,13 @@ impl Config {
             .map(|v| parse_bool("RESERVOIR_DEMO_SEED", &v))
             .transpose()?
             .unwrap_or(backend == Backend::Sqlite);
+        if demo_seed && backend == Backend::Postgres && !allow_sandbox {
+            // The demo account is given credits nobody paid for.
+            return Err(ConfigError::Unsafe(
+                "RESERVOIR_DEMO_SEED on PostgreSQL needs RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES=true"
+                    .into(),
+            ));
+        }
         let db_connections_max = match get("RESERVOIR_DB_CONNECTIONS_MAX") {
             Some(v) => v
                 .parse::<u32>()
@@ -317,6 +345,19 @@ mod tests {
             .expect("allowed");
         assert_eq!(allowed.queue_url, "postgres://db/reservoir");
         assert!(!allowed.demo_seed);
+        let stripe_key = ("RESERVOIR_STRIPE_SECRET_KEY", "sk_x");
+        let demo_on_pg = config(&[
+            pg,
+            token,
+            ("RESERVOIR_PAYMENT_GATEWAY", "stripe"),
+            stripe_key,
+            ("RESERVOIR_DEMO_SEED", "true"),
+        ]);
+        assert!(
+            matches!(demo_on_pg, Err(ConfigError::Unsafe(_))),
+            "free demo credits on postgres"
+        );
+        assert!(stripe_base_url_ok("http://127.0.0.1:12345/v1"));
         let stripe = config(&[
             pg,
             token,
@@ -364,6 +405,18 @@ mod tests {
             (
                 vec![("RESERVOIR_DB_CONNECTIONS_MAX", "0")],
                 "RESERVOIR_DB_CONNECTIONS_MAX",
+            ),
+            (
+                vec![
+                    ("RESERVOIR_PAYMENT_GATEWAY", "stripe"),
+                    ("RESERVOIR_STRIPE_SECRET_KEY", "sk_test_x"),
+                    ("RESERVOIR_STRIPE_BASE_URL", "http://localhost.evil.example"),
+                ],
+                "RESERVOIR_STRIPE_BASE_URL",
+            ),
+            (
+                vec![("RESERVOIR_QUEUE_URL", "postgresfoo://x")],
+                "RESERVOIR_QUEUE_URL",
             ),
         ] {
             match config(&vars) {

@@ -1,0 +1,179 @@
+//! Prometheus metrics of the API process, served at `/metrics`. Label values come from
+//! the schema (root field names) and from the fixed error codes, never from client
+//! input, so their number is bounded.
+
+use async_graphql::extensions::{
+    Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextRequest,
+};
+use async_graphql::parser::types::{ExecutableDocument, Selection};
+use async_graphql::{ServerResult, Variables};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    debits: IntCounterVec,
+    subscribers: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "reservoir_graphql_requests_total",
+                "GraphQL requests by root field and outcome (ok or an error code)",
+            ),
+            &["operation", "outcome"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "reservoir_graphql_request_duration_seconds",
+                "GraphQL request latency by root field",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["operation"],
+        )?;
+        let debits = IntCounterVec::new(
+            Opts::new(
+                "reservoir_usage_debits_total",
+                "Usage debits by outcome (admitted, or the refusal's code)",
+            ),
+            &["outcome"],
+        )?;
+        let subscribers = IntGauge::new(
+            "reservoir_subscribers",
+            "Live balance subscribers of this process",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(debits.clone()))?;
+        registry.register(Box::new(subscribers.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            latency,
+            debits,
+            subscribers,
+        })
+    }
+
+    /// Counts one usage debit: `admitted`, or the error code that refused it.
+    pub fn debit(&self, outcome: &str) {
+        self.debits.with_label_values(&[outcome]).inc();
+    }
+
+    pub fn set_subscribers(&self, n: usize) {
+        self.subscribers.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+/// Times and counts each GraphQL request.
+pub struct RequestMetrics(pub Metrics);
+
+impl ExtensionFactory for RequestMetrics {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(RequestMetricsExtension {
+            metrics: self.0.clone(),
+            operation: Mutex::new(None),
+        })
+    }
+}
+
+struct RequestMetricsExtension {
+    metrics: Metrics,
+    operation: Mutex<Option<String>>,
+}
+
+/// The first root field of the first operation: a schema name, so bounded.
+fn root_field(doc: &ExecutableDocument) -> Option<String> {
+    let (_, op) = doc.operations.iter().next()?;
+    op.node
+        .selection_set
+        .node
+        .items
+        .iter()
+        .find_map(|item| match &item.node {
+            Selection::Field(field) => Some(field.node.name.node.to_string()),
+            _ => None,
+        })
+}
+
+#[async_graphql::async_trait::async_trait]
+impl Extension for RequestMetricsExtension {
+    async fn parse_query(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        query: &str,
+        variables: &Variables,
+        next: NextParseQuery<'_>,
+    ) -> ServerResult<ExecutableDocument> {
+        let doc = next.run(ctx, query, variables).await?;
+        if let Ok(mut op) = self.operation.lock() {
+            *op = root_field(&doc);
+        }
+        Ok(doc)
+    }
+
+    async fn request(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        next: NextRequest<'_>,
+    ) -> async_graphql::Response {
+        let started = Instant::now();
+        let response = next.run(ctx).await;
+        let operation = self
+            .operation
+            .lock()
+            .ok()
+            .and_then(|op| op.clone())
+            .unwrap_or_else(|| "unparsed".into());
+        // Known schema fields only; anything else shares one label.
+        let registry = &ctx.schema_env.registry;
+        let roots = [
+            Some(&registry.query_type),
+            registry.mutation_type.as_ref(),
+            registry.subscription_type.as_ref(),
+        ];
+        let known = roots
+            .into_iter()
+            .flatten()
+            .filter_map(|root| registry.types.get(root))
+            .any(|root| root.field_by_name(&operation).is_some());
+        // Known schema fields only; anything else shares one label.
+        let operation = if known { operation } else { "other".into() };
+        let outcome = response
+            .errors
+            .first()
+            .and_then(|e| e.extensions.as_ref())
+            .and_then(|ext| ext.get("code"))
+            .map(|code| code.to_string().trim_matches('"').to_owned())
+            .unwrap_or_else(|| "ok".into());
+        self.metrics
+            .requests
+            .with_label_values(&[operation.as_str(), outcome.as_str()])
+            .inc();
+        self.metrics
+            .latency
+            .with_label_values(&[operation.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        response
+    }
+}

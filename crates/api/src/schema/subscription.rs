@@ -1,0 +1,270 @@
+//! Subscriptions: live balances over WebSocket (`graphql-transport-ws`), fed by the
+//! process's [`BalanceHub`]. Each subscription authorizes once, when it starts; the
+//! stream then carries every balance event of its workspace (or account) committed
+//! from then on, in sequence order.
+
+use super::{Account, Workspace, caller, credits, db, parse_id};
+use crate::error::{GqlResult, RequestId, to_gql};
+use crate::events::{BalanceEvent, BalanceHub, BalanceStream};
+use crate::scalars::{BigInt, CreditsScalar};
+use async_graphql::{Context, Enum, ID, Object, Result, Subscription};
+use billing::auth::Principal;
+use billing::entity::{accounts, workspaces};
+use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use billing::{BillingError, Credits, access};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Why a workspace's balance or reserved credits changed.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+#[graphql(remote = "billing::entity::enums::BalanceChangeCause")]
+pub enum BalanceChangeCause {
+    Purchase,
+    Bonus,
+    Usage,
+    TransferIn,
+    TransferOut,
+    Adjustment,
+    Reservation,
+    Release,
+}
+
+/// A workspace's state right after one committed change.
+pub struct BalanceChange {
+    /// The workspace row as of this change (its cached balance columns replaced by the
+    /// event's, so `workspace.balance` agrees with `balance`).
+    workspace: workspaces::Model,
+    event: Arc<BalanceEvent>,
+}
+
+impl BalanceChange {
+    fn new(workspace: &workspaces::Model, event: Arc<BalanceEvent>) -> Self {
+        let mut workspace = workspace.clone();
+        workspace.balance_nanos = event.balance_nanos;
+        workspace.reserved_nanos = event.reserved_nanos;
+        workspace.balance_sequence = event.sequence;
+        Self { workspace, event }
+    }
+}
+
+#[Object]
+impl BalanceChange {
+    async fn workspace(&self) -> Workspace {
+        Workspace(self.workspace.clone())
+    }
+    async fn balance(&self) -> CreditsScalar {
+        credits(self.event.balance_nanos)
+    }
+    async fn reserved(&self) -> CreditsScalar {
+        credits(self.event.reserved_nanos)
+    }
+    async fn available(&self) -> CreditsScalar {
+        CreditsScalar(billing::ledger::available(&self.workspace))
+    }
+    async fn cause(&self) -> BalanceChangeCause {
+        self.event.cause.into()
+    }
+    /// Strictly increasing per workspace; a subscriber can detect a gap.
+    async fn sequence(&self) -> BigInt {
+        BigInt(self.event.sequence)
+    }
+    async fn at(&self) -> DateTime<Utc> {
+        self.event.created_at
+    }
+}
+
+pub struct AccountBalanceChange {
+    account: accounts::Model,
+    change: BalanceChange,
+    total_balance: Credits,
+}
+
+#[Object]
+impl AccountBalanceChange {
+    async fn account(&self) -> Account {
+        Account(self.account.clone())
+    }
+    /// The workspace that changed.
+    async fn change(&self) -> &BalanceChange {
+        &self.change
+    }
+    async fn total_balance(&self) -> CreditsScalar {
+        CreditsScalar(self.total_balance)
+    }
+}
+
+pub struct SubscriptionRoot;
+
+type Changes<T> = BoxStream<'static, Result<T>>;
+
+#[Subscription]
+impl SubscriptionRoot {
+    /// Each change of a workspace's balance, reserved or available credits, wherever it happened (API or worker). Changes committed together may be coalesced into one; the latest state is always delivered.
+    async fn balance_changed(
+        &self,
+        ctx: &Context<'_>,
+        workspace_id: ID,
+    ) -> Result<Changes<BalanceChange>> {
+        let principal = caller(ctx)?;
+        let workspace_id = parse_id(ctx, &workspace_id, "workspace")?;
+        // Any access to the workspace will do, a workspace API key included.
+        let (workspace, _) = access::workspace_access(db(ctx), &principal, workspace_id)
+            .await
+            .gql(ctx)?;
+        let events = hub(ctx)?.subscribe_workspace(workspace_id).gql(ctx)?;
+        let request_id = ctx.data_opt::<RequestId>().cloned();
+        let mut last_sequence = i64::MIN;
+        Ok(events
+            .filter_map(move |item| {
+                let out = match item {
+                    // The hub delivers a workspace's events in sequence order; this only
+                    // guards the contract's promise (strictly increasing) for certain.
+                    Ok(event) if event.sequence <= last_sequence => None,
+                    Ok(event) => {
+                        last_sequence = event.sequence;
+                        Some(Ok(BalanceChange::new(&workspace, event)))
+                    }
+                    Err(too_slow) => Some(Err(to_gql(too_slow.into(), request_id.as_ref()))),
+                };
+                std::future::ready(out)
+            })
+            .boxed())
+    }
+
+    /// Balance changes across the account's workspaces, with the consolidated total.
+    //
+    // `totalBalance` is the sum of the account's workspace balances as of that event.
+    // It is computed when the event is delivered, from a per-subscription snapshot of
+    // the account's workspaces (read once at subscription) that every delivered event
+    // updates: an extra query per event and subscriber would cost more, and would
+    // give the total as of the moment of delivery (possibly including later changes),
+    // not as of the event. Events already contained in the snapshot are skipped.
+    async fn account_balance_changed(
+        &self,
+        ctx: &Context<'_>,
+        account_id: ID,
+    ) -> Result<Changes<AccountBalanceChange>> {
+        let principal = caller(ctx)?;
+        let account_id = parse_id(ctx, &account_id, "account")?;
+        let (account, _) = access::account_access(db(ctx), &principal, account_id)
+            .await
+            .gql(ctx)?;
+        // Subscribe before reading the snapshot: every event not in the snapshot
+        // committed after the read, hence after the subscription, and is delivered.
+        let events = hub(ctx)?.subscribe_account(account_id).gql(ctx)?;
+        let rows = workspaces::Entity::find()
+            .filter(workspaces::Column::AccountId.eq(account_id))
+            .all(db(ctx))
+            .await
+            .map_err(BillingError::from)
+            .gql(ctx)?;
+        // A plain account MEMBER sees the changes of its own workspaces only (as in
+        // `Account.workspaces`); the total covers them all (as `Account.totalBalance`).
+        let ids: Vec<Uuid> = rows.iter().map(|w| w.id).collect();
+        let visible = access::workspace_access_batch(db(ctx), &principal, &ids)
+            .await
+            .gql(ctx)?
+            .into_keys()
+            .collect();
+        let latest: HashMap<Uuid, workspaces::Model> =
+            rows.into_iter().map(|w| (w.id, w)).collect();
+        let state = AccountState {
+            events,
+            account,
+            latest,
+            visible,
+            principal,
+            db: db(ctx).clone(),
+            request_id: ctx.data_opt::<RequestId>().cloned(),
+        };
+        Ok(futures::stream::unfold(state, |mut state| async move {
+            let out = state.next().await?;
+            Some((out, state))
+        })
+        .boxed())
+    }
+}
+
+/// One `accountBalanceChanged` subscription: its events and the latest known state of
+/// each of the account's workspaces.
+struct AccountState {
+    events: BalanceStream,
+    account: accounts::Model,
+    latest: HashMap<Uuid, workspaces::Model>,
+    /// The workspaces whose changes the caller may see (checked once per workspace).
+    visible: HashSet<Uuid>,
+    principal: Principal,
+    db: DatabaseConnection,
+    request_id: Option<RequestId>,
+}
+
+impl AccountState {
+    async fn next(&mut self) -> Option<Result<AccountBalanceChange>> {
+        loop {
+            let event = match self.events.next().await? {
+                Ok(event) => event,
+                Err(too_slow) => return Some(Err(self.error(too_slow.into()))),
+            };
+            let row = match self.latest.get(&event.workspace_id) {
+                // Already contained in the snapshot.
+                Some(known) if event.sequence <= known.balance_sequence => continue,
+                Some(known) => known.clone(),
+                // A workspace created after the snapshot: read it (and whether the
+                // caller may see it) once.
+                None => {
+                    match access::workspace_access(&self.db, &self.principal, event.workspace_id)
+                        .await
+                    {
+                        Ok((row, _)) => {
+                            self.visible.insert(row.id);
+                            row
+                        }
+                        Err(BillingError::NotFound(_)) => {
+                            match workspaces::Entity::find_by_id(event.workspace_id)
+                                .one(&self.db)
+                                .await
+                            {
+                                Ok(Some(row)) => row,
+                                Ok(None) => continue, // gone since
+                                Err(e) => return Some(Err(self.error(e.into()))),
+                            }
+                        }
+                        Err(e) => return Some(Err(self.error(e))),
+                    }
+                }
+            };
+            let change = BalanceChange::new(&row, event);
+            self.latest.insert(row.id, change.workspace.clone());
+            if !self.visible.contains(&row.id) {
+                continue; // counted in the total, not shown
+            }
+            let total = Credits::checked_sum(
+                self.latest
+                    .values()
+                    .map(|w| Credits::from_nanos(w.balance_nanos)),
+            );
+            return Some(match total {
+                Ok(total_balance) => Ok(AccountBalanceChange {
+                    account: self.account.clone(),
+                    change,
+                    total_balance,
+                }),
+                Err(e) => Err(self.error(e.into())),
+            });
+        }
+    }
+
+    fn error(&self, e: BillingError) -> async_graphql::Error {
+        to_gql(e, self.request_id.as_ref())
+    }
+}
+
+fn hub<'a>(ctx: &Context<'a>) -> Result<&'a Arc<BalanceHub>> {
+    ctx.data_opt::<Arc<BalanceHub>>()
+        .ok_or_else(|| BillingError::Internal("live balances are not running".into()))
+        .gql(ctx)
+}

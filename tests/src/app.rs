@@ -1,0 +1,67 @@
+//! The API app started on port 0 for a test, and a small GraphQL client.
+
+use serde_json::{Value, json};
+use std::net::TcpListener;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123";
+
+pub struct App {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub handle: actix_web::dev::ServerHandle,
+}
+
+impl App {
+    pub async fn start(db: &billing::sea_orm::DatabaseConnection) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let config = api::ApiConfig {
+            admin_token: Some(ADMIN_TOKEN.into()),
+            workers: 1,
+            ..Default::default()
+        };
+        let (handle, addr, _join) = api::spawn(listener, db.clone(), config)?;
+        Ok(Self {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+            handle,
+        })
+    }
+
+    pub async fn gql(
+        &self,
+        token: Option<&str>,
+        query: &str,
+        variables: Value,
+    ) -> anyhow::Result<Value> {
+        let mut req = self
+            .client
+            .post(format!("{}/graphql", self.base))
+            .json(&json!({ "query": query, "variables": variables }));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        Ok(req.send().await?.json().await?)
+    }
+
+    /// Posts a raw body (for malformed JSON and oversized requests).
+    pub async fn raw(&self, token: &str, body: String) -> anyhow::Result<(u16, String)> {
+        let response = self
+            .client
+            .post(format!("{}/graphql", self.base))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        Ok((response.status().as_u16(), response.text().await?))
+    }
+
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+    }
+}
+
+/// The first error's `extensions.code`.
+pub fn code(response: &Value) -> Option<&str> {
+    response["errors"][0]["extensions"]["code"].as_str()
+}

@@ -1,0 +1,730 @@
+//! Live balances: GraphQL subscriptions over WebSocket (`graphql-transport-ws`), with
+//! two API processes (each its own pool, hence its own balance-event tailer) on one
+//! database; and the hub itself (slow subscribers, limits, out-of-order commits).
+
+use api::events::{BalanceHub, BalanceStream, HubConfig, SubscriberTooSlow};
+use billing::accounts;
+use billing::entity::enums::WorkspaceRole;
+use billing::sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
+use billing::usage::{self, ProjectRef, UsageRequest};
+use futures::{SinkExt, StreamExt};
+use reservoir_tests::{Fixture, TEST_MODEL, TestDb, backend_name, fund, workspace};
+use serde_json::{Value, json};
+use std::net::TcpListener;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use uuid::Uuid;
+
+const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123";
+const WAIT: Duration = Duration::from_secs(20);
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+struct Server {
+    base: String,
+    ws_url: String,
+    client: reqwest::Client,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl Server {
+    async fn start(db: DatabaseConnection) -> anyhow::Result<Self> {
+        Self::start_with(db, api::ApiConfig::default()).await
+    }
+
+    async fn start_with(db: DatabaseConnection, config: api::ApiConfig) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let config = api::ApiConfig {
+            admin_token: Some(ADMIN_TOKEN.into()),
+            workers: 1,
+            ..config
+        };
+        let (handle, addr, _join) = api::spawn(listener, db, config)?;
+        Ok(Self {
+            base: format!("http://{addr}"),
+            ws_url: format!("ws://{addr}/graphql"),
+            client: reqwest::Client::new(),
+            handle,
+        })
+    }
+
+    async fn gql(&self, token: &str, query: &str, variables: Value) -> anyhow::Result<Value> {
+        Ok(self
+            .client
+            .post(format!("{}/graphql", self.base))
+            .bearer_auth(token)
+            .json(&json!({ "query": query, "variables": variables }))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Debits `prompt_tokens` × 1,000 nanocredits through `recordUsage` over HTTP.
+    async fn record_usage(
+        &self,
+        token: &str,
+        workspace_id: Uuid,
+        request_id: &str,
+        prompt_tokens: i32,
+    ) -> anyhow::Result<()> {
+        let response = self
+            .gql(
+                token,
+                "mutation($input: RecordUsageInput!) { recordUsage(input: $input) { cost } }",
+                json!({ "input": {
+                    "workspaceId": workspace_id.to_string(),
+                    "modelId": TEST_MODEL,
+                    "promptTokens": prompt_tokens,
+                    "completionTokens": 0,
+                    "requestId": request_id,
+                } }),
+            )
+            .await?;
+        anyhow::ensure!(
+            response["data"]["recordUsage"]["cost"].is_string(),
+            "recordUsage failed: {response}"
+        );
+        Ok(())
+    }
+
+    async fn ws_connect(&self) -> Result<Ws, tungstenite::Error> {
+        let mut request = self.ws_url.as_str().into_client_request()?;
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static("graphql-transport-ws"),
+        );
+        Ok(tokio_tungstenite::connect_async(request).await?.0)
+    }
+
+    /// A connection initialised with the token, after its `connection_ack`.
+    async fn ws(&self, token: &str) -> anyhow::Result<Ws> {
+        let mut ws = self.ws_connect().await?;
+        send(
+            &mut ws,
+            json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } }),
+        )
+        .await?;
+        let ack = next_json(&mut ws, WAIT).await?;
+        anyhow::ensure!(
+            matches!(&ack, Some(m) if m["type"] == "connection_ack"),
+            "expected connection_ack, got {ack:?}"
+        );
+        Ok(ws)
+    }
+
+    async fn stop(self) {
+        self.handle.stop(true).await;
+    }
+}
+
+async fn send(ws: &mut Ws, message: Value) -> anyhow::Result<()> {
+    ws.send(Message::text(message.to_string())).await?;
+    Ok(())
+}
+
+async fn subscribe(ws: &mut Ws, id: &str, query: &str, variables: Value) -> anyhow::Result<()> {
+    send(
+        ws,
+        json!({ "id": id, "type": "subscribe", "payload": { "query": query, "variables": variables } }),
+    )
+    .await
+}
+
+/// The next protocol message (None: the server closed the connection). Errors on timeout.
+async fn next_json(ws: &mut Ws, wait: Duration) -> anyhow::Result<Option<Value>> {
+    tokio::time::timeout(wait, async {
+        while let Some(message) = ws.next().await {
+            match message? {
+                Message::Text(text) => {
+                    let value: Value = serde_json::from_str(text.as_str())?;
+                    if value["type"] == "ping" {
+                        send(ws, json!({ "type": "pong" })).await?;
+                        continue;
+                    }
+                    return Ok(Some(value));
+                }
+                Message::Close(_) => return Ok(None),
+                _ => {}
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no WebSocket message within {wait:?}"))?
+}
+
+/// The payload of the next `next` message of subscription `id` (errors included).
+async fn next_payload(ws: &mut Ws, id: &str, wait: Duration) -> anyhow::Result<Option<Value>> {
+    loop {
+        let Some(message) = next_json(ws, wait).await? else {
+            return Ok(None);
+        };
+        if message["id"] != id {
+            continue;
+        }
+        match message["type"].as_str() {
+            Some("next") => return Ok(Some(message["payload"].clone())),
+            Some("error") => return Ok(Some(json!({ "errors": message["payload"] }))),
+            Some("complete") => return Ok(None),
+            _ => anyhow::bail!("unexpected message {message}"),
+        }
+    }
+}
+
+/// Keeps debiting (one small usage at a time) until the subscriber sees an event: the
+/// subscription is registered asynchronously after `subscribe` is sent.
+async fn until_subscribed(
+    server: &Server,
+    token: &str,
+    workspace_id: Uuid,
+    ws: &mut Ws,
+    id: &str,
+) -> anyhow::Result<Value> {
+    for i in 0..100 {
+        server
+            .record_usage(token, workspace_id, &format!("warm-{id}-{i}"), 1)
+            .await?;
+        match tokio::time::timeout(Duration::from_millis(500), next_payload(ws, id, WAIT)).await {
+            Ok(payload) => {
+                return payload?.ok_or_else(|| anyhow::anyhow!("subscription ended"));
+            }
+            Err(_) => continue,
+        }
+    }
+    anyhow::bail!("the subscription never delivered")
+}
+
+fn code(payload: &Value) -> Option<&str> {
+    payload["errors"][0]["extensions"]["code"].as_str()
+}
+
+fn nanos(credits: &Value) -> i64 {
+    billing::Credits::parse(credits.as_str().unwrap_or_default())
+        .map(|c| c.nanos())
+        .unwrap_or(i64::MIN)
+}
+
+const BALANCE_CHANGED: &str = "subscription($id: ID!) { balanceChanged(workspaceId: $id) { \
+    workspace { id balance } balance reserved available cause sequence at } }";
+
+const ACCOUNT_BALANCE_CHANGED: &str = "subscription($id: ID!) { accountBalanceChanged(accountId: $id) { \
+    account { id } change { workspace { id } balance sequence cause } totalBalance } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debits_on_one_server_reach_a_subscriber_on_another_in_order() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "10", now).await?;
+    let token = accounts::create_user_token(&t.db, f.owner_id, "test", now).await?;
+    let one = Server::start(t.db.clone()).await?;
+    let two = Server::start(t.second_pool().await?).await?;
+
+    let mut ws = one.ws(&token).await?;
+    subscribe(
+        &mut ws,
+        "1",
+        BALANCE_CHANGED,
+        json!({ "id": f.ws_a.to_string() }),
+    )
+    .await?;
+    let first = until_subscribed(&two, &token, f.ws_a, &mut ws, "1").await?;
+    let mut changes = vec![first];
+
+    // 50 debits through the other server, 8 at a time.
+    let debits = futures::stream::iter(0..50)
+        .map(|i| {
+            let (two, token) = (&two, &token);
+            async move {
+                two.record_usage(token, f.ws_a, &format!("debit-{i}"), 1_000)
+                    .await
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for debit in debits {
+        debit?;
+    }
+    let final_balance = workspace(&t.db, f.ws_a).await?.balance_nanos;
+    while nanos(&changes[changes.len() - 1]["data"]["balanceChanged"]["balance"]) != final_balance {
+        let payload = next_payload(&mut ws, "1", WAIT)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("subscription ended early"))?;
+        changes.push(payload);
+    }
+
+    let changes: Vec<&Value> = changes
+        .iter()
+        .map(|p| {
+            assert!(p["errors"].is_null(), "{p}");
+            &p["data"]["balanceChanged"]
+        })
+        .collect();
+    assert!(changes.len() > 50, "{} changes", changes.len());
+    for pair in changes.windows(2) {
+        let (a, b) = (pair[0]["sequence"].as_i64(), pair[1]["sequence"].as_i64());
+        assert_eq!(
+            b,
+            a.map(|a| a + 1),
+            "sequence strictly increasing without gaps"
+        );
+        assert!(nanos(&pair[1]["balance"]) < nanos(&pair[0]["balance"]));
+    }
+    for c in &changes {
+        assert_eq!(c["cause"], "USAGE");
+        assert_eq!(c["workspace"]["id"], f.ws_a.to_string());
+        assert_eq!(c["workspace"]["balance"], c["balance"]);
+        assert_eq!(c["reserved"], "0");
+        assert_eq!(c["available"], c["balance"]);
+        assert!(c["at"].is_string());
+    }
+    let last = changes[changes.len() - 1];
+    assert_eq!(nanos(&last["balance"]), final_balance);
+    assert_eq!(
+        last["sequence"].as_i64(),
+        Some(workspace(&t.db, f.ws_a).await?.balance_sequence)
+    );
+
+    send(&mut ws, json!({ "id": "1", "type": "complete" })).await?;
+    drop(ws);
+    one.stop().await;
+    two.stop().await;
+    t.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_changes_carry_the_total_of_its_workspaces() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "5", now).await?;
+    fund(&t.db, f.ws_b, "6", now).await?;
+    let token = accounts::create_user_token(&t.db, f.owner_id, "test", now).await?;
+    let one = Server::start(t.db.clone()).await?;
+    let two = Server::start(t.second_pool().await?).await?;
+    let total = |balances: &[i64]| balances.iter().sum::<i64>();
+
+    let mut ws = one.ws(&token).await?;
+    let account = json!({ "id": f.account_id.to_string() });
+    subscribe(&mut ws, "acc", ACCOUNT_BALANCE_CHANGED, account).await?;
+    let mut latest = until_subscribed(&two, &token, f.ws_b, &mut ws, "acc").await?;
+    // Drain what the warm-up produced: the last change of B carries B's balance now.
+    let b_now = workspace(&t.db, f.ws_b).await?.balance_nanos;
+    while nanos(&latest["data"]["accountBalanceChanged"]["change"]["balance"]) != b_now {
+        latest = next_payload(&mut ws, "acc", WAIT)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("ended"))?;
+    }
+    let a_now = workspace(&t.db, f.ws_a).await?.balance_nanos;
+    let change = &latest["data"]["accountBalanceChanged"];
+    assert_eq!(change["account"]["id"], f.account_id.to_string());
+    assert_eq!(nanos(&change["totalBalance"]), total(&[a_now, b_now]));
+
+    // A debit of A through the other server.
+    two.record_usage(&token, f.ws_a, "a-1", 250_000).await?;
+    let payload = next_payload(&mut ws, "acc", WAIT)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("ended"))?;
+    let change = &payload["data"]["accountBalanceChanged"];
+    let a_now = workspace(&t.db, f.ws_a).await?.balance_nanos;
+    assert_eq!(change["change"]["workspace"]["id"], f.ws_a.to_string());
+    assert_eq!(change["change"]["cause"], "USAGE");
+    assert_eq!(nanos(&change["change"]["balance"]), a_now);
+    assert_eq!(nanos(&change["totalBalance"]), total(&[a_now, b_now]));
+
+    // A workspace created after the subscription, funded by a purchase.
+    let c = accounts::create_workspace(&t.db, f.account_id, "C", now).await?;
+    fund(&t.db, c.id, "7", now).await?;
+    let payload = next_payload(&mut ws, "acc", WAIT)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("ended"))?;
+    let change = &payload["data"]["accountBalanceChanged"];
+    assert_eq!(change["change"]["workspace"]["id"], c.id.to_string());
+    assert_eq!(change["change"]["cause"], "PURCHASE");
+    assert_eq!(
+        nanos(&change["totalBalance"]),
+        total(&[a_now, b_now, 7_000_000_000])
+    );
+
+    // A plain account MEMBER (a viewer of A only) sees the changes of A, with the
+    // account's whole total, and not those of B.
+    let (member, _) = accounts::add_workspace_member(
+        &t.db,
+        f.ws_a,
+        "viewer@test.example",
+        Some("Viewer"),
+        WorkspaceRole::Viewer,
+        now,
+    )
+    .await?;
+    let member_token = accounts::create_user_token(&t.db, member.id, "test", now).await?;
+    let mut viewer = one.ws(&member_token).await?;
+    let account = json!({ "id": f.account_id.to_string() });
+    subscribe(&mut viewer, "m", ACCOUNT_BALANCE_CHANGED, account).await?;
+    let mut latest = until_subscribed(&two, &token, f.ws_a, &mut viewer, "m").await?;
+    let a_now = workspace(&t.db, f.ws_a).await?.balance_nanos;
+    while nanos(&latest["data"]["accountBalanceChanged"]["change"]["balance"]) != a_now {
+        latest = next_payload(&mut viewer, "m", WAIT)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("ended"))?;
+    }
+    two.record_usage(&token, f.ws_b, "b-hidden", 100_000)
+        .await?;
+    two.record_usage(&token, f.ws_a, "a-2", 100_000).await?;
+    let payload = next_payload(&mut viewer, "m", WAIT)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("ended"))?;
+    let change = &payload["data"]["accountBalanceChanged"];
+    assert_eq!(
+        change["change"]["workspace"]["id"],
+        f.ws_a.to_string(),
+        "{payload}"
+    );
+    let mut all = Vec::new();
+    for id in [f.ws_a, f.ws_b, c.id] {
+        all.push(workspace(&t.db, id).await?.balance_nanos);
+    }
+    assert_eq!(nanos(&change["totalBalance"]), total(&all));
+
+    drop(viewer);
+    drop(ws);
+    one.stop().await;
+    two.stop().await;
+    t.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_caller_cannot_see_is_not_found_and_bad_tokens_are_refused() -> anyhow::Result<()>
+{
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    let token = accounts::create_user_token(&t.db, f.owner_id, "test", now).await?;
+    let other =
+        accounts::create_account(&t.db, "Other", "other@test.example", "Other", now).await?;
+    let theirs = accounts::create_workspace(&t.db, other.account.id, "Theirs", now).await?;
+    let key = accounts::create_api_key(&t.db, f.ws_a, "gateway", None, now).await?;
+    let server = Server::start_with(
+        t.db.clone(),
+        api::ApiConfig {
+            websocket_connections_max: 2,
+            ..Default::default()
+        },
+    )
+    .await?;
+
+    let mut ws = server.ws(&token).await?;
+    for (id, query, target) in [
+        ("ws", BALANCE_CHANGED, theirs.id),
+        ("acc", ACCOUNT_BALANCE_CHANGED, other.account.id),
+        ("acc-by-ws-id", ACCOUNT_BALANCE_CHANGED, f.ws_a),
+        ("unknown", BALANCE_CHANGED, Uuid::new_v4()),
+    ] {
+        subscribe(&mut ws, id, query, json!({ "id": target.to_string() })).await?;
+        let payload = next_payload(&mut ws, id, WAIT).await?;
+        let payload = payload.ok_or_else(|| anyhow::anyhow!("{id}: no answer"))?;
+        assert_eq!(code(&payload), Some("NOT_FOUND"), "{id}: {payload}");
+        assert!(payload["data"].is_null(), "{id}: {payload}");
+    }
+    subscribe(
+        &mut ws,
+        "bad-id",
+        BALANCE_CHANGED,
+        json!({ "id": "not-a-uuid" }),
+    )
+    .await?;
+    let payload = next_payload(&mut ws, "bad-id", WAIT)
+        .await?
+        .unwrap_or_default();
+    assert_eq!(code(&payload), Some("NOT_FOUND"), "{payload}");
+    // The connection is still usable for what the caller can see.
+    subscribe(
+        &mut ws,
+        "mine",
+        BALANCE_CHANGED,
+        json!({ "id": f.ws_a.to_string() }),
+    )
+    .await?;
+
+    // A workspace API key sees its own workspace, not the account stream.
+    let mut by_key = server.ws(&key.secret).await?;
+    subscribe(
+        &mut by_key,
+        "acc",
+        ACCOUNT_BALANCE_CHANGED,
+        json!({ "id": f.account_id.to_string() }),
+    )
+    .await?;
+    let payload = next_payload(&mut by_key, "acc", WAIT)
+        .await?
+        .unwrap_or_default();
+    assert_eq!(code(&payload), Some("NOT_FOUND"), "{payload}");
+
+    // Two connections are open: a third is refused with 503.
+    match server.ws_connect().await {
+        Err(tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503);
+            let body: Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default())?;
+            assert_eq!(code(&body), Some("LIMIT_EXCEEDED"), "{body}");
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    drop(by_key);
+
+    // A bad token in connection_init: closed with an error, never acknowledged. (The
+    // slot of the dropped connection is free again, possibly after a moment.)
+    let mut bad = None;
+    for _ in 0..50 {
+        match server.ws_connect().await {
+            Ok(ws) => {
+                bad = Some(ws);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let mut bad = bad.ok_or_else(|| anyhow::anyhow!("the connection slot was never released"))?;
+    send(
+        &mut bad,
+        json!({ "type": "connection_init", "payload": { "authorization": "Bearer rsv_u_not-a-token" } }),
+    )
+    .await?;
+    let mut closed = None;
+    while let Some(message) = tokio::time::timeout(WAIT, bad.next()).await? {
+        match message {
+            Ok(Message::Close(frame)) => {
+                closed = frame;
+                break;
+            }
+            Ok(Message::Text(text)) => panic!("unexpected message {text}"),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let frame = closed.ok_or_else(|| anyhow::anyhow!("no close frame"))?;
+    assert_eq!(u16::from(frame.code), 1002);
+    assert!(
+        frame.reason.as_str().contains("authentication"),
+        "{}",
+        frame.reason
+    );
+
+    drop(bad);
+
+    // Without the subprotocol the upgrade is refused with 400 (STACK.md trap 13).
+    let mut status = None;
+    for _ in 0..50 {
+        let plain = server.ws_url.as_str().into_client_request()?;
+        match tokio_tungstenite::connect_async(plain).await {
+            Err(tungstenite::Error::Http(r)) if r.status().as_u16() == 503 => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(tungstenite::Error::Http(r)) => {
+                status = Some(r.status().as_u16());
+                break;
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(status, Some(400));
+
+    drop(ws);
+    server.stop().await;
+    t.finish().await
+}
+
+fn debit(workspace_id: Uuid, request_id: String) -> UsageRequest {
+    UsageRequest {
+        workspace_id,
+        project: ProjectRef::None,
+        model_id: TEST_MODEL.into(),
+        prompt_tokens: 1_000,
+        completion_tokens: 0,
+        request_id,
+        user_id: None,
+        api_key_id: None,
+    }
+}
+
+async fn next_event(
+    stream: &mut BalanceStream,
+) -> anyhow::Result<Option<Result<std::sync::Arc<api::events::BalanceEvent>, SubscriberTooSlow>>> {
+    tokio::time::timeout(WAIT, stream.next())
+        .await
+        .map_err(|_| anyhow::anyhow!("no event within {WAIT:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_is_dropped_and_the_others_keep_receiving()
+-> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "10", now).await?;
+    let hub = BalanceHub::start(
+        t.db.clone(),
+        HubConfig {
+            subscriber_buffer: 2,
+            subscribers_max: 3,
+            poll_interval_ms: 10,
+            ..Default::default()
+        },
+    );
+    let mut fast = hub.subscribe_workspace(f.ws_a)?;
+    // The tailer starts at the end of the table in the background: debit until the
+    // fast subscriber sees something (then drain it), then one debit at a time.
+    let mut seen = Vec::new();
+    for i in 0..100 {
+        usage::record_usage(&t.db, debit(f.ws_a, format!("warm-{i}")), now).await?;
+        if let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(300), fast.next()).await
+        {
+            seen.push(event?.sequence);
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 1, "the hub never delivered");
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), fast.next()).await
+    {
+        seen.push(event?.sequence);
+    }
+    let mut slow = hub.subscribe_workspace(f.ws_a)?;
+    let mut account = hub.subscribe_account(f.account_id)?;
+    assert_eq!(hub.subscriber_count(), 3);
+    let refused = hub.subscribe_workspace(f.ws_b).expect_err("over the limit");
+    assert_eq!(refused.code(), billing::ErrorCode::LimitExceeded);
+    for i in 0..4 {
+        usage::record_usage(&t.db, debit(f.ws_a, format!("d-{i}")), now).await?;
+        let event = next_event(&mut fast)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("ended"))??;
+        seen.push(event.sequence);
+        // The account subscriber reads too, so it is never dropped.
+        let by_account = next_event(&mut account)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("ended"))??;
+        assert_eq!(by_account.workspace_id, f.ws_a);
+        assert_eq!(by_account.account_id, Some(f.account_id));
+    }
+    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+    assert_eq!(hub.subscriber_count(), 2, "the slow subscriber was dropped");
+
+    // The slow one gets what it had buffered, one error, then the end.
+    let mut got = Vec::new();
+    while let Some(item) = next_event(&mut slow).await? {
+        got.push(item.map(|e| e.sequence));
+    }
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got[..2].iter().all(Result::is_ok), "{got:?}");
+    assert_eq!(got[2], Err(SubscriberTooSlow));
+    assert_eq!(
+        SubscriberTooSlow.to_string(),
+        "subscriber too slow; resubscribe"
+    );
+
+    // Its slot is free again; a dropped stream frees its slot too.
+    let again = hub.subscribe_workspace(f.ws_b)?;
+    assert_eq!(hub.subscriber_count(), 3);
+    drop(again);
+    assert_eq!(hub.subscriber_count(), 2);
+
+    // Shutdown ends every stream and refuses new subscribers.
+    hub.shutdown();
+    assert!(next_event(&mut fast).await?.is_none());
+    assert!(next_event(&mut account).await?.is_none());
+    assert!(hub.subscribe_workspace(f.ws_a).is_err());
+    assert_eq!(hub.subscriber_count(), 0);
+
+    // Dropping the last handle stops a hub too.
+    let hub = BalanceHub::start(t.db.clone(), HubConfig::default());
+    let mut orphan = hub.subscribe_workspace(f.ws_a)?;
+    drop(hub);
+    assert!(next_event(&mut orphan).await?.is_none());
+    t.finish().await
+}
+
+/// PostgreSQL assigns ids at INSERT, not at commit: a transaction holding a lower id
+/// that commits after a higher one must still be delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_after_a_later_id_is_still_delivered() -> anyhow::Result<()> {
+    if backend_name() != "postgres" {
+        return Ok(()); // one writer at a time on SQLite: ids become visible in order
+    }
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "10", now).await?;
+    let other_pool = t.second_pool().await?;
+    let hub = BalanceHub::start(t.db.clone(), HubConfig::default());
+    let mut a = hub.subscribe_workspace(f.ws_a)?;
+    let mut b = hub.subscribe_workspace(f.ws_b)?;
+    for i in 0..100 {
+        usage::record_usage(&other_pool, debit(f.ws_a, format!("warm-{i}")), now).await?;
+        if tokio::time::timeout(Duration::from_millis(300), a.next())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+    }
+
+    // A transaction takes an id for a balance event of B (a sequence bump: no money
+    // moves) and stays open...
+    let held = t.db.begin().await?;
+    held.execute_unprepared(&format!(
+        "WITH w AS (UPDATE workspaces SET balance_sequence = balance_sequence + 1 \
+                    WHERE id = '{}' RETURNING id, balance_sequence, balance_nanos, reserved_nanos) \
+         INSERT INTO balance_events (workspace_id, sequence, balance_nanos, reserved_nanos, cause, created_at) \
+         SELECT id, balance_sequence, balance_nanos, reserved_nanos, 'ADJUSTMENT', now() FROM w",
+        f.ws_b
+    ))
+    .await?;
+    held.execute_unprepared("SELECT pg_notify('reservoir_balance_events', '')")
+        .await?;
+    // ...while a debit of A takes a higher id and commits first.
+    usage::record_usage(&other_pool, debit(f.ws_a, "after".into()), now).await?;
+    let later = next_event(&mut a)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("ended"))??;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), b.next())
+            .await
+            .is_err(),
+        "nothing of B is committed yet"
+    );
+    held.commit().await?;
+    let late = next_event(&mut b)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("ended"))??;
+    assert!(late.id < later.id, "{} < {}", late.id, later.id);
+    assert_eq!(
+        late.sequence,
+        workspace(&t.db, f.ws_b).await?.balance_sequence
+    );
+
+    // A rolled-back id is given up, and later events still flow.
+    let rolled = t.db.begin().await?;
+    rolled
+        .execute_unprepared(&format!(
+            "INSERT INTO balance_events (workspace_id, sequence, balance_nanos, reserved_nanos, cause, created_at) \
+             VALUES ('{}', 999999, 0, 0, 'ADJUSTMENT', now())",
+            f.ws_b
+        ))
+        .await?;
+    rolled.rollback().await?;
+    usage::record_usage(&other_pool, debit(f.ws_a, "after-rollback".into()), now).await?;
+    let next = next_event(&mut a)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("ended"))??;
+    assert_eq!(next.sequence, later.sequence + 1);
+
+    drop(hub);
+    other_pool.close().await?;
+    t.finish().await
+}
