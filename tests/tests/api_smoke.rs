@@ -1,54 +1,9 @@
 //! The API app as the launcher builds it, bound to port 0, driven over real HTTP.
 
 use billing::accounts;
+use reservoir_tests::app::{ADMIN_TOKEN, App, code};
 use reservoir_tests::{Fixture, TEST_MODEL, TestDb, fund};
 use serde_json::{Value, json};
-use std::net::TcpListener;
-
-const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123";
-
-struct App {
-    base: String,
-    client: reqwest::Client,
-    handle: actix_web::dev::ServerHandle,
-}
-
-impl App {
-    async fn start(t: &TestDb) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let config = api::ApiConfig {
-            admin_token: Some(ADMIN_TOKEN.into()),
-            workers: 1,
-            ..Default::default()
-        };
-        let (handle, addr, _join) = api::spawn(listener, t.db.clone(), config)?;
-        Ok(Self {
-            base: format!("http://{addr}"),
-            client: reqwest::Client::new(),
-            handle,
-        })
-    }
-
-    async fn gql(
-        &self,
-        token: Option<&str>,
-        query: &str,
-        variables: Value,
-    ) -> anyhow::Result<Value> {
-        let mut req = self
-            .client
-            .post(format!("{}/graphql", self.base))
-            .json(&json!({ "query": query, "variables": variables }));
-        if let Some(token) = token {
-            req = req.bearer_auth(token);
-        }
-        Ok(req.send().await?.json().await?)
-    }
-}
-
-fn code(response: &Value) -> Option<&str> {
-    response["errors"][0]["extensions"]["code"].as_str()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_answers_health_auth_reads_and_usage() -> anyhow::Result<()> {
@@ -57,7 +12,7 @@ async fn the_app_answers_health_auth_reads_and_usage() -> anyhow::Result<()> {
     let f = Fixture::new(&t.db, now).await?;
     fund(&t.db, f.ws_a, "5", now).await?;
     let token = accounts::create_user_token(&t.db, f.owner_id, "test", now).await?;
-    let app = App::start(&t).await?;
+    let app = App::start(&t.db).await?;
 
     let health = app
         .client
@@ -138,7 +93,7 @@ async fn the_app_answers_health_auth_reads_and_usage() -> anyhow::Result<()> {
 #[tokio::test]
 async fn credit_packages_are_listed_with_exact_amounts() -> anyhow::Result<()> {
     let t = TestDb::new().await?;
-    let app = App::start(&t).await?;
+    let app = App::start(&t.db).await?;
     let response = app
         .gql(
             Some(ADMIN_TOKEN),
@@ -168,4 +123,97 @@ fn schema_graphql_matches_the_code() {
         generated == checked_in,
         "schema.graphql is out of date: run `cargo run -- export-schema --out schema.graphql`"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_pages_follow_cursors_and_estimates_apply_the_discount() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "5", now).await?;
+    for i in 0..7 {
+        let req = billing::usage::UsageRequest {
+            workspace_id: f.ws_a,
+            project: billing::usage::ProjectRef::None,
+            model_id: TEST_MODEL.into(),
+            prompt_tokens: 100 * (i + 1),
+            completion_tokens: 0,
+            request_id: format!("p{i}"),
+            user_id: None,
+            api_key_id: None,
+        };
+        billing::usage::record_usage(&t.db, req, now).await?;
+    }
+    let token = accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
+    let app = App::start(&t.db).await?;
+    let page = "query($id: ID!, $after: String) { workspace(id: $id) { ledger(first: 3, after: $after) { edges { cursor node { kind amount balanceAfter usage { requestId } } } pageInfo { hasNextPage endCursor } } } }";
+    let mut after = Value::Null;
+    let mut seen = Vec::new();
+    loop {
+        let r = app
+            .gql(
+                Some(&token),
+                page,
+                json!({ "id": f.ws_a.to_string(), "after": after }),
+            )
+            .await?;
+        let ledger = &r["data"]["workspace"]["ledger"];
+        for edge in ledger["edges"].as_array().cloned().unwrap_or_default() {
+            seen.push((
+                edge["node"]["kind"].as_str().unwrap_or_default().to_owned(),
+                edge["node"]["amount"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ));
+        }
+        if ledger["pageInfo"]["hasNextPage"] != true {
+            break;
+        }
+        after = ledger["pageInfo"]["endCursor"].clone();
+    }
+    // Newest first: 7 usage debits, then the purchase.
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    assert_eq!(seen[0], ("USAGE".to_owned(), "-0.0007".to_owned()));
+    assert_eq!(seen[7], ("PURCHASE".to_owned(), "5".to_owned()));
+    let bad = app
+        .gql(
+            Some(&token),
+            page,
+            json!({ "id": f.ws_a.to_string(), "after": "garbage" }),
+        )
+        .await?;
+    assert_eq!(code(&bad), Some("INVALID_INPUT"));
+
+    // A 12.5 % discount, agreed by the platform admin, applies to estimates with a workspace.
+    let agree = "mutation($input: SetPricingAgreementInput!) { setPricingAgreement(input: $input) { volumeDiscountPercent } }";
+    let input = json!({ "input": { "accountId": f.account_id.to_string(), "verified": true, "volumeDiscountPercent": "12.5", "paymentTermsDays": 30 } });
+    let r = app.gql(Some(ADMIN_TOKEN), agree, input.clone()).await?;
+    assert_eq!(
+        r["data"]["setPricingAgreement"]["volumeDiscountPercent"], "12.5",
+        "{r}"
+    );
+    assert_eq!(
+        code(&app.gql(Some(&token), agree, input).await?),
+        Some("FORBIDDEN")
+    );
+    let estimate = "query($ws: ID) { estimateCost(modelId: \"test/linear\", promptTokens: 1000, completionTokens: 1000, workspaceId: $ws) { promptCost completionCost discount total affordable model { id } } }";
+    let list = app
+        .gql(Some(&token), estimate, json!({ "ws": Value::Null }))
+        .await?;
+    assert_eq!(
+        list["data"]["estimateCost"],
+        json!({ "promptCost": "0.001", "completionCost": "0.002", "discount": "0", "total": "0.003", "affordable": null, "model": { "id": TEST_MODEL } })
+    );
+    let discounted = app
+        .gql(Some(&token), estimate, json!({ "ws": f.ws_a.to_string() }))
+        .await?;
+    assert_eq!(
+        discounted["data"]["estimateCost"]["total"], "0.002625",
+        "{discounted}"
+    );
+    assert_eq!(discounted["data"]["estimateCost"]["discount"], "0.000375");
+    assert_eq!(discounted["data"]["estimateCost"]["affordable"], true);
+    app.stop().await;
+    t.finish().await
 }

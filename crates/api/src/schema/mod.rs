@@ -3,6 +3,7 @@
 
 pub mod loaders;
 mod mutation;
+mod purchase_feed;
 mod query;
 mod subscription;
 mod types;

@@ -3,7 +3,7 @@
 //! stream then carries every balance event of its workspace (or account) committed
 //! from then on, in sequence order.
 
-use super::{Account, Workspace, caller, credits, db, parse_id};
+use super::{Account, Purchase, Workspace, caller, credits, db, parse_id};
 use crate::error::{GqlResult, RequestId, to_gql};
 use crate::events::{BalanceEvent, BalanceHub, BalanceStream};
 use crate::scalars::{BigInt, CreditsScalar};
@@ -186,6 +186,30 @@ impl SubscriptionRoot {
             Some((out, state))
         })
         .boxed())
+    }
+
+    /// A workspace's purchases as their status changes.
+    async fn purchase_updated(
+        &self,
+        ctx: &Context<'_>,
+        workspace_id: ID,
+    ) -> Result<Changes<Purchase>> {
+        let principal = caller(ctx)?;
+        let workspace_id = parse_id(ctx, &workspace_id, "workspace")?;
+        let (_, level) = access::workspace_access(db(ctx), &principal, workspace_id)
+            .await
+            .gql(ctx)?;
+        if level == access::WorkspaceAccess::ApiKey {
+            return Err(BillingError::Forbidden(
+                "an API key cannot follow purchases",
+            ))
+            .gql(ctx);
+        }
+        Ok(
+            super::purchase_feed::purchase_updates(db(ctx).clone(), workspace_id)
+                .map(|p| Ok(Purchase(p)))
+                .boxed(),
+        )
     }
 }
 
