@@ -12,7 +12,14 @@ pub struct App {
 }
 
 impl App {
-    pub async fn start(db: &billing::sea_orm::DatabaseConnection) -> anyhow::Result<Self> {
+    /// Starts the app on its own connection pool: connections opened by the server's
+    /// worker threads die with them, so the test's own pool must not be shared.
+    pub async fn start(t: &crate::TestDb) -> anyhow::Result<Self> {
+        Self::start_with(&t.second_pool().await?).await
+    }
+
+    /// Starts the app on a given pool (one the test instruments).
+    pub async fn start_with(db: &billing::sea_orm::DatabaseConnection) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let config = api::ApiConfig {
             admin_token: Some(ADMIN_TOKEN.into()),
@@ -22,7 +29,7 @@ impl App {
         let (handle, addr, _join) = api::spawn(listener, db.clone(), config)?;
         Ok(Self {
             base: format!("http://{addr}"),
-            client: reqwest::Client::new(),
+            client: http_client(),
             handle,
         })
     }
@@ -59,6 +66,17 @@ impl App {
     pub async fn stop(self) {
         self.handle.stop(true).await;
     }
+}
+
+/// An HTTP client for tests. reqwest is built with `rustls-no-provider` in this
+/// workspace (the Stripe adapter hands it a configured provider), so a plain client
+/// needs a process-wide crypto provider installed first (STACK.md, trap 15).
+pub fn http_client() -> reqwest::Client {
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::new()
 }
 
 /// The first error's `extensions.code`.

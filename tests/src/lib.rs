@@ -72,6 +72,15 @@ impl TestDb {
         }
     }
 
+    /// The job queue's URL: its own SQLite file beside the database, or the
+    /// PostgreSQL database itself.
+    pub fn queue_url(&self) -> String {
+        match &self._dir {
+            Some(dir) => format!("sqlite://{}/queue.db", dir.path().display()),
+            None => self.url.clone(),
+        }
+    }
+
     /// A second, independent connection pool to the same database (as a second
     /// process would have).
     pub async fn second_pool(&self) -> anyhow::Result<DatabaseConnection> {

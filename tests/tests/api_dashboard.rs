@@ -110,7 +110,7 @@ async fn statements_for(
             log.push(info.statement.sql.chars().take(90).collect());
         }
     });
-    let app = App::start(&counted).await?;
+    let app = App::start_with(&counted).await?;
     let to = chrono::Utc::now() + chrono::Duration::days(1);
     let from = to - chrono::Duration::days(30);
     let vars = json!({ "id": account_id, "from": from.to_rfc3339(), "to": to.to_rfc3339() });

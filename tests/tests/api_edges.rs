@@ -19,7 +19,7 @@ async fn bad_input_is_refused_with_a_code_and_writes_nothing() -> anyhow::Result
     let f = Fixture::new(&t.db, now).await?;
     fund(&t.db, f.ws_a, "10", now).await?;
     let token = billing::accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
-    let app = App::start(&t.db).await?;
+    let app = App::start(&t).await?;
     let ws = f.ws_a.to_string();
     let before = money_row_counts(&t.db).await?;
 
@@ -122,7 +122,7 @@ async fn an_internal_error_hides_its_cause_and_carries_a_request_id() -> anyhow:
     let f = Fixture::new(&t.db, now).await?;
     fund(&t.db, f.ws_a, "10", now).await?;
     let token = billing::accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
-    let app = App::start(&t.db).await?;
+    let app = App::start(&t).await?;
     // Break the database under the app: the rollup table disappears.
     t.db.execute_raw(Statement::from_string(
         t.db.get_database_backend(),
@@ -178,7 +178,7 @@ async fn metrics_and_health_endpoints_answer() -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     let f = Fixture::new(&t.db, now).await?;
     fund(&t.db, f.ws_a, "5", now).await?;
-    let app = App::start(&t.db).await?;
+    let app = App::start(&t).await?;
     let ws = f.ws_a.to_string();
     app.gql(
         Some(ADMIN_TOKEN),

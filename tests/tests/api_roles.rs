@@ -466,7 +466,7 @@ impl Roles {
         tokens.insert(Who::KeyA, key_a.secret);
         tokens.insert(Who::KeyB, key_b.secret);
 
-        let app = App::start(db).await?;
+        let app = App::start(&t).await?;
         Ok(Self {
             app,
             gw,
@@ -1112,7 +1112,7 @@ impl Cross {
             now,
         )
         .await?;
-        let app = App::start(db).await?;
+        let app = App::start(&t).await?;
         Ok(Self {
             app,
             owner1_token,
@@ -1471,11 +1471,17 @@ async fn another_accounts_ids_are_not_found_and_nothing_changes() -> anyhow::Res
     let db = &x.t.db;
     let probes = probes(&x);
 
-    // The control probes change the caller's own account; run them first.
+    // The control probes change the caller's own account; run them first. They also
+    // prove that the snapshot sees a write.
+    let before_control = snapshot(db).await?;
     for p in probes.iter().filter(|p| p.expected == OK) {
         let response = x.gql(p.query, (p.vars)(&p.theirs.to_string())).await?;
         assert_eq!(outcome(&response, p.field), OK, "{}: {response}", p.name);
     }
+    assert_eq!(
+        changed_tables(&before_control, &snapshot(db).await?),
+        ["projects"]
+    );
 
     let before = snapshot(db).await?;
     let counts_before = money_row_counts(db).await?;
@@ -1570,4 +1576,100 @@ async fn another_accounts_ids_are_not_found_and_nothing_changes() -> anyhow::Res
         .ok_or_else(|| anyhow::anyhow!("their project vanished"))?;
     assert_eq!(project.budget_limit_nanos, None);
     x.finish().await
+}
+
+/// The response with an id replaced by a placeholder, to compare two refusals.
+fn without(response: &Value, id: &str) -> String {
+    response.to_string().replace(id, "<id>")
+}
+
+/// "NOT_FOUND, never a hint that it exists": the refusal for another account's object
+/// must be the very same response as for an id that names nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+
+async fn another_accounts_ids_get_the_same_refusal_as_unknown_ids() -> anyhow::Result<()> {
+    let x = Cross::new().await?;
+    let mut hints = Vec::new();
+    for p in probes(&x).iter().filter(|p| p.expected != OK) {
+        let theirs = p.theirs.to_string();
+        let unknown = Uuid::now_v7().to_string();
+        let for_theirs = x.gql(p.query, (p.vars)(&theirs)).await?;
+        let for_unknown = x.gql(p.query, (p.vars)(&unknown)).await?;
+        let (for_theirs, for_unknown) = (
+            without(&for_theirs, &theirs),
+            without(&for_unknown, &unknown),
+        );
+        if for_theirs != for_unknown {
+            hints.push(format!(
+                "{}:\n  theirs:  {for_theirs}\n  unknown: {for_unknown}",
+                p.name
+            ));
+        }
+    }
+    assert!(
+        hints.is_empty(),
+        "{} refusals tell another account's objects from unknown ids:\n{}",
+        hints.len(),
+        hints.join("\n")
+    );
+    x.finish().await
+}
+
+/// An API key acts on its workspace's usage and sees nothing about people:
+/// Workspace.members (and account, alertThresholds) are FORBIDDEN to it. The same
+/// people must not reach it through usage rows grouped by MEMBER or through the
+/// `user` of a usage event it records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+
+async fn api_key_sees_no_people_through_usage() -> anyhow::Result<()> {
+    let env = Roles::new().await?;
+    let member = env.user(Who::AMember)?;
+    let email = "a-member@roles.example";
+    let members = env
+        .gql(
+            Who::KeyA,
+            "query($id: ID!) { workspace(id: $id) { members { user { email } } } }",
+            json!({ "id": env.ws_a.to_string() }),
+        )
+        .await?;
+    assert_eq!(outcome(&members, "workspace"), F, "{members}");
+
+    let recorded = env
+        .gql(
+            Who::AMember,
+            "mutation($input: RecordUsageInput!) { recordUsage(input: $input) { id } }",
+            json!({ "input": env.usage_input(Some(env.ws_a)) }),
+        )
+        .await?;
+    assert_eq!(outcome(&recorded, "recordUsage"), OK, "{recorded}");
+    let from = (Utc::now() - chrono::Duration::days(1)).to_rfc3339();
+    let to = (Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    let report = env
+        .gql(
+            Who::KeyA,
+            "query($id: ID!, $from: DateTime!, $to: DateTime!) { workspace(id: $id) { usage(from: $from, to: $to, groupBy: [MEMBER]) { rows { user { email name } cost } } } }",
+            json!({ "id": env.ws_a.to_string(), "from": from, "to": to }),
+        )
+        .await?;
+    let attributed = env
+        .gql(
+            Who::KeyA,
+            "mutation($input: RecordUsageInput!) { recordUsage(input: $input) { user { email name } } }",
+            json!({ "input": {
+                "workspaceId": env.ws_a.to_string(),
+                "modelId": TEST_MODEL,
+                "promptTokens": 1,
+                "completionTokens": 1,
+                "requestId": "attributed-by-key",
+                "userId": member.to_string(),
+            } }),
+        )
+        .await?;
+    for (what, response) in [("usage rows", &report), ("usage event", &attributed)] {
+        assert!(
+            !response.to_string().contains(email),
+            "an API key read a member's e-mail through the {what}: {response}"
+        );
+    }
+    env.finish().await
 }

@@ -12,7 +12,7 @@ async fn the_app_answers_health_auth_reads_and_usage() -> anyhow::Result<()> {
     let f = Fixture::new(&t.db, now).await?;
     fund(&t.db, f.ws_a, "5", now).await?;
     let token = accounts::create_user_token(&t.db, f.owner_id, "test", now).await?;
-    let app = App::start(&t.db).await?;
+    let app = App::start(&t).await?;
 
     let health = app
         .client
@@ -93,7 +93,7 @@ async fn the_app_answers_health_auth_reads_and_usage() -> anyhow::Result<()> {
 #[tokio::test]
 async fn credit_packages_are_listed_with_exact_amounts() -> anyhow::Result<()> {
     let t = TestDb::new().await?;
-    let app = App::start(&t.db).await?;
+    let app = App::start(&t).await?;
     let response = app
         .gql(
             Some(ADMIN_TOKEN),
@@ -145,7 +145,7 @@ async fn ledger_pages_follow_cursors_and_estimates_apply_the_discount() -> anyho
         billing::usage::record_usage(&t.db, req, now).await?;
     }
     let token = accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
-    let app = App::start(&t.db).await?;
+    let app = App::start(&t).await?;
     let page = "query($id: ID!, $after: String) { workspace(id: $id) { ledger(first: 3, after: $after) { edges { cursor node { kind amount balanceAfter usage { requestId } } } pageInfo { hasNextPage endCursor } } } }";
     let mut after = Value::Null;
     let mut seen = Vec::new();

@@ -47,7 +47,7 @@ impl Server {
         Ok(Self {
             base: format!("http://{addr}"),
             ws_url: format!("ws://{addr}/graphql"),
-            client: reqwest::Client::new(),
+            client: reservoir_tests::app::http_client(),
             handle,
         })
     }
@@ -222,7 +222,10 @@ async fn debits_on_one_server_reach_a_subscriber_on_another_in_order() -> anyhow
     let f = Fixture::new(&t.db, now).await?;
     fund(&t.db, f.ws_a, "10", now).await?;
     let token = accounts::create_user_token(&t.db, f.owner_id, "test", now).await?;
-    let one = Server::start(t.db.clone()).await?;
+    // Two API processes, each with its own pool (hence its own tailer). Neither uses
+    // `t.db`: connections a server opens belong to its worker's runtime, which ends
+    // with the server, and `t.finish()` still needs its pool afterwards.
+    let one = Server::start(t.second_pool().await?).await?;
     let two = Server::start(t.second_pool().await?).await?;
 
     let mut ws = one.ws(&token).await?;
@@ -306,7 +309,10 @@ async fn account_changes_carry_the_total_of_its_workspaces() -> anyhow::Result<(
     fund(&t.db, f.ws_a, "5", now).await?;
     fund(&t.db, f.ws_b, "6", now).await?;
     let token = accounts::create_user_token(&t.db, f.owner_id, "test", now).await?;
-    let one = Server::start(t.db.clone()).await?;
+    // Two API processes, each with its own pool (hence its own tailer). Neither uses
+    // `t.db`: connections a server opens belong to its worker's runtime, which ends
+    // with the server, and `t.finish()` still needs its pool afterwards.
+    let one = Server::start(t.second_pool().await?).await?;
     let two = Server::start(t.second_pool().await?).await?;
     let total = |balances: &[i64]| balances.iter().sum::<i64>();
 
@@ -411,7 +417,7 @@ async fn what_the_caller_cannot_see_is_not_found_and_bad_tokens_are_refused() ->
     let theirs = accounts::create_workspace(&t.db, other.account.id, "Theirs", now).await?;
     let key = accounts::create_api_key(&t.db, f.ws_a, "gateway", None, now).await?;
     let server = Server::start_with(
-        t.db.clone(),
+        t.second_pool().await?,
         api::ApiConfig {
             websocket_connections_max: 2,
             ..Default::default()

@@ -27,6 +27,9 @@ pub use schema::build_schema;
 pub struct ApiConfig {
     /// Attaches cards for `addPaymentMethod` (the sandbox unless configured).
     pub gateway: Arc<dyn billing::payments::PaymentGateway>,
+    /// Where work is pushed after a commit (the worker's queue; without one, the
+    /// worker's sweep picks the rows up).
+    pub jobs: Arc<dyn billing::jobs::JobSink>,
     /// The platform admin token; None disables platform-admin calls.
     pub admin_token: Option<String>,
     /// Largest accepted request body.
@@ -56,6 +59,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             gateway: Arc::new(billing::payments::SandboxGateway::new()),
+            jobs: Arc::new(billing::jobs::NoQueue),
             admin_token: None,
             body_bytes_max: 2 * 1024 * 1024,
             workers: 0,
@@ -288,6 +292,7 @@ pub fn build_server(
     let state = AppState {
         schema: schema::schema_builder(db.clone(), config.gateway.clone())
             .data(hub.clone())
+            .data(config.jobs.clone())
             .data(metrics.clone())
             .extension(metrics::RequestMetrics(metrics.clone()))
             .finish(),

@@ -7,16 +7,21 @@
 
 pub mod access;
 pub mod accounts;
+pub mod alerts;
 pub mod analytics;
 pub mod auth;
+pub mod auto_reload;
 pub mod budget;
+pub mod capture;
 pub mod db;
 pub mod error;
 pub mod history;
 pub mod ids;
 pub mod invariants;
+pub mod jobs;
 pub mod ledger;
 pub mod money;
+pub mod notifications;
 pub mod payments;
 pub mod pricing;
 pub mod purchases;

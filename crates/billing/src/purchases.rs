@@ -18,8 +18,8 @@ use entity::enums::{
 use entity::{accounts, credit_packages, invoice_lines, invoices, purchases, workspaces};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveModelTrait as _, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
-    IntoActiveModel, QueryFilter, QueryOrder,
+    ActiveModelTrait as _, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
 };
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -56,8 +56,8 @@ pub struct Purchased {
 }
 
 /// What a request buys: (amount, bonus, price, package id).
-async fn price_item(
-    db: &DatabaseConnection,
+async fn price_item<C: ConnectionTrait>(
+    db: &C,
     item: &PurchaseItem,
 ) -> Result<(Credits, Credits, Credits, Option<String>)> {
     match item {
@@ -147,26 +147,8 @@ pub async fn create_purchase(
         Some(_) => return Err(BillingError::IdempotencyConflict),
         None => {}
     }
-    let purchase = purchases::Model {
-        id: new_id(),
-        workspace_id: req.workspace_id,
-        package_id,
-        amount_nanos: amount.nanos(),
-        bonus_nanos: bonus.nanos(),
-        price_nanos: price.nanos(),
-        status: PurchaseStatus::Pending,
-        source: req.source,
-        payment_method_id: req.payment_method_id,
-        idempotency_key: key.as_str().to_owned(),
-        request_hash: hash,
-        failure_reason: None,
-        gateway_charge_id: None,
-        attempts: 0,
-        invoice_id: None,
-        created_by_user_id: req.created_by_user_id,
-        created_at: now,
-        completed_at: None,
-    };
+    let priced = (amount, bonus, price, package_id);
+    let purchase = pending_row(new_id(), &req, &key, priced, hash, now);
     match purchases::Entity::insert(purchase.clone().into_active_model().reset_all())
         .exec_without_returning(db)
         .await
@@ -181,6 +163,58 @@ pub async fn create_purchase(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// A PENDING purchase row, not yet written.
+fn pending_row(
+    id: Uuid,
+    req: &PurchaseRequest,
+    key: &IdempotencyKey,
+    (amount, bonus, price, package_id): (Credits, Credits, Credits, Option<String>),
+    request_hash: String,
+    now: DateTime<Utc>,
+) -> purchases::Model {
+    purchases::Model {
+        id,
+        workspace_id: req.workspace_id,
+        package_id,
+        amount_nanos: amount.nanos(),
+        bonus_nanos: bonus.nanos(),
+        price_nanos: price.nanos(),
+        status: PurchaseStatus::Pending,
+        source: req.source,
+        payment_method_id: req.payment_method_id,
+        idempotency_key: key.as_str().to_owned(),
+        request_hash,
+        failure_reason: None,
+        gateway_charge_id: None,
+        attempts: 0,
+        invoice_id: None,
+        created_by_user_id: req.created_by_user_id,
+        created_at: now,
+        completed_at: None,
+    }
+}
+
+/// Validates and prices a request into the PENDING row [`create_purchase`] would
+/// write, with the given id, without writing it (only a package lookup reads), for
+/// callers that insert it inside their own transaction (auto-reload). There is no
+/// replay lookup: the caller's key must be new (e.g. contain `id`).
+pub(crate) async fn new_pending_row<C: ConnectionTrait>(
+    c: &C,
+    id: Uuid,
+    req: &PurchaseRequest,
+    now: DateTime<Utc>,
+) -> Result<purchases::Model> {
+    let key = IdempotencyKey::parse("idempotencyKey", &req.idempotency_key)?;
+    let priced = price_item(c, &req.item).await?;
+    let hash = purchase_hash(
+        priced.3.as_deref(),
+        priced.0,
+        req.source,
+        req.payment_method_id,
+    );
+    Ok(pending_row(id, req, &key, priced, hash, now))
 }
 
 pub async fn load_purchase(db: &DatabaseConnection, id: Uuid) -> Result<purchases::Model> {
@@ -300,6 +334,7 @@ pub async fn post_purchase_credit(
     )
     .await?;
     ledger::balance_event(tx, &ws, BalanceChangeCause::Purchase, now).await?;
+    crate::alerts::after_balance_change(tx, &ws, now).await?;
     Ok(ws)
 }
 
@@ -319,6 +354,9 @@ pub async fn credit_purchase(
         return already_resolved(db, purchase_id).await;
     };
     post_purchase_credit(&tx, &purchase, now).await?;
+    if purchase.source == PurchaseSource::AutoReload {
+        crate::auto_reload::on_reload_captured(&tx, &purchase, now).await?;
+    }
     tx.commit().await?;
     Ok(purchase)
 }
@@ -343,18 +381,35 @@ pub async fn capture_succeeded(
     let ws = post_purchase_credit(&tx, &purchase, now).await?;
     let invoice = issue_invoice(&tx, &purchase, ws.account_id, InvoiceStatus::Paid, now).await?;
     purchase.invoice_id = Some(invoice.id);
+    if purchase.source == PurchaseSource::AutoReload {
+        crate::auto_reload::on_reload_captured(&tx, &purchase, now).await?;
+    }
     tx.commit().await?;
     Ok(purchase)
 }
 
 /// Marks a PENDING purchase FAILED with the gateway's reason; nothing is credited.
+/// An AUTO_RELOAD purchase also counts as a failed reload, in the same transaction
+/// (as [`crate::auto_reload::reload_failed`] with `permanent`).
 pub async fn fail_purchase(
     db: &DatabaseConnection,
     purchase_id: Uuid,
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<purchases::Model> {
+    fail_purchase_with(db, purchase_id, reason, true, now).await
+}
+
+/// [`fail_purchase`], saying whether the failure is permanent (for auto-reloads).
+pub(crate) async fn fail_purchase_with(
+    db: &DatabaseConnection,
+    purchase_id: Uuid,
+    reason: &str,
+    permanent: bool,
+    now: DateTime<Utc>,
+) -> Result<purchases::Model> {
     let reason: String = reason.chars().take(FAILURE_REASON_LEN_MAX).collect();
+    let tx = begin_write(db).await?;
     let failed = purchases::Entity::update_many()
         .col_expr(
             purchases::Column::Status,
@@ -364,12 +419,19 @@ pub async fn fail_purchase(
         .col_expr(purchases::Column::CompletedAt, Expr::value(now))
         .filter(purchases::Column::Id.eq(purchase_id))
         .filter(purchases::Column::Status.eq(PurchaseStatus::Pending))
-        .exec_with_returning(db)
+        .exec_with_returning(&tx)
         .await?
         .pop();
     match failed {
-        Some(p) => Ok(p),
+        Some(p) => {
+            if p.source == PurchaseSource::AutoReload {
+                crate::auto_reload::on_reload_failed(&tx, &p, permanent, now).await?;
+            }
+            tx.commit().await?;
+            Ok(p)
+        }
         None => {
+            tx.rollback().await?;
             let purchase = load_purchase(db, purchase_id).await?;
             match purchase.status {
                 PurchaseStatus::Failed => Ok(purchase),

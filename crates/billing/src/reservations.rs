@@ -420,6 +420,8 @@ async fn settle_in(
     .await?;
     ledger::add_to_rollup(tx, &event).await?;
     ledger::balance_event(tx, &ws, BalanceChangeCause::Usage, now).await?;
+    crate::auto_reload::after_balance_change(tx, &ws, now).await?;
+    crate::alerts::after_balance_change(tx, &ws, now).await?;
     Ok(Some(Settled {
         event,
         reservation: resolved,

@@ -5,9 +5,11 @@ pub mod config;
 
 use anyhow::Context as _;
 use billing::db::{self, PoolLimits};
+use billing::payments::{PaymentGateway, SandboxGateway};
 use billing::sea_orm::DatabaseConnection;
 use config::{Backend, Config};
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Time allowed for in-flight requests and sweeps to finish after SIGTERM.
@@ -31,13 +33,6 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
     db::migrate(db).await.context("applying migrations")
 }
 
-fn api_config(config: &Config) -> api::ApiConfig {
-    api::ApiConfig {
-        admin_token: Some(config.admin_token.value.clone()),
-        ..Default::default()
-    }
-}
-
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -58,10 +53,32 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
+/// The payment gateway the configuration names.
+pub fn gateway(config: &Config) -> anyhow::Result<Arc<dyn PaymentGateway>> {
+    Ok(match &config.payment_gateway {
+        config::PaymentGateway::Sandbox => Arc::new(SandboxGateway::new()),
+        config::PaymentGateway::Stripe {
+            secret_key,
+            base_url,
+        } => Arc::new(
+            gateways::StripeGateway::new(
+                secret_key.clone(),
+                base_url.clone(),
+                gateways::DEFAULT_TIMEOUT_MS,
+            )
+            .context("configuring the Stripe gateway")?,
+        ),
+    })
+}
+
 /// Runs the API (and, with `with_worker`, the worker) until a shutdown signal.
 pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::Result<()> {
     let db = connect(&config).await?;
     migrate(&db).await?;
+    let queue = worker::queue::Queue::connect(&config.queue_url)
+        .await
+        .context("connecting to the job queue")?;
+    let gateway = gateway(&config)?;
     let listener = if with_api {
         Some(
             TcpListener::bind(config.listen)
@@ -75,17 +92,35 @@ pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::R
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let worker = with_worker.then(|| {
-        let db = db.clone();
+        let (db, queue, gateway) = (db.clone(), queue.clone(), gateway.clone());
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            worker::run(db, worker::WorkerConfig::default(), async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+            let shutdown = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(e) = worker::run(
+                db,
+                queue,
+                gateway,
+                worker::WorkerConfig::default(),
+                shutdown,
+            )
             .await
+            {
+                tracing::error!(error = %e, "worker failed");
+            }
         })
     });
     let server = match listener {
-        Some(listener) => Some(api::spawn(listener, db.clone(), api_config(&config))?),
+        Some(listener) => {
+            let api_config = api::ApiConfig {
+                admin_token: Some(config.admin_token.value.clone()),
+                gateway: gateway.clone(),
+                jobs: Arc::new(queue.clone()),
+                ..Default::default()
+            };
+            Some(api::spawn(listener, db.clone(), api_config)?)
+        }
         None => None,
     };
     shutdown_signal().await;

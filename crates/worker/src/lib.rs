@@ -1,21 +1,44 @@
-//! The worker process: background work over `billing`. Today it runs the periodic
-//! sweeps (expired reservations, budget periods); payment capture, auto-reload and
-//! emails on the durable queue build on the same loop.
+//! The worker process: payment capture and e-mail delivery on a durable queue
+//! (apalis), and periodic sweeps that make sure no work is ever lost.
 
+pub mod email;
+pub mod jobs;
+pub mod queue;
+
+use apalis::prelude::*;
+use billing::jobs::{CapturePurchase, JobSink};
+use billing::payments::PaymentGateway;
 use billing::sea_orm::DatabaseConnection;
+use queue::Queue;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     /// Time between two sweeps.
     pub sweep_interval_ms: u64,
+    /// A PENDING purchase older than this is re-enqueued by the sweep.
+    pub stale_after_ms: u64,
+    /// How often the queue is polled for new jobs (also woken by pushes in-process).
+    pub poll_interval_ms: u64,
+    /// Jobs run at once per job type.
+    pub concurrency: usize,
+    /// Longest a charge may take.
+    pub charge_timeout_ms: u64,
+    /// Time allowed to running jobs after SIGTERM.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             sweep_interval_ms: 5_000,
+            stale_after_ms: 30_000,
+            poll_interval_ms: 250,
+            concurrency: 4,
+            charge_timeout_ms: jobs::CHARGE_TIMEOUT_MS,
+            shutdown_timeout_ms: 10_000,
         }
     }
 }
@@ -25,31 +48,60 @@ impl Default for WorkerConfig {
 pub struct SweepReport {
     pub reservations_expired: u64,
     pub budget_periods_rolled: u64,
+    pub purchases_requeued: u64,
 }
+
+/// Rows re-enqueued per sweep.
+const REQUEUE_BATCH_MAX: u64 = 500;
 
 /// One pass of every sweep. Each step is idempotent, so several workers sweeping at
 /// once (or a sweep repeated after a crash) change nothing twice.
-pub async fn sweep(db: &DatabaseConnection) -> billing::Result<SweepReport> {
+pub async fn sweep(
+    db: &DatabaseConnection,
+    sink: &dyn JobSink,
+    config: &WorkerConfig,
+) -> billing::Result<SweepReport> {
     let now = chrono::Utc::now();
+    let stale = billing::capture::stale_pending(
+        db,
+        chrono::Duration::milliseconds(i64::try_from(config.stale_after_ms).unwrap_or(i64::MAX)),
+        now,
+        REQUEUE_BATCH_MAX,
+    )
+    .await?;
+    let mut purchases_requeued = 0;
+    for purchase_id in stale {
+        match sink.capture(CapturePurchase { purchase_id }).await {
+            Ok(()) => purchases_requeued += 1,
+            Err(e) => {
+                tracing::warn!(%purchase_id, error = %e, "re-enqueue failed; next sweep retries")
+            }
+        }
+    }
     Ok(SweepReport {
         reservations_expired: billing::reservations::expire_due(db, now).await?,
         budget_periods_rolled: billing::usage::roll_budget_periods(db, now).await?,
+        purchases_requeued,
     })
 }
 
-/// Runs the sweeps until `shutdown` resolves; a sweep in progress finishes first.
-pub async fn run(db: DatabaseConnection, config: WorkerConfig, shutdown: impl Future<Output = ()>) {
+async fn sweep_loop(
+    db: DatabaseConnection,
+    sink: Queue,
+    config: WorkerConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut ticker =
         tokio::time::interval(Duration::from_millis(config.sweep_interval_ms.max(100)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
-            _ = ticker.tick() => match sweep(&db).await {
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+            _ = ticker.tick() => match sweep(&db, &sink, &config).await {
                 Ok(report) if report != SweepReport::default() => tracing::info!(
                     reservations_expired = report.reservations_expired,
                     budget_periods_rolled = report.budget_periods_rolled,
+                    purchases_requeued = report.purchases_requeued,
                     "sweep"
                 ),
                 Ok(_) => {}
@@ -58,5 +110,81 @@ pub async fn run(db: DatabaseConnection, config: WorkerConfig, shutdown: impl Fu
             },
         }
     }
+}
+
+/// A worker name unique per process (apalis refuses a name still registered).
+fn worker_name(kind: &str) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    format!("reservoir-{kind}-{host}-{}", std::process::id())
+}
+
+/// Runs the job workers and the sweeps until `shutdown` resolves; running jobs get
+/// `shutdown_timeout_ms` to finish.
+pub async fn run(
+    db: DatabaseConnection,
+    queue: Queue,
+    gateway: Arc<dyn PaymentGateway>,
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow_free::Result<()> {
+    let deps = Arc::new(jobs::Deps {
+        db: db.clone(),
+        queue: queue.clone(),
+        gateway,
+        charge_timeout: Duration::from_millis(config.charge_timeout_ms),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sweeps = tokio::spawn(sweep_loop(db, queue.clone(), config.clone(), stop_rx));
+    let poll = Duration::from_millis(config.poll_interval_ms.max(10));
+    let concurrency = config.concurrency.max(1);
+    let monitor =
+        Monitor::new().shutdown_timeout(Duration::from_millis(config.shutdown_timeout_ms));
+    macro_rules! workers {
+        ($capture:expr, $delivery:expr) => {{
+            let (capture, delivery) = ($capture, $delivery);
+            let (d1, d2) = (deps.clone(), deps.clone());
+            monitor
+                .register(move |_| {
+                    WorkerBuilder::new(worker_name("capture"))
+                        .backend(capture.clone().poll_with_interval(poll))
+                        .data(d1.clone())
+                        .concurrency(concurrency)
+                        .enable_tracing()
+                        .build(jobs::capture_purchase)
+                })
+                .register(move |_| {
+                    WorkerBuilder::new(worker_name("email"))
+                        .backend(delivery.clone().poll_with_interval(poll))
+                        .data(d2.clone())
+                        .concurrency(concurrency)
+                        .enable_tracing()
+                        .build(jobs::deliver_notification)
+                })
+        }};
+    }
+    let monitor = match &queue {
+        Queue::Sqlite { capture, delivery } => workers!(capture.clone(), delivery.clone()),
+        Queue::Postgres { capture, delivery } => workers!(capture.clone(), delivery.clone()),
+    };
+    let result = monitor
+        .run_with_signal(async move {
+            shutdown.await;
+            Ok(())
+        })
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = sweeps.await;
     tracing::info!("worker stopped");
+    result.map_err(|e| anyhow_free::Error(e.to_string()))
+}
+
+/// The worker's own error type (no anyhow in libraries).
+pub mod anyhow_free {
+    #[derive(Debug, thiserror::Error)]
+    #[error("worker: {0}")]
+    pub struct Error(pub String);
+    pub type Result<T> = std::result::Result<T, Error>;
 }

@@ -237,6 +237,15 @@ async fn require_workspace(
         .map(|_| ())
 }
 
+/// For an object looked up by its own id: a caller who may not see its workspace or
+/// account gets the same NOT_FOUND (same message) as for an id that does not exist.
+fn hide_as<T>(kind: &'static str, result: billing::Result<T>) -> billing::Result<T> {
+    result.map_err(|e| match e {
+        BillingError::NotFound(_) => BillingError::NotFound(kind),
+        other => other,
+    })
+}
+
 fn opt_id(ctx: &Context<'_>, id: &Option<ID>, kind: &'static str) -> Result<Option<Uuid>> {
     id.as_ref().map(|id| parse_id(ctx, id, kind)).transpose()
 }
@@ -337,9 +346,11 @@ async fn reservation_for_usage(
 ) -> Result<billing::entity::reservations::Model> {
     let id = parse_id(ctx, id, "reservation")?;
     let reservation = reservations::load_reservation(db(ctx), id).await.gql(ctx)?;
-    usage_caller(db(ctx), principal, Some(reservation.workspace_id))
-        .await
-        .gql(ctx)?;
+    hide_as(
+        "reservation",
+        usage_caller(db(ctx), principal, Some(reservation.workspace_id)).await,
+    )
+    .gql(ctx)?;
     Ok(reservation)
 }
 
@@ -465,7 +476,17 @@ impl MutationRoot {
             .map_err(BillingError::from)
             .and_then(|k| k.ok_or(BillingError::NotFound("API key")))
             .gql(ctx)?;
-        require_workspace(ctx, &caller(ctx)?, key.workspace_id, WorkspaceAccess::Admin).await?;
+        hide_as(
+            "API key",
+            access::require_workspace(
+                db(ctx),
+                &caller(ctx)?,
+                key.workspace_id,
+                WorkspaceAccess::Admin,
+            )
+            .await,
+        )
+        .gql(ctx)?;
         Ok(ApiKey(
             settings::revoke_api_key(db(ctx), id, Utc::now())
                 .await
@@ -503,9 +524,11 @@ impl MutationRoot {
             .map_err(BillingError::from)
             .and_then(|m| m.ok_or(BillingError::NotFound("payment method")))
             .gql(ctx)?;
-        access::require_account_admin(db(ctx), &caller(ctx)?, method.account_id)
-            .await
-            .gql(ctx)?;
+        hide_as(
+            "payment method",
+            access::require_account_admin(db(ctx), &caller(ctx)?, method.account_id).await,
+        )
+        .gql(ctx)?;
         billing::payments::remove_payment_method(db(ctx), method_id, Utc::now())
             .await
             .gql(ctx)?;
@@ -546,6 +569,17 @@ impl MutationRoot {
         let purchased = billing::purchases::purchase_credits(db(ctx), req, Utc::now())
             .await
             .gql(ctx)?;
+        if purchased.purchase.status == billing::entity::enums::PurchaseStatus::Pending
+            && let Some(jobs) = ctx.data_opt::<Arc<dyn billing::jobs::JobSink>>()
+        {
+            let job = billing::jobs::CapturePurchase {
+                purchase_id: purchased.purchase.id,
+            };
+            if let Err(e) = jobs.capture(job).await {
+                // Not lost: the purchase row is PENDING and the worker's sweep re-enqueues it.
+                tracing::warn!(purchase_id = %purchased.purchase.id, error = %e, "capture job not pushed");
+            }
+        }
         Ok(Purchase(purchased.purchase))
     }
 
@@ -706,13 +740,17 @@ impl MutationRoot {
             .map_err(BillingError::from)
             .and_then(|p| p.ok_or(BillingError::NotFound("project")))
             .gql(ctx)?;
-        require_workspace(
-            ctx,
-            &caller(ctx)?,
-            project.workspace_id,
-            WorkspaceAccess::Admin,
+        hide_as(
+            "project",
+            access::require_workspace(
+                db(ctx),
+                &caller(ctx)?,
+                project.workspace_id,
+                WorkspaceAccess::Admin,
+            )
+            .await,
         )
-        .await?;
+        .gql(ctx)?;
         let updated = accounts::set_project_budget(
             db(ctx),
             project_id,

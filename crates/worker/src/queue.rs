@@ -1,0 +1,142 @@
+//! The durable job queue (apalis): SQLite in its own file on the embedded default,
+//! PostgreSQL in the database itself in production. One storage per job type, each
+//! with a fixed queue name.
+
+use apalis::prelude::*;
+use apalis_postgres::PostgresStorage;
+use apalis_sqlite::SqliteStorage;
+use billing::jobs::{
+    CAPTURE_QUEUE, CapturePurchase, DELIVERY_QUEUE, DeliverNotification, JobSink, PushFuture,
+};
+use billing::sea_orm::sqlx;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Attempts apalis itself makes for a job that returns an error (the handlers retry
+/// transient payment failures themselves, durably, with their own backoff).
+pub const JOB_ATTEMPTS_MAX: usize = 3;
+
+#[derive(Clone)]
+pub enum Queue {
+    Sqlite {
+        capture: SqliteStorage<CapturePurchase>,
+        delivery: SqliteStorage<DeliverNotification>,
+    },
+    Postgres {
+        capture: PostgresStorage<CapturePurchase>,
+        delivery: PostgresStorage<DeliverNotification>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue URL: {0}")]
+    Url(String),
+    #[error("queue database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("queue setup: {0}")]
+    Setup(String),
+}
+
+impl Queue {
+    /// Connects to the queue and creates its tables if needed.
+    pub async fn connect(url: &str) -> Result<Self, QueueError> {
+        if url.starts_with("sqlite:") {
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                .map_err(|e| QueueError::Url(e.to_string()))?
+                .create_if_missing(true)
+                .busy_timeout(Duration::from_secs(30));
+            // The queue's own pool: apalis tunes it for speed (synchronous=OFF), which
+            // must never apply to the money database (STACK.md, trap 8).
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options)
+                .await?;
+            SqliteStorage::<()>::setup(&pool)
+                .await
+                .map_err(|e| QueueError::Setup(e.to_string()))?;
+            Ok(Self::Sqlite {
+                capture: SqliteStorage::new(&pool)
+                    .with_config(apalis_sqlite::Config::default().queue(CAPTURE_QUEUE)),
+                delivery: SqliteStorage::new(&pool)
+                    .with_config(apalis_sqlite::Config::default().queue(DELIVERY_QUEUE)),
+            })
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .connect(url)
+                .await?;
+            PostgresStorage::<()>::setup(&pool)
+                .await
+                .map_err(|e| QueueError::Setup(e.to_string()))?;
+            Ok(Self::Postgres {
+                capture: PostgresStorage::new(&pool)
+                    .with_config(apalis_postgres::Config::default().queue(CAPTURE_QUEUE)),
+                delivery: PostgresStorage::new(&pool)
+                    .with_config(apalis_postgres::Config::default().queue(DELIVERY_QUEUE)),
+            })
+        } else {
+            Err(QueueError::Url(
+                "the queue must be a sqlite:// or postgres:// URL".into(),
+            ))
+        }
+    }
+
+    /// Pushes a capture job, optionally delayed (a durable retry with backoff).
+    pub async fn push_capture(
+        &self,
+        job: CapturePurchase,
+        delay: Option<Duration>,
+    ) -> Result<(), String> {
+        let task = build(job, delay);
+        match self {
+            Self::Sqlite { capture, .. } => capture
+                .clone()
+                .push_task(task)
+                .await
+                .map_err(|e| e.to_string()),
+            Self::Postgres { capture, .. } => capture
+                .clone()
+                .push_task(task)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub async fn push_delivery(
+        &self,
+        job: DeliverNotification,
+        delay: Option<Duration>,
+    ) -> Result<(), String> {
+        let task = build(job, delay);
+        match self {
+            Self::Sqlite { delivery, .. } => delivery
+                .clone()
+                .push_task(task)
+                .await
+                .map_err(|e| e.to_string()),
+            Self::Postgres { delivery, .. } => delivery
+                .clone()
+                .push_task(task)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+fn build<T>(job: T, delay: Option<Duration>) -> Task<T> {
+    let builder = TaskBuilder::new(job).max_attempts(JOB_ATTEMPTS_MAX);
+    match delay {
+        Some(d) => builder.run_after(d).build(),
+        None => builder.build(),
+    }
+}
+
+impl JobSink for Queue {
+    fn capture(&self, job: CapturePurchase) -> PushFuture<'_> {
+        Box::pin(self.push_capture(job, None))
+    }
+    fn deliver(&self, job: DeliverNotification) -> PushFuture<'_> {
+        Box::pin(self.push_delivery(job, None))
+    }
+}

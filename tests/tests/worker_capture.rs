@@ -1,0 +1,172 @@
+//! Purchases end to end: the API writes a PENDING purchase and pushes a capture job;
+//! the worker charges the card through the gateway and credits the workspace once.
+
+use billing::entity::enums::PurchaseStatus;
+use billing::payments::{PaymentGateway, SandboxGateway};
+use reservoir_tests::app::{ADMIN_TOKEN, code};
+use reservoir_tests::{Fixture, TestDb, workspace};
+use serde_json::{Value, json};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct System {
+    base: String,
+    client: reqwest::Client,
+    handle: actix_web::dev::ServerHandle,
+    stop: tokio::sync::watch::Sender<bool>,
+    worker: tokio::task::JoinHandle<()>,
+}
+
+impl System {
+    async fn start(t: &TestDb, gateway: Arc<SandboxGateway>) -> anyhow::Result<Self> {
+        let queue = worker::queue::Queue::connect(&t.queue_url()).await?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let config = api::ApiConfig {
+            admin_token: Some(ADMIN_TOKEN.into()),
+            workers: 1,
+            gateway: gateway.clone(),
+            jobs: Arc::new(queue.clone()),
+            ..Default::default()
+        };
+        let (handle, addr, _join) = api::spawn(listener, t.second_pool().await?, config)?;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let worker_config = worker::WorkerConfig {
+            poll_interval_ms: 50,
+            ..Default::default()
+        };
+        let db = t.second_pool().await?;
+        let gw: Arc<dyn PaymentGateway> = gateway;
+        let worker = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.changed().await;
+            };
+            if let Err(e) = worker::run(db, queue, gw, worker_config, shutdown).await {
+                panic!("worker failed: {e}");
+            }
+        });
+        Ok(Self {
+            base: format!("http://{addr}"),
+            client: reservoir_tests::app::http_client(),
+            handle,
+            stop,
+            worker,
+        })
+    }
+
+    async fn gql(&self, token: &str, query: &str, variables: Value) -> anyhow::Result<Value> {
+        let req = self
+            .client
+            .post(format!("{}/graphql", self.base))
+            .bearer_auth(token)
+            .json(&json!({ "query": query, "variables": variables }));
+        Ok(req.send().await?.json().await?)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.worker).await;
+        self.handle.stop(true).await;
+    }
+}
+
+async fn wait_for_status(
+    t: &TestDb,
+    purchase_id: &str,
+    status: PurchaseStatus,
+) -> anyhow::Result<billing::entity::purchases::Model> {
+    let id = uuid::Uuid::parse_str(purchase_id)?;
+    for _ in 0..200 {
+        let p = billing::purchases::load_purchase(&t.db, id).await?;
+        if p.status == status {
+            return Ok(p);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("purchase {purchase_id} never became {status:?}")
+}
+
+const ADD_CARD: &str = "mutation($input: AddPaymentMethodInput!) { addPaymentMethod(input: $input) { id brand last4 isDefault } }";
+const BUY: &str = "mutation($input: PurchaseCreditsInput!) { purchaseCredits(input: $input) { id status amount bonus price } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_card_purchase_is_captured_and_credited_once() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    let token = billing::accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
+    let gateway = Arc::new(SandboxGateway::new());
+    let system = System::start(&t, gateway.clone()).await?;
+
+    let card = system
+        .gql(
+            &token,
+            ADD_CARD,
+            json!({ "input": { "accountId": f.account_id.to_string(), "token": "tok_visa" } }),
+        )
+        .await?;
+    assert_eq!(card["data"]["addPaymentMethod"]["brand"], "VISA", "{card}");
+    assert_eq!(card["data"]["addPaymentMethod"]["isDefault"], true);
+    let input = json!({ "input": { "workspaceId": f.ws_a.to_string(), "packageId": "pkg_50", "idempotencyKey": "buy-1" } });
+    let bought = system.gql(&token, BUY, input.clone()).await?;
+    assert_eq!(
+        bought["data"]["purchaseCredits"]["status"], "PENDING",
+        "{bought}"
+    );
+    let id = bought["data"]["purchaseCredits"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // A retry of the same request is the same purchase.
+    let again = system.gql(&token, BUY, input).await?;
+    assert_eq!(again["data"]["purchaseCredits"]["id"], id.as_str());
+
+    let done = wait_for_status(&t, &id, PurchaseStatus::Succeeded).await?;
+    assert!(done.invoice_id.is_some());
+    assert_eq!(
+        workspace(&t.db, f.ws_a).await?.balance_nanos,
+        55_000_000_000,
+        "50 + 5 bonus"
+    );
+    // One charge of $50.00 at the gateway, keyed by the purchase id.
+    let charges = gateway.charges();
+    assert_eq!(charges.len(), 1);
+    assert_eq!(charges[0].amount_cents, 5_000);
+    assert_eq!(charges[0].idempotency_key, id);
+
+    // A declined card fails the purchase with the reason and credits nothing.
+    let declined = system.gql(&token, ADD_CARD, json!({ "input": { "accountId": f.account_id.to_string(), "token": "tok_chargeDeclinedInsufficientFunds", "makeDefault": true } })).await?;
+    assert!(declined["errors"].is_null(), "{declined}");
+    let bought = system.gql(&token, BUY, json!({ "input": { "workspaceId": f.ws_a.to_string(), "amount": "20", "idempotencyKey": "buy-2" } })).await?;
+    let id2 = bought["data"]["purchaseCredits"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let failed = wait_for_status(&t, &id2, PurchaseStatus::Failed).await?;
+    assert!(
+        failed
+            .failure_reason
+            .unwrap_or_default()
+            .contains("insufficient_funds")
+    );
+    assert_eq!(
+        workspace(&t.db, f.ws_a).await?.balance_nanos,
+        55_000_000_000
+    );
+
+    // Viewing the purchase with its invoice through the API.
+    let view = system
+        .gql(&token, "query($id: ID!) { workspace(id: $id) { purchases { edges { node { status failureReason invoice { number status total lines { description amount } } } } } } }", json!({ "id": f.ws_a.to_string() }))
+        .await?;
+    let edges = view["data"]["workspace"]["purchases"]["edges"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(edges.len(), 2, "{view}");
+    assert_eq!(edges[1]["node"]["invoice"]["number"], "INV-000001");
+    assert_eq!(edges[1]["node"]["invoice"]["status"], "PAID");
+    assert_eq!(edges[1]["node"]["invoice"]["total"], "50");
+    assert!(code(&view).is_none());
+    system.stop().await;
+    t.finish().await
+}
