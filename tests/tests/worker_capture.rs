@@ -3,6 +3,7 @@
 
 use billing::entity::enums::PurchaseStatus;
 use billing::payments::{PaymentGateway, SandboxGateway};
+use billing::sea_orm::EntityTrait;
 use reservoir_tests::app::{ADMIN_TOKEN, code};
 use reservoir_tests::{Fixture, TestDb, workspace};
 use serde_json::{Value, json};
@@ -19,7 +20,11 @@ struct System {
 }
 
 impl System {
-    async fn start(t: &TestDb, gateway: Arc<SandboxGateway>) -> anyhow::Result<Self> {
+    async fn start(
+        t: &TestDb,
+        gateway: Arc<SandboxGateway>,
+        outbox: &std::path::Path,
+    ) -> anyhow::Result<Self> {
         let queue = worker::queue::Queue::connect(&t.queue_url()).await?;
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let config = api::ApiConfig {
@@ -31,17 +36,23 @@ impl System {
         };
         let (handle, addr, _join) = api::spawn(listener, t.second_pool().await?, config)?;
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        // Sweep often and at once, so the receipt (written with the credit) goes out quickly.
         let worker_config = worker::WorkerConfig {
             poll_interval_ms: 50,
+            sweep_interval_ms: 200,
+            stale_after_ms: 0,
             ..Default::default()
         };
+        let mailer = worker::email::Mailer::outbox(outbox);
         let db = t.second_pool().await?;
         let gw: Arc<dyn PaymentGateway> = gateway;
         let worker = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.changed().await;
             };
-            if let Err(e) = worker::run(db, queue, gw, worker_config, shutdown).await {
+            let from = "Reservoir <billing@reservoir.test>".to_owned();
+            if let Err(e) = worker::run(db, queue, gw, mailer, from, worker_config, shutdown).await
+            {
                 panic!("worker failed: {e}");
             }
         });
@@ -96,7 +107,12 @@ async fn a_card_purchase_is_captured_and_credited_once() -> anyhow::Result<()> {
     let f = Fixture::new(&t.db, now).await?;
     let token = billing::accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
     let gateway = Arc::new(SandboxGateway::new());
-    let system = System::start(&t, gateway.clone()).await?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info,worker=debug,sqlx=warn")
+        .with_test_writer()
+        .try_init();
+    let outbox = tempfile::tempdir()?;
+    let system = System::start(&t, gateway.clone(), outbox.path()).await?;
 
     let card = system
         .gql(
@@ -167,6 +183,29 @@ async fn a_card_purchase_is_captured_and_credited_once() -> anyhow::Result<()> {
     assert_eq!(edges[1]["node"]["invoice"]["status"], "PAID");
     assert_eq!(edges[1]["node"]["invoice"]["total"], "50");
     assert!(code(&view).is_none());
+
+    // The receipt e-mail, with the invoice, lands in the outbox once.
+    let mut receipts = Vec::new();
+    for _ in 0..100 {
+        receipts = std::fs::read_dir(outbox.path())?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+            .collect();
+        if !receipts.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = billing::entity::notifications::Entity::find()
+        .all(&t.db)
+        .await?;
+    assert_eq!(receipts.len(), 1, "one receipt; notifications: {rows:?}");
+    let mail = std::fs::read_to_string(&receipts[0])?;
+    assert!(
+        mail.contains("INV-000001") && mail.contains("owner@test.example"),
+        "{mail}"
+    );
     system.stop().await;
     t.finish().await
 }

@@ -384,6 +384,8 @@ pub async fn capture_succeeded(
     if purchase.source == PurchaseSource::AutoReload {
         crate::auto_reload::on_reload_captured(&tx, &purchase, now).await?;
     }
+    // The receipt is written in the same transaction: credited and receipted together.
+    crate::notifications::receipt_for_purchase(&tx, purchase.id, now).await?;
     tx.commit().await?;
     Ok(purchase)
 }

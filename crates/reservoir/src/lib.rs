@@ -79,6 +79,10 @@ pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::R
         .await
         .context("connecting to the job queue")?;
     let gateway = gateway(&config)?;
+    let mailer = match &config.smtp_url {
+        Some(url) => worker::email::Mailer::from_url(url).context("configuring SMTP")?,
+        None => worker::email::Mailer::outbox(config.data_dir.join("outbox")),
+    };
     let listener = if with_api {
         Some(
             TcpListener::bind(config.listen)
@@ -93,6 +97,7 @@ pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::R
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let worker = with_worker.then(|| {
         let (db, queue, gateway) = (db.clone(), queue.clone(), gateway.clone());
+        let email_from = config.email_from.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let shutdown = async move {
@@ -102,6 +107,8 @@ pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::R
                 db,
                 queue,
                 gateway,
+                mailer,
+                email_from,
                 worker::WorkerConfig::default(),
                 shutdown,
             )

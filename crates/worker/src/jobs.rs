@@ -21,6 +21,9 @@ pub struct Deps {
     pub queue: Queue,
     pub gateway: Arc<dyn PaymentGateway>,
     pub charge_timeout: Duration,
+    pub mailer: crate::email::Mailer,
+    /// The From: of every e-mail.
+    pub email_from: String,
 }
 
 pub async fn capture_purchase(
@@ -52,6 +55,18 @@ pub async fn deliver_notification(
     job: DeliverNotification,
     deps: Data<Arc<Deps>>,
 ) -> Result<(), BoxDynError> {
-    let _ = (&job, &deps);
-    Ok(())
+    let id = job.notification_id;
+    match crate::email::deliver(&deps.db, &deps.mailer, id, &deps.email_from, Utc::now()).await {
+        Ok(outcome) => {
+            tracing::debug!(notification_id = %id, ?outcome, "notification handled");
+            Ok(())
+        }
+        // The failure is recorded on the row; apalis retries the job, and the sweep
+        // re-enqueues the row if the job's attempts run out first.
+        Err(e) if e.is_retryable() => Err(e.into()),
+        Err(e) => {
+            tracing::error!(notification_id = %id, error = %e, "e-mail not deliverable");
+            Err(apalis::prelude::AbortError::new(e).into())
+        }
+    }
 }

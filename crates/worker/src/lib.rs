@@ -34,7 +34,10 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             sweep_interval_ms: 5_000,
-            stale_after_ms: 30_000,
+            // Short: duplicates are harmless (every handler is idempotent and the gateway
+            // dedupes on the purchase id), and a reload started by a debit is picked up
+            // from here.
+            stale_after_ms: 5_000,
             poll_interval_ms: 250,
             concurrency: 4,
             charge_timeout_ms: jobs::CHARGE_TIMEOUT_MS,
@@ -49,6 +52,8 @@ pub struct SweepReport {
     pub reservations_expired: u64,
     pub budget_periods_rolled: u64,
     pub purchases_requeued: u64,
+    pub notifications_requeued: u64,
+    pub reloads_repaired: u64,
 }
 
 /// Rows re-enqueued per sweep.
@@ -78,10 +83,27 @@ pub async fn sweep(
             }
         }
     }
+    let grace =
+        chrono::Duration::milliseconds(i64::try_from(config.stale_after_ms).unwrap_or(i64::MAX));
+    let due = billing::notifications::due_notifications(db, now - grace, REQUEUE_BATCH_MAX).await?;
+    let mut notifications_requeued = 0;
+    for notification_id in due {
+        match sink
+            .deliver(billing::jobs::DeliverNotification { notification_id })
+            .await
+        {
+            Ok(()) => notifications_requeued += 1,
+            Err(e) => {
+                tracing::warn!(%notification_id, error = %e, "re-enqueue failed; next sweep retries")
+            }
+        }
+    }
     Ok(SweepReport {
         reservations_expired: billing::reservations::expire_due(db, now).await?,
         budget_periods_rolled: billing::usage::roll_budget_periods(db, now).await?,
         purchases_requeued,
+        notifications_requeued,
+        reloads_repaired: billing::auto_reload::repair_stuck_reloads(db, now).await?,
     })
 }
 
@@ -102,6 +124,8 @@ async fn sweep_loop(
                     reservations_expired = report.reservations_expired,
                     budget_periods_rolled = report.budget_periods_rolled,
                     purchases_requeued = report.purchases_requeued,
+                    notifications_requeued = report.notifications_requeued,
+                    reloads_repaired = report.reloads_repaired,
                     "sweep"
                 ),
                 Ok(_) => {}
@@ -127,6 +151,8 @@ pub async fn run(
     db: DatabaseConnection,
     queue: Queue,
     gateway: Arc<dyn PaymentGateway>,
+    mailer: email::Mailer,
+    email_from: String,
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow_free::Result<()> {
@@ -135,6 +161,8 @@ pub async fn run(
         queue: queue.clone(),
         gateway,
         charge_timeout: Duration::from_millis(config.charge_timeout_ms),
+        mailer,
+        email_from,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeps = tokio::spawn(sweep_loop(db, queue.clone(), config.clone(), stop_rx));
