@@ -143,20 +143,16 @@ impl Config {
             Backend::Sqlite => format!("sqlite://{}/queue.db", data_dir.display()),
             Backend::Postgres => database_url.clone(),
         });
-        let queue_schemes = [
-            "sqlite:",
-            "postgres://",
-            "postgresql://",
-            "redis://",
-            "rediss://",
-        ];
+        // Redis is a planned optional backend; until it is built, say so at start-up
+        // rather than fail later.
+        let queue_schemes = ["sqlite:", "postgres://", "postgresql://"];
         if !queue_schemes
             .iter()
             .any(|scheme| queue_url.starts_with(scheme))
         {
             return Err(invalid(
                 "RESERVOIR_QUEUE_URL",
-                "must be a sqlite://, postgres:// or redis:// URL",
+                "must be a sqlite:// or postgres:// URL (a Redis backend is not built yet)",
             ));
         }
         let listen = get("RESERVOIR_LISTEN")

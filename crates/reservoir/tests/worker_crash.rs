@@ -13,8 +13,16 @@ use std::time::Duration;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-fn start_worker(t: &TestDb, gateway_url: &str, data_dir: &std::path::Path, log: &std::path::Path) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+fn start_worker(
+    t: &TestDb,
+    gateway_url: &str,
+    data_dir: &std::path::Path,
+    log: &std::path::Path,
+) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     Ok(Command::new(env!("CARGO_BIN_EXE_reservoir"))
         .arg("worker")
         .env_clear()
@@ -22,7 +30,10 @@ fn start_worker(t: &TestDb, gateway_url: &str, data_dir: &std::path::Path, log: 
         .env("RESERVOIR_DATABASE_URL", &t.url)
         .env("RESERVOIR_QUEUE_URL", t.queue_url())
         .env("RESERVOIR_DATA_DIR", data_dir)
-        .env("RESERVOIR_ADMIN_TOKEN", "crash-test-admin-token-0123456789abcdef")
+        .env(
+            "RESERVOIR_ADMIN_TOKEN",
+            "crash-test-admin-token-0123456789abcdef",
+        )
         .env("RESERVOIR_PAYMENT_GATEWAY", "stripe")
         .env("RESERVOIR_STRIPE_SECRET_KEY", "sk_test_crash")
         .env("RESERVOIR_STRIPE_BASE_URL", gateway_url)
@@ -61,7 +72,11 @@ async fn a_worker_killed_mid_charge_completes_the_purchase_exactly_once() -> any
     let gateway = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v1/payment_intents"))
-        .respond_with(ResponseTemplate::new(200).set_body_string(SUCCEEDED).set_delay(Duration::from_secs(600)))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_string(SUCCEEDED)
+                .set_delay(Duration::from_secs(600)),
+        )
         .up_to_n_times(1)
         .with_priority(1)
         .mount(&gateway)
@@ -88,7 +103,15 @@ async fn a_worker_killed_mid_charge_completes_the_purchase_exactly_once() -> any
     .await?
     .purchase;
     let queue = worker::queue::Queue::connect(&t.queue_url()).await?;
-    queue.push_capture(billing::jobs::CapturePurchase { purchase_id: purchase.id }, None).await.map_err(anyhow::Error::msg)?;
+    queue
+        .push_capture(
+            billing::jobs::CapturePurchase {
+                purchase_id: purchase.id,
+            },
+            None,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
 
     let dir = tempfile::tempdir()?;
     let log = dir.path().join("worker.log");
@@ -96,16 +119,28 @@ async fn a_worker_killed_mid_charge_completes_the_purchase_exactly_once() -> any
     // Wait until the charge is in flight at the gateway, then kill the worker hard.
     let mut in_flight = false;
     for _ in 0..300 {
-        if !gateway.received_requests().await.unwrap_or_default().is_empty() {
+        if !gateway
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .is_empty()
+        {
             in_flight = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(in_flight, "the worker never called the gateway: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        in_flight,
+        "the worker never called the gateway: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     first.kill()?; // SIGKILL
     first.wait()?;
-    assert_eq!(purchases::load_purchase(&t.db, purchase.id).await?.status, PurchaseStatus::Pending);
+    assert_eq!(
+        purchases::load_purchase(&t.db, purchase.id).await?.status,
+        PurchaseStatus::Pending
+    );
 
     let mut second = start_worker(&t, &gateway.uri(), dir.path(), &log)?;
     let mut done = None;
@@ -119,17 +154,54 @@ async fn a_worker_killed_mid_charge_completes_the_purchase_exactly_once() -> any
     }
     second.kill()?;
     second.wait()?;
-    let done = done.ok_or_else(|| anyhow::anyhow!("never completed: {}", std::fs::read_to_string(&log).unwrap_or_default()))?;
+    let done = done.ok_or_else(|| {
+        anyhow::anyhow!(
+            "never completed: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    })?;
     assert_eq!(done.status, PurchaseStatus::Succeeded);
     assert_eq!(done.gateway_charge_id.as_deref(), Some("pi_crash_1"));
-    assert_eq!(workspace(&t.db, f.ws_a).await?.balance_nanos, 25_000_000_000, "credited once");
+    assert_eq!(
+        workspace(&t.db, f.ws_a).await?.balance_nanos,
+        25_000_000_000,
+        "credited once"
+    );
 
     // Every charge request carried the purchase id as its idempotency key.
     let requests = gateway.received_requests().await.unwrap_or_default();
     assert!(requests.len() >= 2, "{} requests", requests.len());
     for r in &requests {
-        let key = r.headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+        let key = r
+            .headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok());
         assert_eq!(key, Some(purchase.id.to_string().as_str()));
     }
+
+    // SIGTERM: a worker stops gracefully, within its shutdown timeout.
+    let mut third = start_worker(&t, &gateway.uri(), dir.path(), &log)?;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(third.id().to_string())
+        .status()?;
+    assert!(status.success());
+    let mut exited = None;
+    for _ in 0..150 {
+        if let Some(code) = third.try_wait()? {
+            exited = Some(code);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(code) = exited else {
+        third.kill()?;
+        anyhow::bail!(
+            "the worker ignored SIGTERM: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    };
+    assert!(code.success(), "exit status {code}");
     t.finish().await
 }
