@@ -28,6 +28,9 @@ pub struct WorkerConfig {
     pub charge_timeout_ms: u64,
     /// Time allowed to running jobs after SIGTERM.
     pub shutdown_timeout_ms: u64,
+    /// A notification still unsent this long after it was written is delivered by the
+    /// sweep itself, not only re-enqueued.
+    pub direct_delivery_after_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -42,6 +45,7 @@ impl Default for WorkerConfig {
             concurrency: 4,
             charge_timeout_ms: jobs::CHARGE_TIMEOUT_MS,
             shutdown_timeout_ms: 10_000,
+            direct_delivery_after_ms: 30_000,
         }
     }
 }
@@ -53,7 +57,34 @@ pub struct SweepReport {
     pub budget_periods_rolled: u64,
     pub purchases_requeued: u64,
     pub notifications_requeued: u64,
+    /// Delivered by the sweep itself (the fallback for notifications the queue left).
+    pub notifications_delivered: u64,
     pub reloads_repaired: u64,
+}
+
+/// Delivers notifications left unsent past `direct_delivery_after_ms`: e-mail must not
+/// depend on the queue alone. Delivery is claim-based and idempotent, so racing the
+/// queue's job is harmless.
+async fn deliver_overdue(deps: &jobs::Deps, config: &WorkerConfig) -> billing::Result<u64> {
+    let now = chrono::Utc::now();
+    let after = i64::try_from(config.direct_delivery_after_ms).unwrap_or(i64::MAX);
+    let overdue = billing::notifications::due_notifications(
+        &deps.db,
+        now - chrono::Duration::milliseconds(after),
+        REQUEUE_BATCH_MAX,
+    )
+    .await?;
+    let mut delivered = 0;
+    for id in overdue {
+        match email::deliver(&deps.db, &deps.mailer, id, &deps.email_from, now).await {
+            Ok(email::DeliveryOutcome::Sent) => delivered += 1,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(notification_id = %id, error = %e, "direct delivery failed; retried later")
+            }
+        }
+    }
+    Ok(delivered)
 }
 
 /// Rows re-enqueued per sweep.
@@ -99,6 +130,7 @@ pub async fn sweep(
         }
     }
     Ok(SweepReport {
+        notifications_delivered: 0,
         reservations_expired: billing::reservations::expire_due(db, now).await?,
         budget_periods_rolled: billing::usage::roll_budget_periods(db, now).await?,
         purchases_requeued,
@@ -108,11 +140,11 @@ pub async fn sweep(
 }
 
 async fn sweep_loop(
-    db: DatabaseConnection,
-    sink: Queue,
+    deps: Arc<jobs::Deps>,
     config: WorkerConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let (db, sink) = (deps.db.clone(), deps.queue.clone());
     let mut ticker =
         tokio::time::interval(Duration::from_millis(config.sweep_interval_ms.max(100)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -120,15 +152,23 @@ async fn sweep_loop(
         tokio::select! {
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
             _ = ticker.tick() => match sweep(&db, &sink, &config).await {
-                Ok(report) if report != SweepReport::default() => tracing::info!(
-                    reservations_expired = report.reservations_expired,
-                    budget_periods_rolled = report.budget_periods_rolled,
-                    purchases_requeued = report.purchases_requeued,
-                    notifications_requeued = report.notifications_requeued,
-                    reloads_repaired = report.reloads_repaired,
-                    "sweep"
-                ),
-                Ok(_) => {}
+                Ok(mut report) => {
+                    match deliver_overdue(&deps, &config).await {
+                        Ok(n) => report.notifications_delivered = n,
+                        Err(e) => tracing::error!(error = %e, code = %e.code(), "overdue delivery failed"),
+                    }
+                    if report != SweepReport::default() {
+                        tracing::info!(
+                            reservations_expired = report.reservations_expired,
+                            budget_periods_rolled = report.budget_periods_rolled,
+                            purchases_requeued = report.purchases_requeued,
+                            notifications_requeued = report.notifications_requeued,
+                            notifications_delivered = report.notifications_delivered,
+                            reloads_repaired = report.reloads_repaired,
+                            "sweep"
+                        );
+                    }
+                }
                 // Logged here, where it is handled: the next tick tries again.
                 Err(e) => tracing::error!(error = %e, code = %e.code(), "sweep failed"),
             },
@@ -165,7 +205,7 @@ pub async fn run(
         email_from,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sweeps = tokio::spawn(sweep_loop(db, queue.clone(), config.clone(), stop_rx));
+    let sweeps = tokio::spawn(sweep_loop(deps.clone(), config.clone(), stop_rx));
     let poll = Duration::from_millis(config.poll_interval_ms.max(10));
     let concurrency = config.concurrency.max(1);
     let monitor =
