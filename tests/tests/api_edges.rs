@@ -192,6 +192,7 @@ async fn metrics_and_health_endpoints_answer() -> anyhow::Result<()> {
         usage(&ws, "big", json!(50_000_000), TEST_MODEL),
     )
     .await?;
+    app.gql(Some(ADMIN_TOKEN), "{ nope }", json!({})).await?;
     let metrics = app
         .client
         .get(format!("{}/metrics", app.base))
@@ -215,6 +216,10 @@ async fn metrics_and_health_endpoints_answer() -> anyhow::Result<()> {
         "{metrics}"
     );
     assert!(metrics.contains("reservoir_subscribers 0"), "{metrics}");
+    // A request refused by validation is counted under its final code.
+    let refused =
+        "reservoir_graphql_requests_total{operation=\"other\",outcome=\"INVALID_INPUT\"} 1";
+    assert!(metrics.contains(refused), "{metrics}");
     app.stop().await;
     t.finish().await
 }

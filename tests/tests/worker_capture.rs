@@ -42,6 +42,7 @@ impl System {
             sweep_interval_ms: 200,
             stale_after_ms: 0,
             direct_delivery_after_ms: 0,
+            direct_capture_after_ms: 500,
             ..Default::default()
         };
         let mailer = worker::email::Mailer::outbox(outbox);
@@ -109,7 +110,7 @@ async fn a_card_purchase_is_captured_and_credited_once() -> anyhow::Result<()> {
     let token = billing::accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
     let gateway = Arc::new(SandboxGateway::new());
     let _ = tracing_subscriber::fmt()
-        .with_env_filter("info,worker=debug,sqlx=warn")
+        .with_env_filter("info,sqlx=warn")
         .with_test_writer()
         .try_init();
     let outbox = tempfile::tempdir()?;

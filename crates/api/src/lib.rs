@@ -290,11 +290,9 @@ pub fn build_server(
     let hub = events::BalanceHub::start(db.clone(), config.balance_hub.clone());
     let metrics = metrics::Metrics::new().map_err(std::io::Error::other)?;
     let state = AppState {
-        schema: schema::schema_builder(db.clone(), config.gateway.clone())
+        schema: schema::schema_builder(db.clone(), config.gateway.clone(), Some(metrics.clone()))
             .data(hub.clone())
             .data(config.jobs.clone())
-            .data(metrics.clone())
-            .extension(metrics::RequestMetrics(metrics.clone()))
             .finish(),
         hub,
         metrics,

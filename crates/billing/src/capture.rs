@@ -102,7 +102,7 @@ pub async fn apply(
         Err(GatewayError::Transient(reason)) => {
             let attempts = count_attempt(db, purchase_id).await?;
             if attempts >= CAPTURE_ATTEMPTS_MAX {
-                fail(
+                fail_transient(
                     db,
                     &purchase,
                     &format!("payment failed after {attempts} attempts: {reason}"),
@@ -139,6 +139,18 @@ async fn fail(
     now: DateTime<Utc>,
 ) -> Result<()> {
     purchases::fail_purchase(db, purchase.id, reason, now).await?;
+    Ok(())
+}
+
+/// Fails a purchase whose gateway kept failing transiently. Not the card's fault: an
+/// auto-reload counts it as a failure but an outage never turns auto-reload off.
+async fn fail_transient(
+    db: &DatabaseConnection,
+    purchase: &purchase_rows::Model,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    purchases::fail_purchase_with(db, purchase.id, reason, false, now).await?;
     Ok(())
 }
 

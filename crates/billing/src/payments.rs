@@ -133,7 +133,7 @@ pub type GatewayResult<T> = std::result::Result<T, GatewayError>;
 pub type GatewayFuture<'a, T> = Pin<Box<dyn Future<Output = GatewayResult<T>> + Send + 'a>>;
 
 /// The payment gateway as the domain sees it. Implementations: [`SandboxGateway`]
-/// here; real gateways live with the worker's adapters. Used as `&dyn PaymentGateway`
+/// here; real gateways live with the `gateways` crate's adapters. Used as `&dyn PaymentGateway`
 /// or `Arc<dyn PaymentGateway>`.
 pub trait PaymentGateway: Send + Sync {
     /// Exchanges a one-time client token for a stored card.

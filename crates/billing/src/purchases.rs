@@ -594,6 +594,8 @@ async fn purchase_by_invoice(
     post_purchase_credit(&tx, &purchase, now).await?;
     let invoice = issue_invoice(&tx, &purchase, ws.account_id, InvoiceStatus::Open, now).await?;
     purchase.invoice_id = Some(invoice.id);
+    // The OPEN invoice goes out by e-mail like a card receipt, in the same transaction.
+    crate::notifications::receipt_for_purchase(&tx, purchase.id, now).await?;
     tx.commit().await?;
     Ok(Purchased {
         purchase,

@@ -26,13 +26,15 @@ pub struct Deps {
     pub email_from: String,
 }
 
-pub async fn capture_purchase(
-    job: CapturePurchase,
-    deps: Data<Arc<Deps>>,
-) -> Result<(), BoxDynError> {
-    let next = capture::prepare(&deps.db, job.purchase_id, Utc::now()).await?;
-    let Next::Charge(request) = next else {
-        return Ok(());
+/// One capture attempt: charge through the gateway (bounded by the charge timeout) and
+/// apply the outcome. Returns the backoff before the next attempt after a transient
+/// failure, None when the purchase is settled either way.
+pub async fn capture_once(
+    deps: &Deps,
+    purchase_id: uuid::Uuid,
+) -> Result<Option<Duration>, BoxDynError> {
+    let Next::Charge(request) = capture::prepare(&deps.db, purchase_id, Utc::now()).await? else {
+        return Ok(None);
     };
     let outcome =
         match tokio::time::timeout(deps.charge_timeout, deps.gateway.charge(request)).await {
@@ -41,14 +43,23 @@ pub async fn capture_purchase(
                 "the gateway did not answer in time".into(),
             )),
         };
-    match capture::apply(&deps.db, job.purchase_id, outcome, Utc::now()).await? {
-        Verdict::Done => Ok(()),
-        Verdict::RetryAfter(delay) => {
-            tracing::warn!(purchase_id = %job.purchase_id, delay_ms = delay.as_millis() as u64, "charge failed transiently; retrying");
-            deps.queue.push_capture(job, Some(delay)).await?;
-            Ok(())
-        }
+    Ok(
+        match capture::apply(&deps.db, purchase_id, outcome, Utc::now()).await? {
+            Verdict::Done => None,
+            Verdict::RetryAfter(delay) => Some(delay),
+        },
+    )
+}
+
+pub async fn capture_purchase(
+    job: CapturePurchase,
+    deps: Data<Arc<Deps>>,
+) -> Result<(), BoxDynError> {
+    if let Some(delay) = capture_once(&deps, job.purchase_id).await? {
+        tracing::warn!(purchase_id = %job.purchase_id, delay_ms = delay.as_millis() as u64, "charge failed transiently; retrying");
+        deps.queue.push_capture(job, Some(delay)).await?;
     }
+    Ok(())
 }
 
 pub async fn deliver_notification(

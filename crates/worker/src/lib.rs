@@ -31,21 +31,24 @@ pub struct WorkerConfig {
     /// A notification still unsent this long after it was written is delivered by the
     /// sweep itself, not only re-enqueued.
     pub direct_delivery_after_ms: u64,
+    /// A purchase still PENDING this long after it was written is captured by the sweep
+    /// itself (at most one attempt per purchase per this interval), not only re-enqueued.
+    pub direct_capture_after_ms: u64,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             sweep_interval_ms: 5_000,
-            // Short: duplicates are harmless (every handler is idempotent and the gateway
-            // dedupes on the purchase id), and a reload started by a debit is picked up
-            // from here.
-            stale_after_ms: 5_000,
+            // Longer than a capture's whole backoff (2 + 4 + 8 + 16 s), so the sweep does
+            // not hurry retries; a reload started by a debit is picked up from here.
+            stale_after_ms: 30_000,
             poll_interval_ms: 250,
             concurrency: 4,
             charge_timeout_ms: jobs::CHARGE_TIMEOUT_MS,
             shutdown_timeout_ms: 10_000,
             direct_delivery_after_ms: 30_000,
+            direct_capture_after_ms: 60_000,
         }
     }
 }
@@ -59,6 +62,8 @@ pub struct SweepReport {
     pub notifications_requeued: u64,
     /// Delivered by the sweep itself (the fallback for notifications the queue left).
     pub notifications_delivered: u64,
+    /// Capture attempts made by the sweep itself (the fallback for purchases the queue left).
+    pub purchases_captured_directly: u64,
     pub reloads_repaired: u64,
 }
 
@@ -131,6 +136,7 @@ pub async fn sweep(
     }
     Ok(SweepReport {
         notifications_delivered: 0,
+        purchases_captured_directly: 0,
         reservations_expired: billing::reservations::expire_due(db, now).await?,
         budget_periods_rolled: billing::usage::roll_budget_periods(db, now).await?,
         purchases_requeued,
@@ -139,11 +145,42 @@ pub async fn sweep(
     })
 }
 
+/// Captures purchases left PENDING past `direct_capture_after_ms`: payments must not
+/// depend on the queue alone. Each purchase gets at most one attempt per interval, so
+/// the capture backoff still spaces the attempts. Idempotent like the job.
+async fn capture_overdue(
+    deps: &jobs::Deps,
+    config: &WorkerConfig,
+    tried: &mut std::collections::HashMap<uuid::Uuid, std::time::Instant>,
+) -> billing::Result<u64> {
+    let interval = Duration::from_millis(config.direct_capture_after_ms);
+    tried.retain(|_, at| at.elapsed() < interval);
+    let after = chrono::Duration::milliseconds(
+        i64::try_from(config.direct_capture_after_ms).unwrap_or(i64::MAX),
+    );
+    let overdue =
+        billing::capture::stale_pending(&deps.db, after, chrono::Utc::now(), REQUEUE_BATCH_MAX)
+            .await?;
+    let mut attempted = 0;
+    for purchase_id in overdue {
+        if tried.contains_key(&purchase_id) {
+            continue;
+        }
+        tried.insert(purchase_id, std::time::Instant::now());
+        attempted += 1;
+        if let Err(e) = jobs::capture_once(deps, purchase_id).await {
+            tracing::warn!(%purchase_id, error = %e, "direct capture failed; retried later");
+        }
+    }
+    Ok(attempted)
+}
+
 async fn sweep_loop(
     deps: Arc<jobs::Deps>,
     config: WorkerConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut tried = std::collections::HashMap::new();
     let (db, sink) = (deps.db.clone(), deps.queue.clone());
     let mut ticker =
         tokio::time::interval(Duration::from_millis(config.sweep_interval_ms.max(100)));
@@ -153,6 +190,10 @@ async fn sweep_loop(
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
             _ = ticker.tick() => match sweep(&db, &sink, &config).await {
                 Ok(mut report) => {
+                    match capture_overdue(&deps, &config, &mut tried).await {
+                        Ok(n) => report.purchases_captured_directly = n,
+                        Err(e) => tracing::error!(error = %e, code = %e.code(), "overdue capture failed"),
+                    }
                     match deliver_overdue(&deps, &config).await {
                         Ok(n) => report.notifications_delivered = n,
                         Err(e) => tracing::error!(error = %e, code = %e.code(), "overdue delivery failed"),
@@ -164,6 +205,7 @@ async fn sweep_loop(
                             purchases_requeued = report.purchases_requeued,
                             notifications_requeued = report.notifications_requeued,
                             notifications_delivered = report.notifications_delivered,
+                            purchases_captured_directly = report.purchases_captured_directly,
                             reloads_repaired = report.reloads_repaired,
                             "sweep"
                         );

@@ -57,7 +57,7 @@ pub(crate) fn credits(nanos: i64) -> CreditsScalar {
 
 /// The schema with the sandbox gateway and no subscriptions hub (export, tests).
 pub fn build_schema(db: DatabaseConnection) -> ReservoirSchema {
-    schema_builder(db, Arc::new(SandboxGateway::new())).finish()
+    schema_builder(db, Arc::new(SandboxGateway::new()), None).finish()
 }
 
 /// The schema with its shared data, before `finish`: the server adds the process's
@@ -65,11 +65,19 @@ pub fn build_schema(db: DatabaseConnection) -> ReservoirSchema {
 pub fn schema_builder(
     db: DatabaseConnection,
     gateway: Arc<dyn PaymentGateway>,
+    metrics: Option<crate::metrics::Metrics>,
 ) -> SchemaBuilder<QueryRoot, MutationRoot, SubscriptionRoot> {
-    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+    let mut builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(db)
         .data(gateway)
         .limit_depth(QUERY_DEPTH_MAX)
-        .limit_complexity(QUERY_COMPLEXITY_MAX)
-        .extension(crate::error::ErrorCodes)
+        .limit_complexity(QUERY_COMPLEXITY_MAX);
+    // Registered before ErrorCodes, so that it wraps it and counts every refusal
+    // (parse, validation, limits) under its final code.
+    if let Some(metrics) = metrics {
+        builder = builder
+            .data(metrics.clone())
+            .extension(crate::metrics::RequestMetrics(metrics));
+    }
+    builder.extension(crate::error::ErrorCodes)
 }
