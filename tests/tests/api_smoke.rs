@@ -46,6 +46,16 @@ async fn the_app_answers_health_auth_reads_and_usage() -> anyhow::Result<()> {
         .await?;
     assert_eq!(me["data"]["viewer"]["user"]["email"], "owner@test.example");
     assert_eq!(me["data"]["viewer"]["accounts"][0]["totalBalance"], "5");
+    // Using a token records when it was last used (at most once a minute).
+    use billing::sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    let used = billing::entity::user_tokens::Entity::find()
+        .filter(
+            billing::entity::user_tokens::Column::TokenHash.eq(billing::auth::hash_secret(&token)),
+        )
+        .one(&t.db)
+        .await?
+        .and_then(|row| row.last_used_at);
+    assert!(used.is_some(), "lastUsedAt recorded");
 
     let record =
         "mutation($input: RecordUsageInput!) { recordUsage(input: $input) { requestId cost } }";

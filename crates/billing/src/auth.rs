@@ -4,6 +4,7 @@ use crate::error::{BillingError, Result};
 use chrono::{DateTime, Utc};
 use entity::{api_keys, user_tokens};
 use rand::Rng;
+use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -39,6 +40,14 @@ pub fn hash_secret(secret: &str) -> String {
 pub fn secrets_equal(a: &str, b: &str) -> bool {
     let (ha, hb) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
     ha.ct_eq(&hb).into()
+}
+
+/// `last_used_at` is refreshed at most this often: a write per request would make
+/// every credential a hot row.
+pub const LAST_USED_RESOLUTION_SECS: i64 = 60;
+
+fn stale(last_used_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    last_used_at.is_none_or(|at| now - at >= chrono::Duration::seconds(LAST_USED_RESOLUTION_SECS))
 }
 
 /// Who a bearer token belongs to.
@@ -77,6 +86,13 @@ pub async fn authenticate<C: ConnectionTrait>(
             .one(c)
             .await?;
         if let Some(t) = found.filter(|t| t.revoked_at.is_none_or(|at| at > now)) {
+            if stale(t.last_used_at, now) {
+                user_tokens::Entity::update_many()
+                    .col_expr(user_tokens::Column::LastUsedAt, Expr::value(now))
+                    .filter(user_tokens::Column::Id.eq(t.id))
+                    .exec(c)
+                    .await?;
+            }
             return Ok(Principal::User {
                 user_id: t.user_id,
                 token_id: t.id,
@@ -88,6 +104,13 @@ pub async fn authenticate<C: ConnectionTrait>(
             .one(c)
             .await?;
         if let Some(k) = found.filter(|k| k.revoked_at.is_none_or(|at| at > now)) {
+            if stale(k.last_used_at, now) {
+                api_keys::Entity::update_many()
+                    .col_expr(api_keys::Column::LastUsedAt, Expr::value(now))
+                    .filter(api_keys::Column::Id.eq(k.id))
+                    .exec(c)
+                    .await?;
+            }
             return Ok(Principal::ApiKey {
                 api_key_id: k.id,
                 workspace_id: k.workspace_id,

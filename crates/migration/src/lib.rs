@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_initial;
 mod m20261126_000002_seed_catalog;
+mod m20261126_000003_transfer_indexes;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261126_000001_initial::Migration),
             Box::new(m20261126_000002_seed_catalog::Migration),
+            Box::new(m20261126_000003_transfer_indexes::Migration),
         ]
     }
 }

@@ -79,6 +79,9 @@ pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::R
         .await
         .context("connecting to the job queue")?;
     let gateway = gateway(&config)?;
+    worker::email::check_sender(&config.email_from)
+        .map_err(anyhow::Error::msg)
+        .context("RESERVOIR_EMAIL_FROM")?;
     let mailer = match &config.smtp_url {
         Some(url) => worker::email::Mailer::from_url(url).context("configuring SMTP")?,
         None => worker::email::Mailer::outbox(config.data_dir.join("outbox")),

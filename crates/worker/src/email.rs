@@ -329,6 +329,14 @@ pub fn render(payload: &NotificationPayload) -> Result<RenderedEmail, EmailError
 
 /// The `Message-ID` of a notification's e-mail: its id at the sender's domain, the
 /// same on every attempt, so a duplicate is recognisable.
+/// Checks a sender address (`RESERVOIR_EMAIL_FROM`) at start-up, so that a bad one
+/// stops the process instead of leaving every notification unsent.
+pub fn check_sender(from: &str) -> Result<(), String> {
+    from.parse::<Mailbox>()
+        .map(|_| ())
+        .map_err(|e| format!("{from:?} is not a sender address: {e}"))
+}
+
 pub fn message_id(notification_id: Uuid, from: &Mailbox) -> String {
     format!("<{notification_id}@{}>", from.email.domain())
 }
