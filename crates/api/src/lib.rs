@@ -41,6 +41,8 @@ pub struct ApiConfig {
     pub websocket_connections_max: usize,
     /// The live-balance tailer and its subscriber limits.
     pub balance_hub: events::HubConfig,
+    /// The group-commit writer of the usage path (None: the backend's defaults).
+    pub writer: Option<billing::writer::WriterConfig>,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -51,6 +53,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("workers", &self.workers)
             .field("websocket_connections_max", &self.websocket_connections_max)
             .field("balance_hub", &self.balance_hub)
+            .field("writer", &self.writer)
             .finish_non_exhaustive()
     }
 }
@@ -65,6 +68,7 @@ impl Default for ApiConfig {
             workers: 0,
             websocket_connections_max: 10_000,
             balance_hub: events::HubConfig::default(),
+            writer: None,
         }
     }
 }
@@ -289,9 +293,16 @@ pub fn build_server(
     // One tailer per process; it stops when the last schema clone is dropped.
     let hub = events::BalanceHub::start(db.clone(), config.balance_hub.clone());
     let metrics = metrics::Metrics::new().map_err(std::io::Error::other)?;
+    let writer_config = config
+        .writer
+        .unwrap_or_else(|| billing::writer::WriterConfig::for_backend(db.get_database_backend()));
+    let writer =
+        billing::writer::DebitWriter::start(db.clone(), writer_config, Some(config.jobs.clone()))
+            .map_err(std::io::Error::other)?;
     let state = AppState {
         schema: schema::schema_builder(db.clone(), config.gateway.clone(), Some(metrics.clone()))
             .data(hub.clone())
+            .data(writer)
             .data(config.jobs.clone())
             .finish(),
         hub,

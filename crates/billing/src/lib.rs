@@ -30,6 +30,7 @@ pub mod seed;
 pub mod settings;
 pub mod transfers;
 pub mod usage;
+pub mod writer;
 
 pub use entity;
 pub use error::{BillingError, ErrorCode, Result};

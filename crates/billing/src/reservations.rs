@@ -45,7 +45,7 @@ pub struct ReserveRequest {
 }
 
 /// The request as sent (see `usage_hash`): a retry is recognised before any lookup.
-fn reserve_hash(req: &ReserveRequest) -> String {
+pub(crate) fn reserve_hash(req: &ReserveRequest) -> String {
     request_hash(&[
         "reserve",
         &req.model_id,
@@ -75,6 +75,15 @@ async fn existing_reservation(
     }
 }
 
+pub(crate) fn check_ttl(ttl_seconds: i64) -> Result<()> {
+    if !(TTL_SECONDS_MIN..=TTL_SECONDS_MAX).contains(&ttl_seconds) {
+        return Err(BillingError::invalid(format!(
+            "ttlSeconds must be between {TTL_SECONDS_MIN} and {TTL_SECONDS_MAX}"
+        )));
+    }
+    Ok(())
+}
+
 /// Holds the worst-case cost (max tokens at current prices, after discount) against
 /// the workspace's available credits and the project's budget. Idempotent on the
 /// request id.
@@ -84,11 +93,7 @@ pub async fn reserve(
     now: DateTime<Utc>,
 ) -> Result<reservations::Model> {
     let request_id = IdempotencyKey::parse("requestId", &req.request_id)?;
-    if !(TTL_SECONDS_MIN..=TTL_SECONDS_MAX).contains(&req.ttl_seconds) {
-        return Err(BillingError::invalid(format!(
-            "ttlSeconds must be between {TTL_SECONDS_MIN} and {TTL_SECONDS_MAX}"
-        )));
-    }
+    check_ttl(req.ttl_seconds)?;
     let hash = reserve_hash(&req);
     if let Some(r) = existing_reservation(db, req.workspace_id, request_id.as_str(), &hash).await? {
         return Ok(r);
@@ -177,6 +182,22 @@ pub async fn load_reservation(db: &DatabaseConnection, id: Uuid) -> Result<reser
         .ok_or(BillingError::NotFound("reservation"))
 }
 
+/// The request fingerprint of a settlement (a retry with other counts conflicts).
+pub(crate) fn settle_hash(
+    reservation: &reservations::Model,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+) -> String {
+    request_hash(&[
+        "settle",
+        &reservation.model_id,
+        &prompt_tokens.to_string(),
+        &completion_tokens.to_string(),
+        &opt_uuid_str(reservation.project_id),
+        &opt_uuid_str(reservation.user_id),
+    ])
+}
+
 /// The settlement of a reservation: its usage event.
 #[derive(Clone, Debug)]
 pub struct Settled {
@@ -196,14 +217,7 @@ pub async fn settle(
     now: DateTime<Utc>,
 ) -> Result<Settled> {
     let reservation = load_reservation(db, reservation_id).await?;
-    let hash = request_hash(&[
-        "settle",
-        &reservation.model_id,
-        &prompt_tokens.to_string(),
-        &completion_tokens.to_string(),
-        &opt_uuid_str(reservation.project_id),
-        &opt_uuid_str(reservation.user_id),
-    ]);
+    let hash = settle_hash(&reservation, prompt_tokens, completion_tokens);
     // A HELD reservation is settled against its hold. An EXPIRED one (the call outlived
     // its TTL) is still settled: the usage happened and must be recorded; its hold was
     // already given back, so it is charged from what is available now.

@@ -149,7 +149,7 @@ pub(crate) async fn pricing_context<C: ConnectionTrait>(
 /// The request's payload as sent (the project as named, not as resolved), so that a
 /// retry is recognised before anything is looked up: a retry after the model was
 /// deactivated or the project renamed still gets its original answer.
-fn usage_hash(req: &UsageRequest) -> String {
+pub(crate) fn usage_hash(req: &UsageRequest) -> String {
     request_hash(&[
         "usage",
         &req.model_id,

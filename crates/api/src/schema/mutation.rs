@@ -13,6 +13,7 @@ use billing::purchases::{PurchaseCreditsRequest, PurchaseItem};
 use billing::reservations::{self, ReserveRequest};
 use billing::sea_orm::{DatabaseConnection, EntityTrait};
 use billing::usage::{self, ProjectRef, UsageRequest};
+use billing::writer::{DebitWriter, SettleRequest};
 use billing::{BillingError, ErrorCode, accounts, settings, transfers};
 use chrono::Utc;
 use std::sync::Arc;
@@ -272,7 +273,19 @@ async fn usage_caller(
             ));
         }
     };
-    let (_, level) = access::workspace_access(db, principal, workspace_id).await?;
+    let level = match principal {
+        // An API key is bound to its workspace (and its row to the key's): no lookup
+        // on the hot path. Any other workspace is NOT_FOUND, as for a stranger.
+        Principal::ApiKey {
+            workspace_id: own, ..
+        } if *own == workspace_id => WorkspaceAccess::ApiKey,
+        Principal::ApiKey { .. } => return Err(BillingError::NotFound("workspace")),
+        _ => {
+            access::workspace_access(db, principal, workspace_id)
+                .await?
+                .1
+        }
+    };
     if !access::may_record_usage(level) {
         return Err(BillingError::Forbidden("viewers cannot record usage"));
     }
@@ -307,13 +320,14 @@ fn parse_uuid(id: &Option<ID>, kind: &'static str) -> billing::Result<Option<Uui
         .transpose()
 }
 
-async fn record_one(
+/// The domain request for one usage input, authorized.
+async fn usage_request(
     db: &DatabaseConnection,
     principal: &Principal,
     input: RecordUsageInput,
-) -> billing::Result<UsageEvent> {
+) -> billing::Result<UsageRequest> {
     let who = usage_caller(db, principal, parse_uuid(&input.workspace_id, "workspace")?).await?;
-    let req = UsageRequest {
+    Ok(UsageRequest {
         workspace_id: who.workspace_id,
         project: project_ref(input.project_tag, who.key_project),
         model_id: input.model_id,
@@ -322,10 +336,25 @@ async fn record_one(
         request_id: input.request_id,
         user_id: parse_uuid(&input.user_id, "user")?.or(who.user_id),
         api_key_id: who.api_key_id,
+    })
+}
+
+/// The process's group-commit writer (absent only in a schema built without a server).
+fn writer<'a>(ctx: &Context<'a>) -> Option<&'a DebitWriter> {
+    ctx.data_opt::<DebitWriter>()
+}
+
+async fn record_one(
+    ctx: &Context<'_>,
+    principal: &Principal,
+    input: RecordUsageInput,
+) -> billing::Result<UsageEvent> {
+    let req = usage_request(db(ctx), principal, input).await?;
+    let recorded = match writer(ctx) {
+        Some(writer) => writer.record_usage(req, Utc::now()).await?,
+        None => usage::record_usage(db(ctx), req, Utc::now()).await?,
     };
-    Ok(UsageEvent(
-        usage::record_usage(db, req, Utc::now()).await?.event,
-    ))
+    Ok(UsageEvent(recorded.event))
 }
 
 /// Counts a usage debit in the process metrics: admitted, or the refusal's code.
@@ -586,7 +615,7 @@ impl MutationRoot {
     /// Debits the usage cost now; INSUFFICIENT_CREDITS or BUDGET_EXCEEDED and nothing recorded when it does not fit.
     async fn record_usage(&self, ctx: &Context<'_>, input: RecordUsageInput) -> Result<UsageEvent> {
         let principal = caller(ctx)?;
-        let result = record_one(db(ctx), &principal, input).await;
+        let result = record_one(ctx, &principal, input).await;
         count_debit(ctx, &result);
         result.gql(ctx)
     }
@@ -604,9 +633,39 @@ impl MutationRoot {
             )))
             .gql(ctx);
         }
-        let mut results = Vec::with_capacity(inputs.len());
+        // Authorize and parse every item first, then hand the admitted ones to the
+        // writer together so that they share one commit; answers keep input order.
+        let mut requests = Vec::with_capacity(inputs.len());
         for input in inputs {
-            let result = record_one(db(ctx), &principal, input).await;
+            requests.push(usage_request(db(ctx), &principal, input).await);
+        }
+        let now = Utc::now();
+        let mut recorded = match writer(ctx) {
+            Some(writer) => {
+                let valid = requests
+                    .iter()
+                    .filter_map(|r| r.as_ref().ok().cloned())
+                    .collect();
+                writer.record_usage_many(valid, now).await
+            }
+            None => {
+                let mut out = Vec::new();
+                for req in requests.iter().filter_map(|r| r.as_ref().ok().cloned()) {
+                    out.push(usage::record_usage(db(ctx), req, now).await);
+                }
+                out
+            }
+        }
+        .into_iter();
+        let mut results = Vec::with_capacity(requests.len());
+        for request in requests {
+            let result = match request {
+                Ok(_) => recorded
+                    .next()
+                    .unwrap_or_else(|| Err(BillingError::Internal("missing batch answer".into())))
+                    .map(|r| UsageEvent(r.event)),
+                Err(e) => Err(e),
+            };
             count_debit(ctx, &result);
             results.push(match result {
                 Ok(usage) => RecordUsageResult {
@@ -660,11 +719,11 @@ impl MutationRoot {
             user_id: who.user_id,
             api_key_id: who.api_key_id,
         };
-        Ok(Reservation(
-            reservations::reserve(db(ctx), req, Utc::now())
-                .await
-                .gql(ctx)?,
-        ))
+        let reservation = match writer(ctx) {
+            Some(writer) => writer.reserve(req, Utc::now()).await,
+            None => reservations::reserve(db(ctx), req, Utc::now()).await,
+        };
+        Ok(Reservation(reservation.gql(ctx)?))
     }
 
     /// Debits the actual cost (which may exceed the hold) and frees the hold.
@@ -675,26 +734,46 @@ impl MutationRoot {
     ) -> Result<UsageEvent> {
         let principal = caller(ctx)?;
         let reservation = reservation_for_usage(ctx, &principal, &input.reservation_id).await?;
-        let settled = reservations::settle(
-            db(ctx),
-            reservation.id,
+        let (prompt_tokens, completion_tokens) = (
             i64::from(input.prompt_tokens),
             i64::from(input.completion_tokens),
-            Utc::now(),
-        )
-        .await
-        .gql(ctx)?;
-        Ok(UsageEvent(settled.event))
+        );
+        let settled = match writer(ctx) {
+            Some(writer) => {
+                let req = SettleRequest {
+                    reservation_id: reservation.id,
+                    workspace_id: reservation.workspace_id,
+                    prompt_tokens,
+                    completion_tokens,
+                };
+                writer.settle(req, Utc::now()).await
+            }
+            None => {
+                reservations::settle(
+                    db(ctx),
+                    reservation.id,
+                    prompt_tokens,
+                    completion_tokens,
+                    Utc::now(),
+                )
+                .await
+            }
+        };
+        Ok(UsageEvent(settled.gql(ctx)?.event))
     }
 
     async fn release_reservation(&self, ctx: &Context<'_>, id: ID) -> Result<Reservation> {
         let principal = caller(ctx)?;
         let reservation = reservation_for_usage(ctx, &principal, &id).await?;
-        Ok(Reservation(
-            reservations::release(db(ctx), reservation.id, Utc::now())
-                .await
-                .gql(ctx)?,
-        ))
+        let released = match writer(ctx) {
+            Some(writer) => {
+                writer
+                    .release(reservation.workspace_id, reservation.id, Utc::now())
+                    .await
+            }
+            None => reservations::release(db(ctx), reservation.id, Utc::now()).await,
+        };
+        Ok(Reservation(released.gql(ctx)?))
     }
 
     /// Instant, fee-free, between workspaces of one account.

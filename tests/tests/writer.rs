@@ -1,0 +1,272 @@
+//! The group-commit writer (`billing::writer`) against a real database: two writers
+//! on two pools stand for two API processes; batches must never overdraw, never lose
+//! or double a debit, and answer every caller with its own result.
+
+use billing::accounts;
+use billing::entity::enums::{BudgetPeriod, ReservationStatus};
+use billing::entity::{projects, usage_events};
+use billing::reservations::ReserveRequest;
+use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use billing::usage::{ProjectRef, UsageRequest};
+use billing::writer::{DebitWriter, SettleRequest, WriterConfig};
+use billing::{BillingError, Credits, ErrorCode};
+use chrono::Utc;
+use rand::Rng;
+use reservoir_tests::{Fixture, TEST_MODEL, TestDb, count, fund, workspace};
+use std::collections::HashSet;
+use uuid::Uuid;
+
+fn usage_req(workspace_id: Uuid, request_id: &str, prompt_tokens: i64) -> UsageRequest {
+    UsageRequest {
+        workspace_id,
+        project: ProjectRef::None,
+        model_id: TEST_MODEL.into(),
+        prompt_tokens,
+        completion_tokens: 0,
+        request_id: request_id.into(),
+        user_id: None,
+        api_key_id: None,
+    }
+}
+
+fn writer(db: &DatabaseConnection, window_us: u64) -> anyhow::Result<DebitWriter> {
+    let config = WriterConfig {
+        window_us,
+        ..WriterConfig::for_backend(db.get_database_backend())
+    };
+    Ok(DebitWriter::start(db.clone(), config, None)?)
+}
+
+async fn project_row(db: &DatabaseConnection, id: Uuid) -> anyhow::Result<projects::Model> {
+    projects::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no project {id}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_writers_never_overdraw_and_never_double() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "5", now).await?;
+    let project = accounts::create_project(&t.db, f.ws_a, "Capped", "capped", now).await?;
+    accounts::set_project_budget(
+        &t.db,
+        project.id,
+        Some(Credits::parse("0.3")?),
+        BudgetPeriod::Monthly,
+        now,
+    )
+    .await?;
+    let start = workspace(&t.db, f.ws_a).await?.balance_nanos;
+    let second = t.second_pool().await?;
+    let writers = [writer(&t.db, 0)?, writer(&second, 0)?];
+
+    // 400 requests of up to 0.08 credits (about 16 credits asked of 5), half of them
+    // against a project capped at 0.3 credits, and every fifth one sent twice at once
+    // through the other writer: a retry racing its original.
+    let mut rng = rand::rng();
+    let mut tasks = Vec::new();
+    for i in 0..400usize {
+        let tokens = rng.random_range(1..=80_000);
+        let mut req = usage_req(f.ws_a, &format!("req-{i}"), tokens);
+        if i % 2 == 0 {
+            req.project = ProjectRef::Tag("capped".into());
+        }
+        let copies = if i % 5 == 0 { 2 } else { 1 };
+        for copy in 0..copies {
+            let w = writers[(i + copy) % 2].clone();
+            let req = req.clone();
+            tasks.push(tokio::spawn(async move {
+                (i, tokens, w.record_usage(req, Utc::now()).await)
+            }));
+        }
+    }
+    let mut events: std::collections::HashMap<usize, Uuid> = Default::default();
+    let (mut admitted_cost, mut project_cost) = (0i64, 0i64);
+    let (mut insufficient, mut over_budget) = (0, 0);
+    for task in tasks {
+        let (i, tokens, result) = task.await?;
+        match result {
+            Ok(recorded) => {
+                assert_eq!(recorded.event.cost_nanos, tokens * 1_000);
+                // A request and its retry answer with the same event.
+                match events.get(&i) {
+                    Some(id) => assert_eq!(*id, recorded.event.id, "req-{i} recorded twice"),
+                    None => {
+                        events.insert(i, recorded.event.id);
+                        admitted_cost += tokens * 1_000;
+                        if i % 2 == 0 {
+                            project_cost += tokens * 1_000;
+                        }
+                    }
+                }
+            }
+            Err(BillingError::InsufficientCredits { available }) => {
+                assert!(available.nanos() < tokens * 1_000);
+                insufficient += 1;
+            }
+            Err(BillingError::BudgetExceeded { .. }) => over_budget += 1,
+            Err(e) => panic!("unexpected error for req-{i}: {e}"),
+        }
+    }
+    assert!(
+        insufficient > 0 && over_budget > 0 && !events.is_empty(),
+        "admitted {}, insufficient {insufficient}, over budget {over_budget}",
+        events.len()
+    );
+    let ws = workspace(&t.db, f.ws_a).await?;
+    assert_eq!(ws.balance_nanos, start - admitted_cost);
+    assert!(ws.balance_nanos >= 0);
+    assert_eq!(count(&t.db, "usage_events").await?, events.len() as i64);
+    let project = project_row(&t.db, project.id).await?;
+    assert_eq!(project.budget_spent_nanos, project_cost);
+    assert!(project_cost <= 300_000_000);
+    // One balance event per commit, gap-free.
+    assert_eq!(ws.balance_sequence, count(&t.db, "balance_events").await?);
+    t.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_answers_each_request_on_its_own() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "5", now).await?;
+    let before = workspace(&t.db, f.ws_a).await?;
+    // A long window: everything sent below lands in one batch.
+    let w = writer(&t.db, 50_000)?;
+    let send = |req: UsageRequest| {
+        let w = w.clone();
+        tokio::spawn(async move { w.record_usage(req, Utc::now()).await })
+    };
+    let fits = send(usage_req(f.ws_a, "fits", 4_000_000)); // 4 credits
+    let too_big = send(usage_req(f.ws_a, "too-big", 1_500_000)); // 1.5 of the 1 left
+    let retry = send(usage_req(f.ws_a, "fits", 4_000_000));
+    let conflict = send(usage_req(f.ws_a, "fits", 1));
+    let mut unknown_model = usage_req(f.ws_a, "model", 1);
+    unknown_model.model_id = "nope/none".into();
+    let unknown_model = send(unknown_model);
+    let mut unknown_project = usage_req(f.ws_a, "project", 1);
+    unknown_project.project = ProjectRef::Tag("missing".into());
+    let unknown_project = send(unknown_project);
+    let small = send(usage_req(f.ws_a, "small", 500_000)); // 0.5: fits after the refusal
+
+    let fits = fits.await??;
+    assert!(!fits.replayed);
+    match too_big.await? {
+        Err(BillingError::InsufficientCredits { available }) => {
+            assert_eq!(available, Credits::parse("1")?);
+        }
+        other => panic!("expected INSUFFICIENT_CREDITS, got {other:?}"),
+    }
+    let retry = retry.await??;
+    assert!(retry.replayed);
+    assert_eq!(retry.event.id, fits.event.id);
+    let code = |r: billing::Result<_>| r.err().map(|e: BillingError| e.code());
+    assert_eq!(code(conflict.await?), Some(ErrorCode::IdempotencyConflict));
+    assert_eq!(code(unknown_model.await?), Some(ErrorCode::InvalidInput));
+    assert_eq!(code(unknown_project.await?), Some(ErrorCode::NotFound));
+    small.await??;
+
+    let after = workspace(&t.db, f.ws_a).await?;
+    assert_eq!(
+        after.balance_nanos,
+        before.balance_nanos - 4_500_000_000,
+        "only the two admitted debits"
+    );
+    assert_eq!(
+        after.balance_sequence,
+        before.balance_sequence + 1,
+        "one commit, one balance event"
+    );
+    let events = usage_events::Entity::find()
+        .filter(usage_events::Column::WorkspaceId.eq(f.ws_a))
+        .all(&t.db)
+        .await?;
+    let ids: HashSet<&str> = events.iter().map(|e| e.request_id.as_str()).collect();
+    assert_eq!(ids, HashSet::from(["fits", "small"]));
+    t.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_settle_and_release_through_the_writer() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "5", now).await?;
+    let w = writer(&t.db, 0)?;
+    let hold = |request_id: &str, max_prompt_tokens: i64| ReserveRequest {
+        workspace_id: f.ws_a,
+        project: ProjectRef::None,
+        model_id: TEST_MODEL.into(),
+        max_prompt_tokens,
+        max_completion_tokens: 0,
+        request_id: request_id.into(),
+        ttl_seconds: 600,
+        user_id: None,
+        api_key_id: None,
+    };
+    let a = w.reserve(hold("a", 1_500_000), Utc::now()).await?; // 1.5 credits
+    let b = w.reserve(hold("b", 1_500_000), Utc::now()).await?;
+    assert_eq!(w.reserve(hold("a", 1_500_000), Utc::now()).await?.id, a.id);
+    assert_eq!(
+        w.reserve(hold("a", 1), Utc::now()).await.err().map(|e| e.code()),
+        Some(ErrorCode::IdempotencyConflict)
+    );
+    match w.reserve(hold("c", 2_500_000), Utc::now()).await {
+        Err(BillingError::InsufficientCredits { available }) => {
+            assert_eq!(available, Credits::parse("2")?);
+        }
+        other => panic!("expected INSUFFICIENT_CREDITS, got {other:?}"),
+    }
+    let ws = workspace(&t.db, f.ws_a).await?;
+    assert_eq!(ws.reserved_nanos, 3_000_000_000);
+
+    // Settle `a` above its hold: the hold is freed and the actual cost charged.
+    let settle = |id: Uuid, prompt_tokens: i64| SettleRequest {
+        reservation_id: id,
+        workspace_id: f.ws_a,
+        prompt_tokens,
+        completion_tokens: 0,
+    };
+    let settled = w.settle(settle(a.id, 1_750_000), Utc::now()).await?;
+    assert_eq!(settled.event.cost_nanos, 1_750_000_000);
+    assert_eq!(settled.event.shortfall_nanos, 0);
+    assert_eq!(settled.reservation.status, ReservationStatus::Settled);
+    // A retry replays; other counts conflict; releasing a settled hold is refused.
+    let again = w.settle(settle(a.id, 1_750_000), Utc::now()).await?;
+    assert!(again.replayed);
+    assert_eq!(again.event.id, settled.event.id);
+    assert_eq!(
+        w.settle(settle(a.id, 1), Utc::now()).await.err().map(|e| e.code()),
+        Some(ErrorCode::IdempotencyConflict)
+    );
+    assert_eq!(
+        w.release(f.ws_a, a.id, Utc::now()).await.err().map(|e| e.code()),
+        Some(ErrorCode::InvalidInput)
+    );
+    let released = w.release(f.ws_a, b.id, Utc::now()).await?;
+    assert_eq!(released.status, ReservationStatus::Released);
+    assert_eq!(
+        w.release(f.ws_a, b.id, Utc::now()).await?.status,
+        ReservationStatus::Released
+    );
+    // A settlement costing more than everything available: charged to zero, the rest
+    // recorded as shortfall.
+    let d = w.reserve(hold("d", 500_000), Utc::now()).await?;
+    let big = w.settle(settle(d.id, 10_000_000), Utc::now()).await?;
+    assert_eq!(big.event.cost_nanos, 10_000_000_000);
+    assert_eq!(big.event.shortfall_nanos, 10_000_000_000 - 3_250_000_000);
+    let ws = workspace(&t.db, f.ws_a).await?;
+    assert_eq!((ws.balance_nanos, ws.reserved_nanos), (0, 0));
+    assert_eq!(
+        w.settle(settle(Uuid::now_v7(), 1), Utc::now())
+            .await
+            .err()
+            .map(|e| e.code()),
+        Some(ErrorCode::NotFound)
+    );
+    t.finish().await
+}
