@@ -2,6 +2,7 @@
 //! bearer-token authentication and health endpoints. Built by [`build_server`] so
 //! that the launcher and the tests start exactly the same app (tests bind port 0).
 
+pub mod credentials;
 pub mod error;
 pub mod events;
 pub mod metrics;
@@ -12,7 +13,6 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, guard, web};
 use async_graphql::http::GraphiQLSource;
 use async_graphql_actix_web::{GraphQLResponse, GraphQLSubscription};
-use billing::auth;
 use billing::sea_orm::{ConnectionTrait, DatabaseConnection};
 use error::RequestId;
 use schema::{Caller, ReservoirSchema};
@@ -43,6 +43,9 @@ pub struct ApiConfig {
     pub balance_hub: events::HubConfig,
     /// The group-commit writer of the usage path (None: the backend's defaults).
     pub writer: Option<billing::writer::WriterConfig>,
+    /// How long an authenticated token is trusted without a lookup (0: never cached).
+    /// A key revoked through another process keeps working at most this long.
+    pub credential_cache_ttl_ms: u64,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -54,6 +57,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("websocket_connections_max", &self.websocket_connections_max)
             .field("balance_hub", &self.balance_hub)
             .field("writer", &self.writer)
+            .field("credential_cache_ttl_ms", &self.credential_cache_ttl_ms)
             .finish_non_exhaustive()
     }
 }
@@ -69,6 +73,7 @@ impl Default for ApiConfig {
             websocket_connections_max: 10_000,
             balance_hub: events::HubConfig::default(),
             writer: None,
+            credential_cache_ttl_ms: 2_000,
         }
     }
 }
@@ -82,6 +87,7 @@ struct AppState {
     ws_connections: Arc<AtomicUsize>,
     hub: Arc<events::BalanceHub>,
     metrics: metrics::Metrics,
+    credentials: Arc<credentials::CredentialCache>,
 }
 
 /// Exports the schema in SDL (what `reservoir export-schema` prints and what
@@ -129,13 +135,10 @@ async fn graphql(
     };
     let mut request = request.data(request_id.clone());
     if let Some(token) = bearer(&http) {
-        match auth::authenticate(
-            &state.db,
-            token,
-            state.config.admin_token.as_deref(),
-            chrono::Utc::now(),
-        )
-        .await
+        match state
+            .credentials
+            .authenticate(&state.db, token, state.config.admin_token.as_deref())
+            .await
         {
             Ok(principal) => {
                 let loaders =
@@ -227,13 +230,15 @@ async fn graphql_ws(
     });
     let db = state.db.clone();
     let admin_token = state.config.admin_token.clone();
+    let credentials = state.credentials.clone();
     GraphQLSubscription::new(state.schema.clone())
-        .on_connection_init(move |init| connection_init(db, admin_token, init))
+        .on_connection_init(move |init| connection_init(db, credentials, admin_token, init))
         .start(&http, payload)
 }
 
 async fn connection_init(
     db: DatabaseConnection,
+    credentials: Arc<credentials::CredentialCache>,
     admin_token: Option<String>,
     init: serde_json::Value,
 ) -> async_graphql::Result<async_graphql::Data> {
@@ -249,7 +254,8 @@ async fn connection_init(
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map_or(value, |(_, token)| token)
             .trim();
-        let principal = auth::authenticate(&db, token, admin_token.as_deref(), chrono::Utc::now())
+        let principal = credentials
+            .authenticate(&db, token, admin_token.as_deref())
             .await
             .map_err(|e| error::to_gql(e, Some(&request_id)))?;
         data.insert(Caller(principal));
@@ -299,10 +305,14 @@ pub fn build_server(
     let writer =
         billing::writer::DebitWriter::start(db.clone(), writer_config, Some(config.jobs.clone()))
             .map_err(std::io::Error::other)?;
+    let credentials = Arc::new(credentials::CredentialCache::new(
+        config.credential_cache_ttl_ms,
+    ));
     let state = AppState {
         schema: schema::schema_builder(db.clone(), config.gateway.clone(), Some(metrics.clone()))
             .data(hub.clone())
             .data(writer)
+            .data(credentials.clone())
             .data(config.jobs.clone())
             .finish(),
         hub,
@@ -310,6 +320,7 @@ pub fn build_server(
         db,
         config: config.clone(),
         ws_connections: Arc::new(AtomicUsize::new(0)),
+        credentials,
     };
     let mut server = HttpServer::new(move || {
         App::new()

@@ -30,7 +30,7 @@
 //!
 //! Locks are taken in one global order: reservation rows by id, then workspace rows
 //! by id, then project rows by id; the per-call path takes them in the same order, so
-//! batches from several processes never deadlock. Each process runs `writers` lanes;
+//! batches from several processes never deadlock. Each process runs `lanes` writer tasks;
 //! a workspace always maps to the same lane, so two lanes of one process never wait
 //! on each other's rows while batches for different workspaces commit in parallel.
 //!
@@ -67,7 +67,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 /// Upper bounds on the configuration (TigerBeetle style: limits on everything).
-pub const WRITERS_MAX: usize = 64;
+pub const LANES_MAX: usize = 64;
 pub const BATCH_OPS_MAX: usize = 4_096;
 pub const WINDOW_US_MAX: u64 = 100_000;
 /// Rows per INSERT statement: under SQLite's 32,766 bound variables with the widest
@@ -77,7 +77,7 @@ const INSERT_ROWS_MAX: usize = 1_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WriterConfig {
     /// Writer lanes per process (each a task with its own transaction at a time).
-    pub writers: usize,
+    pub lanes: usize,
     /// Most operations applied in one transaction.
     pub batch_ops_max: usize,
     /// After the first operation arrives, how long to wait for more before starting
@@ -93,7 +93,7 @@ impl WriterConfig {
     /// one lane; PostgreSQL commits lanes in parallel.
     pub fn for_backend(backend: DbBackend) -> Self {
         Self {
-            writers: if backend == DbBackend::Postgres { 4 } else { 1 },
+            lanes: if backend == DbBackend::Postgres { 4 } else { 1 },
             batch_ops_max: 1_024,
             window_us: 0,
             queue_ops_max: 16_384,
@@ -101,9 +101,9 @@ impl WriterConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if !(1..=WRITERS_MAX).contains(&self.writers) {
+        if !(1..=LANES_MAX).contains(&self.lanes) {
             return Err(BillingError::invalid(format!(
-                "writers must be between 1 and {WRITERS_MAX}"
+                "lanes must be between 1 and {LANES_MAX}"
             )));
         }
         if !(1..=BATCH_OPS_MAX).contains(&self.batch_ops_max) {
@@ -190,8 +190,8 @@ impl DebitWriter {
         jobs: Option<Arc<dyn JobSink>>,
     ) -> Result<Self> {
         config.validate()?;
-        let mut lanes = Vec::with_capacity(config.writers);
-        for lane in 0..config.writers {
+        let mut lanes = Vec::with_capacity(config.lanes);
+        for lane in 0..config.lanes {
             let (tx, rx) = mpsc::channel(config.queue_ops_max);
             tokio::spawn(run_lane(lane, db.clone(), config, jobs.clone(), rx));
             lanes.push(tx);

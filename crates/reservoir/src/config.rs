@@ -58,6 +58,11 @@ pub struct Config {
     pub demo_seed: bool,
     pub db_connections_max: u32,
     pub log_format: LogFormat,
+    /// Group-commit writer overrides (None: the backend's defaults).
+    pub writer_lanes: Option<usize>,
+    pub writer_batch_ops_max: Option<usize>,
+    pub writer_window_us: Option<u64>,
+    pub credential_cache_ttl_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +88,10 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_DB_CONNECTIONS_MAX",
     "RESERVOIR_LOG_FORMAT",
     "RESERVOIR_LOG",
+    "RESERVOIR_WRITER_LANES",
+    "RESERVOIR_WRITER_BATCH_OPS_MAX",
+    "RESERVOIR_WRITER_WINDOW_US",
+    "RESERVOIR_CREDENTIAL_CACHE_TTL_MS",
 ];
 
 /// The shortest admin token accepted: it is the key to every account.
@@ -278,6 +287,22 @@ impl Config {
                 ));
             }
         };
+        let number = |var: &'static str, max: u64| -> Result<Option<u64>, ConfigError> {
+            get(var)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|n| *n <= max)
+                        .ok_or_else(|| invalid(var, format!("must be a number from 0 to {max}")))
+                })
+                .transpose()
+        };
+        let writer_lanes = number("RESERVOIR_WRITER_LANES", 64)?.map(|n| n as usize);
+        let writer_batch_ops_max =
+            number("RESERVOIR_WRITER_BATCH_OPS_MAX", 4_096)?.map(|n| n as usize);
+        let writer_window_us = number("RESERVOIR_WRITER_WINDOW_US", 100_000)?;
+        let credential_cache_ttl_ms =
+            number("RESERVOIR_CREDENTIAL_CACHE_TTL_MS", 60_000)?.unwrap_or(2_000);
         Ok(Self {
             data_dir,
             database_url,
@@ -291,6 +316,10 @@ impl Config {
             demo_seed,
             db_connections_max,
             log_format,
+            writer_lanes,
+            writer_batch_ops_max,
+            writer_window_us,
+            credential_cache_ttl_ms,
         })
     }
 }

@@ -123,10 +123,22 @@ pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::R
     });
     let server = match listener {
         Some(listener) => {
+            let defaults = billing::writer::WriterConfig::for_backend(db.get_database_backend());
+            let writer = billing::writer::WriterConfig {
+                lanes: config.writer_lanes.unwrap_or(defaults.lanes),
+                batch_ops_max: config
+                    .writer_batch_ops_max
+                    .unwrap_or(defaults.batch_ops_max),
+                window_us: config.writer_window_us.unwrap_or(defaults.window_us),
+                queue_ops_max: defaults.queue_ops_max,
+            };
+            writer.validate()?;
             let api_config = api::ApiConfig {
                 admin_token: Some(config.admin_token.value.clone()),
                 gateway: gateway.clone(),
                 jobs: Arc::new(queue.clone()),
+                writer: Some(writer),
+                credential_cache_ttl_ms: config.credential_cache_ttl_ms,
                 ..Default::default()
             };
             Some(api::spawn(listener, db.clone(), api_config)?)

@@ -516,11 +516,13 @@ impl MutationRoot {
             .await,
         )
         .gql(ctx)?;
-        Ok(ApiKey(
-            settings::revoke_api_key(db(ctx), id, Utc::now())
-                .await
-                .gql(ctx)?,
-        ))
+        let revoked = settings::revoke_api_key(db(ctx), id, Utc::now())
+            .await
+            .gql(ctx)?;
+        if let Some(cache) = ctx.data_opt::<Arc<crate::credentials::CredentialCache>>() {
+            cache.forget_api_key(id);
+        }
+        Ok(ApiKey(revoked))
     }
 
     async fn add_payment_method(

@@ -1,0 +1,76 @@
+//! A short-lived per-process cache of authenticated bearer tokens.
+//!
+//! The gateway sends thousands of requests a second with the same API key; looking
+//! the key up for each one costs a database round trip per debit. A hit here is
+//! served from memory for at most `ttl`. Revocation takes effect at once in the
+//! process that revoked (the entry is dropped) and within `ttl` in the others.
+
+use billing::auth::{self, Principal};
+use billing::sea_orm::DatabaseConnection;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Bounds: entries kept (the map is cleared when full: simple, and a refill costs one
+/// lookup per token) and the longest time a revoked credential may still be accepted.
+pub const ENTRIES_MAX: usize = 10_000;
+pub const TTL_MS_MAX: u64 = 60_000;
+
+pub struct CredentialCache {
+    ttl: Duration,
+    /// SHA-256 of the token (never the token itself) -> who it is and since when.
+    entries: Mutex<HashMap<String, (Principal, Instant)>>,
+}
+
+impl CredentialCache {
+    pub fn new(ttl_ms: u64) -> Self {
+        Self {
+            ttl: Duration::from_millis(ttl_ms.min(TTL_MS_MAX)),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Resolves a bearer token, from the cache when fresh. The platform admin token
+    /// is compared every time (cheap, and never stored).
+    pub async fn authenticate(
+        &self,
+        db: &DatabaseConnection,
+        token: &str,
+        admin_token: Option<&str>,
+    ) -> billing::Result<Principal> {
+        let now = chrono::Utc::now();
+        if self.ttl.is_zero()
+            || token.len() > auth::TOKEN_LEN_MAX
+            || admin_token.is_some_and(|admin| auth::secrets_equal(admin, token))
+        {
+            return auth::authenticate(db, token, admin_token, now).await;
+        }
+        let key = auth::hash_secret(token);
+        if let Some(principal) = self.fresh(&key) {
+            return Ok(principal);
+        }
+        let principal = auth::authenticate(db, token, admin_token, now).await?;
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= ENTRIES_MAX {
+                entries.clear();
+            }
+            entries.insert(key, (principal.clone(), Instant::now()));
+        }
+        Ok(principal)
+    }
+
+    fn fresh(&self, key: &str) -> Option<Principal> {
+        let entries = self.entries.lock().ok()?;
+        let (principal, at) = entries.get(key)?;
+        (at.elapsed() < self.ttl).then(|| principal.clone())
+    }
+
+    /// Drops every cached entry of an API key (after it is revoked in this process).
+    pub fn forget_api_key(&self, api_key_id: uuid::Uuid) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|_, (p, _)| {
+                !matches!(p, Principal::ApiKey { api_key_id: id, .. } if *id == api_key_id)
+            });
+        }
+    }
+}
