@@ -212,7 +212,10 @@ async fn holds_settle_and_release_through_the_writer() -> anyhow::Result<()> {
     let b = w.reserve(hold("b", 1_500_000), Utc::now()).await?;
     assert_eq!(w.reserve(hold("a", 1_500_000), Utc::now()).await?.id, a.id);
     assert_eq!(
-        w.reserve(hold("a", 1), Utc::now()).await.err().map(|e| e.code()),
+        w.reserve(hold("a", 1), Utc::now())
+            .await
+            .err()
+            .map(|e| e.code()),
         Some(ErrorCode::IdempotencyConflict)
     );
     match w.reserve(hold("c", 2_500_000), Utc::now()).await {
@@ -240,11 +243,17 @@ async fn holds_settle_and_release_through_the_writer() -> anyhow::Result<()> {
     assert!(again.replayed);
     assert_eq!(again.event.id, settled.event.id);
     assert_eq!(
-        w.settle(settle(a.id, 1), Utc::now()).await.err().map(|e| e.code()),
+        w.settle(settle(a.id, 1), Utc::now())
+            .await
+            .err()
+            .map(|e| e.code()),
         Some(ErrorCode::IdempotencyConflict)
     );
     assert_eq!(
-        w.release(f.ws_a, a.id, Utc::now()).await.err().map(|e| e.code()),
+        w.release(f.ws_a, a.id, Utc::now())
+            .await
+            .err()
+            .map(|e| e.code()),
         Some(ErrorCode::InvalidInput)
     );
     let released = w.release(f.ws_a, b.id, Utc::now()).await?;
