@@ -88,6 +88,7 @@ struct AppState {
     hub: Arc<events::BalanceHub>,
     metrics: metrics::Metrics,
     credentials: Arc<credentials::CredentialCache>,
+    writer: billing::writer::DebitWriter,
 }
 
 /// Exports the schema in SDL (what `reservoir export-schema` prints and what
@@ -267,9 +268,11 @@ async fn connection_init(
 /// Prometheus metrics.
 async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
     state.metrics.set_subscribers(state.hub.subscriber_count());
+    let mut body = state.metrics.render();
+    body.push_str(&metrics::render_writer(state.writer.stats()));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(body)
 }
 
 /// The process is up.
@@ -311,7 +314,7 @@ pub fn build_server(
     let state = AppState {
         schema: schema::schema_builder(db.clone(), config.gateway.clone(), Some(metrics.clone()))
             .data(hub.clone())
-            .data(writer)
+            .data(writer.clone())
             .data(credentials.clone())
             .data(config.jobs.clone())
             .finish(),
@@ -321,6 +324,7 @@ pub fn build_server(
         config: config.clone(),
         ws_connections: Arc::new(AtomicUsize::new(0)),
         credentials,
+        writer,
     };
     let mut server = HttpServer::new(move || {
         App::new()

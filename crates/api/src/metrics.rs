@@ -85,6 +85,58 @@ impl Metrics {
     }
 }
 
+/// The group-commit writer's counters, in the text format (they live in `billing`,
+/// outside the registry).
+pub fn render_writer(stats: &billing::writer::WriterStats) -> String {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let counters = [
+        (
+            "reservoir_writer_batches_total",
+            "Debit batches committed or failed.",
+            stats.batches.load(Relaxed) as f64,
+        ),
+        (
+            "reservoir_writer_ops_total",
+            "Operations handed to the debit writer.",
+            stats.ops.load(Relaxed) as f64,
+        ),
+        (
+            "reservoir_writer_batches_failed_total",
+            "Debit batches that failed as a whole and were re-run one by one.",
+            stats.batches_failed.load(Relaxed) as f64,
+        ),
+        (
+            "reservoir_writer_load_seconds_total",
+            "Time spent beginning batches and reading their rows under the locks.",
+            stats.load_us.load(Relaxed) as f64 / 1e6,
+        ),
+        (
+            "reservoir_writer_judge_seconds_total",
+            "Time spent judging operations in memory.",
+            stats.judge_us.load(Relaxed) as f64 / 1e6,
+        ),
+        (
+            "reservoir_writer_write_seconds_total",
+            "Time spent writing batches (inserts, updates, policy checks).",
+            stats.write_us.load(Relaxed) as f64 / 1e6,
+        ),
+        (
+            "reservoir_writer_commit_seconds_total",
+            "Time spent committing batches.",
+            stats.commit_us.load(Relaxed) as f64 / 1e6,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    out
+}
+
 /// Times and counts each GraphQL request.
 pub struct RequestMetrics(pub Metrics);
 

@@ -63,6 +63,7 @@ use sea_orm::{
 };
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -166,11 +167,37 @@ enum Outcome {
     Alone,
 }
 
+/// Cumulative counters of a process's writer, for `/metrics` and the benchmarks'
+/// profile: where a batch's time goes (reading under the locks, writing, committing).
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub batches: AtomicU64,
+    pub ops: AtomicU64,
+    /// Batches that failed as a whole (their operations were re-run one by one).
+    pub batches_failed: AtomicU64,
+    /// BEGIN and the locked reads.
+    pub load_us: AtomicU64,
+    /// Judging the operations in memory.
+    pub judge_us: AtomicU64,
+    /// The INSERTs and UPDATEs, the auto-reload and alert checks, the balance events.
+    pub write_us: AtomicU64,
+    /// COMMIT (the WAL flush).
+    pub commit_us: AtomicU64,
+}
+
+fn add_us(counter: &AtomicU64, since: std::time::Instant) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    let us = u64::try_from(now.duration_since(since).as_micros()).unwrap_or(u64::MAX);
+    counter.fetch_add(us, Ordering::Relaxed);
+    now
+}
+
 /// The process's group-commit writer. Cheap to clone; dropping every clone stops the
 /// lanes once their queues drain.
 #[derive(Clone)]
 pub struct DebitWriter {
     lanes: Arc<[mpsc::Sender<Pending>]>,
+    stats: Arc<WriterStats>,
 }
 
 impl std::fmt::Debug for DebitWriter {
@@ -190,15 +217,28 @@ impl DebitWriter {
         jobs: Option<Arc<dyn JobSink>>,
     ) -> Result<Self> {
         config.validate()?;
+        let stats = Arc::new(WriterStats::default());
         let mut lanes = Vec::with_capacity(config.lanes);
         for lane in 0..config.lanes {
             let (tx, rx) = mpsc::channel(config.queue_ops_max);
-            tokio::spawn(run_lane(lane, db.clone(), config, jobs.clone(), rx));
+            let lane_state = Lane {
+                index: lane,
+                db: db.clone(),
+                config,
+                jobs: jobs.clone(),
+                stats: stats.clone(),
+            };
+            tokio::spawn(lane_state.run(rx));
             lanes.push(tx);
         }
         Ok(Self {
             lanes: lanes.into(),
+            stats,
         })
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
     }
 
     fn lane(&self, workspace_id: Uuid) -> &mpsc::Sender<Pending> {
@@ -289,63 +329,72 @@ fn mismatch(reply: &Reply) -> BillingError {
     BillingError::Internal(format!("debit writer answered with {reply:?}"))
 }
 
-async fn run_lane(
-    lane: usize,
+struct Lane {
+    index: usize,
     db: DatabaseConnection,
     config: WriterConfig,
     jobs: Option<Arc<dyn JobSink>>,
-    mut rx: mpsc::Receiver<Pending>,
-) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(config.batch_ops_max);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        if config.window_us > 0 {
-            let deadline =
-                tokio::time::Instant::now() + std::time::Duration::from_micros(config.window_us);
-            while batch.len() < config.batch_ops_max {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(p)) => batch.push(p),
-                    Ok(None) | Err(_) => break,
-                }
-            }
-        }
-        while batch.len() < config.batch_ops_max {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        let size = batch.len();
-        let pending = std::mem::take(&mut batch);
-        run_batch(&db, jobs.as_ref(), pending).await;
-        tracing::trace!(lane, ops = size, "debit batch committed");
-    }
+    stats: Arc<WriterStats>,
 }
 
-async fn run_batch(db: &DatabaseConnection, jobs: Option<&Arc<dyn JobSink>>, batch: Vec<Pending>) {
-    let ops: Vec<(Op, DateTime<Utc>)> = batch.iter().map(|p| (p.op.clone(), p.now)).collect();
-    match apply_batch(db, &ops).await {
-        Ok((outcomes, follow_up)) => {
-            for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                match outcome {
-                    Outcome::Done(reply) => {
-                        // A caller that went away (timeout, disconnect) has nothing to
-                        // receive; its operation is committed all the same.
-                        let _ = pending.reply.send(reply);
+impl Lane {
+    async fn run(self, mut rx: mpsc::Receiver<Pending>) {
+        let config = self.config;
+        let mut batch: Vec<Pending> = Vec::with_capacity(config.batch_ops_max);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            if config.window_us > 0 {
+                let deadline = tokio::time::Instant::now()
+                    + std::time::Duration::from_micros(config.window_us);
+                while batch.len() < config.batch_ops_max {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(p)) => batch.push(p),
+                        Ok(None) | Err(_) => break,
                     }
-                    Outcome::Alone => alone(db, pending),
                 }
             }
-            if let Some(jobs) = jobs {
-                follow_up.push(jobs.as_ref()).await;
+            while batch.len() < config.batch_ops_max {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
             }
+            let size = batch.len();
+            self.run_batch(std::mem::take(&mut batch)).await;
+            tracing::trace!(lane = self.index, ops = size, "debit batch done");
         }
-        Err(e) => {
-            // Nothing of the batch was written (or, if COMMIT itself failed, it may have
-            // been: the per-call path is idempotent and answers with replays then).
-            tracing::warn!(error = %e, ops = batch.len(), "debit batch failed; retrying its operations one by one");
-            for pending in batch {
-                alone(db, pending);
+    }
+
+    async fn run_batch(&self, batch: Vec<Pending>) {
+        let ops: Vec<(Op, DateTime<Utc>)> = batch.iter().map(|p| (p.op.clone(), p.now)).collect();
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .ops
+            .fetch_add(ops.len() as u64, Ordering::Relaxed);
+        match apply_batch(&self.db, &ops, &self.stats).await {
+            Ok((outcomes, follow_up)) => {
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    match outcome {
+                        Outcome::Done(reply) => {
+                            // A caller that went away (timeout, disconnect) has nothing to
+                            // receive; its operation is committed all the same.
+                            let _ = pending.reply.send(reply);
+                        }
+                        Outcome::Alone => alone(&self.db, pending),
+                    }
+                }
+                if let Some(jobs) = &self.jobs {
+                    follow_up.push(jobs.as_ref()).await;
+                }
+            }
+            Err(e) => {
+                // Nothing of the batch was written (or, if COMMIT itself failed, it may
+                // have been: the per-call path is idempotent and answers with replays).
+                self.stats.batches_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(lane = self.index, error = %e, ops = batch.len(), "debit batch failed; retrying its operations one by one");
+                for pending in batch {
+                    alone(&self.db, pending);
+                }
             }
         }
     }
@@ -1153,9 +1202,12 @@ fn judge_release(
 async fn apply_batch(
     db: &DatabaseConnection,
     ops: &[(Op, DateTime<Utc>)],
+    stats: &WriterStats,
 ) -> Result<(Vec<Outcome>, FollowUp)> {
+    let started = std::time::Instant::now();
     let tx = begin_write(db).await?;
     let mut loaded = load(&tx, ops).await?;
+    let loaded_at = add_us(&stats.load_us, started);
     let mut writes = Writes::default();
     let mut outcomes = Vec::with_capacity(ops.len());
     for (op, now) in ops {
@@ -1174,8 +1226,11 @@ async fn apply_batch(
         };
         outcomes.push(judged.unwrap_or_else(Outcome::Done));
     }
+    let judged_at = add_us(&stats.judge_us, loaded_at);
     let follow_up = write(&tx, &mut loaded, writes).await?;
+    let written_at = add_us(&stats.write_us, judged_at);
     tx.commit().await?;
+    add_us(&stats.commit_us, written_at);
     Ok((outcomes, follow_up))
 }
 
