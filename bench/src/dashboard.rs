@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use uuid::Uuid;
 
-/// Copied from `tests/tests/api_dashboard.rs`.
+/// A dashboard's page: balances, members, budgets, spend and three usage breakdowns
+/// (by project, by member, by model: one chart each) for every workspace of the account.
 pub const DASHBOARD: &str = r#"
 query($id: ID!, $from: DateTime!, $to: DateTime!) {
   account(id: $id) {
@@ -25,9 +26,15 @@ query($id: ID!, $from: DateTime!, $to: DateTime!) {
       members { user { name } role }
       projects { tag budget { limit spent remaining resetsAt } }
       spend { averageDailySpend(days: 7) projectedDepletionAt }
-      usage(from: $from, to: $to, groupBy: [PROJECT, MEMBER, MODEL]) {
+      byProject: usage(from: $from, to: $to, groupBy: [PROJECT]) {
         requests cost
-        rows { project { tag } user { email } model { id name } requests cost }
+        rows { project { tag } requests cost }
+      }
+      byMember: usage(from: $from, to: $to, groupBy: [MEMBER]) {
+        rows { user { email } requests cost }
+      }
+      byModel: usage(from: $from, to: $to, groupBy: [MODEL]) {
+        rows { model { id name } requests cost }
       }
     }
   }

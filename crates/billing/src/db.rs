@@ -27,6 +27,11 @@ impl Default for PoolLimits {
     }
 }
 
+/// Prepared statements kept per connection. The debit writer's multi-row INSERTs and
+/// IN lists take a different shape per batch size (up to the batch limit), so the default
+/// of 100 would re-prepare (an extra round trip, and a parse and plan) most of them.
+const STATEMENT_CACHE_CAPACITY: usize = 2_048;
+
 /// How long a SQLite writer waits for the lock before failing. Generous, because the
 /// alternative to waiting is refusing a customer's request.
 const SQLITE_BUSY_TIMEOUT_MS: u64 = 30_000;
@@ -44,6 +49,7 @@ pub async fn connect(url: &str, limits: PoolLimits) -> Result<DatabaseConnection
             // 64 MiB of page cache per connection (the default is 2 MiB): the hot
             // indexes of usage events and the ledger stay in memory under load.
             .pragma("cache_size", "-65536")
+            .statement_cache_capacity(STATEMENT_CACHE_CAPACITY)
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(limits.connections_max.min(8))
@@ -53,10 +59,13 @@ pub async fn connect(url: &str, limits: PoolLimits) -> Result<DatabaseConnection
             .map_err(conn_err)?;
         Ok(SqlxSqliteConnector::from_sqlx_sqlite_pool(pool))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let options = sqlx::postgres::PgConnectOptions::from_str(url)
+            .map_err(|e| BillingError::invalid(format!("bad PostgreSQL URL: {e}")))?
+            .statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
         let pool = PgPoolOptions::new()
             .max_connections(limits.connections_max)
             .acquire_timeout(acquire_timeout)
-            .connect(url)
+            .connect_with(options)
             .await
             .map_err(conn_err)?;
         Ok(SqlxPostgresConnector::from_sqlx_postgres_pool(pool))

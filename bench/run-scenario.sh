@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One reservoir-bench scenario, RUNS times, each against a freshly started server on a
+# fresh database; prints every run's JSON line and then the medians.
+#
+#   bench/run-scenario.sh <scenario> <sqlite|postgres> [extra reservoir-bench run args...]
+#
+#   bench/run-scenario.sh usage-hot sqlite --clients 64
+#   bench/run-scenario.sh usage-batch postgres --clients 16
+#   bench/run-scenario.sh subscribe postgres --subscribers 1000
+#   SEED_EVENTS=1000000 bench/run-scenario.sh dashboard postgres
+#
+# Environment: RUNS (3), DURATION (10), PORT (18085), OUT_DIR (/tmp/reservoir-bench),
+# SKIP_BUILD=1, PG_URL_BASE (postgres://postgres@127.0.0.1:5432), SEED_EVENTS (for
+# dashboard: events seeded once before the runs, default 1000000; the dashboard runs
+# reuse one server and one seeded database). Other RESERVOIR_* variables reach the server.
+set -euo pipefail
+
+scenario=${1:?usage: run-scenario.sh <scenario> <sqlite|postgres> [args...]}
+backend=${2:?usage: run-scenario.sh <scenario> <sqlite|postgres> [args...]}
+shift 2
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+runs=${RUNS:-3}
+duration=${DURATION:-10}
+port=${PORT:-18085}
+out_dir=${OUT_DIR:-/tmp/reservoir-bench}
+pg_base=${PG_URL_BASE:-postgres://postgres@127.0.0.1:5432}
+mkdir -p "$out_dir"
+results="$out_dir/$scenario-$backend-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
+
+if [[ ${SKIP_BUILD:-0} != 1 ]]; then
+    (cd "$repo" && cargo build --release -p reservoir -p reservoir-bench >&2)
+fi
+server_bin=$repo/target/release/reservoir
+bench_bin=$repo/target/release/reservoir-bench
+# Subscribers and the server each hold one descriptor per connection.
+ulimit -n 65536 2>/dev/null || ulimit -n 4096
+
+server_pid=
+stop_server() {
+    if [[ -n $server_pid ]]; then
+        kill "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+        server_pid=
+    fi
+}
+trap stop_server EXIT
+
+# Starts a server on a fresh database; sets $db_url and $data_dir.
+start_server() {
+    data_dir=$(mktemp -d "$out_dir/server.XXXXXX")
+    local env=(RESERVOIR_DATA_DIR="$data_dir" RESERVOIR_LISTEN="127.0.0.1:$port"
+        RESERVOIR_DEMO_SEED=false RESERVOIR_LOG="${RESERVOIR_LOG:-warn}")
+    if [[ $backend == postgres ]]; then
+        local name="reservoir_bench_run"
+        psql "$pg_base/postgres" -qc "DROP DATABASE IF EXISTS $name WITH (FORCE)" >/dev/null
+        psql "$pg_base/postgres" -qc "CREATE DATABASE $name" >/dev/null
+        db_url="$pg_base/$name"
+        env+=(RESERVOIR_DATABASE_URL="$db_url" RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES=true
+            RESERVOIR_ADMIN_TOKEN="bench-admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')")
+    else
+        db_url="sqlite://$data_dir/reservoir.db"
+    fi
+    (cd "$data_dir" && env "${env[@]}" "$server_bin" serve >"$data_dir/server.log" 2>&1) &
+    server_pid=$!
+    for _ in $(seq 1 600); do
+        curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && return 0
+        kill -0 "$server_pid" 2>/dev/null || { cat "$data_dir/server.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "server did not become ready" >&2
+    exit 1
+}
+
+writer_metrics() {
+    curl -fs "http://127.0.0.1:$port/metrics" | grep '^reservoir_writer_' | tr '\n' ' '
+}
+
+if [[ $scenario == dashboard ]]; then
+    start_server
+    (cd "$data_dir" && "$bench_bin" seed-dashboard --database-url "$db_url" \
+        --events "${SEED_EVENTS:-1000000}" >"$data_dir/seed.json")
+fi
+for run in $(seq 1 "$runs"); do
+    [[ $scenario == dashboard ]] || start_server
+    echo "[run-scenario] $scenario on $backend, run $run/$runs" >&2
+    (cd "$data_dir" && "$bench_bin" run --scenario "$scenario" --url "http://127.0.0.1:$port" \
+        --database-url "$db_url" --duration-s "$duration" "$@") | tee -a "$results"
+    echo "[run-scenario] writer: $(writer_metrics)" >&2
+    [[ $scenario == dashboard ]] || stop_server
+done
+stop_server
+python3 - "$results" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+def med(key, sub=None):
+    values = [r[key][sub] if sub else r[key] for r in rows if (r.get(key) is not None)]
+    return statistics.median(values) if values else None
+summary = {
+    "scenario": rows[0]["scenario"], "backend": rows[0]["backend"], "runs": len(rows),
+    "ops_per_s_median": med("ops_per_s"),
+    "p50_ms_median": med("latency_ms", "p50"), "p99_ms_median": med("latency_ms", "p99"),
+    "all_invariants_ok": all(r.get("invariants_ok") for r in rows),
+    "all_admitted_match_ledger": all(r.get("admitted_matches_ledger") for r in rows),
+}
+if rows[0]["scenario"] == "subscribe":
+    summary["delivery_p50_ms_median"] = med("delivery_ms", "p50")
+    summary["delivery_p99_ms_median"] = med("delivery_ms", "p99")
+    summary["gaps_total"] = sum(r.get("gaps", 0) for r in rows)
+    summary["delivered_total"] = sum(r.get("delivered", 0) for r in rows)
+    summary["expected_total"] = sum(r.get("expected", 0) for r in rows)
+print(json.dumps(summary))
+EOF
+echo "[run-scenario] raw results: $results" >&2
