@@ -61,7 +61,7 @@ start_server() {
     else
         db_url="sqlite://$data_dir/reservoir.db"
     fi
-    (cd "$data_dir" && env "${env[@]}" "$server_bin" serve >"$data_dir/server.log" 2>&1) &
+    (cd "$data_dir" && exec env "${env[@]}" "$server_bin" serve >"$data_dir/server.log" 2>&1) &
     server_pid=$!
     for _ in $(seq 1 600); do
         curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && return 0
