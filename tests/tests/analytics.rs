@@ -11,7 +11,7 @@ use billing::analytics::{
     UsageScope, UsageTotals,
 };
 use billing::entity::enums::WorkspaceRole;
-use billing::entity::{models, usage_daily};
+use billing::entity::{models, usage_daily, usage_daily_by};
 use billing::sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
 };
@@ -789,9 +789,34 @@ async fn overflowing_sums_are_limit_exceeded() -> anyhow::Result<()> {
         cost_nanos: Set(cost),
         ..Default::default()
     };
-    usage_daily::Entity::insert_many([big(Uuid::nil(), i64::MAX - 10), big(Uuid::new_v4(), 20)])
+    let project = Uuid::new_v4();
+    usage_daily::Entity::insert_many([big(Uuid::nil(), i64::MAX - 10), big(project, 20)])
         .exec_without_returning(&s.t.db)
         .await?;
+    // The one-dimension rollups as the writer would hold them (the model's on two days,
+    // since one row could not hold the overflowing sum).
+    let by = |dimension: &str, d: u32, dim_uuid: Uuid, dim_model: &str, cost: i64| {
+        usage_daily_by::ActiveModel {
+            workspace_id: Set(s.ws_b),
+            dimension: Set(dimension.into()),
+            day: Set(day(d)),
+            dim_uuid: Set(dim_uuid),
+            dim_model: Set(dim_model.into()),
+            requests: Set(1),
+            prompt_tokens: Set(1),
+            completion_tokens: Set(0),
+            cost_nanos: Set(cost),
+            ..Default::default()
+        }
+    };
+    usage_daily_by::Entity::insert_many([
+        by("project", 2, Uuid::nil(), "", i64::MAX - 10),
+        by("project", 2, project, "", 20),
+        by("model", 2, Uuid::nil(), TEST_MODEL, i64::MAX - 10),
+        by("model", 3, Uuid::nil(), TEST_MODEL, 20),
+    ])
+    .exec_without_returning(&s.t.db)
+    .await?;
     let b = [UsageScope::Workspace(s.ws_b)];
     let range = Scenario::days_1_to_3();
 
@@ -824,6 +849,10 @@ async fn overflowing_sums_are_limit_exceeded() -> anyhow::Result<()> {
 
     usage_daily::Entity::delete_many()
         .filter(usage_daily::Column::WorkspaceId.eq(s.ws_b))
+        .exec(&s.t.db)
+        .await?;
+    usage_daily_by::Entity::delete_many()
+        .filter(usage_daily_by::Column::WorkspaceId.eq(s.ws_b))
         .exec(&s.t.db)
         .await?;
     s.t.finish().await

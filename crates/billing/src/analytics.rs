@@ -418,6 +418,11 @@ fn report_branch(
     dimensions: &[UsageDimension],
 ) -> SelectStatement {
     use usage_daily::Column as D;
+    if kind == ScopeKind::Workspace
+        && let Some(query) = report_branch_by_dimension(&ids, range, dimensions)
+    {
+        return query;
+    }
     let scope = kind.column();
     let mut query = Query::select();
     query
@@ -443,6 +448,49 @@ fn report_branch(
         }
     }
     query
+}
+
+/// A workspace report by at most one dimension other than the day, from the
+/// one-dimension rollups (`usage_daily_by`): a few rows per day instead of one per
+/// combination of every dimension. Totals alone read the project rows (every event is
+/// in exactly one of them). Same result columns as the `usage_daily` branch.
+fn report_branch_by_dimension(
+    ids: &[Uuid],
+    range: &DayRange,
+    dimensions: &[UsageDimension],
+) -> Option<SelectStatement> {
+    use entity::usage_daily_by::{Column as B, Entity as By};
+    let (name, value) = match dimensions {
+        [] => ("project", None),
+        [UsageDimension::Project] => ("project", Some(B::DimUuid)),
+        [UsageDimension::Member] => ("member", Some(B::DimUuid)),
+        [UsageDimension::ApiKey] => ("api_key", Some(B::DimUuid)),
+        [UsageDimension::Model] => ("model", Some(B::DimModel)),
+        _ => return None,
+    };
+    let by_sum = |column: B| -> Expr { Func::cast_as(Expr::col(column).sum(), "BIGINT").into() };
+    let mut query = Query::select();
+    query
+        .from(By)
+        .expr_as(Expr::val(ScopeKind::Workspace.code()), "scope_kind")
+        .expr_as(Expr::col(B::WorkspaceId), "scope_id");
+    if let (Some(value), [dimension]) = (value, dimensions) {
+        query.expr_as(Expr::col(value), dimension.alias());
+    }
+    query
+        .expr_as(by_sum(B::Requests), "requests")
+        .expr_as(by_sum(B::PromptTokens), "prompt_tokens")
+        .expr_as(by_sum(B::CompletionTokens), "completion_tokens")
+        .expr_as(by_sum(B::CostNanos), "cost_nanos")
+        .and_where(Expr::col(B::WorkspaceId).is_in(ids.iter().copied()))
+        .and_where(Expr::col(B::Dimension).eq(name))
+        .and_where(Expr::col(B::Day).gte(range.first))
+        .and_where(Expr::col(B::Day).lt(range.end))
+        .group_by_col(B::WorkspaceId);
+    if let Some(value) = value {
+        query.group_by_col(value);
+    }
+    Some(query)
 }
 
 /// `CAST(SUM(col) AS BIGINT)`: one integer type on both backends.

@@ -7,6 +7,18 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 /// Each query returns the rows that break one invariant, with a printable detail.
 const CHECKS: &[(&str, &str)] = &[
     (
+        "each one-dimension rollup adds up to the full daily rollup",
+        "SELECT x.subject, x.expected, x.actual FROM ( \
+           SELECT w.name || ' by ' || k.dimension AS subject, \
+                  CAST(COALESCE((SELECT SUM(d.cost_nanos) FROM usage_daily d \
+                                 WHERE d.workspace_id = w.id), 0) AS BIGINT) AS expected, \
+                  CAST(COALESCE((SELECT SUM(b.cost_nanos) FROM usage_daily_by b \
+                                 WHERE b.workspace_id = w.id AND b.dimension = k.dimension), 0) AS BIGINT) AS actual \
+           FROM workspaces w CROSS JOIN (SELECT 'project' AS dimension UNION ALL SELECT 'member' \
+                UNION ALL SELECT 'api_key' UNION ALL SELECT 'model') k \
+         ) x WHERE x.expected <> x.actual",
+    ),
+    (
         "cached balance equals the sum of the workspace's ledger entries",
         "SELECT w.name AS subject, CAST(w.balance_nanos AS BIGINT) AS expected, \
                 CAST(COALESCE(SUM(e.amount_nanos), 0) AS BIGINT) AS actual \

@@ -11,7 +11,8 @@ use crate::money::Credits;
 use chrono::{DateTime, Utc};
 use entity::enums::{BalanceChangeCause, LedgerEntryKind};
 use entity::{
-    balance_events, ledger_entries, ledger_transactions, usage_daily, usage_events, workspaces,
+    balance_events, ledger_entries, ledger_transactions, usage_daily, usage_daily_by, usage_events,
+    workspaces,
 };
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
@@ -212,45 +213,165 @@ pub(crate) async fn balance_event<C: ConnectionTrait>(
 /// The PostgreSQL channel notified when balance events commit.
 pub const BALANCE_EVENTS_CHANNEL: &str = "reservoir_balance_events";
 
-/// Adds a usage event to its daily rollup row (one row per workspace, UTC day and
-/// dimension combination; the nil UUID stands for "none").
+/// Adds a usage event to its daily rollups.
 pub(crate) async fn add_to_rollup<C: ConnectionTrait>(
     c: &C,
     event: &usage_events::Model,
 ) -> Result<()> {
+    add_to_rollups(c, std::slice::from_ref(event)).await
+}
+
+/// Sums of one rollup row.
+#[derive(Clone, Copy, Default)]
+struct Sums {
+    requests: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    cost_nanos: i64,
+}
+
+impl Sums {
+    fn add(&mut self, e: &usage_events::Model) {
+        self.requests += 1;
+        self.prompt_tokens += e.prompt_tokens;
+        self.completion_tokens += e.completion_tokens;
+        self.cost_nanos += e.cost_nanos;
+    }
+}
+
+/// Rows per upsert statement (under both backends' bound-variable limits).
+const ROLLUP_ROWS_MAX: usize = 1_000;
+
+/// Adds usage events to the daily rollups: `usage_daily` (one row per workspace, UTC day
+/// and combination of project, member, key and model; the nil UUID stands for "none")
+/// and `usage_daily_by` (one row per workspace, day and value of one dimension). Rows
+/// are summed per key first (one row may not be upserted twice in one statement), then
+/// upserted in a fixed order, so two writers upserting the same rows cannot deadlock.
+pub(crate) async fn add_to_rollups<C: ConnectionTrait>(
+    c: &C,
+    events: &[usage_events::Model],
+) -> Result<()> {
+    use std::collections::BTreeMap;
     use usage_daily::Column as D;
-    let add = |col: D, n: i64| (col, Expr::col((usage_daily::Entity, col)).add(n));
-    let row = usage_daily::ActiveModel {
-        workspace_id: Set(event.workspace_id),
-        day: Set(event.created_at.date_naive()),
-        project_id: Set(event.project_id.unwrap_or(Uuid::nil())),
-        user_id: Set(event.user_id.unwrap_or(Uuid::nil())),
-        api_key_id: Set(event.api_key_id.unwrap_or(Uuid::nil())),
-        model_id: Set(event.model_id.clone()),
-        requests: Set(1),
-        prompt_tokens: Set(event.prompt_tokens),
-        completion_tokens: Set(event.completion_tokens),
-        cost_nanos: Set(event.cost_nanos),
-        ..Default::default()
-    };
-    let on_conflict = OnConflict::columns([
-        D::WorkspaceId,
-        D::Day,
-        D::ProjectId,
-        D::UserId,
-        D::ApiKeyId,
-        D::ModelId,
-    ])
-    .values([
-        add(D::Requests, 1),
-        add(D::PromptTokens, event.prompt_tokens),
-        add(D::CompletionTokens, event.completion_tokens),
-        add(D::CostNanos, event.cost_nanos),
-    ])
-    .to_owned();
-    usage_daily::Entity::insert(row)
-        .on_conflict(on_conflict)
-        .exec_without_returning(c)
-        .await?;
+    use usage_daily_by::Column as B;
+    type Key = (Uuid, chrono::NaiveDate, Uuid, Uuid, Uuid, String);
+    type ByKey = (Uuid, &'static str, chrono::NaiveDate, Uuid, String);
+    let mut full: BTreeMap<Key, Sums> = BTreeMap::new();
+    let mut by: BTreeMap<ByKey, Sums> = BTreeMap::new();
+    for e in events {
+        let day = e.created_at.date_naive();
+        let (project, user, key) = (
+            e.project_id.unwrap_or(Uuid::nil()),
+            e.user_id.unwrap_or(Uuid::nil()),
+            e.api_key_id.unwrap_or(Uuid::nil()),
+        );
+        full.entry((e.workspace_id, day, project, user, key, e.model_id.clone()))
+            .or_default()
+            .add(e);
+        for by_key in [
+            (e.workspace_id, "project", day, project, String::new()),
+            (e.workspace_id, "member", day, user, String::new()),
+            (e.workspace_id, "api_key", day, key, String::new()),
+            (
+                e.workspace_id,
+                "model",
+                day,
+                Uuid::nil(),
+                e.model_id.clone(),
+            ),
+        ] {
+            by.entry(by_key).or_default().add(e);
+        }
+    }
+    let full: Vec<_> = full.into_iter().collect();
+    for chunk in full.chunks(ROLLUP_ROWS_MAX) {
+        let rows = chunk.iter().map(|(k, s)| usage_daily::ActiveModel {
+            workspace_id: Set(k.0),
+            day: Set(k.1),
+            project_id: Set(k.2),
+            user_id: Set(k.3),
+            api_key_id: Set(k.4),
+            model_id: Set(k.5.clone()),
+            requests: Set(s.requests),
+            prompt_tokens: Set(s.prompt_tokens),
+            completion_tokens: Set(s.completion_tokens),
+            cost_nanos: Set(s.cost_nanos),
+            ..Default::default()
+        });
+        let on_conflict = OnConflict::columns([
+            D::WorkspaceId,
+            D::Day,
+            D::ProjectId,
+            D::UserId,
+            D::ApiKeyId,
+            D::ModelId,
+        ])
+        .values(sum_excluded(
+            usage_daily::Entity,
+            [
+                (D::Requests, "requests"),
+                (D::PromptTokens, "prompt_tokens"),
+                (D::CompletionTokens, "completion_tokens"),
+                (D::CostNanos, "cost_nanos"),
+            ],
+        ))
+        .to_owned();
+        usage_daily::Entity::insert_many(rows)
+            .on_conflict(on_conflict)
+            .exec_without_returning(c)
+            .await?;
+    }
+    let by: Vec<_> = by.into_iter().collect();
+    for chunk in by.chunks(ROLLUP_ROWS_MAX) {
+        let rows = chunk.iter().map(|(k, s)| usage_daily_by::ActiveModel {
+            workspace_id: Set(k.0),
+            dimension: Set(k.1.to_owned()),
+            day: Set(k.2),
+            dim_uuid: Set(k.3),
+            dim_model: Set(k.4.clone()),
+            requests: Set(s.requests),
+            prompt_tokens: Set(s.prompt_tokens),
+            completion_tokens: Set(s.completion_tokens),
+            cost_nanos: Set(s.cost_nanos),
+            ..Default::default()
+        });
+        let on_conflict = OnConflict::columns([
+            B::WorkspaceId,
+            B::Dimension,
+            B::Day,
+            B::DimUuid,
+            B::DimModel,
+        ])
+        .values(sum_excluded(
+            usage_daily_by::Entity,
+            [
+                (B::Requests, "requests"),
+                (B::PromptTokens, "prompt_tokens"),
+                (B::CompletionTokens, "completion_tokens"),
+                (B::CostNanos, "cost_nanos"),
+            ],
+        ))
+        .to_owned();
+        usage_daily_by::Entity::insert_many(rows)
+            .on_conflict(on_conflict)
+            .exec_without_returning(c)
+            .await?;
+    }
     Ok(())
+}
+
+/// `col = table.col + excluded.col` for each counter of an upsert.
+fn sum_excluded<E: sea_orm::EntityTrait, Col: sea_orm::sea_query::IntoIden + Copy + 'static>(
+    table: E,
+    columns: [(Col, &'static str); 4],
+) -> Vec<(Col, sea_orm::sea_query::SimpleExpr)> {
+    columns
+        .into_iter()
+        .map(|(col, name)| {
+            (
+                col,
+                Expr::col((table, col)).add(Expr::cust(format!("excluded.{name}"))),
+            )
+        })
+        .collect()
 }

@@ -53,9 +53,9 @@ use chrono::{DateTime, Duration, Utc};
 use entity::enums::{BalanceChangeCause, LedgerEntryKind, ReservationStatus};
 use entity::{
     account_members, accounts, balance_events, ledger_entries, ledger_transactions, models,
-    projects, reservations as reservation_rows, usage_daily, usage_events, workspaces,
+    projects, reservations as reservation_rows, usage_events, workspaces,
 };
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveModelTrait as _, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,
     DatabaseTransaction, DbBackend, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
@@ -1254,7 +1254,7 @@ async fn write(tx: &DatabaseTransaction, loaded: &mut Loaded, writes: Writes) ->
         .await?;
     }
     post_all(tx, &postings).await?;
-    add_to_rollups(tx, &events).await?;
+    ledger::add_to_rollups(tx, &events).await?;
     for chunk in new_reservations.chunks(INSERT_ROWS_MAX) {
         reservation_rows::Entity::insert_many(
             chunk
@@ -1419,76 +1419,6 @@ async fn post_all(tx: &DatabaseTransaction, postings: &[Posting]) -> Result<()> 
             }
         }
         ledger_entries::Entity::insert_many(entries)
-            .exec_without_returning(tx)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Adds the batch's usage to the daily rollups: summed per row key first (one row may
-/// not be upserted twice in one statement), then one upsert statement.
-async fn add_to_rollups(tx: &DatabaseTransaction, events: &[usage_events::Model]) -> Result<()> {
-    type Key = (Uuid, chrono::NaiveDate, Uuid, Uuid, Uuid, String);
-    let mut sums: HashMap<Key, [i64; 4]> = HashMap::new();
-    for e in events {
-        let key = (
-            e.workspace_id,
-            e.created_at.date_naive(),
-            e.project_id.unwrap_or(Uuid::nil()),
-            e.user_id.unwrap_or(Uuid::nil()),
-            e.api_key_id.unwrap_or(Uuid::nil()),
-            e.model_id.clone(),
-        );
-        let sum = sums.entry(key).or_default();
-        sum[0] += 1;
-        sum[1] += e.prompt_tokens;
-        sum[2] += e.completion_tokens;
-        sum[3] += e.cost_nanos;
-    }
-    if sums.is_empty() {
-        return Ok(());
-    }
-    use usage_daily::Column as D;
-    let mut rows: Vec<_> = sums.into_iter().collect();
-    // A fixed order keeps two batches upserting the same rollup rows from deadlocking.
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    for chunk in rows.chunks(INSERT_ROWS_MAX) {
-        let models = chunk.iter().map(|(k, s)| usage_daily::ActiveModel {
-            workspace_id: Set(k.0),
-            day: Set(k.1),
-            project_id: Set(k.2),
-            user_id: Set(k.3),
-            api_key_id: Set(k.4),
-            model_id: Set(k.5.clone()),
-            requests: Set(s[0]),
-            prompt_tokens: Set(s[1]),
-            completion_tokens: Set(s[2]),
-            cost_nanos: Set(s[3]),
-            ..Default::default()
-        });
-        let add = |col: D, name: &str| {
-            (
-                col,
-                Expr::col((usage_daily::Entity, col)).add(Expr::cust(format!("excluded.{name}"))),
-            )
-        };
-        let on_conflict = OnConflict::columns([
-            D::WorkspaceId,
-            D::Day,
-            D::ProjectId,
-            D::UserId,
-            D::ApiKeyId,
-            D::ModelId,
-        ])
-        .values([
-            add(D::Requests, "requests"),
-            add(D::PromptTokens, "prompt_tokens"),
-            add(D::CompletionTokens, "completion_tokens"),
-            add(D::CostNanos, "cost_nanos"),
-        ])
-        .to_owned();
-        usage_daily::Entity::insert_many(models)
-            .on_conflict(on_conflict)
             .exec_without_returning(tx)
             .await?;
     }

@@ -22,6 +22,7 @@ pub mod purchases;
 pub mod reservations;
 pub mod transfers;
 pub mod usage_daily;
+pub mod usage_daily_by;
 pub mod usage_events;
 pub mod user_tokens;
 pub mod users;
