@@ -135,40 +135,56 @@ async fn one_batch_answers_each_request_on_its_own() -> anyhow::Result<()> {
     let f = Fixture::new(&t.db, now).await?;
     fund(&t.db, f.ws_a, "5", now).await?;
     let before = workspace(&t.db, f.ws_a).await?;
-    // A long window: everything sent below lands in one batch.
+    // A long window: everything sent below lands in one batch, in this order
+    // (`join_all` polls, hence queues, its futures in order).
     let w = writer(&t.db, 50_000)?;
-    let send = |req: UsageRequest| {
-        let w = w.clone();
-        tokio::spawn(async move { w.record_usage(req, Utc::now()).await })
-    };
-    let fits = send(usage_req(f.ws_a, "fits", 4_000_000)); // 4 credits
-    let too_big = send(usage_req(f.ws_a, "too-big", 1_500_000)); // 1.5 of the 1 left
-    let retry = send(usage_req(f.ws_a, "fits", 4_000_000));
-    let conflict = send(usage_req(f.ws_a, "fits", 1));
     let mut unknown_model = usage_req(f.ws_a, "model", 1);
     unknown_model.model_id = "nope/none".into();
-    let unknown_model = send(unknown_model);
     let mut unknown_project = usage_req(f.ws_a, "project", 1);
     unknown_project.project = ProjectRef::Tag("missing".into());
-    let unknown_project = send(unknown_project);
-    let small = send(usage_req(f.ws_a, "small", 500_000)); // 0.5: fits after the refusal
+    let requests = vec![
+        usage_req(f.ws_a, "fits", 4_000_000),    // 4 credits
+        usage_req(f.ws_a, "too-big", 1_500_000), // 1.5 of the 1 left
+        usage_req(f.ws_a, "fits", 4_000_000),    // a retry
+        usage_req(f.ws_a, "fits", 1),            // the same id, another payload
+        unknown_model,
+        unknown_project,
+        usage_req(f.ws_a, "small", 500_000), // 0.5: fits after the refusal
+    ];
+    let answers = futures::future::join_all(
+        requests
+            .into_iter()
+            .map(|req| w.record_usage(req, Utc::now())),
+    )
+    .await;
+    let [
+        fits,
+        too_big,
+        retry,
+        conflict,
+        unknown_model,
+        unknown_project,
+        small,
+    ]: [_; 7] = answers
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("seven answers"))?;
 
-    let fits = fits.await??;
+    let fits = fits?;
     assert!(!fits.replayed);
-    match too_big.await? {
+    match too_big {
         Err(BillingError::InsufficientCredits { available }) => {
             assert_eq!(available, Credits::parse("1")?);
         }
         other => panic!("expected INSUFFICIENT_CREDITS, got {other:?}"),
     }
-    let retry = retry.await??;
+    let retry = retry?;
     assert!(retry.replayed);
     assert_eq!(retry.event.id, fits.event.id);
     let code = |r: billing::Result<_>| r.err().map(|e: BillingError| e.code());
-    assert_eq!(code(conflict.await?), Some(ErrorCode::IdempotencyConflict));
-    assert_eq!(code(unknown_model.await?), Some(ErrorCode::InvalidInput));
-    assert_eq!(code(unknown_project.await?), Some(ErrorCode::NotFound));
-    small.await??;
+    assert_eq!(code(conflict), Some(ErrorCode::IdempotencyConflict));
+    assert_eq!(code(unknown_model), Some(ErrorCode::InvalidInput));
+    assert_eq!(code(unknown_project), Some(ErrorCode::NotFound));
+    small?;
 
     let after = workspace(&t.db, f.ws_a).await?;
     assert_eq!(
