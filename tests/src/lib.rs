@@ -232,3 +232,21 @@ pub async fn money_row_counts(db: &DatabaseConnection) -> anyhow::Result<Vec<(St
     }
     Ok(counts)
 }
+
+/// A usage request on the test model with no project, user or key.
+pub fn usage_req(
+    workspace_id: Uuid,
+    request_id: &str,
+    prompt_tokens: i64,
+) -> billing::usage::UsageRequest {
+    billing::usage::UsageRequest {
+        workspace_id,
+        project: billing::usage::ProjectRef::None,
+        model_id: TEST_MODEL.into(),
+        prompt_tokens,
+        completion_tokens: 0,
+        request_id: request_id.into(),
+        user_id: None,
+        api_key_id: None,
+    }
+}

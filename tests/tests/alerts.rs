@@ -11,9 +11,9 @@ use billing::notifications::{LowBalanceAlert, NotificationPayload, payload_of, r
 use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder};
 use billing::settings::{self, AlertThresholdInput};
 use billing::transfers::{self, TransferRequest};
-use billing::usage::{self, ProjectRef, UsageRequest};
+use billing::usage::{self};
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use reservoir_tests::{Fixture, TEST_MODEL, TestDb, fund, workspace};
+use reservoir_tests::{Fixture, TestDb, fund, usage_req, workspace};
 use uuid::Uuid;
 
 const CREDIT: i64 = 1_000_000_000;
@@ -26,19 +26,6 @@ fn t0() -> DateTime<Utc> {
 
 fn credits(s: &str) -> Credits {
     Credits::parse(s).expect("valid amount")
-}
-
-fn usage_req(workspace_id: Uuid, request_id: &str, prompt_tokens: i64) -> UsageRequest {
-    UsageRequest {
-        workspace_id,
-        project: ProjectRef::None,
-        model_id: TEST_MODEL.into(),
-        prompt_tokens,
-        completion_tokens: 0,
-        request_id: request_id.into(),
-        user_id: None,
-        api_key_id: None,
-    }
 }
 
 async fn debit(

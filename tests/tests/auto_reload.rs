@@ -17,10 +17,10 @@ use billing::sea_orm::{
 };
 use billing::settings::{self, AutoReloadInput};
 use billing::transfers::{self, TransferRequest};
-use billing::usage::{self, ProjectRef, UsageRequest};
+use billing::usage::{self, ProjectRef};
 use billing::{BillingError, Credits};
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use reservoir_tests::{Fixture, TEST_MODEL, TestDb, fund, workspace};
+use reservoir_tests::{Fixture, TEST_MODEL, TestDb, fund, usage_req, workspace};
 use uuid::Uuid;
 
 const CREDIT: i64 = 1_000_000_000;
@@ -34,20 +34,6 @@ fn t0() -> DateTime<Utc> {
 
 fn credits(s: &str) -> Credits {
     Credits::parse(s).expect("valid amount")
-}
-
-/// A debit of `prompt_tokens` × 1,000 nanocredits on the linear test model.
-fn usage_req(workspace_id: Uuid, request_id: &str, prompt_tokens: i64) -> UsageRequest {
-    UsageRequest {
-        workspace_id,
-        project: ProjectRef::None,
-        model_id: TEST_MODEL.into(),
-        prompt_tokens,
-        completion_tokens: 0,
-        request_id: request_id.into(),
-        user_id: None,
-        api_key_id: None,
-    }
 }
 
 /// Debits `credits` (a multiple of 0.000001) from the workspace.

@@ -10,21 +10,10 @@ use billing::usage::{self, ProjectRef, UsageRequest};
 use billing::{BillingError, Credits, ErrorCode};
 use chrono::{Duration, TimeZone, Utc};
 use rand::Rng;
-use reservoir_tests::{Fixture, TEST_MODEL, TestDb, count, fund, money_row_counts, workspace};
+use reservoir_tests::{
+    Fixture, TEST_MODEL, TestDb, count, fund, money_row_counts, usage_req, workspace,
+};
 use uuid::Uuid;
-
-fn usage_req(workspace_id: Uuid, request_id: &str, prompt_tokens: i64) -> UsageRequest {
-    UsageRequest {
-        workspace_id,
-        project: ProjectRef::None,
-        model_id: TEST_MODEL.into(),
-        prompt_tokens,
-        completion_tokens: 0,
-        request_id: request_id.into(),
-        user_id: None,
-        api_key_id: None,
-    }
-}
 
 /// Cost of `prompt_tokens` on the test model: 1,000 nanocredits per token.
 fn cost(prompt_tokens: i64) -> i64 {

@@ -22,7 +22,7 @@ use billing::settings::{
 use billing::usage::{self, ProjectRef, UsageRequest};
 use billing::{BillingError, Credits, DiscountBps, ErrorCode};
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use reservoir_tests::{Fixture, TEST_MODEL, TestDb, count, fund, workspace};
+use reservoir_tests::{Fixture, TEST_MODEL, TestDb, count, fund, usage_req, workspace};
 use uuid::Uuid;
 
 /// A fixed instant (whole seconds, so both backends store it exactly), mid-month so
@@ -113,19 +113,6 @@ fn model_input(id: &str, prompt: &str, completion: &str) -> ModelInput {
         prompt_price_per_million: credits(prompt),
         completion_price_per_million: credits(completion),
         active: true,
-    }
-}
-
-fn usage_req(workspace_id: Uuid, request_id: &str, prompt_tokens: i64) -> UsageRequest {
-    UsageRequest {
-        workspace_id,
-        project: ProjectRef::None,
-        model_id: TEST_MODEL.into(),
-        prompt_tokens,
-        completion_tokens: 0,
-        request_id: request_id.into(),
-        user_id: None,
-        api_key_id: None,
     }
 }
 

@@ -7,27 +7,14 @@ use billing::entity::enums::{BudgetPeriod, ReservationStatus};
 use billing::entity::{projects, usage_events};
 use billing::reservations::ReserveRequest;
 use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
-use billing::usage::{ProjectRef, UsageRequest};
+use billing::usage::ProjectRef;
 use billing::writer::{DebitWriter, SettleRequest, WriterConfig};
 use billing::{BillingError, Credits, ErrorCode};
 use chrono::Utc;
 use rand::Rng;
-use reservoir_tests::{Fixture, TEST_MODEL, TestDb, count, fund, workspace};
+use reservoir_tests::{Fixture, TEST_MODEL, TestDb, count, fund, usage_req, workspace};
 use std::collections::HashSet;
 use uuid::Uuid;
-
-fn usage_req(workspace_id: Uuid, request_id: &str, prompt_tokens: i64) -> UsageRequest {
-    UsageRequest {
-        workspace_id,
-        project: ProjectRef::None,
-        model_id: TEST_MODEL.into(),
-        prompt_tokens,
-        completion_tokens: 0,
-        request_id: request_id.into(),
-        user_id: None,
-        api_key_id: None,
-    }
-}
 
 fn writer(db: &DatabaseConnection, window_us: u64) -> anyhow::Result<DebitWriter> {
     let config = WriterConfig {

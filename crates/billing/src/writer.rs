@@ -366,12 +366,11 @@ impl Lane {
     }
 
     async fn run_batch(&self, batch: Vec<Pending>) {
-        let ops: Vec<(Op, DateTime<Utc>)> = batch.iter().map(|p| (p.op.clone(), p.now)).collect();
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats
             .ops
-            .fetch_add(ops.len() as u64, Ordering::Relaxed);
-        match apply_batch(&self.db, &ops, &self.stats).await {
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        match apply_batch(&self.db, &batch, &self.stats).await {
             Ok((outcomes, follow_up)) => {
                 for (pending, outcome) in batch.into_iter().zip(outcomes) {
                     match outcome {
@@ -489,12 +488,12 @@ fn is_postgres(c: &DatabaseTransaction) -> bool {
     c.get_database_backend() == DbBackend::Postgres
 }
 
-async fn load(tx: &DatabaseTransaction, ops: &[(Op, DateTime<Utc>)]) -> Result<Loaded> {
+async fn load(tx: &DatabaseTransaction, batch: &[Pending]) -> Result<Loaded> {
+    let ops = || batch.iter().map(|p| &p.op);
     let pg = is_postgres(tx);
     // 1. Reservation rows, locked by id.
-    let reservation_ids: BTreeSet<Uuid> = ops
-        .iter()
-        .filter_map(|(op, _)| match op {
+    let reservation_ids: BTreeSet<Uuid> = ops()
+        .filter_map(|op| match op {
             Op::Settle(s) => Some(s.reservation_id),
             Op::Release { reservation_id } => Some(*reservation_id),
             _ => None,
@@ -513,9 +512,8 @@ async fn load(tx: &DatabaseTransaction, ops: &[(Op, DateTime<Utc>)]) -> Result<L
         }
     }
     // 2. Workspace rows, locked by id.
-    let mut workspace_ids: BTreeSet<Uuid> = ops
-        .iter()
-        .filter_map(|(op, _)| match op {
+    let mut workspace_ids: BTreeSet<Uuid> = ops()
+        .filter_map(|op| match op {
             Op::Usage { req, .. } => Some(req.workspace_id),
             Op::Reserve { req, .. } => Some(req.workspace_id),
             _ => None,
@@ -547,7 +545,7 @@ async fn load(tx: &DatabaseTransaction, ops: &[(Op, DateTime<Utc>)]) -> Result<L
     let mut project_ids: BTreeSet<Uuid> =
         reservations.values().filter_map(|r| r.project_id).collect();
     let mut tags: BTreeSet<&str> = BTreeSet::new();
-    for (op, _) in ops {
+    for op in ops() {
         let project = match op {
             Op::Usage { req, .. } => &req.project,
             Op::Reserve { req, .. } => &req.project,
@@ -594,9 +592,8 @@ async fn load(tx: &DatabaseTransaction, ops: &[(Op, DateTime<Utc>)]) -> Result<L
     }
     // 4. Prices, discounts and memberships: read, not locked (as in the per-call path,
     //    the prices in force when the batch runs apply).
-    let model_ids: BTreeSet<String> = ops
-        .iter()
-        .filter_map(|(op, _)| match op {
+    let model_ids: BTreeSet<String> = ops()
+        .filter_map(|op| match op {
             Op::Usage { req, .. } => Some(req.model_id.clone()),
             Op::Reserve { req, .. } => Some(req.model_id.clone()),
             _ => None,
@@ -621,9 +618,8 @@ async fn load(tx: &DatabaseTransaction, ops: &[(Op, DateTime<Utc>)]) -> Result<L
             .map_err(|e| BillingError::Internal(e.to_string()))?;
         discounts.insert(account.id, discount);
     }
-    let user_ids: BTreeSet<Uuid> = ops
-        .iter()
-        .filter_map(|(op, _)| match op {
+    let user_ids: BTreeSet<Uuid> = ops()
+        .filter_map(|op| match op {
             Op::Usage { req, .. } => req.user_id,
             Op::Reserve { req, .. } => req.user_id,
             _ => None,
@@ -644,7 +640,7 @@ async fn load(tx: &DatabaseTransaction, ops: &[(Op, DateTime<Utc>)]) -> Result<L
     //    process that used one of them has committed (and is seen) or is still waiting.
     let mut usage_keys: BTreeSet<&str> = BTreeSet::new();
     let mut reserve_keys: BTreeSet<&str> = BTreeSet::new();
-    for (op, _) in ops {
+    for op in ops() {
         match op {
             Op::Usage { req, .. } => {
                 usage_keys.insert(&req.request_id);
@@ -719,10 +715,6 @@ fn price_of(model: &models::Model) -> TokenPrice {
     }
 }
 
-fn available_of(ws: &workspaces::Model) -> Credits {
-    ledger::available(ws)
-}
-
 /// Rolls a project's budget period in memory when a new one has begun.
 fn roll(project: &mut projects::Model, now: DateTime<Utc>) {
     let start = budget::period_start(project.budget_period, now, project.budget_period_start);
@@ -787,6 +779,35 @@ fn judge_common(
     let cost =
         pricing::usage_cost(price_of(model), prompt_tokens, completion_tokens, discount)?.total;
     Ok((cost, project_id))
+}
+
+/// The two guards of a debit or hold, against the rows as this batch has left them:
+/// the workspace's available credits, then the project's cap (after rolling its period).
+/// Changes nothing but the roll, so a refusal leaves the batch's state as it was.
+fn admit(
+    loaded: &mut Loaded,
+    workspace_id: Uuid,
+    project_id: Option<Uuid>,
+    amount: Credits,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let ws = loaded
+        .workspaces
+        .get(&workspace_id)
+        .ok_or(BillingError::NotFound("workspace"))?;
+    let available = ledger::available(&ws.row);
+    if available < amount {
+        return Err(BillingError::InsufficientCredits { available });
+    }
+    if let Some(project_id) = project_id {
+        let project = loaded
+            .projects
+            .get_mut(&project_id)
+            .ok_or(BillingError::NotFound("project"))?;
+        roll(&mut project.row, now);
+        check_budget(&project.row, amount)?;
+    }
+    Ok(())
 }
 
 /// Admits `needed` under a project's cap (spent + held + needed <= limit).
@@ -907,21 +928,8 @@ fn judge_usage(
         req.prompt_tokens,
         req.completion_tokens,
     )?;
-    let ws = loaded
-        .workspaces
-        .get_mut(&req.workspace_id)
-        .ok_or(BillingError::NotFound("workspace"))?;
-    let available = available_of(&ws.row);
-    if available < cost {
-        return Err(BillingError::InsufficientCredits { available });
-    }
-    if let Some(project_id) = project_id {
-        let project = loaded
-            .projects
-            .get_mut(&project_id)
-            .ok_or(BillingError::NotFound("project"))?;
-        roll(&mut project.row, now);
-        check_budget(&project.row, cost)?;
+    admit(loaded, req.workspace_id, project_id, cost, now)?;
+    if let Some(project) = project_id.and_then(|id| loaded.projects.get_mut(&id)) {
         project.row.budget_spent_nanos =
             project
                 .row
@@ -929,6 +937,10 @@ fn judge_usage(
                 .checked_add(cost.nanos())
                 .ok_or_else(|| BillingError::LimitExceeded("project spend out of range".into()))?;
     }
+    let ws = loaded
+        .workspaces
+        .get_mut(&req.workspace_id)
+        .ok_or(BillingError::NotFound("workspace"))?;
     ws.row.balance_nanos -= cost.nanos();
     ws.cause = Some(BalanceChangeCause::Usage);
     let event = usage_events::Model {
@@ -1003,23 +1015,14 @@ fn judge_reserve(
         req.max_prompt_tokens,
         req.max_completion_tokens,
     )?;
+    admit(loaded, req.workspace_id, project_id, hold, now)?;
+    if let Some(project) = project_id.and_then(|id| loaded.projects.get_mut(&id)) {
+        project.row.budget_reserved_nanos += hold.nanos();
+    }
     let ws = loaded
         .workspaces
         .get_mut(&req.workspace_id)
         .ok_or(BillingError::NotFound("workspace"))?;
-    let available = available_of(&ws.row);
-    if available < hold {
-        return Err(BillingError::InsufficientCredits { available });
-    }
-    if let Some(project_id) = project_id {
-        let project = loaded
-            .projects
-            .get_mut(&project_id)
-            .ok_or(BillingError::NotFound("project"))?;
-        roll(&mut project.row, now);
-        check_budget(&project.row, hold)?;
-        project.row.budget_reserved_nanos += hold.nanos();
-    }
     ws.row.reserved_nanos += hold.nanos();
     ws.cause = Some(BalanceChangeCause::Reservation);
     let reservation = reservation_rows::Model {
@@ -1099,7 +1102,7 @@ fn judge_settle(
         .ok_or(BillingError::NotFound("workspace"))?;
     // Free the hold, then charge what is available: the cost, or all that is left.
     ws.row.reserved_nanos -= hold.nanos();
-    let charge = cost.min(available_of(&ws.row));
+    let charge = cost.min(ledger::available(&ws.row));
     let shortfall = cost.checked_sub(charge)?;
     ws.row.balance_nanos -= charge.nanos();
     ws.cause = Some(BalanceChangeCause::Usage);
@@ -1201,16 +1204,16 @@ fn judge_release(
 /// Applies a batch in one transaction; on Ok, it has committed.
 async fn apply_batch(
     db: &DatabaseConnection,
-    ops: &[(Op, DateTime<Utc>)],
+    batch: &[Pending],
     stats: &WriterStats,
 ) -> Result<(Vec<Outcome>, FollowUp)> {
     let started = std::time::Instant::now();
     let tx = begin_write(db).await?;
-    let mut loaded = load(&tx, ops).await?;
+    let mut loaded = load(&tx, batch).await?;
     let loaded_at = add_us(&stats.load_us, started);
     let mut writes = Writes::default();
-    let mut outcomes = Vec::with_capacity(ops.len());
-    for (op, now) in ops {
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for Pending { op, now, .. } in batch {
         let now = *now;
         let judged = match op {
             Op::Usage { req, hash } => judge_usage(&mut loaded, &mut writes, req, hash, now)
