@@ -5,7 +5,7 @@
 //! served from memory for at most `ttl`. Revocation takes effect at once in the
 //! process that revoked (the entry is dropped) and within `ttl` in the others.
 
-use billing::auth::{self, Principal};
+use billing::accounts::auth::{self, Principal};
 use billing::sea_orm::DatabaseConnection;
 use std::collections::HashMap;
 use std::sync::Mutex;

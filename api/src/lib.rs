@@ -42,7 +42,7 @@ pub struct ApiConfig {
     /// The live-balance tailer and its subscriber limits.
     pub balance_hub: events::HubConfig,
     /// The group-commit writer of the usage path (None: the backend's defaults).
-    pub writer: Option<billing::writer::WriterConfig>,
+    pub writer: Option<billing::debits::writer::WriterConfig>,
     /// How long an authenticated token is trusted without a lookup (0: never cached).
     /// A key revoked through another process keeps working at most this long.
     pub credential_cache_ttl_ms: u64,
@@ -88,7 +88,7 @@ struct AppState {
     hub: Arc<events::BalanceHub>,
     metrics: metrics::Metrics,
     credentials: Arc<credentials::CredentialCache>,
-    writer: billing::writer::DebitWriter,
+    writer: billing::debits::writer::DebitWriter,
 }
 
 /// Exports the schema in SDL (what `reservoir export-schema` prints and what
@@ -304,9 +304,9 @@ pub fn build_server(
     let metrics = metrics::Metrics::new().map_err(std::io::Error::other)?;
     let writer_config = config
         .writer
-        .unwrap_or_else(|| billing::writer::WriterConfig::for_backend(db.get_database_backend()));
+        .unwrap_or_else(|| billing::debits::writer::WriterConfig::for_backend(db.get_database_backend()));
     let writer =
-        billing::writer::DebitWriter::start(db.clone(), writer_config, Some(config.jobs.clone()))
+        billing::debits::writer::DebitWriter::start(db.clone(), writer_config, Some(config.jobs.clone()))
             .map_err(std::io::Error::other)?;
     let credentials = Arc::new(credentials::CredentialCache::new(
         config.credential_cache_ttl_ms,

@@ -87,7 +87,7 @@ impl Metrics {
 
 /// The group-commit writer's counters, in the text format (they live in `billing`,
 /// outside the registry).
-pub fn render_writer(stats: &billing::writer::WriterStats) -> String {
+pub fn render_writer(stats: &billing::debits::writer::WriterStats) -> String {
     use std::fmt::Write as _;
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = String::new();

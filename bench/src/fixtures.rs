@@ -6,7 +6,7 @@ use billing::Credits;
 use billing::db::{self, PoolLimits};
 use billing::entity::enums::PurchaseSource;
 use billing::entity::{ledger_transactions, models, usage_events, workspaces};
-use billing::purchases::{self, PurchaseItem, PurchaseRequest};
+use billing::payments::purchases::{self, PurchaseItem, PurchaseRequest};
 use billing::sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
     QuerySelect,
@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 /// The model the load scenarios use when it is active (cheap, so funds last).
 pub const PREFERRED_MODEL: &str = "openai/gpt-4o-mini";
-/// The largest custom purchase `billing::purchases` accepts, in whole credits.
+/// The largest custom purchase `billing::payments::purchases` accepts, in whole credits.
 pub const PURCHASE_MAX_CREDITS: i64 = purchases::CUSTOM_AMOUNT_CREDITS_MAX;
 /// Workspaces set up at once (each is a handful of small writes).
 const SETUP_IN_FLIGHT: usize = 16;
@@ -216,9 +216,9 @@ pub async fn balance_sequence(db: &DatabaseConnection, workspace_id: Uuid) -> an
         .balance_sequence)
 }
 
-/// Runs `billing::invariants::check` over the whole database.
+/// Runs `billing::ledger::invariants::check` over the whole database.
 pub async fn invariants(db: &DatabaseConnection) -> anyhow::Result<(bool, Vec<String>)> {
-    let report = billing::invariants::check(db).await?;
+    let report = billing::ledger::invariants::check(db).await?;
     Ok((
         report.is_ok(),
         report.violations.iter().map(ToString::to_string).collect(),

@@ -5,32 +5,21 @@
 //! ledger entries (summing to zero), the cached balance, the daily rollup and a
 //! balance event together, and is idempotent on its key.
 
-pub mod access;
 pub mod accounts;
-pub mod alerts;
-pub mod analytics;
-pub mod auth;
-pub mod auto_reload;
-pub mod budget;
-pub mod capture;
+pub mod catalog;
 pub mod db;
+pub mod debits;
 pub mod error;
-pub mod history;
 pub mod ids;
-pub mod invariants;
 pub mod jobs;
 pub mod ledger;
 pub mod money;
-pub mod notifications;
 pub mod payments;
+pub mod policies;
 pub mod pricing;
-pub mod purchases;
-pub mod reservations;
+pub mod reports;
 pub mod seed;
-pub mod settings;
 pub mod transfers;
-pub mod usage;
-pub mod writer;
 
 pub use entity;
 pub use error::{BillingError, ErrorCode, Result};

@@ -3,8 +3,8 @@
 
 use crate::accounts;
 use crate::error::Result;
-use crate::purchases::{self, PurchaseItem, PurchaseRequest};
-use crate::usage::{self, ProjectRef, UsageRequest};
+use crate::payments::purchases::{self, PurchaseItem, PurchaseRequest};
+use crate::debits::usage::{self, ProjectRef, UsageRequest};
 use chrono::{DateTime, Utc};
 use entity::enums::{BudgetPeriod, PurchaseSource};
 use entity::{account_members, accounts as accounts_entity, users};

@@ -213,8 +213,8 @@ async fn transfer_in(
     .await?;
     ledger::balance_event(tx, &from_after, BalanceChangeCause::TransferOut, now).await?;
     ledger::balance_event(tx, &to_after, BalanceChangeCause::TransferIn, now).await?;
-    crate::auto_reload::after_balance_change(tx, &from_after, now).await?;
-    crate::alerts::after_balance_change(tx, &from_after, now).await?;
-    crate::alerts::after_balance_change(tx, &to_after, now).await?;
+    crate::policies::auto_reload::after_balance_change(tx, &from_after, now).await?;
+    crate::policies::alerts::after_balance_change(tx, &from_after, now).await?;
+    crate::policies::alerts::after_balance_change(tx, &to_after, now).await?;
     Ok(())
 }

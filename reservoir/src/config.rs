@@ -180,7 +180,7 @@ impl Config {
                 generated: false,
             },
             None if backend == Backend::Sqlite => AdminToken {
-                value: billing::auth::generate_secret("rsv_admin_"),
+                value: billing::accounts::auth::generate_secret("rsv_admin_"),
                 generated: true,
             },
             None => {
@@ -339,7 +339,7 @@ mod tests {
 
     #[test]
     fn env_example_lists_every_variable() {
-        let example = include_str!("../../../.env.example");
+        let example = include_str!("../../.env.example");
         for var in VARIABLES {
             assert!(example.contains(var), ".env.example does not mention {var}");
         }

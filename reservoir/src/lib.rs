@@ -123,8 +123,8 @@ pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::R
     });
     let server = match listener {
         Some(listener) => {
-            let defaults = billing::writer::WriterConfig::for_backend(db.get_database_backend());
-            let writer = billing::writer::WriterConfig {
+            let defaults = billing::debits::writer::WriterConfig::for_backend(db.get_database_backend());
+            let writer = billing::debits::writer::WriterConfig {
                 lanes: config.writer_lanes.unwrap_or(defaults.lanes),
                 batch_ops_max: config
                     .writer_batch_ops_max
@@ -228,7 +228,7 @@ pub fn redact(url: &str) -> String {
 /// Runs the invariant checks and prints the report; Ok(false) when any failed.
 pub async fn check(config: &Config) -> anyhow::Result<bool> {
     let db = connect(config).await?;
-    let report = billing::invariants::check(&db).await?;
+    let report = billing::ledger::invariants::check(&db).await?;
     println!(
         "{} invariant checks run, {} violations",
         report.checks_run,

@@ -5,7 +5,7 @@
 
 use billing::entity::enums::{CardBrand, PurchaseStatus};
 use billing::entity::payment_methods;
-use billing::purchases::{self, PurchaseCreditsRequest, PurchaseItem};
+use billing::payments::purchases::{self, PurchaseCreditsRequest, PurchaseItem};
 use billing::sea_orm::{ActiveValue::Set, EntityTrait};
 use reservoir_tests::{Fixture, TestDb, workspace};
 use std::process::{Child, Command, Stdio};

@@ -6,7 +6,7 @@ pub mod app;
 use billing::Credits;
 use billing::db::{self, PoolLimits};
 use billing::entity::{models, workspaces};
-use billing::purchases::{self, PurchaseItem, PurchaseRequest};
+use billing::payments::purchases::{self, PurchaseItem, PurchaseRequest};
 use billing::sea_orm::{
     ActiveValue::Set, ConnectionTrait, DatabaseConnection, EntityTrait, Statement,
 };
@@ -89,7 +89,7 @@ impl TestDb {
 
     /// Asserts every ledger invariant, then drops the per-test PostgreSQL database.
     pub async fn finish(self) -> anyhow::Result<()> {
-        let report = billing::invariants::check(&self.db).await?;
+        let report = billing::ledger::invariants::check(&self.db).await?;
         assert!(
             report.is_ok(),
             "invariants violated: {:#?}",
@@ -238,10 +238,10 @@ pub fn usage_req(
     workspace_id: Uuid,
     request_id: &str,
     prompt_tokens: i64,
-) -> billing::usage::UsageRequest {
-    billing::usage::UsageRequest {
+) -> billing::debits::usage::UsageRequest {
+    billing::debits::usage::UsageRequest {
         workspace_id,
-        project: billing::usage::ProjectRef::None,
+        project: billing::debits::usage::ProjectRef::None,
         model_id: TEST_MODEL.into(),
         prompt_tokens,
         completion_tokens: 0,

@@ -4,14 +4,14 @@
 //! back at or above it.
 
 use billing::Credits;
-use billing::alerts;
+use billing::policies::alerts;
 use billing::entity::enums::{AlertSeverity, WorkspaceRole};
 use billing::entity::{alert_thresholds, notifications};
-use billing::notifications::{LowBalanceAlert, NotificationPayload, payload_of, recipients_of};
+use billing::policies::notifications::{LowBalanceAlert, NotificationPayload, payload_of, recipients_of};
 use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder};
-use billing::settings::{self, AlertThresholdInput};
+use billing::policies::alert_thresholds::AlertThresholdInput;
 use billing::transfers::{self, TransferRequest};
-use billing::usage::{self};
+use billing::debits::usage::{self};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use reservoir_tests::{Fixture, TestDb, fund, usage_req, workspace};
 use uuid::Uuid;
@@ -101,7 +101,7 @@ async fn setup() -> anyhow::Result<Setup> {
         members.push(user);
     }
     fund(&t.db, f.ws_a, "10", now).await?;
-    let saved = settings::set_alert_thresholds(
+    let saved = billing::policies::alert_thresholds::set_alert_thresholds(
         &t.db,
         f.ws_a,
         vec![
@@ -298,7 +298,7 @@ async fn a_threshold_without_recipients_still_disarms() -> anyhow::Result<()> {
     let now = t0();
     let f = Fixture::new(&t.db, now).await?;
     fund(&t.db, f.ws_a, "10", now).await?;
-    settings::set_alert_thresholds(
+    billing::policies::alert_thresholds::set_alert_thresholds(
         &t.db,
         f.ws_a,
         vec![AlertThresholdInput {

@@ -67,11 +67,11 @@ async fn seed(
                 now,
             )
             .await?;
-            billing::usage::record_usage(
+            billing::debits::usage::record_usage(
                 db,
-                billing::usage::UsageRequest {
+                billing::debits::usage::UsageRequest {
                     workspace_id: ws.id,
-                    project: billing::usage::ProjectRef::Id(project.id),
+                    project: billing::debits::usage::ProjectRef::Id(project.id),
                     model_id: TEST_MODEL.into(),
                     prompt_tokens: 1_000,
                     completion_tokens: 500,

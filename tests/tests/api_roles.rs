@@ -1,7 +1,7 @@
 //! Who may do what, over real HTTP: a role matrix (every caller × every mutation class
 //! and the guarded reads) and a cross-account probe of every top-level id argument.
 //!
-//! The rules (billing::access and the resolvers): account OWNER/ADMIN are admins of
+//! The rules (billing::accounts::access and the resolvers): account OWNER/ADMIN are admins of
 //! every workspace of their account; a workspace API key records usage, reserves,
 //! settles and reads its own workspace, nothing else; the platform admin token may do
 //! everything and alone may create accounts, set pricing agreements, mark invoices paid
@@ -14,14 +14,14 @@ use billing::accounts;
 use billing::entity::enums::{AccountRole, WorkspaceRole};
 use billing::entity::{self, account_members, users};
 use billing::payments::{self, SandboxGateway};
-use billing::purchases::{self, PurchaseCreditsRequest, PurchaseItem};
-use billing::reservations::{self, ReserveRequest};
+use billing::payments::purchases::{self, PurchaseCreditsRequest, PurchaseItem};
+use billing::debits::reservations::{self, ReserveRequest};
 use billing::sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait,
     IntoActiveModel, PaginatorTrait, QueryFilter,
 };
 use billing::transfers::{self, TransferRequest};
-use billing::usage::{self, ProjectRef, UsageRequest};
+use billing::debits::usage::{self, ProjectRef, UsageRequest};
 use chrono::Utc;
 use reservoir_tests::app::{ADMIN_TOKEN, App};
 use reservoir_tests::{Fixture, TEST_MODEL, TestDb, fund, money_row_counts};
@@ -392,7 +392,7 @@ impl Roles {
         fund(db, f.ws_b, "1000", now).await?;
         set_verified(db, f.account_id).await?;
         let gw = SandboxGateway::new();
-        payments::add_payment_method(db, &gw, f.account_id, "tok_visa", true, now).await?;
+        payments::cards::add_payment_method(db, &gw, f.account_id, "tok_visa", true, now).await?;
         let project_a = accounts::create_project(db, f.ws_a, "Alpha", "alpha", now)
             .await?
             .id;
@@ -554,7 +554,7 @@ impl Roles {
                 )
             },
             Op::RemovePaymentMethod => {
-                let card = payments::add_payment_method(
+                let card = payments::cards::add_payment_method(
                     db,
                     &self.gw,
                     self.account,
@@ -766,7 +766,7 @@ impl Roles {
                 .transpose()?,
         };
         if let Some(card) = card {
-            payments::remove_payment_method(&self.t.db, card, Utc::now()).await?;
+            payments::cards::remove_payment_method(&self.t.db, card, Utc::now()).await?;
         }
         Ok(())
     }
@@ -1069,7 +1069,7 @@ impl Cross {
         let project_a = accounts::create_project(db, f.ws_a, "Alpha", "alpha", now)
             .await?
             .id;
-        payments::add_payment_method(db, &gw, f.account_id, "tok_visa", true, now).await?;
+        payments::cards::add_payment_method(db, &gw, f.account_id, "tok_visa", true, now).await?;
         let owner1_token = accounts::create_user_token(db, f.owner_id, "probe", now).await?;
 
         let other =
@@ -1107,7 +1107,7 @@ impl Cross {
         )
         .await?;
         let r2 = hold(db, w2).await?;
-        let pm2 = payments::add_payment_method(db, &gw, account2, "tok_visa", true, now)
+        let pm2 = payments::cards::add_payment_method(db, &gw, account2, "tok_visa", true, now)
             .await?
             .id;
         set_verified(db, account2).await?;

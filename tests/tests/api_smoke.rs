@@ -50,7 +50,7 @@ async fn the_app_answers_health_auth_reads_and_usage() -> anyhow::Result<()> {
     use billing::sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     let used = billing::entity::user_tokens::Entity::find()
         .filter(
-            billing::entity::user_tokens::Column::TokenHash.eq(billing::auth::hash_secret(&token)),
+            billing::entity::user_tokens::Column::TokenHash.eq(billing::accounts::auth::hash_secret(&token)),
         )
         .one(&t.db)
         .await?
@@ -142,9 +142,9 @@ async fn ledger_pages_follow_cursors_and_estimates_apply_the_discount() -> anyho
     let f = Fixture::new(&t.db, now).await?;
     fund(&t.db, f.ws_a, "5", now).await?;
     for i in 0..7 {
-        let req = billing::usage::UsageRequest {
+        let req = billing::debits::usage::UsageRequest {
             workspace_id: f.ws_a,
-            project: billing::usage::ProjectRef::None,
+            project: billing::debits::usage::ProjectRef::None,
             model_id: TEST_MODEL.into(),
             prompt_tokens: 100 * (i + 1),
             completion_tokens: 0,
@@ -152,7 +152,7 @@ async fn ledger_pages_follow_cursors_and_estimates_apply_the_discount() -> anyho
             user_id: None,
             api_key_id: None,
         };
-        billing::usage::record_usage(&t.db, req, now).await?;
+        billing::debits::usage::record_usage(&t.db, req, now).await?;
     }
     let token = accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
     let app = App::start(&t).await?;

@@ -3,21 +3,22 @@
 //! capture outcome, the 24 h cap, backoff and the switch-off after repeated
 //! failures, with the admins' notifications.
 
-use billing::auto_reload::{self, CONSECUTIVE_FAILURES_MAX};
+use billing::policies::auto_reload;
+use billing::policies::reload_state::CONSECUTIVE_FAILURES_MAX;
 use billing::entity::enums::{
     AutoReloadStatus, PurchaseSource, PurchaseStatus, ReservationStatus, WorkspaceRole,
 };
 use billing::entity::{auto_reload_settings, ledger_transactions, notifications, purchases};
-use billing::notifications::{NotificationPayload, payload_of, recipients_of};
+use billing::policies::notifications::{NotificationPayload, payload_of, recipients_of};
 use billing::payments::{self, ChargeOutcome, ChargeRequest, PaymentGateway, SandboxGateway};
-use billing::reservations::{self, ReserveRequest};
+use billing::debits::reservations::{self, ReserveRequest};
 use billing::sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait,
     IntoActiveModel, QueryFilter, QueryOrder,
 };
-use billing::settings::{self, AutoReloadInput};
+use billing::policies::auto_reload_settings::AutoReloadInput;
 use billing::transfers::{self, TransferRequest};
-use billing::usage::{self, ProjectRef};
+use billing::debits::usage::{self, ProjectRef};
 use billing::{BillingError, Credits};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use reservoir_tests::{Fixture, TEST_MODEL, TestDb, fund, usage_req, workspace};
@@ -56,7 +57,7 @@ async fn configure(
     max_reloads_per_day: i32,
     now: DateTime<Utc>,
 ) -> anyhow::Result<auto_reload_settings::Model> {
-    Ok(settings::configure_auto_reload(
+    Ok(billing::policies::auto_reload_settings::configure_auto_reload(
         db,
         AutoReloadInput {
             workspace_id: ws,
@@ -102,7 +103,7 @@ async fn charge(
     let card_id = purchase
         .payment_method_id
         .ok_or_else(|| anyhow::anyhow!("reload without a card"))?;
-    let card = payments::load_payment_method(db, card_id)
+    let card = payments::cards::load_payment_method(db, card_id)
         .await?
         .ok_or_else(|| anyhow::anyhow!("no card {card_id}"))?;
     Ok(gateway
@@ -149,7 +150,7 @@ async fn racing_debits_start_exactly_one_reload_per_crossing() -> anyhow::Result
     let f = Fixture::new(&t.db, now).await?;
     let gateway = SandboxGateway::new();
     let visa =
-        payments::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
+        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
     fund(&t.db, f.ws_a, "10", now).await?;
     configure(&t.db, f.ws_a, visa.id, 2, now).await?;
 
@@ -256,7 +257,7 @@ async fn a_declining_card_turns_auto_reload_off_after_three_failures() -> anyhow
     let now = t0();
     let f = Fixture::new(&t.db, now).await?;
     let gateway = SandboxGateway::new();
-    let declining = payments::add_payment_method(
+    let declining = payments::cards::add_payment_method(
         &t.db,
         &gateway,
         f.account_id,
@@ -393,7 +394,7 @@ async fn a_declining_card_turns_auto_reload_off_after_three_failures() -> anyhow
 
     // Re-enabling (with a working card) is a fresh start.
     let visa =
-        payments::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, t4).await?;
+        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, t4).await?;
     let state = configure(&t.db, f.ws_a, visa.id, 24, t4).await?;
     assert_eq!(state.status, AutoReloadStatus::Idle);
     assert_eq!(state.consecutive_failures, 0);
@@ -427,7 +428,7 @@ async fn a_gateway_outage_backs_off_but_never_switches_off() -> anyhow::Result<(
     let f = Fixture::new(&t.db, now).await?;
     let gateway = SandboxGateway::new();
     let visa =
-        payments::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
+        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
     fund(&t.db, f.ws_a, "10", now).await?;
     configure(&t.db, f.ws_a, visa.id, 24, now).await?;
     let mut at = now;
@@ -458,7 +459,7 @@ async fn settlements_and_transfers_out_start_reloads_too() -> anyhow::Result<()>
     let f = Fixture::new(&t.db, now).await?;
     let gateway = SandboxGateway::new();
     let visa =
-        payments::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
+        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
     fund(&t.db, f.ws_a, "10", now).await?;
     fund(&t.db, f.ws_b, "10", now).await?;
     configure(&t.db, f.ws_a, visa.id, 24, now).await?;
@@ -522,7 +523,7 @@ async fn a_reload_left_reloading_is_repaired() -> anyhow::Result<()> {
     let f = Fixture::new(&t.db, now).await?;
     let gateway = SandboxGateway::new();
     let visa =
-        payments::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
+        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
     fund(&t.db, f.ws_a, "10", now).await?;
     configure(&t.db, f.ws_a, visa.id, 24, now).await?;
     debit(&t.db, f.ws_a, "cross", "6", now).await?;
@@ -562,7 +563,7 @@ async fn a_reload_left_reloading_is_repaired() -> anyhow::Result<()> {
     debit(&t.db, f.ws_a, "cross-again", "0.5", t1).await?;
     let started = reloads(&t.db, f.ws_a).await?;
     assert_eq!(started.len(), 2);
-    billing::purchases::capture_succeeded(&t.db, started[1].id, "ch_manual", t1).await?;
+    billing::payments::purchases::capture_succeeded(&t.db, started[1].id, "ch_manual", t1).await?;
     assert_eq!(
         reload_state(&t.db, f.ws_a).await?.status,
         AutoReloadStatus::Idle,

@@ -2,10 +2,10 @@
 //! growing backoff and end FAILED after the bounded attempts; a decline fails at once;
 //! a removed card fails without a charge.
 
-use billing::capture::{self, CAPTURE_ATTEMPTS_MAX, Next, Verdict};
+use billing::payments::capture::{self, CAPTURE_ATTEMPTS_MAX, Next, Verdict};
 use billing::entity::enums::PurchaseStatus;
 use billing::payments::{ChargeOutcome, GatewayError, PaymentGateway, SandboxGateway};
-use billing::purchases::{self, PurchaseCreditsRequest, PurchaseItem};
+use billing::payments::purchases::{self, PurchaseCreditsRequest, PurchaseItem};
 use reservoir_tests::{Fixture, TestDb, workspace};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ async fn pending_purchase(
 ) -> anyhow::Result<uuid::Uuid> {
     let now = chrono::Utc::now();
     let gateway = SandboxGateway::new();
-    billing::payments::add_payment_method(&t.db, &gateway, f.account_id, token, true, now).await?;
+    billing::payments::cards::add_payment_method(&t.db, &gateway, f.account_id, token, true, now).await?;
     let req = PurchaseCreditsRequest {
         workspace_id: f.ws_a,
         item: PurchaseItem::Package("pkg_10".into()),
@@ -113,7 +113,7 @@ async fn a_card_removed_before_the_charge_fails_the_purchase_without_charging() 
         .await?
         .payment_method_id
         .expect("card");
-    billing::payments::remove_payment_method(&t.db, card, chrono::Utc::now()).await?;
+    billing::payments::cards::remove_payment_method(&t.db, card, chrono::Utc::now()).await?;
     assert!(matches!(
         capture::prepare(&t.db, id, chrono::Utc::now()).await?,
         Next::Done

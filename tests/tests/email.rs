@@ -1,14 +1,14 @@
 //! E-mail notifications end to end (SQLite by default, PostgreSQL with
-//! TEST_DATABASE_URL): notifications written through `billing::notifications`,
+//! TEST_DATABASE_URL): notifications written through `billing::policies::notifications`,
 //! delivered by `worker::email` to a real SMTP server running inside the test
 //! (mailin-embedded) or into an outbox folder, and read back as a mail client would.
 
 use billing::entity::enums::{AlertSeverity, NotificationStatus, PurchaseSource, WorkspaceRole};
 use billing::entity::notifications as rows;
-use billing::notifications::{
+use billing::policies::notifications::{
     self as notes, AutoReloadDisabled, LowBalanceAlert, NotificationPayload, ReloadFailed,
 };
-use billing::purchases::{self, PurchaseItem, PurchaseRequest};
+use billing::payments::purchases::{self, PurchaseItem, PurchaseRequest};
 use billing::sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait,
     IntoActiveModel, QueryFilter,

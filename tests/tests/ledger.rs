@@ -3,10 +3,10 @@
 
 use billing::entity::enums::{BudgetPeriod, LedgerEntryKind, ReservationStatus};
 use billing::entity::{ledger_entries, usage_events};
-use billing::reservations::{self, ReserveRequest};
+use billing::debits::reservations::{self, ReserveRequest};
 use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder};
 use billing::transfers::{self, TransferRequest};
-use billing::usage::{self, ProjectRef, UsageRequest};
+use billing::debits::usage::{self, ProjectRef, UsageRequest};
 use billing::{BillingError, Credits, ErrorCode};
 use chrono::{Duration, TimeZone, Utc};
 use rand::Rng;
@@ -515,7 +515,7 @@ async fn a_project_budget_refuses_the_crossing_request_and_resets_each_period() 
 
 #[tokio::test]
 async fn a_purchase_credits_amount_and_bonus_once() -> anyhow::Result<()> {
-    use billing::purchases::{self, PurchaseItem, PurchaseRequest};
+    use billing::payments::purchases::{self, PurchaseItem, PurchaseRequest};
     let t = TestDb::new().await?;
     let now = Utc::now();
     let f = Fixture::new(&t.db, now).await?;
@@ -600,7 +600,7 @@ async fn the_invariant_check_catches_a_tampered_balance() -> anyhow::Result<()> 
     let f = Fixture::new(&t.db, now).await?;
     fund(&t.db, f.ws_a, "5", now).await?;
     usage::record_usage(&t.db, usage_req(f.ws_a, "u1", 1_000), now).await?;
-    assert!(billing::invariants::check(&t.db).await?.is_ok());
+    assert!(billing::ledger::invariants::check(&t.db).await?.is_ok());
     // A cached balance that drifts from its entries (what a lost update would leave).
     let backend = t.db.get_database_backend();
     t.db.execute_raw(Statement::from_string(
@@ -608,7 +608,7 @@ async fn the_invariant_check_catches_a_tampered_balance() -> anyhow::Result<()> 
         "UPDATE workspaces SET balance_nanos = balance_nanos + 1 WHERE name = 'A'",
     ))
     .await?;
-    let report = billing::invariants::check(&t.db).await?;
+    let report = billing::ledger::invariants::check(&t.db).await?;
     let broken: Vec<_> = report.violations.iter().map(|v| v.invariant).collect();
     assert!(
         broken.contains(&"cached balance equals the sum of the workspace's ledger entries"),

@@ -9,7 +9,7 @@ use billing::payments::{
     self, AttachedCard, ChargeOutcome, ChargeRequest, GatewayError, GatewayFuture, PaymentGateway,
     SandboxGateway, SandboxScenario,
 };
-use billing::purchases::{self, PurchaseCreditsRequest, PurchaseItem, Purchased};
+use billing::payments::purchases::{self, PurchaseCreditsRequest, PurchaseItem, Purchased};
 use billing::sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait,
     IntoActiveModel, QueryFilter, QueryOrder,
@@ -233,14 +233,14 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
     let gw = SandboxGateway::new();
     let acct = f.account_id;
 
-    let visa = payments::add_payment_method(&t.db, &gw, acct, "tok_visa", false, now).await?;
+    let visa = payments::cards::add_payment_method(&t.db, &gw, acct, "tok_visa", false, now).await?;
     assert!(visa.is_default, "the first card becomes the default");
     assert_eq!((visa.brand, visa.last4.as_str()), (CardBrand::Visa, "4242"));
-    let mc = payments::add_payment_method(&t.db, &gw, acct, "tok_mastercard", false, now).await?;
+    let mc = payments::cards::add_payment_method(&t.db, &gw, acct, "tok_mastercard", false, now).await?;
     assert!(!mc.is_default);
-    let amex = payments::add_payment_method(&t.db, &gw, acct, "tok_amex", true, now).await?;
+    let amex = payments::cards::add_payment_method(&t.db, &gw, acct, "tok_amex", true, now).await?;
     assert!(amex.is_default);
-    let listed = payments::list_payment_methods(&t.db, &[acct]).await?;
+    let listed = payments::cards::list_payment_methods(&t.db, &[acct]).await?;
     let ids: Vec<_> = listed[&acct].iter().map(|m| (m.id, m.is_default)).collect();
     assert_eq!(
         ids,
@@ -250,25 +250,25 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
 
     // Refusals write nothing.
     let before = payment_row_counts(&t.db).await?;
-    let too_long = "t".repeat(payments::CLIENT_TOKEN_LEN_MAX + 1);
+    let too_long = "t".repeat(payments::cards::CLIENT_TOKEN_LEN_MAX + 1);
     for bad in ["tok_nope", "", "tok visa", too_long.as_str()] {
-        let err = payments::add_payment_method(&t.db, &gw, acct, bad, false, now)
+        let err = payments::cards::add_payment_method(&t.db, &gw, acct, bad, false, now)
             .await
             .expect_err(bad);
         assert_eq!(err.code(), ErrorCode::InvalidInput, "{bad}: {err}");
     }
-    let err = payments::add_payment_method(&t.db, &DownGateway, acct, "tok_visa", false, now)
+    let err = payments::cards::add_payment_method(&t.db, &DownGateway, acct, "tok_visa", false, now)
         .await
         .expect_err("gateway down");
     assert_eq!(err.code(), ErrorCode::PaymentFailed, "{err}");
-    let err = payments::add_payment_method(&t.db, &gw, Uuid::now_v7(), "tok_visa", false, now)
+    let err = payments::cards::add_payment_method(&t.db, &gw, Uuid::now_v7(), "tok_visa", false, now)
         .await
         .expect_err("no account");
     assert_eq!(err.code(), ErrorCode::NotFound);
     assert_eq!(payment_row_counts(&t.db).await?, before);
 
     // Switching the default.
-    let visa2 = payments::set_default_payment_method(&t.db, visa.id, now).await?;
+    let visa2 = payments::cards::set_default_payment_method(&t.db, visa.id, now).await?;
     assert!(visa2.is_default);
     let defaults = payment_methods::Entity::find()
         .filter(payment_methods::Column::AccountId.eq(acct))
@@ -279,14 +279,14 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
     assert_eq!(defaults[0].id, visa.id);
 
     // Removing the default leaves no default.
-    let removed = payments::remove_payment_method(&t.db, visa.id, now).await?;
+    let removed = payments::cards::remove_payment_method(&t.db, visa.id, now).await?;
     assert!(removed.removed_at.is_some() && !removed.is_default);
-    let again = payments::remove_payment_method(&t.db, visa.id, now).await?;
+    let again = payments::cards::remove_payment_method(&t.db, visa.id, now).await?;
     assert_eq!(
         again.removed_at, removed.removed_at,
         "removal is idempotent"
     );
-    let listed = payments::list_payment_methods(&t.db, &[acct]).await?;
+    let listed = payments::cards::list_payment_methods(&t.db, &[acct]).await?;
     assert_eq!(listed[&acct].len(), 2);
     assert!(listed[&acct].iter().all(|m| !m.is_default));
     let err = purchases::purchase_credits(&t.db, card_req(f.ws_a, "no-default", None), now)
@@ -294,7 +294,7 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
         .expect_err("no default");
     assert_eq!(err.code(), ErrorCode::InvalidInput);
     assert_eq!(
-        payments::set_default_payment_method(&t.db, visa.id, now)
+        payments::cards::set_default_payment_method(&t.db, visa.id, now)
             .await
             .expect_err("removed")
             .code(),
@@ -318,11 +318,11 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
     }
     .insert(&t.db)
     .await?;
-    let err = payments::remove_payment_method(&t.db, mc.id, now)
+    let err = payments::cards::remove_payment_method(&t.db, mc.id, now)
         .await
         .expect_err("used by auto-reload");
     assert_eq!(err.code(), ErrorCode::InvalidInput, "{err}");
-    let still = payments::load_payment_method(&t.db, mc.id)
+    let still = payments::cards::load_payment_method(&t.db, mc.id)
         .await?
         .expect("card");
     assert!(still.removed_at.is_none());
@@ -333,21 +333,21 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
     let mut off = settings.into_active_model();
     off.enabled = Set(false);
     off.update(&t.db).await?;
-    payments::remove_payment_method(&t.db, mc.id, now).await?;
+    payments::cards::remove_payment_method(&t.db, mc.id, now).await?;
 
     // A new card on an account without a default becomes the default.
-    let mc2 = payments::add_payment_method(&t.db, &gw, acct, "tok_mastercard", false, now).await?;
+    let mc2 = payments::cards::add_payment_method(&t.db, &gw, acct, "tok_mastercard", false, now).await?;
     assert!(mc2.is_default);
-    let listed = payments::list_payment_methods(&t.db, &[acct, Uuid::nil()]).await?;
+    let listed = payments::cards::list_payment_methods(&t.db, &[acct, Uuid::nil()]).await?;
     assert_eq!(
         listed[&acct].iter().map(|m| m.id).collect::<Vec<_>>(),
         vec![mc2.id, amex.id]
     );
     assert!(listed[&Uuid::nil()].is_empty());
-    let by_id = payments::payment_methods_by_ids(&t.db, &[visa.id, mc2.id]).await?;
+    let by_id = payments::cards::payment_methods_by_ids(&t.db, &[visa.id, mc2.id]).await?;
     assert_eq!(by_id.len(), 2, "removed cards are still loadable by id");
     assert_eq!(
-        payments::remove_payment_method(&t.db, Uuid::now_v7(), now)
+        payments::cards::remove_payment_method(&t.db, Uuid::now_v7(), now)
             .await
             .expect_err("unknown")
             .code(),
@@ -366,7 +366,7 @@ async fn a_card_purchase_resolves_the_default_method() -> anyhow::Result<()> {
         billing::accounts::create_account(&t.db, "Other Co", "other@test.example", "O", now)
             .await?;
     let foreign =
-        payments::add_payment_method(&t.db, &gw, other.account.id, "tok_visa", false, now).await?;
+        payments::cards::add_payment_method(&t.db, &gw, other.account.id, "tok_visa", false, now).await?;
 
     // No card at all.
     let before = payment_row_counts(&t.db).await?;
@@ -391,8 +391,8 @@ async fn a_card_purchase_resolves_the_default_method() -> anyhow::Result<()> {
     assert_eq!(payment_row_counts(&t.db).await?, before);
 
     let visa =
-        payments::add_payment_method(&t.db, &gw, f.account_id, "tok_visa", false, now).await?;
-    let mc = payments::add_payment_method(&t.db, &gw, f.account_id, "tok_mastercard", false, now)
+        payments::cards::add_payment_method(&t.db, &gw, f.account_id, "tok_visa", false, now).await?;
+    let mc = payments::cards::add_payment_method(&t.db, &gw, f.account_id, "tok_mastercard", false, now)
         .await?;
     let p = purchases::purchase_credits(&t.db, card_req(f.ws_a, "buy-1", None), now).await?;
     assert!(!p.replayed);
@@ -408,7 +408,7 @@ async fn a_card_purchase_resolves_the_default_method() -> anyhow::Result<()> {
     );
 
     // A replay stays a replay after the default changes.
-    payments::set_default_payment_method(&t.db, mc.id, now).await?;
+    payments::cards::set_default_payment_method(&t.db, mc.id, now).await?;
     let replay = purchases::purchase_credits(&t.db, card_req(f.ws_a, "buy-1", None), now).await?;
     assert!(replay.replayed);
     assert_eq!(replay.purchase.id, p.purchase.id);
@@ -443,7 +443,7 @@ async fn a_card_purchase_resolves_the_default_method() -> anyhow::Result<()> {
     assert_eq!(p3.purchase.payment_method_id, Some(visa.id));
     assert_eq!(p3.purchase.price_nanos, 12_340_000_000);
     // A removed card is not found.
-    payments::remove_payment_method(&t.db, visa.id, now).await?;
+    payments::cards::remove_payment_method(&t.db, visa.id, now).await?;
     let err = purchases::purchase_credits(&t.db, card_req(f.ws_b, "buy-4", Some(visa.id)), now)
         .await
         .expect_err("removed card");
@@ -458,7 +458,7 @@ async fn a_captured_card_purchase_is_credited_and_invoiced_once() -> anyhow::Res
     let f = Fixture::new(&t.db, now).await?;
     let gw = SandboxGateway::new();
     let visa =
-        payments::add_payment_method(&t.db, &gw, f.account_id, "tok_visa", false, now).await?;
+        payments::cards::add_payment_method(&t.db, &gw, f.account_id, "tok_visa", false, now).await?;
     let p = purchases::purchase_credits(&t.db, card_req(f.ws_a, "buy-1", None), now).await?;
 
     // The worker's capture: charge with the purchase id as the key (twice: once).
@@ -700,7 +700,7 @@ async fn concurrent_invoices_get_distinct_consecutive_numbers() -> anyhow::Resul
     let f = Fixture::new(&t.db, now).await?;
     set_verified(&t.db, f.account_id).await?;
     let gw = SandboxGateway::new();
-    payments::add_payment_method(&t.db, &gw, f.account_id, "tok_visa", false, now).await?;
+    payments::cards::add_payment_method(&t.db, &gw, f.account_id, "tok_visa", false, now).await?;
     let pools = [t.db.clone(), t.second_pool().await?];
 
     // Card purchases to capture while invoice purchases race: they share the numbering.

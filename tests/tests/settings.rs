@@ -9,17 +9,21 @@ use billing::entity::enums::{
 use billing::entity::{
     account_members, alert_thresholds, auto_reload_settings, models, payment_methods, projects,
 };
-use billing::reservations::{self, ReserveRequest};
+use billing::debits::reservations::{self, ReserveRequest};
 use billing::sea_orm::{
     ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, IntoActiveModel,
 };
-use billing::settings::{
-    self, ALERT_AMOUNT_CREDITS_MAX, ALERT_RECIPIENTS_MAX, ALERT_THRESHOLDS_MAX,
-    AUTO_RELOAD_THRESHOLD_CREDITS_MAX, AlertThresholdInput, AutoReloadInput,
-    MAX_RELOADS_PER_DAY_MAX, MODEL_ID_LEN_MAX, MODEL_PRICE_PER_MILLION_MAX, ModelInput,
-    PAYMENT_TERMS_DAYS_MAX,
+use billing::catalog::{
+    MODEL_ID_LEN_MAX, MODEL_PRICE_PER_MILLION_MAX, ModelInput, PAYMENT_TERMS_DAYS_MAX,
 };
-use billing::usage::{self, ProjectRef, UsageRequest};
+use billing::policies::alert_thresholds::{
+    ALERT_AMOUNT_CREDITS_MAX, ALERT_RECIPIENTS_MAX, ALERT_THRESHOLDS_MAX,
+    AlertThresholdInput,
+};
+use billing::policies::auto_reload_settings::{
+    AUTO_RELOAD_THRESHOLD_CREDITS_MAX, AutoReloadInput, MAX_RELOADS_PER_DAY_MAX,
+};
+use billing::debits::usage::{self, ProjectRef, UsageRequest};
 use billing::{BillingError, Credits, DiscountBps, ErrorCode};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use reservoir_tests::{Fixture, TEST_MODEL, TestDb, count, fund, usage_req, workspace};
@@ -125,7 +129,7 @@ async fn pricing_agreement_sets_terms_and_validates() -> anyhow::Result<()> {
     let discount = DiscountBps::parse_percent("12.5")?;
 
     let account =
-        settings::set_pricing_agreement(&t.db, f.account_id, true, discount, 60, t0()).await?;
+        billing::catalog::set_pricing_agreement(&t.db, f.account_id, true, discount, 60, t0()).await?;
     assert!(account.verified);
     assert_eq!(account.volume_discount_bps, 1250);
     assert_eq!(account.payment_terms_days, 60);
@@ -133,7 +137,7 @@ async fn pricing_agreement_sets_terms_and_validates() -> anyhow::Result<()> {
 
     // Both ends of the range are allowed.
     for days in [0, PAYMENT_TERMS_DAYS_MAX] {
-        let a = settings::set_pricing_agreement(
+        let a = billing::catalog::set_pricing_agreement(
             &t.db,
             f.account_id,
             false,
@@ -149,12 +153,12 @@ async fn pricing_agreement_sets_terms_and_validates() -> anyhow::Result<()> {
     }
     for days in [-1, PAYMENT_TERMS_DAYS_MAX + 1, i32::MIN, i32::MAX] {
         assert_invalid(
-            settings::set_pricing_agreement(&t.db, f.account_id, true, discount, days, t0()).await,
+            billing::catalog::set_pricing_agreement(&t.db, f.account_id, true, discount, days, t0()).await,
             "paymentTermsDays must be between 0 and 365",
         );
     }
     assert_code(
-        settings::set_pricing_agreement(&t.db, Uuid::now_v7(), true, discount, 30, t0()).await,
+        billing::catalog::set_pricing_agreement(&t.db, Uuid::now_v7(), true, discount, 30, t0()).await,
         ErrorCode::NotFound,
     );
     // The refused calls changed nothing.
@@ -174,7 +178,7 @@ async fn model_catalog_upsert_list_and_deactivate() -> anyhow::Result<()> {
     let f = Fixture::new(&t.db, t0()).await?;
     fund(&t.db, f.ws_a, "10", t0()).await?;
 
-    let created = settings::upsert_model(
+    let created = billing::catalog::upsert_model(
         &t.db,
         ModelInput {
             name: "  GPT-4o  ".into(),
@@ -192,7 +196,7 @@ async fn model_catalog_upsert_list_and_deactivate() -> anyhow::Result<()> {
 
     // Updating keeps created_at and moves updated_at.
     let later = t0() + Duration::hours(1);
-    let updated = settings::upsert_model(
+    let updated = billing::catalog::upsert_model(
         &t.db,
         ModelInput {
             name: "GPT-4o (2026)".into(),
@@ -213,7 +217,7 @@ async fn model_catalog_upsert_list_and_deactivate() -> anyhow::Result<()> {
 
     // Free models and the maximum price are fine; ids use the whole alphabet.
     let edge_id = "a.b_c-d/e:f0";
-    let edge = settings::upsert_model(
+    let edge = billing::catalog::upsert_model(
         &t.db,
         ModelInput {
             prompt_price_per_million: Credits::ZERO,
@@ -228,11 +232,11 @@ async fn model_catalog_upsert_list_and_deactivate() -> anyhow::Result<()> {
         10_000 * 1_000_000_000
     );
     let longest = "x".repeat(MODEL_ID_LEN_MAX);
-    settings::upsert_model(&t.db, model_input(&longest, "1", "1"), t0()).await?;
+    billing::catalog::upsert_model(&t.db, model_input(&longest, "1", "1"), t0()).await?;
 
     // Usage recorded before deactivation stays; new usage is refused.
     usage::record_usage(&t.db, usage_req(f.ws_a, "before", 1_000), t0()).await?;
-    let retired = settings::upsert_model(
+    let retired = billing::catalog::upsert_model(
         &t.db,
         ModelInput {
             active: false,
@@ -257,12 +261,12 @@ async fn model_catalog_upsert_list_and_deactivate() -> anyhow::Result<()> {
 
     // Listing: by id; the retired model only on request. (The catalog also holds the
     // models seeded by the migrations.)
-    let active: Vec<String> = settings::list_models(&t.db, false)
+    let active: Vec<String> = billing::catalog::list_models(&t.db, false)
         .await?
         .into_iter()
         .map(|m| m.id)
         .collect();
-    let all: Vec<String> = settings::list_models(&t.db, true)
+    let all: Vec<String> = billing::catalog::list_models(&t.db, true)
         .await?
         .into_iter()
         .map(|m| m.id)
@@ -280,7 +284,7 @@ async fn model_catalog_upsert_list_and_deactivate() -> anyhow::Result<()> {
         .one(&t.db)
         .await?
         .expect("seeded model");
-    let repriced = settings::upsert_model(
+    let repriced = billing::catalog::upsert_model(
         &t.db,
         ModelInput {
             name: "GPT-4o".into(),
@@ -294,7 +298,7 @@ async fn model_catalog_upsert_list_and_deactivate() -> anyhow::Result<()> {
     assert_eq!(repriced.prompt_price_per_million_nanos, 2_000_000_000);
 
     // Reactivating lets usage through again.
-    settings::upsert_model(
+    billing::catalog::upsert_model(
         &t.db,
         ModelInput {
             name: "Linear test model".into(),
@@ -325,13 +329,13 @@ async fn model_input_validation() -> anyhow::Result<()> {
         "openai/gpt-4o?",
     ] {
         assert_invalid(
-            settings::upsert_model(&t.db, model_input(bad, "1", "1"), t0()).await,
+            billing::catalog::upsert_model(&t.db, model_input(bad, "1", "1"), t0()).await,
             id_rule,
         );
     }
     for bad_name in ["", "   ", &"n".repeat(101), "tab\tname"] {
         assert_invalid(
-            settings::upsert_model(
+            billing::catalog::upsert_model(
                 &t.db,
                 ModelInput {
                     name: bad_name.to_owned(),
@@ -352,7 +356,7 @@ async fn model_input_validation() -> anyhow::Result<()> {
         (Credits::MIN, Credits::MAX, "promptPricePerMillion"),
     ] {
         assert_invalid(
-            settings::upsert_model(
+            billing::catalog::upsert_model(
                 &t.db,
                 ModelInput {
                     prompt_price_per_million: prompt,
@@ -381,28 +385,28 @@ async fn revoking_an_api_key_is_idempotent() -> anyhow::Result<()> {
     let f = Fixture::new(&t.db, t0()).await?;
     let created = accounts::create_api_key(&t.db, f.ws_a, "gateway", None, t0()).await?;
     let other = accounts::create_api_key(&t.db, f.ws_a, "other", None, t0()).await?;
-    let before = billing::auth::authenticate(&t.db, &created.secret, None, t0()).await?;
-    assert!(matches!(before, billing::auth::Principal::ApiKey { .. }));
+    let before = billing::accounts::auth::authenticate(&t.db, &created.secret, None, t0()).await?;
+    assert!(matches!(before, billing::accounts::auth::Principal::ApiKey { .. }));
 
     let first_at = t0() + Duration::minutes(5);
-    let revoked = settings::revoke_api_key(&t.db, created.api_key.id, first_at).await?;
+    let revoked = accounts::revoke_api_key(&t.db, created.api_key.id, first_at).await?;
     assert_eq!(revoked.id, created.api_key.id);
     assert_eq!(revoked.revoked_at, Some(first_at));
 
     // Again, later: still the first revocation time.
     let again =
-        settings::revoke_api_key(&t.db, created.api_key.id, first_at + Duration::hours(1)).await?;
+        accounts::revoke_api_key(&t.db, created.api_key.id, first_at + Duration::hours(1)).await?;
     assert_eq!(again.revoked_at, Some(first_at));
     assert_eq!(again, revoked);
 
     assert_code(
-        billing::auth::authenticate(&t.db, &created.secret, None, first_at).await,
+        billing::accounts::auth::authenticate(&t.db, &created.secret, None, first_at).await,
         ErrorCode::Unauthenticated,
     );
     // Other keys are untouched.
-    billing::auth::authenticate(&t.db, &other.secret, None, first_at).await?;
+    billing::accounts::auth::authenticate(&t.db, &other.secret, None, first_at).await?;
     assert_code(
-        settings::revoke_api_key(&t.db, Uuid::now_v7(), first_at).await,
+        accounts::revoke_api_key(&t.db, Uuid::now_v7(), first_at).await,
         ErrorCode::NotFound,
     );
     t.finish().await
@@ -478,13 +482,13 @@ async fn auto_reload_input_validation() -> anyhow::Result<()> {
     ];
     for (input, message) in cases {
         assert_invalid(
-            settings::configure_auto_reload(&t.db, input, t0()).await,
+            billing::policies::auto_reload_settings::configure_auto_reload(&t.db, input, t0()).await,
             message,
         );
     }
     // Disabled configurations are validated the same way.
     assert_invalid(
-        settings::configure_auto_reload(
+        billing::policies::auto_reload_settings::configure_auto_reload(
             &t.db,
             AutoReloadInput {
                 enabled: false,
@@ -499,7 +503,7 @@ async fn auto_reload_input_validation() -> anyhow::Result<()> {
     assert_eq!(count(&t.db, "auto_reload_settings").await?, 0);
 
     // The bounds themselves are accepted.
-    let edge = settings::configure_auto_reload(
+    let edge = billing::policies::auto_reload_settings::configure_auto_reload(
         &t.db,
         AutoReloadInput {
             threshold: Credits::from_whole_credits(AUTO_RELOAD_THRESHOLD_CREDITS_MAX)?,
@@ -511,7 +515,7 @@ async fn auto_reload_input_validation() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(edge.max_reloads_per_day, 24);
-    let edge = settings::configure_auto_reload(
+    let edge = billing::policies::auto_reload_settings::configure_auto_reload(
         &t.db,
         AutoReloadInput {
             threshold: Credits::ZERO,
@@ -528,7 +532,7 @@ async fn auto_reload_input_validation() -> anyhow::Result<()> {
     );
 
     assert_code(
-        settings::configure_auto_reload(&t.db, reload(Uuid::now_v7()), t0()).await,
+        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(Uuid::now_v7()), t0()).await,
         ErrorCode::NotFound,
     );
     t.finish().await
@@ -543,10 +547,10 @@ async fn auto_reload_payment_methods() -> anyhow::Result<()> {
 
     // No card at all: enabling is refused, a disabled configuration is fine.
     assert_invalid(
-        settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await,
+        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await,
         "add a payment method first",
     );
-    let off = settings::configure_auto_reload(
+    let off = billing::policies::auto_reload_settings::configure_auto_reload(
         &t.db,
         AutoReloadInput {
             enabled: false,
@@ -565,7 +569,7 @@ async fn auto_reload_payment_methods() -> anyhow::Result<()> {
     for card in [foreign, removed, Uuid::now_v7()] {
         for enabled in [true, false] {
             assert_code(
-                settings::configure_auto_reload(
+                billing::policies::auto_reload_settings::configure_auto_reload(
                     &t.db,
                     AutoReloadInput {
                         enabled,
@@ -582,13 +586,13 @@ async fn auto_reload_payment_methods() -> anyhow::Result<()> {
     // A removed default card is no default; another account's default neither.
     add_card(&t.db, f.account_id, true, true).await?;
     assert_invalid(
-        settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await,
+        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await,
         "add a payment method first",
     );
 
     // A non-default card can be named explicitly ...
     let spare = add_card(&t.db, f.account_id, false, false).await?;
-    let on = settings::configure_auto_reload(
+    let on = billing::policies::auto_reload_settings::configure_auto_reload(
         &t.db,
         AutoReloadInput {
             payment_method_id: Some(spare),
@@ -601,17 +605,17 @@ async fn auto_reload_payment_methods() -> anyhow::Result<()> {
     assert_eq!(on.payment_method_id, Some(spare));
     // ... and without one, the account's default card is used.
     assert_invalid(
-        settings::configure_auto_reload(&t.db, reload(f.ws_b), t0()).await,
+        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_b), t0()).await,
         "add a payment method first",
     );
     let default = add_card(&t.db, f.account_id, true, false).await?;
-    let on_b = settings::configure_auto_reload(&t.db, reload(f.ws_b), t0()).await?;
+    let on_b = billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_b), t0()).await?;
     assert_eq!(on_b.payment_method_id, Some(default));
     assert_eq!(on_b.threshold_nanos, 10_000_000_000);
     assert_eq!(on_b.amount_nanos, 50_000_000_000);
     assert_eq!(on_b.max_reloads_per_day, 3);
     assert_eq!(on_b.updated_at, t0());
-    let on_a = settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await?;
+    let on_a = billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await?;
     assert_eq!(on_a.payment_method_id, Some(default));
     assert_eq!(count(&t.db, "auto_reload_settings").await?, 2);
     t.finish().await
@@ -645,7 +649,7 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
     let f = Fixture::new(&t.db, t0()).await?;
     add_card(&t.db, f.account_id, true, false).await?;
     let later = t0() + Duration::hours(3);
-    settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await?;
+    billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await?;
 
     // Turned off by the system after failures: re-enabling is a fresh start.
     force_state(
@@ -656,7 +660,7 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
         3,
     )
     .await?;
-    let fresh = settings::configure_auto_reload(&t.db, reload(f.ws_a), later).await?;
+    let fresh = billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), later).await?;
     assert!(fresh.enabled);
     assert_eq!(fresh.status, AutoReloadStatus::Idle);
     assert_eq!(fresh.consecutive_failures, 0);
@@ -674,7 +678,7 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
         5,
     )
     .await?;
-    let fresh = settings::configure_auto_reload(&t.db, reload(f.ws_a), later).await?;
+    let fresh = billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), later).await?;
     assert_eq!(
         (
             fresh.status,
@@ -686,7 +690,7 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
 
     // A change while enabled and IDLE keeps failures and backoff.
     force_state(&t.db, f.ws_a, true, AutoReloadStatus::Idle, 2).await?;
-    let changed = settings::configure_auto_reload(
+    let changed = billing::policies::auto_reload_settings::configure_auto_reload(
         &t.db,
         AutoReloadInput {
             threshold: credits("25"),
@@ -702,7 +706,7 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
 
     // A reload in flight stays RELOADING through any change ...
     force_state(&t.db, f.ws_a, true, AutoReloadStatus::Reloading, 1).await?;
-    let changed = settings::configure_auto_reload(
+    let changed = billing::policies::auto_reload_settings::configure_auto_reload(
         &t.db,
         AutoReloadInput {
             amount: credits("75.25"),
@@ -715,7 +719,7 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
     assert_eq!(changed.status, AutoReloadStatus::Reloading);
     assert_eq!(changed.consecutive_failures, 1);
     // ... including disabling ...
-    let off = settings::configure_auto_reload(
+    let off = billing::policies::auto_reload_settings::configure_auto_reload(
         &t.db,
         AutoReloadInput {
             enabled: false,
@@ -727,7 +731,7 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
     assert!(!off.enabled);
     assert_eq!(off.status, AutoReloadStatus::Reloading);
     // ... and re-enabling, which still clears failures and backoff.
-    let on = settings::configure_auto_reload(&t.db, reload(f.ws_a), later).await?;
+    let on = billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), later).await?;
     assert_eq!(
         (on.status, on.consecutive_failures, on.next_attempt_at),
         (AutoReloadStatus::Reloading, 0, None)
@@ -742,7 +746,7 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
         3,
     )
     .await?;
-    let still_off = settings::configure_auto_reload(
+    let still_off = billing::policies::auto_reload_settings::configure_auto_reload(
         &t.db,
         AutoReloadInput {
             enabled: false,
@@ -758,7 +762,7 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
 
     // Batched read: stored rows, and a default for workspaces without one.
     let missing = Uuid::now_v7();
-    let map = settings::auto_reload_for(&t.db, &[f.ws_a, f.ws_b, missing]).await?;
+    let map = billing::policies::auto_reload_settings::auto_reload_for(&t.db, &[f.ws_a, f.ws_b, missing]).await?;
     assert_eq!(map.len(), 3);
     assert_eq!(map[&f.ws_a], still_off);
     for id in [f.ws_b, missing] {
@@ -769,9 +773,9 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
         assert_eq!(d.payment_method_id, None);
         assert_eq!(d.max_reloads_per_day, 3);
         assert_eq!(d.consecutive_failures, 0);
-        assert_eq!(*d, settings::default_auto_reload(id));
+        assert_eq!(*d, billing::policies::auto_reload_settings::default_auto_reload(id));
     }
-    assert!(settings::auto_reload_for(&t.db, &[]).await?.is_empty());
+    assert!(billing::policies::auto_reload_settings::auto_reload_for(&t.db, &[]).await?.is_empty());
     t.finish().await
 }
 
@@ -841,7 +845,7 @@ async fn alert_threshold_validation() -> anyhow::Result<()> {
         .map(|i| alert(&i.to_string(), vec![]))
         .collect();
     assert_invalid(
-        settings::set_alert_thresholds(&t.db, ws, eleven, t0()).await,
+        billing::policies::alert_thresholds::set_alert_thresholds(&t.db, ws, eleven, t0()).await,
         "at most 10 alert thresholds per workspace",
     );
     let amount_rule = "alert amount must be greater than 0 and at most 1000000 credits";
@@ -852,12 +856,12 @@ async fn alert_threshold_validation() -> anyhow::Result<()> {
             ..alert("1", vec![])
         };
         assert_invalid(
-            settings::set_alert_thresholds(&t.db, ws, vec![input], t0()).await,
+            billing::policies::alert_thresholds::set_alert_thresholds(&t.db, ws, vec![input], t0()).await,
             amount_rule,
         );
     }
     assert_invalid(
-        settings::set_alert_thresholds(
+        billing::policies::alert_thresholds::set_alert_thresholds(
             &t.db,
             ws,
             vec![
@@ -872,7 +876,7 @@ async fn alert_threshold_validation() -> anyhow::Result<()> {
     );
     let crowd: Vec<Uuid> = (0..=ALERT_RECIPIENTS_MAX).map(|_| p.owner).collect();
     assert_invalid(
-        settings::set_alert_thresholds(&t.db, ws, vec![alert("20", crowd)], t0()).await,
+        billing::policies::alert_thresholds::set_alert_thresholds(&t.db, ws, vec![alert("20", crowd)], t0()).await,
         "at most 20 recipients per alert threshold",
     );
     // Not members of workspace A: a member of B only, a stranger, an unknown id.
@@ -888,7 +892,7 @@ async fn alert_threshold_validation() -> anyhow::Result<()> {
     .id;
     for outsider in [p.member_b, stranger, Uuid::now_v7()] {
         assert_invalid(
-            settings::set_alert_thresholds(
+            billing::policies::alert_thresholds::set_alert_thresholds(
                 &t.db,
                 ws,
                 vec![
@@ -902,7 +906,7 @@ async fn alert_threshold_validation() -> anyhow::Result<()> {
         );
     }
     assert_code(
-        settings::set_alert_thresholds(&t.db, Uuid::now_v7(), vec![alert("5", vec![])], t0()).await,
+        billing::policies::alert_thresholds::set_alert_thresholds(&t.db, Uuid::now_v7(), vec![alert("5", vec![])], t0()).await,
         ErrorCode::NotFound,
     );
     assert_eq!(
@@ -917,14 +921,14 @@ async fn alert_threshold_validation() -> anyhow::Result<()> {
         .map(|i| alert(&i.to_string(), vec![p.viewer_a]))
         .collect();
     assert_eq!(
-        settings::set_alert_thresholds(&t.db, ws, ten, t0())
+        billing::policies::alert_thresholds::set_alert_thresholds(&t.db, ws, ten, t0())
             .await?
             .len(),
         10
     );
     let mut twenty = vec![p.owner; ALERT_RECIPIENTS_MAX - 3];
     twenty.extend([p.viewer_a, p.account_admin, p.viewer_a]);
-    let saved = settings::set_alert_thresholds(
+    let saved = billing::policies::alert_thresholds::set_alert_thresholds(
         &t.db,
         ws,
         vec![AlertThresholdInput {
@@ -938,7 +942,7 @@ async fn alert_threshold_validation() -> anyhow::Result<()> {
     expected.sort();
     assert_eq!(saved[0].1, expected, "duplicates ignored, ids sorted");
     // B's member is fine in B.
-    settings::set_alert_thresholds(&t.db, f.ws_b, vec![alert("5", vec![p.member_b])], t0()).await?;
+    billing::policies::alert_thresholds::set_alert_thresholds(&t.db, f.ws_b, vec![alert("5", vec![p.member_b])], t0()).await?;
     t.finish().await
 }
 
@@ -949,7 +953,7 @@ async fn alert_thresholds_replace_and_start_disarmed_below_balance() -> anyhow::
     let p = people(&t.db, &f).await?;
     fund(&t.db, f.ws_a, "50", t0()).await?;
 
-    let saved = settings::set_alert_thresholds(
+    let saved = billing::policies::alert_thresholds::set_alert_thresholds(
         &t.db,
         f.ws_a,
         vec![
@@ -985,11 +989,11 @@ async fn alert_thresholds_replace_and_start_disarmed_below_balance() -> anyhow::
 
     // The batched read returns the same thing, plus empty lists for the others.
     let missing = Uuid::now_v7();
-    let map = settings::alert_thresholds_for(&t.db, &[f.ws_a, f.ws_b, missing]).await?;
+    let map = billing::policies::alert_thresholds::alert_thresholds_for(&t.db, &[f.ws_a, f.ws_b, missing]).await?;
     assert_eq!(map.len(), 3);
     assert_eq!(map[&f.ws_a], saved);
     assert!(map[&f.ws_b].is_empty() && map[&missing].is_empty());
-    assert!(settings::alert_thresholds_for(&t.db, &[]).await?.is_empty());
+    assert!(billing::policies::alert_thresholds::alert_thresholds_for(&t.db, &[]).await?.is_empty());
 
     // Spend down to 30: the 50 threshold would fire in the alerts flow. Simulate that
     // it fired, then replace the list: the same amount keeps when it last fired.
@@ -1006,7 +1010,7 @@ async fn alert_thresholds_replace_and_start_disarmed_below_balance() -> anyhow::
     fired.update(&t.db).await?;
 
     let later = t0() + Duration::hours(1);
-    let replaced = settings::set_alert_thresholds(
+    let replaced = billing::policies::alert_thresholds::set_alert_thresholds(
         &t.db,
         f.ws_a,
         vec![
@@ -1037,16 +1041,16 @@ async fn alert_thresholds_replace_and_start_disarmed_below_balance() -> anyhow::
     );
 
     // Workspace B is independent; an empty list removes A's alerts.
-    settings::set_alert_thresholds(&t.db, f.ws_b, vec![alert("1", vec![p.member_b])], later)
+    billing::policies::alert_thresholds::set_alert_thresholds(&t.db, f.ws_b, vec![alert("1", vec![p.member_b])], later)
         .await?;
     assert!(
-        settings::set_alert_thresholds(&t.db, f.ws_a, vec![], later)
+        billing::policies::alert_thresholds::set_alert_thresholds(&t.db, f.ws_a, vec![], later)
             .await?
             .is_empty()
     );
     assert_eq!(count(&t.db, "alert_thresholds").await?, 1);
     assert_eq!(count(&t.db, "alert_recipients").await?, 1);
-    let map = settings::alert_thresholds_for(&t.db, &[f.ws_a, f.ws_b]).await?;
+    let map = billing::policies::alert_thresholds::alert_thresholds_for(&t.db, &[f.ws_a, f.ws_b]).await?;
     assert!(map[&f.ws_a].is_empty());
     assert_eq!(map[&f.ws_b][0].1, vec![p.member_b]);
     t.finish().await
@@ -1058,12 +1062,12 @@ async fn alert_thresholds_replace_and_start_disarmed_below_balance() -> anyhow::
 async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
     let t = TestDb::new().await?;
     let f = Fixture::new(&t.db, t0()).await?;
-    settings::upsert_model(&t.db, model_input("test/mini", "0.15", "0.6"), t0()).await?;
-    settings::upsert_model(&t.db, model_input("test/per-token", "0.001", "0"), t0()).await?;
+    billing::catalog::upsert_model(&t.db, model_input("test/mini", "0.15", "0.6"), t0()).await?;
+    billing::catalog::upsert_model(&t.db, model_input("test/per-token", "0.001", "0"), t0()).await?;
     fund(&t.db, f.ws_a, "10", t0()).await?;
 
     // No workspace: list price, no discount, no affordability.
-    let e = settings::estimate_cost(&t.db, "test/mini", 1000, 1000, None, t0()).await?;
+    let e = billing::catalog::estimate_cost(&t.db, "test/mini", 1000, 1000, None, t0()).await?;
     assert_eq!(e.model.id, "test/mini");
     assert_eq!(e.breakdown.prompt_cost, nanos(150_000));
     assert_eq!(e.breakdown.completion_cost, nanos(600_000));
@@ -1073,12 +1077,12 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
 
     // A workspace whose account has no discount: same price, affordable.
     let e =
-        settings::estimate_cost(&t.db, "test/mini", 1000, 1000, Some((f.ws_a, None)), t0()).await?;
+        billing::catalog::estimate_cost(&t.db, "test/mini", 1000, 1000, Some((f.ws_a, None)), t0()).await?;
     assert_eq!(e.breakdown.total, nanos(750_000));
     assert_eq!(e.affordable, Some(true));
 
     // 12.5 % off: 750 000 × 0.875 = 656 250 exactly.
-    settings::set_pricing_agreement(
+    billing::catalog::set_pricing_agreement(
         &t.db,
         f.account_id,
         false,
@@ -1088,7 +1092,7 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
     )
     .await?;
     let e =
-        settings::estimate_cost(&t.db, "test/mini", 1000, 1000, Some((f.ws_a, None)), t0()).await?;
+        billing::catalog::estimate_cost(&t.db, "test/mini", 1000, 1000, Some((f.ws_a, None)), t0()).await?;
     assert_eq!(e.breakdown.prompt_cost, nanos(150_000));
     assert_eq!(e.breakdown.completion_cost, nanos(600_000));
     assert_eq!(e.breakdown.discount, nanos(93_750));
@@ -1096,23 +1100,23 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
     assert_eq!(e.affordable, Some(true));
     // Rounded up once, after the discount: 7 nanocredits × 0.875 = 6.125 → 7; 8 → 7.
     let e =
-        settings::estimate_cost(&t.db, "test/per-token", 7, 0, Some((f.ws_a, None)), t0()).await?;
+        billing::catalog::estimate_cost(&t.db, "test/per-token", 7, 0, Some((f.ws_a, None)), t0()).await?;
     assert_eq!(
         (e.breakdown.total, e.breakdown.discount),
         (nanos(7), Credits::ZERO)
     );
     let e =
-        settings::estimate_cost(&t.db, "test/per-token", 8, 0, Some((f.ws_a, None)), t0()).await?;
+        billing::catalog::estimate_cost(&t.db, "test/per-token", 8, 0, Some((f.ws_a, None)), t0()).await?;
     assert_eq!(
         (e.breakdown.total, e.breakdown.discount),
         (nanos(7), nanos(1))
     );
     // Without a workspace the discount still does not apply.
-    let e = settings::estimate_cost(&t.db, "test/per-token", 8, 0, None, t0()).await?;
+    let e = billing::catalog::estimate_cost(&t.db, "test/per-token", 8, 0, None, t0()).await?;
     assert_eq!(e.breakdown.total, nanos(8));
 
     // The estimate is what recording the usage actually charges.
-    let e = settings::estimate_cost(&t.db, TEST_MODEL, 1234, 0, Some((f.ws_a, None)), t0()).await?;
+    let e = billing::catalog::estimate_cost(&t.db, TEST_MODEL, 1234, 0, Some((f.ws_a, None)), t0()).await?;
     let recorded = usage::record_usage(&t.db, usage_req(f.ws_a, "r1", 1234), t0()).await?;
     assert_eq!(recorded.event.cost_nanos, e.breakdown.total.nanos());
     assert_eq!(e.breakdown.total, nanos(1_079_750)); // 1 234 000 × 0.875
@@ -1120,10 +1124,10 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
     // Errors: unknown or retired model, tokens out of range, unknown workspace, a
     // project from another workspace.
     assert_invalid(
-        settings::estimate_cost(&t.db, "nope/model", 1, 1, None, t0()).await,
+        billing::catalog::estimate_cost(&t.db, "nope/model", 1, 1, None, t0()).await,
         "unknown model nope/model",
     );
-    settings::upsert_model(
+    billing::catalog::upsert_model(
         &t.db,
         ModelInput {
             active: false,
@@ -1133,15 +1137,15 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
     )
     .await?;
     assert_invalid(
-        settings::estimate_cost(&t.db, "test/per-token", 1, 1, Some((f.ws_a, None)), t0()).await,
+        billing::catalog::estimate_cost(&t.db, "test/per-token", 1, 1, Some((f.ws_a, None)), t0()).await,
         "model test/per-token is no longer available",
     );
     assert_invalid(
-        settings::estimate_cost(&t.db, TEST_MODEL, -1, 0, None, t0()).await,
+        billing::catalog::estimate_cost(&t.db, TEST_MODEL, -1, 0, None, t0()).await,
         "promptTokens must be between 0 and",
     );
     assert_invalid(
-        settings::estimate_cost(
+        billing::catalog::estimate_cost(
             &t.db,
             TEST_MODEL,
             0,
@@ -1153,12 +1157,12 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
         "completionTokens must be between 0 and",
     );
     assert_code(
-        settings::estimate_cost(&t.db, TEST_MODEL, 1, 1, Some((Uuid::now_v7(), None)), t0()).await,
+        billing::catalog::estimate_cost(&t.db, TEST_MODEL, 1, 1, Some((Uuid::now_v7(), None)), t0()).await,
         ErrorCode::NotFound,
     );
     let project_b = accounts::create_project(&t.db, f.ws_b, "B", "b", t0()).await?;
     assert_code(
-        settings::estimate_cost(
+        billing::catalog::estimate_cost(
             &t.db,
             TEST_MODEL,
             1,
@@ -1181,7 +1185,7 @@ async fn estimate_affordability_by_balance_and_budget() -> anyhow::Result<()> {
         let db = t.db.clone();
         let ws = f.ws_a;
         async move {
-            settings::estimate_cost(&db, TEST_MODEL, prompt_tokens, 0, Some((ws, project)), at)
+            billing::catalog::estimate_cost(&db, TEST_MODEL, prompt_tokens, 0, Some((ws, project)), at)
                 .await
                 .map(|e| e.affordable)
         }
@@ -1191,9 +1195,9 @@ async fn estimate_affordability_by_balance_and_budget() -> anyhow::Result<()> {
     assert_eq!(affordable(5_000_000, None, t0()).await?, Some(true));
     assert_eq!(affordable(5_000_001, None, t0()).await?, Some(false));
     // An empty workspace affords only free requests.
-    let e = settings::estimate_cost(&t.db, TEST_MODEL, 0, 0, Some((f.ws_b, None)), t0()).await?;
+    let e = billing::catalog::estimate_cost(&t.db, TEST_MODEL, 0, 0, Some((f.ws_b, None)), t0()).await?;
     assert_eq!(e.affordable, Some(true));
-    let e = settings::estimate_cost(&t.db, TEST_MODEL, 1, 0, Some((f.ws_b, None)), t0()).await?;
+    let e = billing::catalog::estimate_cost(&t.db, TEST_MODEL, 1, 0, Some((f.ws_b, None)), t0()).await?;
     assert_eq!(e.affordable, Some(false));
 
     // Held credits are not available: hold 1 credit, 4 are left.

@@ -90,7 +90,7 @@ async fn wait_for_status(
 ) -> anyhow::Result<billing::entity::purchases::Model> {
     let id = uuid::Uuid::parse_str(purchase_id)?;
     for _ in 0..200 {
-        let p = billing::purchases::load_purchase(&t.db, id).await?;
+        let p = billing::payments::purchases::load_purchase(&t.db, id).await?;
         if p.status == status {
             return Ok(p);
         }

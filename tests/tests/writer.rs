@@ -1,14 +1,14 @@
-//! The group-commit writer (`billing::writer`) against a real database: two writers
+//! The group-commit writer (`billing::debits::writer`) against a real database: two writers
 //! on two pools stand for two API processes; batches must never overdraw, never lose
 //! or double a debit, and answer every caller with its own result.
 
 use billing::accounts;
 use billing::entity::enums::{BudgetPeriod, ReservationStatus};
 use billing::entity::{projects, usage_events};
-use billing::reservations::ReserveRequest;
+use billing::debits::reservations::ReserveRequest;
 use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
-use billing::usage::ProjectRef;
-use billing::writer::{DebitWriter, SettleRequest, WriterConfig};
+use billing::debits::usage::ProjectRef;
+use billing::debits::writer::{DebitWriter, SettleRequest, WriterConfig};
 use billing::{BillingError, Credits, ErrorCode};
 use chrono::Utc;
 use rand::Rng;

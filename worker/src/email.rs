@@ -4,7 +4,7 @@
 //!
 //! # Never sent twice
 //!
-//! [`deliver`] claims the notification first (`billing::notifications::
+//! [`deliver`] claims the notification first (`billing::policies::notifications::
 //! claim_for_delivery`: only a PENDING row with no live claim), sends, and marks it
 //! SENT only after the mail server accepted the message; a SENT notification is never
 //! claimed, so never sent, again. A failed send is recorded (attempts + 1,
@@ -21,7 +21,7 @@
 
 use billing::entity::enums::NotificationStatus;
 use billing::entity::notifications as rows;
-use billing::notifications::{
+use billing::policies::notifications::{
     self as notes, AutoReloadDisabled, DELIVERY_ATTEMPTS_MAX, LowBalanceAlert, NotificationKind,
     NotificationPayload, PurchaseReceipt, ReloadFailed,
 };
@@ -729,7 +729,7 @@ async fn mark_sent(
 mod tests {
     use super::*;
     use billing::entity::enums::AlertSeverity;
-    use billing::notifications::ReceiptLine;
+    use billing::policies::notifications::ReceiptLine;
 
     fn ws() -> Uuid {
         Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001)

@@ -3,7 +3,7 @@
 
 use crate::queue::Queue;
 use apalis::prelude::{BoxDynError, Data};
-use billing::capture::{self, Next, Verdict};
+use billing::payments::capture::{self, Next, Verdict};
 use billing::jobs::{CapturePurchase, DeliverNotification};
 use billing::payments::{GatewayError, PaymentGateway};
 use billing::sea_orm::DatabaseConnection;

@@ -73,7 +73,7 @@ pub struct SweepReport {
 async fn deliver_overdue(deps: &jobs::Deps, config: &WorkerConfig) -> billing::Result<u64> {
     let now = chrono::Utc::now();
     let after = i64::try_from(config.direct_delivery_after_ms).unwrap_or(i64::MAX);
-    let overdue = billing::notifications::due_notifications(
+    let overdue = billing::policies::notifications::due_notifications(
         &deps.db,
         now - chrono::Duration::milliseconds(after),
         REQUEUE_BATCH_MAX,
@@ -103,7 +103,7 @@ pub async fn sweep(
     config: &WorkerConfig,
 ) -> billing::Result<SweepReport> {
     let now = chrono::Utc::now();
-    let stale = billing::capture::stale_pending(
+    let stale = billing::payments::capture::stale_pending(
         db,
         chrono::Duration::milliseconds(i64::try_from(config.stale_after_ms).unwrap_or(i64::MAX)),
         now,
@@ -121,7 +121,7 @@ pub async fn sweep(
     }
     let grace =
         chrono::Duration::milliseconds(i64::try_from(config.stale_after_ms).unwrap_or(i64::MAX));
-    let due = billing::notifications::due_notifications(db, now - grace, REQUEUE_BATCH_MAX).await?;
+    let due = billing::policies::notifications::due_notifications(db, now - grace, REQUEUE_BATCH_MAX).await?;
     let mut notifications_requeued = 0;
     for notification_id in due {
         match sink
@@ -137,11 +137,11 @@ pub async fn sweep(
     Ok(SweepReport {
         notifications_delivered: 0,
         purchases_captured_directly: 0,
-        reservations_expired: billing::reservations::expire_due(db, now).await?,
-        budget_periods_rolled: billing::usage::roll_budget_periods(db, now).await?,
+        reservations_expired: billing::debits::reservations::expire_due(db, now).await?,
+        budget_periods_rolled: billing::debits::usage::roll_budget_periods(db, now).await?,
         purchases_requeued,
         notifications_requeued,
-        reloads_repaired: billing::auto_reload::repair_stuck_reloads(db, now).await?,
+        reloads_repaired: billing::policies::auto_reload::repair_stuck_reloads(db, now).await?,
     })
 }
 
@@ -159,7 +159,7 @@ async fn capture_overdue(
         i64::try_from(config.direct_capture_after_ms).unwrap_or(i64::MAX),
     );
     let overdue =
-        billing::capture::stale_pending(&deps.db, after, chrono::Utc::now(), REQUEUE_BATCH_MAX)
+        billing::payments::capture::stale_pending(&deps.db, after, chrono::Utc::now(), REQUEUE_BATCH_MAX)
             .await?;
     let mut attempted = 0;
     for purchase_id in overdue {

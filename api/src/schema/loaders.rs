@@ -3,9 +3,9 @@
 //! One set of loaders is made per request (their caches must not outlive it).
 
 use async_graphql::dataloader::{DataLoader, Loader};
-use billing::access::{self, WorkspaceAccess};
-use billing::analytics::{self, DayRange, UsageDimension, UsageReport, UsageScope};
-use billing::auth::Principal;
+use billing::accounts::access::{self, WorkspaceAccess};
+use billing::reports::analytics::{self, DayRange, UsageDimension, UsageReport, UsageScope};
+use billing::accounts::auth::Principal;
 use billing::entity::enums::{AccountRole, WorkspaceRole};
 use billing::entity::{
     account_members, accounts, api_keys, credit_packages, invoice_lines, invoices,

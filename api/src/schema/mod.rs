@@ -11,7 +11,7 @@ mod types;
 use crate::error::GqlResult;
 use crate::scalars::CreditsScalar;
 use async_graphql::{Context, ID, Result, Schema, SchemaBuilder};
-use billing::auth::Principal;
+use billing::accounts::auth::Principal;
 use billing::payments::{PaymentGateway, SandboxGateway};
 use billing::sea_orm::DatabaseConnection;
 use billing::{BillingError, Credits};

@@ -5,16 +5,16 @@ use super::{caller, db, parse_id};
 use crate::error::GqlResult;
 use crate::scalars::{CreditsScalar, DecimalScalar};
 use async_graphql::{Context, ID, InputObject, Object, Result, SimpleObject};
-use billing::access::{self, WorkspaceAccess};
-use billing::auth::Principal;
+use billing::accounts::access::{self, WorkspaceAccess};
+use billing::accounts::auth::Principal;
 use billing::entity::{api_keys, payment_methods, projects};
 use billing::payments::PaymentGateway;
-use billing::purchases::{PurchaseCreditsRequest, PurchaseItem};
-use billing::reservations::{self, ReserveRequest};
+use billing::payments::purchases::{PurchaseCreditsRequest, PurchaseItem};
+use billing::debits::reservations::{self, ReserveRequest};
 use billing::sea_orm::{DatabaseConnection, EntityTrait};
-use billing::usage::{self, ProjectRef, UsageRequest};
-use billing::writer::{DebitWriter, SettleRequest};
-use billing::{BillingError, ErrorCode, accounts, settings, transfers};
+use billing::debits::usage::{self, ProjectRef, UsageRequest};
+use billing::debits::writer::{DebitWriter, SettleRequest};
+use billing::{BillingError, ErrorCode, accounts, transfers};
 use chrono::Utc;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -516,7 +516,7 @@ impl MutationRoot {
             .await,
         )
         .gql(ctx)?;
-        let revoked = settings::revoke_api_key(db(ctx), id, Utc::now())
+        let revoked = accounts::revoke_api_key(db(ctx), id, Utc::now())
             .await
             .gql(ctx)?;
         if let Some(cache) = ctx.data_opt::<Arc<crate::credentials::CredentialCache>>() {
@@ -534,7 +534,7 @@ impl MutationRoot {
         access::require_account_admin(db(ctx), &caller(ctx)?, account_id)
             .await
             .gql(ctx)?;
-        let method = billing::payments::add_payment_method(
+        let method = billing::payments::cards::add_payment_method(
             db(ctx),
             gateway(ctx).as_ref(),
             account_id,
@@ -560,7 +560,7 @@ impl MutationRoot {
             access::require_account_admin(db(ctx), &caller(ctx)?, method.account_id).await,
         )
         .gql(ctx)?;
-        billing::payments::remove_payment_method(db(ctx), method_id, Utc::now())
+        billing::payments::cards::remove_payment_method(db(ctx), method_id, Utc::now())
             .await
             .gql(ctx)?;
         Ok(id)
@@ -597,7 +597,7 @@ impl MutationRoot {
             idempotency_key: input.idempotency_key,
             created_by_user_id,
         };
-        let purchased = billing::purchases::purchase_credits(db(ctx), req, Utc::now())
+        let purchased = billing::payments::purchases::purchase_credits(db(ctx), req, Utc::now())
             .await
             .gql(ctx)?;
         if purchased.purchase.status == billing::entity::enums::PurchaseStatus::Pending
@@ -851,7 +851,7 @@ impl MutationRoot {
     ) -> Result<AutoReload> {
         let workspace_id = parse_id(ctx, &input.workspace_id, "workspace")?;
         require_workspace(ctx, &caller(ctx)?, workspace_id, WorkspaceAccess::Admin).await?;
-        let req = settings::AutoReloadInput {
+        let req = billing::policies::auto_reload_settings::AutoReloadInput {
             workspace_id,
             enabled: input.enabled,
             threshold: input.threshold.0,
@@ -859,10 +859,10 @@ impl MutationRoot {
             payment_method_id: opt_id(ctx, &input.payment_method_id, "payment method")?,
             max_reloads_per_day: input
                 .max_reloads_per_day
-                .unwrap_or(settings::MAX_RELOADS_PER_DAY_DEFAULT),
+                .unwrap_or(billing::policies::auto_reload_settings::MAX_RELOADS_PER_DAY_DEFAULT),
         };
         Ok(AutoReload(
-            settings::configure_auto_reload(db(ctx), req, Utc::now())
+            billing::policies::auto_reload_settings::configure_auto_reload(db(ctx), req, Utc::now())
                 .await
                 .gql(ctx)?,
         ))
@@ -890,13 +890,13 @@ impl MutationRoot {
                 })
                 .collect::<billing::Result<Vec<_>>>()
                 .gql(ctx)?;
-            thresholds.push(settings::AlertThresholdInput {
+            thresholds.push(billing::policies::alert_thresholds::AlertThresholdInput {
                 amount: t.amount.0,
                 severity: t.severity.into(),
                 recipient_ids,
             });
         }
-        let saved = settings::set_alert_thresholds(db(ctx), workspace_id, thresholds, Utc::now())
+        let saved = billing::policies::alert_thresholds::set_alert_thresholds(db(ctx), workspace_id, thresholds, Utc::now())
             .await
             .gql(ctx)?;
         Ok(saved
@@ -916,7 +916,7 @@ impl MutationRoot {
     ) -> Result<Account> {
         access::require_platform_admin(&caller(ctx)?).gql(ctx)?;
         let account_id = parse_id(ctx, &input.account_id, "account")?;
-        let account = settings::set_pricing_agreement(
+        let account = billing::catalog::set_pricing_agreement(
             db(ctx),
             account_id,
             input.verified,
@@ -934,7 +934,7 @@ impl MutationRoot {
         access::require_platform_admin(&caller(ctx)?).gql(ctx)?;
         let invoice_id = parse_id(ctx, &id, "invoice")?;
         Ok(Invoice(
-            billing::purchases::mark_invoice_paid(db(ctx), invoice_id, Utc::now())
+            billing::payments::purchases::mark_invoice_paid(db(ctx), invoice_id, Utc::now())
                 .await
                 .gql(ctx)?,
         ))
@@ -943,9 +943,9 @@ impl MutationRoot {
     /// Platform admin only: adds or changes a model of the catalog; `active: false` retires it (its history stays).
     async fn upsert_model(&self, ctx: &Context<'_>, input: UpsertModelInput) -> Result<Model> {
         access::require_platform_admin(&caller(ctx)?).gql(ctx)?;
-        let model = settings::upsert_model(
+        let model = billing::catalog::upsert_model(
             db(ctx),
-            settings::ModelInput {
+            billing::catalog::ModelInput {
                 id: input.id,
                 name: input.name,
                 prompt_price_per_million: input.prompt_price_per_million.0,

@@ -33,7 +33,7 @@ impl QueryRoot {
         };
         let account = found(
             ctx,
-            billing::access::account_access(db(ctx), &principal, id).await,
+            billing::accounts::access::account_access(db(ctx), &principal, id).await,
         )?;
         Ok(account.map(|(a, _)| Account(a)))
     }
@@ -45,7 +45,7 @@ impl QueryRoot {
         };
         let ws = found(
             ctx,
-            billing::access::workspace_access(db(ctx), &principal, id).await,
+            billing::accounts::access::workspace_access(db(ctx), &principal, id).await,
         )?;
         Ok(ws.map(|(ws, _)| Workspace(ws)))
     }
@@ -65,7 +65,7 @@ impl QueryRoot {
         };
         let visible = found(
             ctx,
-            billing::access::workspace_access(db(ctx), &principal, project.workspace_id).await,
+            billing::accounts::access::workspace_access(db(ctx), &principal, project.workspace_id).await,
         )?;
         Ok(visible.map(|_| Project(project)))
     }
@@ -77,7 +77,7 @@ impl QueryRoot {
         #[graphql(default = false)] include_inactive: bool,
     ) -> Result<Vec<Model>> {
         caller(ctx)?;
-        let rows = billing::settings::list_models(db(ctx), include_inactive)
+        let rows = billing::catalog::list_models(db(ctx), include_inactive)
             .await
             .gql(ctx)?;
         Ok(rows.into_iter().map(Model).collect())
@@ -112,14 +112,14 @@ impl QueryRoot {
         let workspace = match &workspace_id {
             Some(id) => {
                 let id = parse_id(ctx, id, "workspace")?;
-                billing::access::workspace_access(db(ctx), &principal, id)
+                billing::accounts::access::workspace_access(db(ctx), &principal, id)
                     .await
                     .gql(ctx)?;
                 Some((id, None))
             }
             None => None,
         };
-        let estimate = billing::settings::estimate_cost(
+        let estimate = billing::catalog::estimate_cost(
             db(ctx),
             &model_id,
             i64::from(prompt_tokens),

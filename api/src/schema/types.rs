@@ -7,18 +7,19 @@ use crate::error::{GqlResult, to_gql};
 use crate::scalars::{BigInt, CreditsScalar, DecimalScalar};
 use async_graphql::dataloader::{DataLoader, Loader};
 use async_graphql::{Context, Enum, ID, Object, Result, SimpleObject};
-use billing::access::WorkspaceAccess;
-use billing::analytics::{
+use billing::accounts::access::WorkspaceAccess;
+use billing::reports::analytics::{
     self, UsageDimension as Dim, UsageReport as Report, UsageRow as Row, UsageScope,
 };
-use billing::auth::Principal;
+use billing::accounts::auth::Principal;
 use billing::entity::{
     accounts, alert_thresholds, api_keys, auto_reload_settings, credit_packages, invoice_lines,
     invoices, ledger_entries, models, payment_methods, projects, purchases, reservations,
     transfers, usage_events, users, workspaces,
 };
-use billing::history::{Page, PageRequest};
-use billing::{BillingError, Credits, DiscountBps, budget};
+use billing::reports::history::{Page, PageRequest};
+use billing::debits::budget;
+use billing::{BillingError, Credits, DiscountBps};
 use chrono::{DateTime, Utc};
 use std::hash::Hash;
 use std::sync::Arc;
@@ -122,7 +123,7 @@ pub enum AlertSeverity {
 }
 
 #[derive(Enum, Clone, Copy, PartialEq, Eq)]
-#[graphql(remote = "billing::analytics::UsageDimension")]
+#[graphql(remote = "billing::reports::analytics::UsageDimension")]
 pub enum UsageDimension {
     Project,
     Member,
@@ -285,7 +286,7 @@ impl Viewer {
         if matches!(self.0, Principal::ApiKey { .. }) {
             return Ok(Vec::new());
         }
-        let rows = billing::access::visible_accounts(db(ctx), &self.0)
+        let rows = billing::accounts::access::visible_accounts(db(ctx), &self.0)
             .await
             .gql(ctx)?;
         Ok(rows.into_iter().map(Account).collect())
@@ -379,7 +380,7 @@ impl Account {
     /// Cards on file (OWNER/ADMIN).
     async fn payment_methods(&self, ctx: &Context<'_>) -> Result<Vec<PaymentMethod>> {
         require_account_admin(ctx, self.0.id).await?;
-        let rows = billing::payments::list_payment_methods(db(ctx), &[self.0.id])
+        let rows = billing::payments::cards::list_payment_methods(db(ctx), &[self.0.id])
             .await
             .gql(ctx)?;
         Ok(rows.into_values().flatten().map(PaymentMethod).collect())
@@ -392,7 +393,7 @@ impl Account {
         after: Option<String>,
     ) -> Result<InvoiceConnection> {
         require_account_admin(ctx, self.0.id).await?;
-        let page = billing::history::invoices_page(
+        let page = billing::reports::history::invoices_page(
             db(ctx),
             self.0.id,
             &page_request(ctx, first, 20, after)?,
@@ -481,7 +482,7 @@ impl Workspace {
     }
     async fn auto_reload(&self, ctx: &Context<'_>) -> Result<AutoReload> {
         refuse_api_key(ctx)?;
-        let mut rows = billing::settings::auto_reload_for(db(ctx), &[self.0.id])
+        let mut rows = billing::policies::auto_reload_settings::auto_reload_for(db(ctx), &[self.0.id])
             .await
             .gql(ctx)?;
         rows.remove(&self.0.id)
@@ -491,7 +492,7 @@ impl Workspace {
     }
     async fn alert_thresholds(&self, ctx: &Context<'_>) -> Result<Vec<AlertThreshold>> {
         refuse_api_key(ctx)?;
-        let mut rows = billing::settings::alert_thresholds_for(db(ctx), &[self.0.id])
+        let mut rows = billing::policies::alert_thresholds::alert_thresholds_for(db(ctx), &[self.0.id])
             .await
             .gql(ctx)?;
         Ok(rows
@@ -536,7 +537,7 @@ impl Workspace {
         after: Option<String>,
     ) -> Result<LedgerEntryConnection> {
         refuse_api_key(ctx)?;
-        let page = billing::history::ledger_page(
+        let page = billing::reports::history::ledger_page(
             db(ctx),
             self.0.id,
             &page_request(ctx, first, 50, after)?,
@@ -562,7 +563,7 @@ impl Workspace {
         after: Option<String>,
     ) -> Result<PurchaseConnection> {
         refuse_api_key(ctx)?;
-        let page = billing::history::purchases_page(
+        let page = billing::reports::history::purchases_page(
             db(ctx),
             self.0.id,
             &page_request(ctx, first, 20, after)?,
@@ -588,7 +589,7 @@ impl Workspace {
         after: Option<String>,
     ) -> Result<TransferConnection> {
         refuse_api_key(ctx)?;
-        let page = billing::history::transfers_page(
+        let page = billing::reports::history::transfers_page(
             db(ctx),
             self.0.id,
             &page_request(ctx, first, 20, after)?,

@@ -6,7 +6,7 @@
 
 use crate::error::{BillingError, Result};
 use crate::payments::{self, ChargeOutcome, ChargeRequest, GatewayError};
-use crate::purchases;
+use crate::payments::purchases;
 use chrono::{DateTime, Duration, Utc};
 use entity::enums::PurchaseStatus;
 use entity::purchases as purchase_rows;
@@ -40,7 +40,7 @@ pub async fn prepare(
         return Ok(Next::Done);
     }
     let method = match purchase.payment_method_id {
-        Some(id) => payments::load_payment_method(db, id).await?,
+        Some(id) => payments::cards::load_payment_method(db, id).await?,
         None => None,
     };
     let Some(method) = method.filter(|m| m.removed_at.is_none()) else {

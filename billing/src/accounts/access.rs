@@ -2,7 +2,7 @@
 //! account; a workspace API key acts only on its own workspace's usage; anything in
 //! another account is NOT_FOUND, never FORBIDDEN (no hint that it exists).
 
-use crate::auth::Principal;
+use crate::accounts::auth::Principal;
 use crate::error::{BillingError, Result};
 use entity::enums::{AccountRole, WorkspaceRole};
 use entity::{account_members, workspace_members, workspaces};

@@ -39,7 +39,7 @@
 //! commit, with no gaps in `sequence`. Ledger entries keep one running
 //! `balance_after` per operation.
 
-use crate::budget;
+use crate::debits::budget;
 use crate::db::begin_write;
 use crate::error::{BillingError, Result};
 use crate::ids::{IdempotencyKey, new_id};
@@ -47,8 +47,8 @@ use crate::jobs::{CapturePurchase, DeliverNotification, JobSink};
 use crate::ledger::{self, BALANCE_EVENTS_CHANNEL, system_account};
 use crate::money::{Credits, DiscountBps};
 use crate::pricing::{self, TokenPrice};
-use crate::reservations::{self, ReserveRequest, Settled, settle_hash};
-use crate::usage::{self, ProjectRef, Recorded, UsageRequest, usage_description};
+use crate::debits::reservations::{self, ReserveRequest, Settled, settle_hash};
+use crate::debits::usage::{self, ProjectRef, Recorded, UsageRequest, usage_description};
 use chrono::{DateTime, Duration, Utc};
 use entity::enums::{BalanceChangeCause, LedgerEntryKind, ReservationStatus};
 use entity::{
@@ -1357,12 +1357,12 @@ async fn write(tx: &DatabaseTransaction, loaded: &mut Loaded, writes: Writes) ->
             }
         }
         let now = Utc::now();
-        if let Some(purchase) = crate::auto_reload::after_balance_change(tx, &ws.row, now).await? {
+        if let Some(purchase) = crate::policies::auto_reload::after_balance_change(tx, &ws.row, now).await? {
             follow_up.purchases.push(purchase.id);
         }
         follow_up
             .notifications
-            .extend(crate::alerts::after_balance_change(tx, &ws.row, now).await?);
+            .extend(crate::policies::alerts::after_balance_change(tx, &ws.row, now).await?);
     }
     // Balance events last, stamped as late as possible: `at` is when the batch went to
     // commit, which is what a subscriber measures its delivery delay from.

@@ -13,7 +13,7 @@ use crate::error::{BillingError, Result};
 use crate::ids::{IdempotencyKey, new_id, opt_uuid_str, request_hash};
 use crate::ledger::{self, EntrySpec, Guard, LedgerAccount, PostingRefs, system_account};
 use crate::money::Credits;
-use crate::usage::{self, ProjectRef, charge_project, pricing_context, usage_description};
+use crate::debits::usage::{self, ProjectRef, charge_project, pricing_context, usage_description};
 use chrono::{DateTime, Duration, Utc};
 use entity::enums::{BalanceChangeCause, LedgerEntryKind, ReservationStatus};
 use entity::{projects, reservations, usage_events};
@@ -434,8 +434,8 @@ async fn settle_in(
     .await?;
     ledger::add_to_rollup(tx, &event).await?;
     ledger::balance_event(tx, &ws, BalanceChangeCause::Usage, now).await?;
-    crate::auto_reload::after_balance_change(tx, &ws, now).await?;
-    crate::alerts::after_balance_change(tx, &ws, now).await?;
+    crate::policies::auto_reload::after_balance_change(tx, &ws, now).await?;
+    crate::policies::alerts::after_balance_change(tx, &ws, now).await?;
     Ok(Some(Settled {
         event,
         reservation: resolved,

@@ -1,6 +1,6 @@
 //! Recording usage: price a model call and debit it, or refuse it and write nothing.
 
-use crate::budget;
+use crate::debits::budget;
 use crate::db::begin_write;
 use crate::error::{BillingError, Result};
 use crate::ids::{IdempotencyKey, new_id, opt_uuid_str, request_hash};
@@ -332,8 +332,8 @@ async fn debit_usage(
     .await?;
     ledger::add_to_rollup(tx, event).await?;
     ledger::balance_event(tx, &ws, BalanceChangeCause::Usage, now).await?;
-    crate::auto_reload::after_balance_change(tx, &ws, now).await?;
-    crate::alerts::after_balance_change(tx, &ws, now).await?;
+    crate::policies::auto_reload::after_balance_change(tx, &ws, now).await?;
+    crate::policies::alerts::after_balance_change(tx, &ws, now).await?;
     Ok(())
 }
 

@@ -6,6 +6,8 @@
 //! reserved credits; both change only through [`change_workspace`], a single
 //! conditional UPDATE, inside the same database transaction as the entries.
 
+pub mod invariants;
+
 use crate::error::{BillingError, Result};
 use crate::money::Credits;
 use chrono::{DateTime, Utc};
@@ -15,7 +17,7 @@ use entity::{
     workspaces,
 };
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
-use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
 use uuid::Uuid;
 
 /// Names of the system ledger accounts.
@@ -374,4 +376,14 @@ fn sum_excluded<E: sea_orm::EntityTrait, Col: sea_orm::sea_query::IntoIden + Cop
             )
         })
         .collect()
+}
+
+/// Loads a workspace, locking its row on PostgreSQL (`FOR UPDATE`; SQLite's
+/// `BEGIN IMMEDIATE` already holds the database's write lock). NOT_FOUND if absent.
+pub(crate) async fn lock_workspace<C: ConnectionTrait>(c: &C, id: Uuid) -> Result<workspaces::Model> {
+    workspaces::Entity::find_by_id(id)
+        .lock_exclusive()
+        .one(c)
+        .await?
+        .ok_or(BillingError::NotFound("workspace"))
 }

@@ -10,49 +10,30 @@
 //! SQLite's `BEGIN IMMEDIATE`), so of any number of racing debits one flips and the
 //! others see RELOADING. While RELOADING nothing else is started; the outcome puts it
 //! back to IDLE (or, after [`CONSECUTIVE_FAILURES_MAX`] failures in a row,
-//! DISABLED_AFTER_FAILURES, which only `settings::configure_auto_reload` undoes).
+//! DISABLED_AFTER_FAILURES, which only `crate::policies::auto_reload_settings::configure_auto_reload` undoes).
 //!
 //! Lock order: purchase row (outcomes) → workspace row (debits, repair) → settings row.
 
 use crate::db::begin_write;
 use crate::error::{BillingError, Result};
 use crate::ids::new_id;
-use crate::ledger;
 use crate::money::Credits;
-use crate::notifications::{self, AutoReloadDisabled, NotificationPayload, ReloadFailed, dedupe};
-use crate::purchases::{self, PurchaseItem, PurchaseRequest};
+use crate::policies::reload_state::{mark_reloaded, on_reload_failed};
+use crate::payments::purchases::{self, PurchaseItem, PurchaseRequest};
 use chrono::{DateTime, TimeDelta, Utc};
 use entity::enums::{AutoReloadStatus, PurchaseSource, PurchaseStatus};
 use entity::{auto_reload_settings, purchases as purchase_rows, workspaces};
-use sea_orm::sea_query::{Condition, Expr, ExprTrait};
+use sea_orm::sea_query::{Condition, Expr};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect,
 };
 use uuid::Uuid;
 
-/// Failed reloads in a row after which auto-reload turns itself off
-/// (DISABLED_AFTER_FAILURES) and the workspace admins are told.
-pub const CONSECUTIVE_FAILURES_MAX: i32 = 3;
-/// Backoff after the first failure; it doubles with each further failure...
-pub const BACKOFF_BASE_SECONDS: i64 = 60;
-/// ... up to this.
-pub const BACKOFF_MAX_SECONDS: i64 = 3_600;
 /// The window of `max_reloads_per_day`.
 pub const RELOAD_WINDOW_HOURS: i64 = 24;
 /// Workspaces repaired per [`repair_stuck_reloads`] call.
 pub const REPAIR_BATCH_MAX: u64 = 500;
-
-/// How long to wait before the next reload after `failures` failures in a row:
-/// 1 min × 2^(failures − 1), capped at [`BACKOFF_MAX_SECONDS`].
-pub fn backoff(failures: i32) -> TimeDelta {
-    let doublings = failures.clamp(1, 31) - 1;
-    let seconds = Ord::min(
-        BACKOFF_BASE_SECONDS.saturating_mul(1i64 << doublings),
-        BACKOFF_MAX_SECONDS,
-    );
-    TimeDelta::seconds(seconds)
-}
 
 /// The idempotency key of a reload purchase: unique per reload (it holds the id).
 pub fn reload_key(workspace_id: Uuid, purchase_id: Uuid) -> String {
@@ -201,138 +182,6 @@ pub async fn reload_failed(
     now: DateTime<Utc>,
 ) -> Result<purchase_rows::Model> {
     purchases::fail_purchase_with(db, purchase_id, reason, permanent, now).await
-}
-
-/// After a reload purchase was credited, inside that transaction.
-pub(crate) async fn on_reload_captured<C: ConnectionTrait>(
-    c: &C,
-    purchase: &purchase_rows::Model,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    mark_reloaded(c, purchase.workspace_id, now, now).await
-}
-
-async fn mark_reloaded<C: ConnectionTrait>(
-    c: &C,
-    workspace_id: Uuid,
-    reloaded_at: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    use auto_reload_settings::Column as S;
-    auto_reload_settings::Entity::update_many()
-        .col_expr(
-            S::Status,
-            Expr::case(
-                Expr::col(S::Status).eq(AutoReloadStatus::Reloading.as_str()),
-                AutoReloadStatus::Idle.as_str(),
-            )
-            .finally(Expr::col(S::Status))
-            .into(),
-        )
-        .col_expr(S::ConsecutiveFailures, Expr::value(0))
-        .col_expr(S::LastReloadAt, Expr::value(reloaded_at))
-        .col_expr(S::NextAttemptAt, Expr::value(Option::<DateTime<Utc>>::None))
-        .col_expr(S::UpdatedAt, Expr::value(now))
-        .filter(S::WorkspaceId.eq(workspace_id))
-        .exec(c)
-        .await?;
-    Ok(())
-}
-
-/// After a reload purchase was marked FAILED, inside that transaction (see
-/// [`reload_failed`]). Takes the settings row's lock (after the purchase's).
-pub(crate) async fn on_reload_failed<C: ConnectionTrait>(
-    c: &C,
-    purchase: &purchase_rows::Model,
-    permanent: bool,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    let Some(settings) = auto_reload_settings::Entity::find_by_id(purchase.workspace_id)
-        .lock_exclusive()
-        .one(c)
-        .await?
-    else {
-        return Ok(());
-    };
-    let failures = settings.consecutive_failures.saturating_add(1);
-    let was_disabled = settings.status == AutoReloadStatus::DisabledAfterFailures;
-    let disable = was_disabled || (permanent && failures >= CONSECUTIVE_FAILURES_MAX);
-    let status = if disable {
-        AutoReloadStatus::DisabledAfterFailures
-    } else {
-        AutoReloadStatus::Idle
-    };
-    let reason = purchase
-        .failure_reason
-        .clone()
-        .unwrap_or_else(|| "payment failed".to_owned());
-    let next_attempt_at = now + backoff(failures);
-    use auto_reload_settings::Column as S;
-    auto_reload_settings::Entity::update_many()
-        .col_expr(S::Status, Expr::value(status.as_str()))
-        .col_expr(S::ConsecutiveFailures, Expr::value(failures))
-        .col_expr(S::LastFailureReason, Expr::value(reason.clone()))
-        .col_expr(S::NextAttemptAt, Expr::value(next_attempt_at))
-        .col_expr(S::UpdatedAt, Expr::value(now))
-        .filter(S::WorkspaceId.eq(purchase.workspace_id))
-        .exec(c)
-        .await?;
-    let turned_off = disable && !was_disabled;
-    tracing::warn!(
-        workspace_id = %purchase.workspace_id,
-        purchase_id = %purchase.id,
-        failures,
-        turned_off,
-        "auto-reload failed: {reason}"
-    );
-    let ws = ledger::load_workspace(c, purchase.workspace_id).await?;
-    let admins = notifications::workspace_admin_emails(c, ws.id).await?;
-    let balance = Some(Credits::from_nanos(ws.balance_nanos));
-    let failed = NotificationPayload::ReloadFailed(ReloadFailed {
-        workspace_id: ws.id,
-        workspace_name: ws.name.clone(),
-        purchase_id: purchase.id,
-        amount: Credits::from_nanos(purchase.amount_nanos),
-        reason: reason.clone(),
-        consecutive_failures: failures,
-        next_attempt_at: (!disable).then_some(next_attempt_at),
-        balance,
-    });
-    notifications::enqueue_notification(
-        c,
-        Some(ws.account_id),
-        Some(ws.id),
-        &admins,
-        &failed,
-        &dedupe::reload_failed(purchase.id),
-        now,
-    )
-    .await?;
-    if turned_off {
-        let disabled = NotificationPayload::AutoReloadDisabled(AutoReloadDisabled {
-            workspace_id: ws.id,
-            workspace_name: ws.name.clone(),
-            consecutive_failures: failures,
-            last_failure_reason: Some(reason),
-            balance,
-        });
-        notifications::enqueue_notification(
-            c,
-            Some(ws.account_id),
-            Some(ws.id),
-            &admins,
-            &disabled,
-            &disabled_dedupe_key(purchase.id),
-            now,
-        )
-        .await?;
-    }
-    Ok(())
-}
-
-/// The dedupe key of the switch-off caused by one failed reload purchase.
-pub fn disabled_dedupe_key(purchase_id: Uuid) -> String {
-    format!("auto_reload_disabled:{purchase_id}")
 }
 
 /// The worker's sweep: puts right workspaces left RELOADING although no AUTO_RELOAD

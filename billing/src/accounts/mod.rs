@@ -1,7 +1,10 @@
 //! Accounts, people, workspaces, projects and their credentials.
 
-use crate::auth::{self, API_KEY_PREFIX, API_KEY_VISIBLE_PREFIX_CHARS, USER_TOKEN_PREFIX};
-use crate::budget;
+pub mod access;
+pub mod auth;
+
+use crate::accounts::auth::{API_KEY_PREFIX, API_KEY_VISIBLE_PREFIX_CHARS, USER_TOKEN_PREFIX};
+use crate::debits::budget;
 use crate::error::{BillingError, Result};
 use crate::ids::new_id;
 use crate::money::Credits;
@@ -15,6 +18,7 @@ use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,
     EntityTrait, IntoActiveModel, QueryFilter,
 };
+use sea_orm::sea_query::Expr;
 use uuid::Uuid;
 
 /// Longest display name (accounts, workspaces, projects, people, credentials).
@@ -437,4 +441,28 @@ pub async fn create_api_key(
         .exec_without_returning(db)
         .await?;
     Ok(CreatedApiKey { api_key, secret })
+}
+
+// --- API keys ----------------------------------------------------------------------
+
+/// Revokes a workspace API key: it authenticates nothing from now on. Idempotent:
+/// revoking a revoked key changes nothing and returns it with its original
+/// `revoked_at`, so a retried request reports when the key actually stopped working.
+/// NOT_FOUND for an unknown key.
+pub async fn revoke_api_key(
+    db: &DatabaseConnection,
+    api_key_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<api_keys::Model> {
+    use api_keys::Column as K;
+    api_keys::Entity::update_many()
+        .col_expr(K::RevokedAt, Expr::value(now))
+        .filter(K::Id.eq(api_key_id))
+        .filter(K::RevokedAt.is_null())
+        .exec(db)
+        .await?;
+    api_keys::Entity::find_by_id(api_key_id)
+        .one(db)
+        .await?
+        .ok_or(BillingError::NotFound("API key"))
 }

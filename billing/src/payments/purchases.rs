@@ -334,7 +334,7 @@ pub async fn post_purchase_credit(
     )
     .await?;
     ledger::balance_event(tx, &ws, BalanceChangeCause::Purchase, now).await?;
-    crate::alerts::after_balance_change(tx, &ws, now).await?;
+    crate::policies::alerts::after_balance_change(tx, &ws, now).await?;
     Ok(ws)
 }
 
@@ -355,7 +355,7 @@ pub async fn credit_purchase(
     };
     post_purchase_credit(&tx, &purchase, now).await?;
     if purchase.source == PurchaseSource::AutoReload {
-        crate::auto_reload::on_reload_captured(&tx, &purchase, now).await?;
+        crate::policies::reload_state::on_reload_captured(&tx, &purchase, now).await?;
     }
     tx.commit().await?;
     Ok(purchase)
@@ -382,17 +382,17 @@ pub async fn capture_succeeded(
     let invoice = issue_invoice(&tx, &purchase, ws.account_id, InvoiceStatus::Paid, now).await?;
     purchase.invoice_id = Some(invoice.id);
     if purchase.source == PurchaseSource::AutoReload {
-        crate::auto_reload::on_reload_captured(&tx, &purchase, now).await?;
+        crate::policies::reload_state::on_reload_captured(&tx, &purchase, now).await?;
     }
     // The receipt is written in the same transaction: credited and receipted together.
-    crate::notifications::receipt_for_purchase(&tx, purchase.id, now).await?;
+    crate::policies::notifications::receipt_for_purchase(&tx, purchase.id, now).await?;
     tx.commit().await?;
     Ok(purchase)
 }
 
 /// Marks a PENDING purchase FAILED with the gateway's reason; nothing is credited.
 /// An AUTO_RELOAD purchase also counts as a failed reload, in the same transaction
-/// (as [`crate::auto_reload::reload_failed`] with `permanent`).
+/// (as [`crate::policies::auto_reload::reload_failed`] with `permanent`).
 pub async fn fail_purchase(
     db: &DatabaseConnection,
     purchase_id: Uuid,
@@ -427,7 +427,7 @@ pub(crate) async fn fail_purchase_with(
     match failed {
         Some(p) => {
             if p.source == PurchaseSource::AutoReload {
-                crate::auto_reload::on_reload_failed(&tx, &p, permanent, now).await?;
+                crate::policies::reload_state::on_reload_failed(&tx, &p, permanent, now).await?;
             }
             tx.commit().await?;
             Ok(p)
@@ -508,7 +508,7 @@ pub async fn purchase_credits(
         }
         Some(_) => return Err(BillingError::IdempotencyConflict),
         None => Some(
-            payments::resolve_payment_method(db, ws.account_id, req.payment_method_id, now)
+            payments::cards::resolve_payment_method(db, ws.account_id, req.payment_method_id, now)
                 .await?
                 .id,
         ),
@@ -595,7 +595,7 @@ async fn purchase_by_invoice(
     let invoice = issue_invoice(&tx, &purchase, ws.account_id, InvoiceStatus::Open, now).await?;
     purchase.invoice_id = Some(invoice.id);
     // The OPEN invoice goes out by e-mail like a card receipt, in the same transaction.
-    crate::notifications::receipt_for_purchase(&tx, purchase.id, now).await?;
+    crate::policies::notifications::receipt_for_purchase(&tx, purchase.id, now).await?;
     tx.commit().await?;
     Ok(Purchased {
         purchase,

@@ -8,10 +8,10 @@
 //! SQLite's write lock) orders the checks of one workspace; the disarm is also a
 //! conditional UPDATE (`armed = true`), so racing debits fire a threshold once.
 
-use crate::analytics;
+use crate::reports::analytics;
 use crate::error::Result;
 use crate::money::Credits;
-use crate::notifications::{self, LowBalanceAlert, NotificationPayload};
+use crate::policies::notifications::{self, LowBalanceAlert, NotificationPayload};
 use chrono::{DateTime, Utc};
 use entity::{alert_recipients, alert_thresholds, users, workspaces};
 use sea_orm::sea_query::{Expr, Query};
