@@ -18,6 +18,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -32,6 +34,13 @@ const CREDIT_FRACTION_DIGITS: u32 = 9;
 
 /// Decimal digits of precision below one percent in [`DiscountBps`].
 const PERCENT_FRACTION_DIGITS: u32 = 2;
+
+/// Significant integer digits handed to rust_decimal at most. It holds any
+/// 28 significant digits exactly, so with at most 9 fractional digits 19
+/// integer digits always fit. Every caller's range ends far below 10^19
+/// (credits near 9.2·10^9, percentages at 100), so a longer integer part is
+/// out of range without being converted, however long the string is.
+const MAX_INTEGER_DIGITS: usize = 19;
 
 /// How much of a rejected input is echoed back in [`MoneyError::Malformed`]:
 /// enough to recognise it, not enough to let a caller bloat logs or responses.
@@ -207,19 +216,14 @@ impl Credits {
     /// [`MoneyError::TooManyFractionalDigits`] carrying the effective limit.
     pub fn parse_with_max_fraction_digits(s: &str, max_digits: u32) -> Result<Self, MoneyError> {
         let max = max_digits.min(CREDIT_FRACTION_DIGITS);
-        let decimal = Decimal::lex(s)?;
-        decimal.check_fraction_digits(max)?;
-        // |i64::MIN| is one more than i64::MAX; allow it here and let the
-        // signed conversion below reject +2^63.
-        let limit = u128::from(i64::MIN.unsigned_abs());
-        let magnitude = decimal.scaled_magnitude(CREDIT_FRACTION_DIGITS, limit)?;
-        let magnitude = u64::try_from(magnitude).map_err(|_| MoneyError::OutOfRange)?;
-        let nanos = if decimal.negative {
-            0_i64.checked_sub_unsigned(magnitude)
-        } else {
-            0_i64.checked_add_unsigned(magnitude)
-        };
-        nanos.map(Self).ok_or(MoneyError::OutOfRange)
+        let credits = parse_decimal(s, max)?;
+        // At most 9 fractional digits, so the product is a whole number of
+        // nanocredits; `to_i64` is `None` for anything outside the i64 range.
+        credits
+            .checked_mul(Decimal::from(NANOS_PER_CREDIT))
+            .and_then(|nanos| nanos.to_i64())
+            .map(Self)
+            .ok_or(MoneyError::OutOfRange)
     }
 
     /// [`Credits::parse`], additionally rejecting amounts below zero with
@@ -257,12 +261,7 @@ impl fmt::Display for Credits {
     /// no trailing `.`, `-` for negatives, `"0"` for zero. Round-trips through
     /// [`Credits::parse`].
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_decimal(
-            f,
-            self.is_negative(),
-            self.0.unsigned_abs(),
-            CREDIT_FRACTION_DIGITS,
-        )
+        write_decimal(f, Decimal::new(self.0, CREDIT_FRACTION_DIGITS))
     }
 }
 
@@ -333,16 +332,18 @@ impl DiscountBps {
     /// any negative value, are [`MoneyError::OutOfRange`]; `"-0"` is zero, as
     /// it is for [`Credits`].
     pub fn parse_percent(s: &str) -> Result<Self, MoneyError> {
-        let decimal = Decimal::lex(s)?;
-        decimal.check_fraction_digits(PERCENT_FRACTION_DIGITS)?;
-        let magnitude =
-            decimal.scaled_magnitude(PERCENT_FRACTION_DIGITS, u128::from(Self::MAX_BPS))?;
-        if decimal.negative && magnitude != 0 {
+        let percent = parse_decimal(s, PERCENT_FRACTION_DIGITS)?;
+        // `parse_decimal` gives "-0" no sign, so this is exactly "below zero".
+        if percent.is_sign_negative() {
             return Err(MoneyError::OutOfRange);
         }
-        u16::try_from(magnitude)
+        // At most 2 fractional digits, so this is a whole number of basis points.
+        percent
+            .checked_mul(Decimal::ONE_HUNDRED)
+            .and_then(|bps| bps.to_u16())
+            .filter(|&bps| bps <= Self::MAX_BPS)
             .map(Self)
-            .map_err(|_| MoneyError::OutOfRange)
+            .ok_or(MoneyError::OutOfRange)
     }
 }
 
@@ -351,106 +352,65 @@ impl fmt::Display for DiscountBps {
     /// 0 → `"0"`, 10 000 → `"100"`, 5 → `"0.05"`. Round-trips through
     /// [`DiscountBps::parse_percent`].
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_decimal(f, false, u64::from(self.0), PERCENT_FRACTION_DIGITS)
+        write_decimal(f, Decimal::new(i64::from(self.0), PERCENT_FRACTION_DIGITS))
     }
 }
 
-/// A lexically valid decimal: `-`? digits (`.` digits)?, split into parts.
-/// Both digit strings contain only ASCII digits; `integer` is non-empty.
-struct Decimal<'a> {
-    negative: bool,
-    integer: &'a str,
-    fraction: &'a str,
+/// Parses `s` in the strict grammar shared by every amount: `-`? digits
+/// (`.` digits)?, with at most `max_fraction_digits` (at most 9) digits after
+/// the point. rust_decimal's own parsers are more lenient (`+`, `_`, `.5`,
+/// `5.`, exponents), so the text is checked here and rust_decimal only
+/// converts what passed. `"-0"` comes back as plain zero, without a sign.
+///
+/// Errors, in this order: [`MoneyError::Malformed`],
+/// [`MoneyError::TooManyFractionalDigits`], and [`MoneyError::OutOfRange`]
+/// for more than [`MAX_INTEGER_DIGITS`] significant integer digits. The
+/// caller checks its own range.
+fn parse_decimal(s: &str, max_fraction_digits: u32) -> Result<Decimal, MoneyError> {
+    let (negative, unsigned) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (integer, fraction) = match unsigned.split_once('.') {
+        Some((integer, fraction)) => (integer, Some(fraction)),
+        None => (unsigned, None),
+    };
+    // `is_ascii_digit` rather than `char::is_numeric`: other scripts'
+    // digits must not sneak in.
+    let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    // A second '.' ends up in `fraction` and fails the digit check.
+    if !digits(integer) || fraction.is_some_and(|f| !digits(f)) {
+        return Err(MoneyError::malformed(s));
+    }
+    // Precision is judged on the text, so trailing zeros count. The limit is
+    // at most 9, so the cast is lossless on every target.
+    if fraction.map_or(0, str::len) > max_fraction_digits as usize {
+        return Err(MoneyError::TooManyFractionalDigits {
+            max: max_fraction_digits,
+        });
+    }
+    // Leading zeros are not significant and do not count towards the range;
+    // skip them but keep one integer digit, so "000.5" is converted as "0.5".
+    let zeros = integer.len() - integer.trim_start_matches('0').len();
+    if integer.len() - zeros > MAX_INTEGER_DIGITS {
+        return Err(MoneyError::OutOfRange);
+    }
+    let significant = &unsigned[zeros.min(integer.len() - 1)..];
+    // Cannot fail: at most 28 plain digits, which rust_decimal holds exactly.
+    // Should it ever, the value is too big for it, hence out of range.
+    let mut value = Decimal::from_str_exact(significant).map_err(|_| MoneyError::OutOfRange)?;
+    value.set_sign_negative(negative && !value.is_zero());
+    Ok(value)
 }
 
-impl<'a> Decimal<'a> {
-    /// Checks the grammar only; range and precision are checked separately so
-    /// each failure gets its own error.
-    fn lex(s: &'a str) -> Result<Self, MoneyError> {
-        let (negative, unsigned) = match s.strip_prefix('-') {
-            Some(rest) => (true, rest),
-            None => (false, s),
-        };
-        let (integer, fraction) = match unsigned.split_once('.') {
-            Some((integer, fraction)) => (integer, Some(fraction)),
-            None => (unsigned, None),
-        };
-        // `is_ascii_digit` rather than `char::is_numeric`: other scripts'
-        // digits must not sneak in.
-        let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
-        // A second '.' ends up in `fraction` and fails the digit check.
-        if !digits(integer) || fraction.is_some_and(|f| !digits(f)) {
-            return Err(MoneyError::malformed(s));
-        }
-        Ok(Self {
-            negative,
-            integer,
-            fraction: fraction.unwrap_or(""),
-        })
-    }
-
-    fn check_fraction_digits(&self, max: u32) -> Result<(), MoneyError> {
-        // `max` is at most 9, so the cast is lossless on every target.
-        if self.fraction.len() > max as usize {
-            return Err(MoneyError::TooManyFractionalDigits { max });
-        }
-        Ok(())
-    }
-
-    /// `|value| × 10^scale` as an integer, or [`MoneyError::OutOfRange`] if it
-    /// exceeds `limit`. Requires `fraction.len() <= scale`.
-    ///
-    /// Digits are fed one at a time into a running value that never decreases,
-    /// so we can stop at the first step past `limit`: input of any length
-    /// (a thousand digits, say) is rejected without overflowing.
-    fn scaled_magnitude(&self, scale: u32, limit: u128) -> Result<u128, MoneyError> {
-        debug_assert!(self.fraction.len() <= scale as usize);
-        let padding = (scale as usize).saturating_sub(self.fraction.len());
-        let digits = self
-            .integer
-            .bytes()
-            .chain(self.fraction.bytes())
-            .map(|b| b - b'0')
-            .chain(std::iter::repeat_n(0, padding));
-        let mut value: u128 = 0;
-        for digit in digits {
-            value = value
-                .checked_mul(10)
-                .and_then(|v| v.checked_add(u128::from(digit)))
-                .filter(|&v| v <= limit)
-                .ok_or(MoneyError::OutOfRange)?;
-        }
-        Ok(value)
-    }
-}
-
-/// Writes `magnitude / 10^scale` as a normalised decimal: no trailing
-/// fractional zeros, no trailing `.`, `-` if `negative` (callers pass
-/// `negative` only for non-zero values).
-fn write_decimal(
-    f: &mut fmt::Formatter<'_>,
-    negative: bool,
-    magnitude: u64,
-    scale: u32,
-) -> fmt::Result {
-    let unit = 10_u64.pow(scale);
-    let whole = magnitude / unit;
-    let mut fraction = magnitude % unit;
-    if negative {
-        f.write_str("-")?;
-    }
-    write!(f, "{whole}")?;
-    if fraction != 0 {
-        // Drop trailing zeros arithmetically, keeping the leading ones via the
-        // zero-padded width: 150 nanos → fraction 150, width 9 → "00000015".
-        let mut width = scale as usize;
-        while fraction.is_multiple_of(10) {
-            fraction /= 10;
-            width -= 1;
-        }
-        write!(f, ".{fraction:0width$}")?;
-    }
-    Ok(())
+/// Writes `value` as a normalised decimal: no exponent, no trailing
+/// fractional zeros, no trailing `.`, `"0"` for zero.
+///
+/// Through `write!` rather than `Display::fmt(&value, f)`, so that format
+/// flags such as `{:.2}` are ignored as they always were: an amount shown
+/// must never be a rounded one.
+fn write_decimal(f: &mut fmt::Formatter<'_>, value: Decimal) -> fmt::Result {
+    write!(f, "{}", value.normalize())
 }
 
 #[cfg(test)]
@@ -599,6 +559,35 @@ mod tests {
         assert_eq!(p(&"9".repeat(1000)), Err(MoneyError::OutOfRange));
         // A thousand zeros is still just zero.
         assert_eq!(p(&"0".repeat(1000)), Ok(Credits::ZERO));
+    }
+
+    #[test]
+    fn long_inputs_around_rust_decimal_precision() {
+        // Leading zeros are skipped before conversion, however many there are.
+        let zeros = "0".repeat(40);
+        assert_eq!(p(&format!("{zeros}9223372036.854775807")), Ok(Credits::MAX));
+        assert_eq!(p(&format!("-{zeros}0.000000001")), Ok(n(-1)));
+        assert_eq!(p(&format!("{zeros}.5")), Ok(n(500_000_000)));
+        // 28 significant digits convert exactly and are then out of range;
+        // longer integer parts are out of range without conversion.
+        assert_eq!(
+            p("9999999999999999999.999999999"),
+            Err(MoneyError::OutOfRange)
+        );
+        assert_eq!(p(&"9".repeat(20)), Err(MoneyError::OutOfRange));
+        assert_eq!(
+            p(&format!("-{}", "9".repeat(29))),
+            Err(MoneyError::OutOfRange)
+        );
+        // The fractional digit limit is still reported first.
+        assert_eq!(
+            p(&format!("{}.0000000001", "9".repeat(30))),
+            Err(MoneyError::TooManyFractionalDigits { max: 9 })
+        );
+        let pct = DiscountBps::parse_percent;
+        assert_eq!(pct(&format!("{zeros}100.00")), Ok(DiscountBps::FULL));
+        assert_eq!(pct("-0.00"), Ok(DiscountBps::ZERO));
+        assert_eq!(pct(&"1".repeat(25)), Err(MoneyError::OutOfRange));
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Usage pricing: token counts × per-million prices → an exact charge.
 //!
-//! The charge is computed as one exact rational in `i128` and rounded up to a
+//! The charge is computed exactly with `rust_decimal` and rounded up to a
 //! whole nanocredit exactly once, at the very end. Rounding each part (prompt,
 //! completion, discount) separately would make the total depend on how the
 //! bill happens to be split, and would let many tiny requests each gain or
 //! lose a fraction of a nanocredit. Rounding up (never down) means usage is
 //! never given away by truncation; the bias is below one nanocredit per
-//! request.
+//! request. Only the results become `i64` nanocredit [`Credits`] again.
+
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::{Decimal, RoundingStrategy};
 
 use crate::money::{Credits, DiscountBps, MoneyError};
 
@@ -15,23 +18,28 @@ use crate::money::{Credits, DiscountBps, MoneyError};
 /// Far above any real model's context or output (so it never rejects genuine
 /// usage), it rejects absurd or corrupted input early with a precise error,
 /// and it bounds the intermediate arithmetic: with at most 10^8 tokens and a
-/// price of at most `i64::MAX` nanocredits, the whole computation provably
-/// fits in `i128` (checked at compile time below).
+/// price of at most `i64::MAX` nanocredits, every intermediate value fits in
+/// `rust_decimal` exactly (checked at compile time below).
 pub const TOKENS_MAX: i64 = 100_000_000;
 
 /// Prices are quoted per this many tokens.
-const TOKENS_PER_PRICE_UNIT: i128 = 1_000_000;
+const TOKENS_PER_PRICE_UNIT: i64 = 1_000_000;
 
 /// Basis points in 100 %.
-const BPS_PER_WHOLE: i128 = 10_000;
+const BPS_PER_WHOLE: u16 = 10_000;
 
-// The largest possible net numerator is two maximal products (tokens × price)
-// with no discount, times 10 000. Fail the build if raising TOKENS_MAX ever
-// makes that overflow `i128`, so the unchecked `i128` arithmetic in
-// `usage_cost` stays sound.
+/// The largest mantissa `rust_decimal` holds, 2^96 − 1.
+const DECIMAL_MANTISSA_MAX: i128 = (1 << 96) - 1;
+
+// rust_decimal's checked operations fail only when the integer part
+// overflows; a result with more significant digits than the mantissa holds is
+// silently rounded instead. The largest mantissa in `usage_cost` is the sum of
+// two maximal products (tokens × price, in millionths of a nanocredit). Fail
+// the build if raising TOKENS_MAX ever makes that too big, so that nothing in
+// `usage_cost` is ever rounded except on purpose.
 const _: () = {
     let max_product = TOKENS_MAX as i128 * i64::MAX as i128;
-    assert!(max_product <= i128::MAX / 2 / BPS_PER_WHOLE);
+    assert!(max_product <= DECIMAL_MANTISSA_MAX / 2);
 };
 
 /// A model's prices, in credits per million tokens.
@@ -109,8 +117,8 @@ pub enum PricingError {
 ///              / (1_000_000 · 10_000))
 /// ```
 ///
-/// evaluated exactly in `i128` with a single ceiling division. The display
-/// parts are `prompt_cost = ceil(prompt_tokens·pp / 10^6)`, likewise
+/// evaluated exactly with a single rounding up. The display parts are
+/// `prompt_cost = ceil(prompt_tokens·pp / 10^6)`, likewise
 /// `completion_cost`, and `discount = prompt_cost + completion_cost − total`,
 /// so the parts always add up.
 ///
@@ -131,21 +139,17 @@ pub fn usage_cost(
         return Err(PricingError::NegativePrice);
     }
 
-    // Exact amounts in millionths of a nanocredit. Plain `i128` arithmetic is
-    // sound: every operand is bounded by TOKENS_MAX and i64::MAX, and the
-    // compile-time assertion above proves the largest result fits.
-    let prompt_exact = i128::from(prompt_tokens) * i128::from(price.prompt_per_million.nanos());
-    let completion_exact =
-        i128::from(completion_tokens) * i128::from(price.completion_per_million.nanos());
-    let gross_exact = prompt_exact + completion_exact;
-    let net_numerator = gross_exact * (BPS_PER_WHOLE - i128::from(discount.bps()));
+    // Exact amounts in nanocredits, with up to 6 fractional digits.
+    let prompt_exact = list_cost(prompt_tokens, price.prompt_per_million)?;
+    let completion_exact = list_cost(completion_tokens, price.completion_per_million)?;
+    let gross_exact = prompt_exact
+        .checked_add(completion_exact)
+        .ok_or(PricingError::Overflow)?;
 
-    let total = to_credits(ceil_div(
-        net_numerator,
-        TOKENS_PER_PRICE_UNIT * BPS_PER_WHOLE,
-    ))?;
-    let prompt_cost = to_credits(ceil_div(prompt_exact, TOKENS_PER_PRICE_UNIT))?;
-    let completion_cost = to_credits(ceil_div(completion_exact, TOKENS_PER_PRICE_UNIT))?;
+    let net = discounted_rounded_up(gross_exact, discount).ok_or(PricingError::Overflow)?;
+    let total = to_credits(net)?;
+    let prompt_cost = to_credits(round_up(prompt_exact))?;
+    let completion_cost = to_credits(round_up(completion_exact))?;
     // Requiring the gross to fit keeps the breakdown checkable with ordinary
     // `Credits` arithmetic by whoever displays or stores it.
     let gross_cost = prompt_cost
@@ -177,22 +181,52 @@ fn check_tokens(field: &'static str, value: i64) -> Result<(), PricingError> {
     }
 }
 
-/// `ceil(numerator / denominator)` for `numerator >= 0`, `denominator > 0`.
-fn ceil_div(numerator: i128, denominator: i128) -> i128 {
-    debug_assert!(numerator >= 0 && denominator > 0);
-    numerator / denominator + i128::from(numerator % denominator != 0)
+/// `tokens` at `per_million`, exactly, in nanocredits.
+fn list_cost(tokens: i64, per_million: Credits) -> Result<Decimal, PricingError> {
+    Decimal::from(tokens)
+        .checked_mul(Decimal::from(per_million.nanos()))
+        .and_then(|cost| cost.checked_div(Decimal::from(TOKENS_PER_PRICE_UNIT)))
+        .ok_or(PricingError::Overflow)
 }
 
-fn to_credits(nanos: i128) -> Result<Credits, PricingError> {
-    i64::try_from(nanos)
+/// `ceil(nanos × (10 000 − bps) / 10 000)`, exactly.
+///
+/// The exact product can need 29 significant digits (19 integer ones plus
+/// 6 + 4 fractional ones), one more than `rust_decimal` holds, and rounding
+/// it to fit can cross a whole nanocredit: it would then charge one
+/// nanocredit less than the exact ceiling. So the whole nanocredits and the
+/// rest are multiplied separately, which keeps both products exact, and only
+/// the fractions of a nanocredit (each below one) are added before rounding
+/// up once.
+fn discounted_rounded_up(nanos: Decimal, discount: DiscountBps) -> Option<Decimal> {
+    let share =
+        Decimal::from(BPS_PER_WHOLE - discount.bps()).checked_div(Decimal::from(BPS_PER_WHOLE))?;
+    let whole = nanos.trunc().checked_mul(share)?;
+    let rest = nanos.fract().checked_mul(share)?;
+    let fractions = round_up(whole.fract().checked_add(rest)?);
+    whole.trunc().checked_add(fractions)
+}
+
+/// Rounds an amount of nanocredits up to a whole nanocredit.
+fn round_up(nanos: Decimal) -> Decimal {
+    nanos.round_dp_with_strategy(0, RoundingStrategy::ToPositiveInfinity)
+}
+
+/// A whole number of nanocredits as [`Credits`], or
+/// [`PricingError::Overflow`] if it does not fit.
+fn to_credits(nanos: Decimal) -> Result<Credits, PricingError> {
+    debug_assert!(nanos.fract().is_zero(), "not whole nanocredits: {nanos}");
+    nanos
+        .to_i64()
         .map(Credits::from_nanos)
-        .map_err(|_| PricingError::Overflow)
+        .ok_or(PricingError::Overflow)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::money::NANOS_PER_CREDIT;
 
     fn n(nanos: i64) -> Credits {
         Credits::from_nanos(nanos)
@@ -236,6 +270,214 @@ mod tests {
             let bound = max.unsigned_abs() + 1;
             (self.next() % bound).cast_signed()
         }
+    }
+
+    /// The hand-rolled `i128` implementation that `usage_cost` replaced (its
+    /// arithmetic unchanged), the reference it must match bit for bit.
+    fn usage_cost_reference(
+        price: TokenPrice,
+        prompt_tokens: i64,
+        completion_tokens: i64,
+        discount: DiscountBps,
+    ) -> Result<CostBreakdown, PricingError> {
+        const TOKENS_PER_PRICE_UNIT: i128 = 1_000_000;
+        const BPS_PER_WHOLE: i128 = 10_000;
+        /// `ceil(numerator / denominator)` for `numerator >= 0`, `denominator > 0`.
+        fn ceil_div(numerator: i128, denominator: i128) -> i128 {
+            debug_assert!(numerator >= 0 && denominator > 0);
+            numerator / denominator + i128::from(numerator % denominator != 0)
+        }
+        fn to_credits(nanos: i128) -> Result<Credits, PricingError> {
+            i64::try_from(nanos)
+                .map(Credits::from_nanos)
+                .map_err(|_| PricingError::Overflow)
+        }
+
+        check_tokens("promptTokens", prompt_tokens)?;
+        check_tokens("completionTokens", completion_tokens)?;
+        if price.prompt_per_million.is_negative() || price.completion_per_million.is_negative() {
+            return Err(PricingError::NegativePrice);
+        }
+        let prompt_exact = i128::from(prompt_tokens) * i128::from(price.prompt_per_million.nanos());
+        let completion_exact =
+            i128::from(completion_tokens) * i128::from(price.completion_per_million.nanos());
+        let gross_exact = prompt_exact + completion_exact;
+        let net_numerator = gross_exact * (BPS_PER_WHOLE - i128::from(discount.bps()));
+        let total = to_credits(ceil_div(
+            net_numerator,
+            TOKENS_PER_PRICE_UNIT * BPS_PER_WHOLE,
+        ))?;
+        let prompt_cost = to_credits(ceil_div(prompt_exact, TOKENS_PER_PRICE_UNIT))?;
+        let completion_cost = to_credits(ceil_div(completion_exact, TOKENS_PER_PRICE_UNIT))?;
+        let gross_cost = prompt_cost
+            .checked_add(completion_cost)
+            .map_err(|_| PricingError::Overflow)?;
+        let discount = gross_cost
+            .checked_sub(total)
+            .map_err(|_| PricingError::Overflow)?;
+        Ok(CostBreakdown {
+            prompt_cost,
+            completion_cost,
+            discount,
+            total,
+        })
+    }
+
+    /// `x^-1 mod m` for `x` coprime to `m` (extended Euclid).
+    fn mod_inverse(x: i128, m: i128) -> i128 {
+        let (mut r0, mut r1, mut t0, mut t1) = (m, x.rem_euclid(m), 0_i128, 1_i128);
+        while r1 != 0 {
+            let q = r0 / r1;
+            (r0, r1) = (r1, r0 - q * r1);
+            (t0, t1) = (t1, t0 - q * t1);
+        }
+        assert_eq!(r0, 1, "{x} is not invertible mod {m}");
+        t0.rem_euclid(m)
+    }
+
+    /// A request whose exact discounted charge is a whole number of
+    /// nanocredits above 7.9·10^18 plus `r`·10^-10 (`r` in 1..=4): 29
+    /// significant digits, so a single rounded `rust_decimal` product would
+    /// lose the tail and charge one nanocredit less than the exact ceiling.
+    fn beyond_28_digits(rng: &mut XorShift) -> (TokenPrice, i64, i64, DiscountBps) {
+        const UNIT: i128 = 10_000_000_000; // 10^6 (per million) × 10^4 (bps)
+        // A share of 90–99.99 % not divisible by 2 or 5, so it is invertible.
+        let share = loop {
+            let share = 9_000 + rng.upto(999);
+            if share % 2 != 0 && share % 5 != 0 {
+                break i128::from(share);
+            }
+        };
+        let prompt_price = 8_900_000_000_000_000_000 + rng.upto(300_000_000_000_000_000);
+        let r = 1 + i128::from(rng.upto(3));
+        // prompt: 10^6 tokens × prompt_price; completion: one token at the
+        // price that makes the exact numerator ≡ r (mod 10^10).
+        let completion_price =
+            (r * mod_inverse(share, UNIT) - 1_000_000 * i128::from(prompt_price)).rem_euclid(UNIT);
+        let completion_price = i64::try_from(completion_price).unwrap();
+        let discount = bps(i32::try_from(10_000 - share).unwrap());
+        (
+            price(prompt_price, completion_price),
+            1_000_000,
+            1,
+            discount,
+        )
+    }
+
+    /// A token count, mostly in range, sometimes at or beyond its limits.
+    fn tokens(rng: &mut XorShift) -> i64 {
+        match rng.next() % 16 {
+            0 => 0,
+            1 => TOKENS_MAX,
+            2 => TOKENS_MAX - rng.upto(10),
+            3 => [-1, TOKENS_MAX + 1, i64::MIN, i64::MAX, -rng.upto(i64::MAX)]
+                [(rng.next() % 5) as usize],
+            _ => {
+                let magnitude = 10_i64.pow((rng.next() % 9) as u32);
+                rng.upto(magnitude)
+            }
+        }
+    }
+
+    /// A price in nanocredits per million: any magnitude (so mostly nine
+    /// fractional digits of a credit), zero, near `i64::MAX`, or negative.
+    fn price_nanos(rng: &mut XorShift) -> i64 {
+        match rng.next() % 16 {
+            0 => 0,
+            1 => i64::MAX - rng.upto(1_000),
+            2 => -1 - rng.upto(i64::MAX - 1),
+            3 => rng.upto(10_000) * NANOS_PER_CREDIT + 1 + rng.upto(NANOS_PER_CREDIT - 2),
+            _ => {
+                let magnitude = 10_i64.pow((rng.next() % 19) as u32);
+                rng.upto(magnitude)
+            }
+        }
+    }
+
+    /// A price that puts `tokens` of it within a few nanocredits of
+    /// `i64::MAX`, where the range checks decide.
+    fn near_overflow_price(rng: &mut XorShift, tokens: i64) -> i64 {
+        let exact = i128::from(i64::MAX) * 1_000_000 / i128::from(tokens.max(1));
+        let price = exact + i128::from(rng.upto(2_000)) - 1_000;
+        i64::try_from(price.clamp(0, i128::from(i64::MAX))).unwrap()
+    }
+
+    fn discount(rng: &mut XorShift) -> DiscountBps {
+        match rng.next() % 8 {
+            0 => DiscountBps::ZERO,
+            1 => DiscountBps::FULL,
+            2 => bps(1),
+            3 => bps(9_999),
+            _ => bps(i32::try_from(rng.upto(10_000)).unwrap()),
+        }
+    }
+
+    #[test]
+    fn usage_cost_matches_reference() {
+        const CASES: u32 = 300_000;
+        let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+        let (mut ok, mut overflow, mut negative, mut tokens_bad, mut deep) = (0, 0, 0, 0, 0);
+        for i in 0..CASES {
+            let (p, pt, ct, d) = match i % 8 {
+                // Exact results that need 29 significant digits.
+                0 => beyond_28_digits(&mut rng),
+                // Both parts near the top of the range.
+                1 => {
+                    let (pt, ct) = (1 + rng.upto(TOKENS_MAX - 1), 1 + rng.upto(TOKENS_MAX - 1));
+                    let pp = near_overflow_price(&mut rng, pt);
+                    let cp = match rng.next() % 3 {
+                        0 => near_overflow_price(&mut rng, ct),
+                        1 => near_overflow_price(&mut rng, ct) / 2,
+                        _ => rng.upto(1_000),
+                    };
+                    (price(pp, cp), pt, ct, discount(&mut rng))
+                }
+                _ => {
+                    let p = price(price_nanos(&mut rng), price_nanos(&mut rng));
+                    (p, tokens(&mut rng), tokens(&mut rng), discount(&mut rng))
+                }
+            };
+            let expected = usage_cost_reference(p, pt, ct, d);
+            assert_eq!(
+                usage_cost(p, pt, ct, d),
+                expected,
+                "case {i}: {p:?}, {pt} + {ct} tokens, {d:?}"
+            );
+            match expected {
+                Ok(cost) if cost.total.nanos() > 7_922_816_251_426_433_759 => deep += 1,
+                Ok(_) => ok += 1,
+                Err(PricingError::Overflow) => overflow += 1,
+                Err(PricingError::NegativePrice) => negative += 1,
+                Err(PricingError::TokensOutOfRange { .. }) => tokens_bad += 1,
+            }
+        }
+        // Every kind of outcome must have been compared many times over.
+        for (kind, count) in [
+            ("ok", ok),
+            ("ok above 2^96 × 10^-10", deep),
+            ("overflow", overflow),
+            ("negative price", negative),
+            ("tokens out of range", tokens_bad),
+        ] {
+            assert!(count > 10_000, "only {count} {kind} cases");
+        }
+    }
+
+    #[test]
+    fn discounted_cost_beyond_28_digits_is_exact() {
+        // 10^6 tokens at 8 499 150 000 000 009 900.99… nanocredits per million
+        // and 0.01 % off: the exact charge is 8 499 150 000 000 009 899 plus
+        // 10^-10 nanocredits. Multiplying in one rust_decimal operation
+        // would round that tail away and charge …899.
+        let p = price(8_500_000_000_000_000_123, 9_776_989_999);
+        let cost = usage_cost(p, 1_000_000, 1, bps(1)).unwrap();
+        assert_eq!(cost.total, n(8_499_150_000_000_009_900));
+        assert_eq!(Ok(cost), usage_cost_reference(p, 1_000_000, 1, bps(1)));
+    }
+
+    #[test]
+    fn decimal_mantissa_max_is_rust_decimals() {
+        assert_eq!(Decimal::MAX.mantissa(), DECIMAL_MANTISSA_MAX);
     }
 
     #[test]
