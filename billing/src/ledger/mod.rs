@@ -7,6 +7,7 @@
 //! conditional UPDATE, inside the same database transaction as the entries.
 
 pub mod invariants;
+pub mod tail;
 
 use crate::error::{BillingError, Result};
 use crate::money::Credits;
@@ -18,6 +19,7 @@ use entity::{
 };
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
+use std::collections::BTreeMap;
 use uuid::Uuid;
 
 /// Names of the system ledger accounts.
@@ -215,14 +217,6 @@ pub(crate) async fn balance_event<C: ConnectionTrait>(
 /// The PostgreSQL channel notified when balance events commit.
 pub const BALANCE_EVENTS_CHANNEL: &str = "reservoir_balance_events";
 
-/// Adds a usage event to its daily rollups.
-pub(crate) async fn add_to_rollup<C: ConnectionTrait>(
-    c: &C,
-    event: &usage_events::Model,
-) -> Result<()> {
-    add_to_rollups(c, std::slice::from_ref(event)).await
-}
-
 /// Sums of one rollup row.
 #[derive(Clone, Copy, Default)]
 struct Sums {
@@ -253,13 +247,32 @@ pub(crate) async fn add_to_rollups<C: ConnectionTrait>(
     c: &C,
     events: &[usage_events::Model],
 ) -> Result<()> {
-    use std::collections::BTreeMap;
-    use usage_daily::Column as D;
-    use usage_daily_by::Column as B;
-    type Key = (Uuid, chrono::NaiveDate, Uuid, Uuid, Uuid, String);
-    type ByKey = (Uuid, &'static str, chrono::NaiveDate, Uuid, String);
-    let mut full: BTreeMap<Key, Sums> = BTreeMap::new();
-    let mut by: BTreeMap<ByKey, Sums> = BTreeMap::new();
+    let (daily, daily_by) = sum_per_row(events);
+    // A BTreeMap iterates in key order: the fixed upsert order.
+    let daily: Vec<_> = daily.into_iter().collect();
+    for chunk in daily.chunks(ROLLUP_ROWS_MAX) {
+        upsert_daily(c, chunk).await?;
+    }
+    let daily_by: Vec<_> = daily_by.into_iter().collect();
+    for chunk in daily_by.chunks(ROLLUP_ROWS_MAX) {
+        upsert_daily_by(c, chunk).await?;
+    }
+    Ok(())
+}
+
+/// A `usage_daily` row's key: workspace, day, project, member, key, model.
+type DailyKey = (Uuid, chrono::NaiveDate, Uuid, Uuid, Uuid, String);
+/// A `usage_daily_by` row's key: workspace, dimension, day, and the dimension's value
+/// (a UUID, or for "model" the model id with the nil UUID).
+type DailyByKey = (Uuid, &'static str, chrono::NaiveDate, Uuid, String);
+
+/// The events summed per rollup row, each event counted once in `usage_daily` and once
+/// per dimension in `usage_daily_by`.
+fn sum_per_row(
+    events: &[usage_events::Model],
+) -> (BTreeMap<DailyKey, Sums>, BTreeMap<DailyByKey, Sums>) {
+    let mut daily: BTreeMap<DailyKey, Sums> = BTreeMap::new();
+    let mut daily_by: BTreeMap<DailyByKey, Sums> = BTreeMap::new();
     for e in events {
         let day = e.created_at.date_naive();
         let (project, user, key) = (
@@ -267,7 +280,8 @@ pub(crate) async fn add_to_rollups<C: ConnectionTrait>(
             e.user_id.unwrap_or(Uuid::nil()),
             e.api_key_id.unwrap_or(Uuid::nil()),
         );
-        full.entry((e.workspace_id, day, project, user, key, e.model_id.clone()))
+        daily
+            .entry((e.workspace_id, day, project, user, key, e.model_id.clone()))
             .or_default()
             .add(e);
         for by_key in [
@@ -282,83 +296,89 @@ pub(crate) async fn add_to_rollups<C: ConnectionTrait>(
                 e.model_id.clone(),
             ),
         ] {
-            by.entry(by_key).or_default().add(e);
+            daily_by.entry(by_key).or_default().add(e);
         }
     }
-    let full: Vec<_> = full.into_iter().collect();
-    for chunk in full.chunks(ROLLUP_ROWS_MAX) {
-        let rows = chunk.iter().map(|(k, s)| usage_daily::ActiveModel {
-            workspace_id: Set(k.0),
-            day: Set(k.1),
-            project_id: Set(k.2),
-            user_id: Set(k.3),
-            api_key_id: Set(k.4),
-            model_id: Set(k.5.clone()),
-            requests: Set(s.requests),
-            prompt_tokens: Set(s.prompt_tokens),
-            completion_tokens: Set(s.completion_tokens),
-            cost_nanos: Set(s.cost_nanos),
-            ..Default::default()
-        });
-        let on_conflict = OnConflict::columns([
-            D::WorkspaceId,
-            D::Day,
-            D::ProjectId,
-            D::UserId,
-            D::ApiKeyId,
-            D::ModelId,
-        ])
-        .values(sum_excluded(
-            usage_daily::Entity,
-            [
-                (D::Requests, "requests"),
-                (D::PromptTokens, "prompt_tokens"),
-                (D::CompletionTokens, "completion_tokens"),
-                (D::CostNanos, "cost_nanos"),
-            ],
-        ))
-        .to_owned();
-        usage_daily::Entity::insert_many(rows)
-            .on_conflict(on_conflict)
-            .exec_without_returning(c)
-            .await?;
-    }
-    let by: Vec<_> = by.into_iter().collect();
-    for chunk in by.chunks(ROLLUP_ROWS_MAX) {
-        let rows = chunk.iter().map(|(k, s)| usage_daily_by::ActiveModel {
-            workspace_id: Set(k.0),
-            dimension: Set(k.1.to_owned()),
-            day: Set(k.2),
-            dim_uuid: Set(k.3),
-            dim_model: Set(k.4.clone()),
-            requests: Set(s.requests),
-            prompt_tokens: Set(s.prompt_tokens),
-            completion_tokens: Set(s.completion_tokens),
-            cost_nanos: Set(s.cost_nanos),
-            ..Default::default()
-        });
-        let on_conflict = OnConflict::columns([
-            B::WorkspaceId,
-            B::Dimension,
-            B::Day,
-            B::DimUuid,
-            B::DimModel,
-        ])
-        .values(sum_excluded(
-            usage_daily_by::Entity,
-            [
-                (B::Requests, "requests"),
-                (B::PromptTokens, "prompt_tokens"),
-                (B::CompletionTokens, "completion_tokens"),
-                (B::CostNanos, "cost_nanos"),
-            ],
-        ))
-        .to_owned();
-        usage_daily_by::Entity::insert_many(rows)
-            .on_conflict(on_conflict)
-            .exec_without_returning(c)
-            .await?;
-    }
+    (daily, daily_by)
+}
+
+/// Upserts one statement's worth of `usage_daily` rows, adding to existing counters.
+async fn upsert_daily<C: ConnectionTrait>(c: &C, chunk: &[(DailyKey, Sums)]) -> Result<()> {
+    use usage_daily::Column as D;
+    let rows = chunk.iter().map(|(k, s)| usage_daily::ActiveModel {
+        workspace_id: Set(k.0),
+        day: Set(k.1),
+        project_id: Set(k.2),
+        user_id: Set(k.3),
+        api_key_id: Set(k.4),
+        model_id: Set(k.5.clone()),
+        requests: Set(s.requests),
+        prompt_tokens: Set(s.prompt_tokens),
+        completion_tokens: Set(s.completion_tokens),
+        cost_nanos: Set(s.cost_nanos),
+        ..Default::default()
+    });
+    let on_conflict = OnConflict::columns([
+        D::WorkspaceId,
+        D::Day,
+        D::ProjectId,
+        D::UserId,
+        D::ApiKeyId,
+        D::ModelId,
+    ])
+    .values(sum_excluded(
+        usage_daily::Entity,
+        [
+            (D::Requests, "requests"),
+            (D::PromptTokens, "prompt_tokens"),
+            (D::CompletionTokens, "completion_tokens"),
+            (D::CostNanos, "cost_nanos"),
+        ],
+    ))
+    .to_owned();
+    usage_daily::Entity::insert_many(rows)
+        .on_conflict(on_conflict)
+        .exec_without_returning(c)
+        .await?;
+    Ok(())
+}
+
+/// Upserts one statement's worth of `usage_daily_by` rows, adding to existing counters.
+async fn upsert_daily_by<C: ConnectionTrait>(c: &C, chunk: &[(DailyByKey, Sums)]) -> Result<()> {
+    use usage_daily_by::Column as B;
+    let rows = chunk.iter().map(|(k, s)| usage_daily_by::ActiveModel {
+        workspace_id: Set(k.0),
+        dimension: Set(k.1.to_owned()),
+        day: Set(k.2),
+        dim_uuid: Set(k.3),
+        dim_model: Set(k.4.clone()),
+        requests: Set(s.requests),
+        prompt_tokens: Set(s.prompt_tokens),
+        completion_tokens: Set(s.completion_tokens),
+        cost_nanos: Set(s.cost_nanos),
+        ..Default::default()
+    });
+    let on_conflict = OnConflict::columns([
+        B::WorkspaceId,
+        B::Dimension,
+        B::Day,
+        B::DimUuid,
+        B::DimModel,
+    ])
+    .values(sum_excluded(
+        usage_daily_by::Entity,
+        [
+            (B::Requests, "requests"),
+            (B::PromptTokens, "prompt_tokens"),
+            (B::CompletionTokens, "completion_tokens"),
+            (B::CostNanos, "cost_nanos"),
+        ],
+    ))
+    .to_owned();
+    usage_daily_by::Entity::insert_many(rows)
+        .on_conflict(on_conflict)
+        .exec_without_returning(c)
+        .await?;
     Ok(())
 }
 
@@ -386,4 +406,44 @@ pub(crate) async fn lock_workspace<C: ConnectionTrait>(c: &C, id: Uuid) -> Resul
         .one(c)
         .await?
         .ok_or(BillingError::NotFound("workspace"))
+}
+
+// --- reads -------------------------------------------------------------------------
+
+/// The consolidated balance of some workspaces (an account's total balance): the sum
+/// of their cached balances, LIMIT_EXCEEDED rather than a wrap.
+pub fn total_balance<'a>(
+    workspaces: impl IntoIterator<Item = &'a workspaces::Model>,
+) -> Result<Credits> {
+    let balances = workspaces
+        .into_iter()
+        .map(|w| Credits::from_nanos(w.balance_nanos));
+    Ok(Credits::checked_sum(balances)?)
+}
+
+/// Each account's [`total_balance`] over all its workspaces; every requested account
+/// has one (zero without workspaces).
+pub async fn account_totals<C: ConnectionTrait>(
+    c: &C,
+    account_ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, Credits>> {
+    use workspaces::Column as W;
+    let by_account =
+        crate::batch::grouped::<workspaces::Entity, _>(c, W::AccountId, account_ids, W::Id, |w| {
+            w.account_id
+        })
+        .await?;
+    by_account
+        .into_iter()
+        .map(|(account_id, rows)| Ok((account_id, total_balance(&rows)?)))
+        .collect()
+}
+
+/// Ledger transactions by id (absent ids are left out).
+pub async fn transactions_by_ids<C: ConnectionTrait>(
+    c: &C,
+    ids: &[i64],
+) -> Result<std::collections::HashMap<i64, ledger_transactions::Model>> {
+    use ledger_transactions::{Column, Entity};
+    crate::batch::by_keys::<Entity, _, _>(c, Column::Id, ids, |t| t.id).await
 }

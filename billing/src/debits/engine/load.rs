@@ -1,0 +1,280 @@
+//! Step 1 of a batch: read what it needs, under its locks.
+//!
+//! Locks are taken in one global order: reservation rows by id, then workspace rows
+//! by id, then project rows by id (`FOR UPDATE` on PostgreSQL; on SQLite the
+//! `BEGIN IMMEDIATE` of the batch already holds the database's write lock), so
+//! batches from several processes never deadlock. Request ids already used are read
+//! after the workspace locks: a batch of another process that used one of them has
+//! committed (and is seen) or is still waiting behind us.
+
+use super::Op;
+use super::rules::{ProjectState, State, WorkspaceState};
+use crate::debits::usage::ProjectRef;
+use crate::error::{BillingError, Result};
+use crate::money::DiscountBps;
+use entity::{
+    account_members, accounts, models, projects, reservations as reservation_rows, usage_events,
+    workspaces,
+};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
+};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use uuid::Uuid;
+
+pub(super) fn is_postgres(c: &DatabaseTransaction) -> bool {
+    c.get_database_backend() == DbBackend::Postgres
+}
+
+/// Loads every row the batch's operations name, in lock order.
+pub(super) async fn load<'a>(
+    tx: &DatabaseTransaction,
+    ops: impl Iterator<Item = &'a Op> + Clone,
+) -> Result<State> {
+    let reservations = lock_reservations(tx, ops.clone()).await?;
+    let mut workspace_ids: BTreeSet<Uuid> = ops
+        .clone()
+        .filter_map(|op| match op {
+            Op::Usage { req, .. } => Some(req.workspace_id),
+            Op::Reserve { req, .. } => Some(req.workspace_id),
+            _ => None,
+        })
+        .collect();
+    workspace_ids.extend(reservations.values().map(|r| r.workspace_id));
+    let workspaces = lock_workspaces(tx, &workspace_ids).await?;
+    let projects = lock_projects(tx, ops.clone(), &reservations, &workspace_ids).await?;
+    let models = load_models(tx, ops.clone(), &reservations).await?;
+    let account_ids: BTreeSet<Uuid> = workspaces.values().map(|w| w.row.account_id).collect();
+    let discounts = load_discounts(tx, &account_ids).await?;
+    let members = load_members(tx, ops.clone(), &account_ids).await?;
+    let (used_usage, used_reserve) = load_used_keys(tx, ops, &reservations, &workspace_ids).await?;
+    Ok(State {
+        workspaces,
+        discounts,
+        models,
+        projects,
+        members,
+        reservations,
+        used_usage,
+        used_reserve,
+    })
+}
+
+/// 1. Reservation rows named by settlements and releases, locked by id.
+async fn lock_reservations<'a>(
+    tx: &DatabaseTransaction,
+    ops: impl Iterator<Item = &'a Op>,
+) -> Result<HashMap<Uuid, reservation_rows::Model>> {
+    let ids: BTreeSet<Uuid> = ops
+        .filter_map(|op| match op {
+            Op::Settle(s) => Some(s.reservation_id),
+            Op::Release { reservation_id, .. } => Some(*reservation_id),
+            _ => None,
+        })
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut q = reservation_rows::Entity::find()
+        .filter(reservation_rows::Column::Id.is_in(ids))
+        .order_by_asc(reservation_rows::Column::Id);
+    if is_postgres(tx) {
+        q = q.lock_exclusive();
+    }
+    Ok(q.all(tx).await?.into_iter().map(|r| (r.id, r)).collect())
+}
+
+/// 2. Workspace rows, locked by id.
+async fn lock_workspaces(
+    tx: &DatabaseTransaction,
+    ids: &BTreeSet<Uuid>,
+) -> Result<HashMap<Uuid, WorkspaceState>> {
+    let mut q = workspaces::Entity::find()
+        .filter(workspaces::Column::Id.is_in(ids.iter().copied()))
+        .order_by_asc(workspaces::Column::Id);
+    if is_postgres(tx) {
+        q = q.lock_exclusive();
+    }
+    Ok(q.all(tx)
+        .await?
+        .into_iter()
+        .map(|row| (row.id, WorkspaceState::new(row)))
+        .collect())
+}
+
+/// 3. Project rows (named by id or by tag, or held by a reservation), locked by id.
+async fn lock_projects<'a>(
+    tx: &DatabaseTransaction,
+    ops: impl Iterator<Item = &'a Op>,
+    reservations: &HashMap<Uuid, reservation_rows::Model>,
+    workspace_ids: &BTreeSet<Uuid>,
+) -> Result<HashMap<Uuid, ProjectState>> {
+    let mut ids: BTreeSet<Uuid> = reservations.values().filter_map(|r| r.project_id).collect();
+    let mut tags: BTreeSet<&str> = BTreeSet::new();
+    for op in ops {
+        let project = match op {
+            Op::Usage { req, .. } => &req.project,
+            Op::Reserve { req, .. } => &req.project,
+            _ => continue,
+        };
+        match project {
+            ProjectRef::None => {}
+            ProjectRef::Id(id) => {
+                ids.insert(*id);
+            }
+            ProjectRef::Tag(tag) => {
+                tags.insert(tag.as_str());
+            }
+        }
+    }
+    if ids.is_empty() && tags.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut condition = sea_orm::Condition::any();
+    if !ids.is_empty() {
+        condition = condition.add(projects::Column::Id.is_in(ids));
+    }
+    if !tags.is_empty() {
+        condition = condition.add(
+            sea_orm::Condition::all()
+                .add(projects::Column::WorkspaceId.is_in(workspace_ids.iter().copied()))
+                .add(projects::Column::Tag.is_in(tags)),
+        );
+    }
+    let mut q = projects::Entity::find()
+        .filter(condition)
+        .order_by_asc(projects::Column::Id);
+    if is_postgres(tx) {
+        q = q.lock_exclusive();
+    }
+    Ok(q.all(tx)
+        .await?
+        .into_iter()
+        .map(|row| (row.id, ProjectState::new(row)))
+        .collect())
+}
+
+/// 4a. Prices: read, not locked (the prices in force when the batch runs apply).
+async fn load_models<'a>(
+    tx: &DatabaseTransaction,
+    ops: impl Iterator<Item = &'a Op>,
+    reservations: &HashMap<Uuid, reservation_rows::Model>,
+) -> Result<HashMap<String, models::Model>> {
+    let ids: BTreeSet<String> = ops
+        .filter_map(|op| match op {
+            Op::Usage { req, .. } => Some(req.model_id.clone()),
+            Op::Reserve { req, .. } => Some(req.model_id.clone()),
+            _ => None,
+        })
+        .chain(reservations.values().map(|r| r.model_id.clone()))
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    Ok(models::Entity::find()
+        .filter(models::Column::Id.is_in(ids))
+        .all(tx)
+        .await?
+        .into_iter()
+        .map(|m| (m.id.clone(), m))
+        .collect())
+}
+
+/// 4b. Each account's volume discount.
+async fn load_discounts(
+    tx: &DatabaseTransaction,
+    account_ids: &BTreeSet<Uuid>,
+) -> Result<HashMap<Uuid, DiscountBps>> {
+    let mut discounts = HashMap::new();
+    if account_ids.is_empty() {
+        return Ok(discounts);
+    }
+    for account in accounts::Entity::find()
+        .filter(accounts::Column::Id.is_in(account_ids.iter().copied()))
+        .all(tx)
+        .await?
+    {
+        let discount = DiscountBps::new(account.volume_discount_bps)
+            .map_err(|e| BillingError::Internal(e.to_string()))?;
+        discounts.insert(account.id, discount);
+    }
+    Ok(discounts)
+}
+
+/// 4c. Which attributed users are members of the workspaces' accounts.
+async fn load_members<'a>(
+    tx: &DatabaseTransaction,
+    ops: impl Iterator<Item = &'a Op>,
+    account_ids: &BTreeSet<Uuid>,
+) -> Result<HashSet<(Uuid, Uuid)>> {
+    let user_ids: BTreeSet<Uuid> = ops
+        .filter_map(|op| match op {
+            Op::Usage { req, .. } => req.user_id,
+            Op::Reserve { req, .. } => req.user_id,
+            _ => None,
+        })
+        .collect();
+    if user_ids.is_empty() || account_ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    Ok(account_members::Entity::find()
+        .filter(account_members::Column::UserId.is_in(user_ids))
+        .filter(account_members::Column::AccountId.is_in(account_ids.iter().copied()))
+        .all(tx)
+        .await?
+        .into_iter()
+        .map(|m| (m.account_id, m.user_id))
+        .collect())
+}
+
+type UsedUsage = HashMap<(Uuid, String), usage_events::Model>;
+type UsedReserve = HashMap<(Uuid, String), reservation_rows::Model>;
+
+/// 5. Request ids already used: the usage events (direct or settled) and the
+///    reservations recorded under them, whole, so replays are answered from here.
+async fn load_used_keys<'a>(
+    tx: &DatabaseTransaction,
+    ops: impl Iterator<Item = &'a Op>,
+    reservations: &HashMap<Uuid, reservation_rows::Model>,
+    workspace_ids: &BTreeSet<Uuid>,
+) -> Result<(UsedUsage, UsedReserve)> {
+    let mut usage_keys: BTreeSet<&str> = BTreeSet::new();
+    let mut reserve_keys: BTreeSet<&str> = BTreeSet::new();
+    for op in ops {
+        match op {
+            Op::Usage { req, .. } => {
+                usage_keys.insert(&req.request_id);
+            }
+            Op::Reserve { req, .. } => {
+                usage_keys.insert(&req.request_id);
+                reserve_keys.insert(&req.request_id);
+            }
+            _ => {}
+        }
+    }
+    usage_keys.extend(reservations.values().map(|r| r.request_id.as_str()));
+    let mut used_usage = HashMap::new();
+    if !usage_keys.is_empty() && !workspace_ids.is_empty() {
+        for e in usage_events::Entity::find()
+            .filter(usage_events::Column::WorkspaceId.is_in(workspace_ids.iter().copied()))
+            .filter(usage_events::Column::RequestId.is_in(usage_keys))
+            .all(tx)
+            .await?
+        {
+            used_usage.insert((e.workspace_id, e.request_id.clone()), e);
+        }
+    }
+    let mut used_reserve = HashMap::new();
+    if !reserve_keys.is_empty() && !workspace_ids.is_empty() {
+        for r in reservation_rows::Entity::find()
+            .filter(reservation_rows::Column::WorkspaceId.is_in(workspace_ids.iter().copied()))
+            .filter(reservation_rows::Column::RequestId.is_in(reserve_keys))
+            .all(tx)
+            .await?
+        {
+            used_reserve.insert((r.workspace_id, r.request_id.clone()), r);
+        }
+    }
+    Ok((used_usage, used_reserve))
+}

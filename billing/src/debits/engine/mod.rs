@@ -1,0 +1,222 @@
+//! The debit engine: the one path every usage record, hold, settlement, release and
+//! expiry takes, whether it arrives alone or in a group-committed batch.
+//!
+//! A batch runs in four steps, each in its own module:
+//! 1. [`load`]: `BEGIN`, then the rows the batch needs, locked in the global order
+//!    (reservations, workspaces, projects, by id), and the prices, discounts,
+//!    memberships and request ids already used.
+//! 2. [`rules`]: every operation judged in arrival order against that state, in
+//!    memory, with no I/O: admitted (and the state moved on) or refused (and the
+//!    state untouched). These functions are the only place the money rules of
+//!    debits live.
+//! 3. [`write`]: the decided rows written with a few set-based statements.
+//! 4. `COMMIT`, then each caller is answered.
+//!
+//! The per-call functions (`usage::record_usage`, `reservations::settle`, ...) are a
+//! batch of one through [`run_one`]; the writer's lanes call [`apply_batch`].
+
+#![deny(clippy::arithmetic_side_effects)]
+
+mod load;
+pub(crate) mod rules;
+mod write;
+
+use crate::db::begin_write;
+use crate::debits::reservations::{self, ReserveRequest, Settled};
+use crate::debits::usage::{self, Recorded, UsageRequest};
+use crate::error::{BillingError, Result};
+use crate::ids::IdempotencyKey;
+use crate::jobs::{CapturePurchase, DeliverNotification, JobSink};
+use chrono::{DateTime, Utc};
+use entity::enums::ReservationStatus;
+use entity::reservations as reservation_rows;
+use sea_orm::DatabaseConnection;
+use std::sync::atomic::{AtomicU64, Ordering};
+use uuid::Uuid;
+
+/// Settle a reservation at its actual token counts.
+#[derive(Clone, Debug)]
+pub struct SettleRequest {
+    pub reservation_id: Uuid,
+    /// The reservation's workspace (which writer lane it goes to).
+    pub workspace_id: Uuid,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+/// One operation of a batch, validated and fingerprinted (see [`Op::usage`]).
+#[derive(Clone, Debug)]
+pub(crate) enum Op {
+    Usage {
+        req: UsageRequest,
+        hash: String,
+    },
+    Reserve {
+        req: ReserveRequest,
+        hash: String,
+    },
+    Settle(SettleRequest),
+    /// HELD → RELEASED (a caller's release) or HELD → EXPIRED (the sweep).
+    Release {
+        reservation_id: Uuid,
+        to: ReservationStatus,
+    },
+}
+
+impl Op {
+    /// Checks what can be checked without the database, so a malformed request never
+    /// reaches a batch, and fingerprints it for replays.
+    pub(crate) fn usage(req: UsageRequest) -> Result<Self> {
+        IdempotencyKey::parse("requestId", &req.request_id)?;
+        let hash = usage::usage_hash(&req);
+        Ok(Self::Usage { req, hash })
+    }
+
+    pub(crate) fn reserve(req: ReserveRequest) -> Result<Self> {
+        IdempotencyKey::parse("requestId", &req.request_id)?;
+        reservations::check_ttl(req.ttl_seconds)?;
+        let hash = reservations::reserve_hash(&req);
+        Ok(Self::Reserve { req, hash })
+    }
+}
+
+/// The answer to one operation.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Usage(Result<Recorded>),
+    Reserve(Result<reservation_rows::Model>),
+    Settle(Box<Result<Settled>>),
+    Release(Result<reservation_rows::Model>),
+}
+
+impl Reply {
+    pub(crate) fn refused(op: &Op, e: BillingError) -> Self {
+        match op {
+            Op::Usage { .. } => Self::Usage(Err(e)),
+            Op::Reserve { .. } => Self::Reserve(Err(e)),
+            Op::Settle(_) => Self::Settle(Box::new(Err(e))),
+            Op::Release { .. } => Self::Release(Err(e)),
+        }
+    }
+
+    pub(crate) fn into_usage(self) -> Result<Recorded> {
+        match self {
+            Self::Usage(r) => r,
+            other => Err(mismatch(&other)),
+        }
+    }
+
+    pub(crate) fn into_reserve(self) -> Result<reservation_rows::Model> {
+        match self {
+            Self::Reserve(r) => r,
+            other => Err(mismatch(&other)),
+        }
+    }
+
+    pub(crate) fn into_settle(self) -> Result<Settled> {
+        match self {
+            Self::Settle(r) => *r,
+            other => Err(mismatch(&other)),
+        }
+    }
+
+    pub(crate) fn into_release(self) -> Result<reservation_rows::Model> {
+        match self {
+            Self::Release(r) => r,
+            other => Err(mismatch(&other)),
+        }
+    }
+}
+
+fn mismatch(reply: &Reply) -> BillingError {
+    BillingError::Internal(format!("debit engine answered with {reply:?}"))
+}
+
+/// Cumulative counters of a process's debit engine, for `/metrics` and the
+/// benchmarks' profile: where a batch's time goes.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub batches: AtomicU64,
+    pub ops: AtomicU64,
+    /// Batches that failed as a whole (their operations were re-run one by one).
+    pub batches_failed: AtomicU64,
+    /// BEGIN and the locked reads.
+    pub load_us: AtomicU64,
+    /// Judging the operations in memory.
+    pub judge_us: AtomicU64,
+    /// The INSERTs and UPDATEs, the auto-reload and alert checks, the balance events.
+    pub write_us: AtomicU64,
+    /// COMMIT (the WAL flush).
+    pub commit_us: AtomicU64,
+}
+
+fn add_us(counter: &AtomicU64, since: std::time::Instant) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    let us = u64::try_from(now.duration_since(since).as_micros()).unwrap_or(u64::MAX);
+    counter.fetch_add(us, Ordering::Relaxed);
+    now
+}
+
+/// Work to hand to the queue after the commit.
+#[derive(Debug, Default)]
+pub(crate) struct FollowUp {
+    pub purchases: Vec<Uuid>,
+    pub notifications: Vec<Uuid>,
+}
+
+impl FollowUp {
+    /// Pushes the jobs. A failed push loses nothing: the rows are PENDING and the
+    /// worker's sweep enqueues them.
+    pub(crate) async fn push(self, jobs: &dyn JobSink) {
+        for purchase_id in self.purchases {
+            if let Err(e) = jobs.capture(CapturePurchase { purchase_id }).await {
+                tracing::warn!(%purchase_id, error = %e, "capture job not pushed");
+            }
+        }
+        for notification_id in self.notifications {
+            if let Err(e) = jobs.deliver(DeliverNotification { notification_id }).await {
+                tracing::warn!(%notification_id, error = %e, "delivery job not pushed");
+            }
+        }
+    }
+}
+
+/// Applies a batch in one transaction. On Ok it has committed, and the replies are
+/// in the operations' order. On Err nothing of it was written (or, if COMMIT itself
+/// failed, it may have been: every operation is idempotent, so re-running each alone
+/// answers with its replay).
+pub(crate) async fn apply_batch(
+    db: &DatabaseConnection,
+    batch: &[(Op, DateTime<Utc>)],
+    stats: &WriterStats,
+) -> Result<(Vec<Reply>, FollowUp)> {
+    let started = std::time::Instant::now();
+    let tx = begin_write(db).await?;
+    let mut state = load::load(&tx, batch.iter().map(|(op, _)| op)).await?;
+    let loaded_at = add_us(&stats.load_us, started);
+    let mut writes = rules::Writes::default();
+    let replies = batch
+        .iter()
+        .map(|(op, now)| {
+            rules::judge(&mut state, &mut writes, op, *now)
+                .unwrap_or_else(|e| Reply::refused(op, e))
+        })
+        .collect();
+    let judged_at = add_us(&stats.judge_us, loaded_at);
+    let follow_up = write::write(&tx, &mut state, writes).await?;
+    let written_at = add_us(&stats.write_us, judged_at);
+    tx.commit().await?;
+    add_us(&stats.commit_us, written_at);
+    Ok((replies, follow_up))
+}
+
+/// One operation as a batch of its own, for callers without a writer (and for the
+/// writer's retries of a failed batch). Follow-up jobs are not pushed here: the rows
+/// they name are durable and the worker's sweep enqueues them.
+pub(crate) async fn run_one(db: &DatabaseConnection, op: Op, now: DateTime<Utc>) -> Result<Reply> {
+    let batch = [(op, now)];
+    let (mut replies, _follow_up) = apply_batch(db, &batch, &WriterStats::default()).await?;
+    replies
+        .pop()
+        .ok_or_else(|| BillingError::Internal("debit engine gave no answer".into()))
+}

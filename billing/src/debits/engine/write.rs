@@ -1,0 +1,260 @@
+//! Step 3 of a batch: write what the rules decided, with a few set-based statements,
+//! then run the balance-change policies (auto-reload, alerts) and write one balance
+//! event per workspace changed.
+//!
+//! Every UPDATE is conditional on the values the batch locked, so a row that moved
+//! under its lock (a broken assumption) fails the whole batch instead of being
+//! overwritten; the CHECK constraints back the balance rules up.
+
+#![deny(clippy::arithmetic_side_effects)]
+
+use super::FollowUp;
+use super::load::is_postgres;
+use super::rules::{Posting, State, WorkspaceState, Writes};
+use crate::error::{BillingError, Result};
+use crate::ledger::{self, BALANCE_EVENTS_CHANNEL};
+use crate::money::Credits;
+use chrono::Utc;
+use entity::enums::{BalanceChangeCause, ReservationStatus};
+use entity::{
+    balance_events, ledger_entries, ledger_transactions, projects,
+    reservations as reservation_rows, usage_events, workspaces,
+};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
+    EntityTrait, IntoActiveModel, QueryFilter,
+};
+use std::collections::HashMap;
+
+/// Rows per INSERT statement: under SQLite's 32,766 bound variables with the widest
+/// row (usage events, 14 columns) and PostgreSQL's 65,535.
+const INSERT_ROWS_MAX: usize = 1_000;
+/// Ledger transactions per statement pair: each has up to three entries.
+const POSTINGS_PER_INSERT_MAX: usize = 333;
+
+pub(super) async fn write(
+    tx: &DatabaseTransaction,
+    state: &mut State,
+    writes: Writes,
+) -> Result<FollowUp> {
+    // Usage events first: the unique (workspace, request id) key is the last line of
+    // defence against a double debit; a violation fails the whole batch.
+    insert_events(tx, &writes.events).await?;
+    post_all(tx, &writes.postings).await?;
+    ledger::add_to_rollups(tx, &writes.events).await?;
+    insert_reservations(tx, &writes.new_reservations).await?;
+    resolve_reservations(tx, &writes.resolved_reservations).await?;
+    update_projects(tx, state).await?;
+    let mut changed: Vec<&mut WorkspaceState> = state
+        .workspaces
+        .values_mut()
+        .filter(|w| w.cause.is_some())
+        .collect();
+    changed.sort_by_key(|w| w.row.id);
+    let mut follow_up = FollowUp::default();
+    for ws in &mut changed {
+        update_workspace(tx, ws).await?;
+        let now = ws.changed_at.unwrap_or_else(Utc::now);
+        if let Some(purchase) =
+            crate::policies::auto_reload::after_balance_change(tx, &ws.row, now).await?
+        {
+            follow_up.purchases.push(purchase.id);
+        }
+        let alerts = crate::policies::alerts::after_balance_change(tx, &ws.row, now).await?;
+        follow_up.notifications.extend(alerts);
+    }
+    insert_balance_events(tx, &changed).await?;
+    Ok(follow_up)
+}
+
+async fn insert_events(tx: &DatabaseTransaction, events: &[usage_events::Model]) -> Result<()> {
+    for chunk in events.chunks(INSERT_ROWS_MAX) {
+        let rows = chunk
+            .iter()
+            .map(|e| e.clone().into_active_model().reset_all());
+        usage_events::Entity::insert_many(rows)
+            .exec_without_returning(tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Inserts the batch's ledger transactions and their entries: two statements per
+/// few hundred postings instead of two per posting.
+async fn post_all(tx: &DatabaseTransaction, postings: &[Posting]) -> Result<()> {
+    for chunk in postings.chunks(POSTINGS_PER_INSERT_MAX) {
+        let headers = chunk.iter().map(|p| ledger_transactions::ActiveModel {
+            kind: Set("USAGE".to_owned()),
+            idempotency_key: Set(p.idempotency_key.clone()),
+            usage_event_id: Set(Some(p.usage_event_id)),
+            purchase_id: Set(None),
+            transfer_id: Set(None),
+            created_at: Set(p.now),
+            ..Default::default()
+        });
+        let inserted = ledger_transactions::Entity::insert_many(headers)
+            .exec_with_returning(tx)
+            .await?;
+        let ids: HashMap<&str, i64> = inserted
+            .iter()
+            .map(|t| (t.idempotency_key.as_str(), t.id))
+            .collect();
+        let mut entries = Vec::with_capacity(chunk.len().saturating_mul(3));
+        for p in chunk {
+            let id = *ids.get(p.idempotency_key.as_str()).ok_or_else(|| {
+                BillingError::Internal(format!("no id returned for {}", p.idempotency_key))
+            })?;
+            entries.extend(p.entries.iter().cloned().map(|mut e| {
+                e.transaction_id = Set(id);
+                e
+            }));
+        }
+        ledger_entries::Entity::insert_many(entries)
+            .exec_without_returning(tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn insert_reservations(
+    tx: &DatabaseTransaction,
+    reservations: &[reservation_rows::Model],
+) -> Result<()> {
+    for chunk in reservations.chunks(INSERT_ROWS_MAX) {
+        let rows = chunk
+            .iter()
+            .map(|r| r.clone().into_active_model().reset_all());
+        reservation_rows::Entity::insert_many(rows)
+            .exec_without_returning(tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn resolve_reservations(
+    tx: &DatabaseTransaction,
+    resolved: &[(reservation_rows::Model, ReservationStatus)],
+) -> Result<()> {
+    use reservation_rows::Column as R;
+    for (row, from) in resolved {
+        let changed = reservation_rows::Entity::update_many()
+            .col_expr(R::Status, Expr::value(row.status.as_str()))
+            .col_expr(R::UsageEventId, Expr::value(row.usage_event_id))
+            .col_expr(R::ResolvedAt, Expr::value(row.resolved_at))
+            .filter(R::Id.eq(row.id))
+            .filter(R::Status.eq(*from))
+            .exec(tx)
+            .await?;
+        if changed.rows_affected != 1 {
+            return Err(BillingError::Internal(format!(
+                "reservation {} changed under its lock",
+                row.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn update_projects(tx: &DatabaseTransaction, state: &State) -> Result<()> {
+    use projects::Column as P;
+    for project in state.projects.values().filter(|p| p.row != p.before) {
+        let (row, before) = (&project.row, &project.before);
+        let changed = projects::Entity::update_many()
+            .col_expr(P::BudgetSpentNanos, Expr::value(row.budget_spent_nanos))
+            .col_expr(
+                P::BudgetReservedNanos,
+                Expr::value(row.budget_reserved_nanos),
+            )
+            .col_expr(P::BudgetPeriodStart, Expr::value(row.budget_period_start))
+            .filter(P::Id.eq(row.id))
+            .filter(P::BudgetSpentNanos.eq(before.budget_spent_nanos))
+            .filter(P::BudgetReservedNanos.eq(before.budget_reserved_nanos))
+            .filter(P::BudgetPeriodStart.eq(before.budget_period_start))
+            .exec(tx)
+            .await?;
+        if changed.rows_affected != 1 {
+            return Err(BillingError::Internal(format!(
+                "project {} changed under its lock",
+                row.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The batch's net change to one workspace row, plus one step of its sequence,
+/// conditional on the sequence it locked.
+async fn update_workspace(tx: &DatabaseTransaction, ws: &mut WorkspaceState) -> Result<()> {
+    use workspaces::Column as W;
+    let delta = |after: i64, before: i64| -> Result<i64> {
+        Ok(Credits::from_nanos(after)
+            .checked_sub(Credits::from_nanos(before))?
+            .nanos())
+    };
+    let balance_delta = delta(ws.row.balance_nanos, ws.before.balance_nanos)?;
+    let reserved_delta = delta(ws.row.reserved_nanos, ws.before.reserved_nanos)?;
+    let sequence_after = ws
+        .before
+        .balance_sequence
+        .checked_add(1)
+        .ok_or_else(|| BillingError::Internal("balance sequence out of range".into()))?;
+    let updated = workspaces::Entity::update_many()
+        .col_expr(
+            W::BalanceNanos,
+            Expr::col(W::BalanceNanos).add(balance_delta),
+        )
+        .col_expr(
+            W::ReservedNanos,
+            Expr::col(W::ReservedNanos).add(reserved_delta),
+        )
+        .col_expr(W::BalanceSequence, Expr::value(sequence_after))
+        .filter(W::Id.eq(ws.row.id))
+        .filter(W::BalanceSequence.eq(ws.before.balance_sequence))
+        .exec_with_returning(tx)
+        .await?
+        .pop();
+    let expected = workspaces::Model {
+        balance_sequence: sequence_after,
+        ..ws.row.clone()
+    };
+    match updated {
+        Some(row) if row == expected => {
+            ws.row = row;
+            Ok(())
+        }
+        _ => Err(BillingError::Internal(format!(
+            "workspace {} changed under its lock",
+            ws.row.id
+        ))),
+    }
+}
+
+/// Balance events last, stamped as late as possible: `at` is when the batch went to
+/// commit, which is what a subscriber measures its delivery delay from.
+async fn insert_balance_events(
+    tx: &DatabaseTransaction,
+    changed: &[&mut WorkspaceState],
+) -> Result<()> {
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let at = Utc::now();
+    let rows = changed.iter().map(|ws| balance_events::ActiveModel {
+        workspace_id: Set(ws.row.id),
+        sequence: Set(ws.row.balance_sequence),
+        balance_nanos: Set(ws.row.balance_nanos),
+        reserved_nanos: Set(ws.row.reserved_nanos),
+        cause: Set(ws.cause.unwrap_or(BalanceChangeCause::Usage)),
+        created_at: Set(at),
+        ..Default::default()
+    });
+    balance_events::Entity::insert_many(rows)
+        .exec_without_returning(tx)
+        .await?;
+    if is_postgres(tx) {
+        tx.execute_unprepared(&format!("SELECT pg_notify('{BALANCE_EVENTS_CHANNEL}', '')"))
+            .await?;
+    }
+    Ok(())
+}
