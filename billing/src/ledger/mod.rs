@@ -266,6 +266,38 @@ type DailyKey = (Uuid, chrono::NaiveDate, Uuid, Uuid, Uuid, String);
 /// (a UUID, or for "model" the model id with the nil UUID).
 type DailyByKey = (Uuid, &'static str, chrono::NaiveDate, Uuid, String);
 
+/// The rollup rows of a batch's events as JSON records (column name → value), in the
+/// fixed upsert order, for the debit engine's one-statement write on PostgreSQL:
+/// `usage_daily` rows, then `usage_daily_by` rows.
+pub(crate) fn rollup_records(
+    events: &[usage_events::Model],
+) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let (daily, daily_by) = sum_per_row(events);
+    let daily = daily
+        .into_iter()
+        .map(|((ws, day, project, user, key, model), s)| {
+            serde_json::json!({
+                "workspace_id": ws, "day": day, "project_id": project, "user_id": user,
+                "api_key_id": key, "model_id": model, "requests": s.requests,
+                "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                "cost_nanos": s.cost_nanos,
+            })
+        })
+        .collect();
+    let daily_by = daily_by
+        .into_iter()
+        .map(|((ws, dimension, day, dim_uuid, dim_model), s)| {
+            serde_json::json!({
+                "workspace_id": ws, "dimension": dimension, "day": day,
+                "dim_uuid": dim_uuid, "dim_model": dim_model, "requests": s.requests,
+                "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                "cost_nanos": s.cost_nanos,
+            })
+        })
+        .collect();
+    (daily, daily_by)
+}
+
 /// The events summed per rollup row, each event counted once in `usage_daily` and once
 /// per dimension in `usage_daily_by`.
 fn sum_per_row(

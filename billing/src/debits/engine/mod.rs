@@ -20,6 +20,7 @@
 mod load;
 pub(crate) mod rules;
 mod write;
+mod write_pg;
 
 use crate::db::begin_write;
 use crate::debits::reservations::{self, ReserveRequest, Settled};

@@ -38,14 +38,21 @@ pub(super) async fn write(
     state: &mut State,
     writes: Writes,
 ) -> Result<FollowUp> {
-    // Usage events first: the unique (workspace, request id) key is the last line of
-    // defence against a double debit; a violation fails the whole batch.
-    insert_events(tx, &writes.events).await?;
-    post_all(tx, &writes.postings).await?;
-    ledger::add_to_rollups(tx, &writes.events).await?;
+    let pg = is_postgres(tx);
+    if pg {
+        super::write_pg::write_money(tx, state, &writes.events, &writes.postings).await?;
+    } else {
+        // Usage events first: the unique (workspace, request id) key is the last line
+        // of defence against a double debit; a violation fails the whole batch.
+        insert_events(tx, &writes.events).await?;
+        post_all(tx, &writes.postings).await?;
+        ledger::add_to_rollups(tx, &writes.events).await?;
+    }
     insert_reservations(tx, &writes.new_reservations).await?;
     resolve_reservations(tx, &writes.resolved_reservations).await?;
-    update_projects(tx, state).await?;
+    if !pg {
+        update_projects(tx, state).await?;
+    }
     let mut changed: Vec<&mut WorkspaceState> = state
         .workspaces
         .values_mut()
@@ -54,18 +61,32 @@ pub(super) async fn write(
     changed.sort_by_key(|w| w.row.id);
     let mut follow_up = FollowUp::default();
     for ws in &mut changed {
-        update_workspace(tx, ws).await?;
-        let now = ws.changed_at.unwrap_or_else(Utc::now);
-        if let Some(purchase) =
-            crate::policies::auto_reload::after_balance_change(tx, &ws.row, now).await?
-        {
-            follow_up.purchases.push(purchase.id);
+        if !pg {
+            update_workspace(tx, ws).await?;
         }
-        let alerts = crate::policies::alerts::after_balance_change(tx, &ws.row, now).await?;
-        follow_up.notifications.extend(alerts);
+        run_policies(tx, ws, &mut follow_up).await?;
     }
-    insert_balance_events(tx, &changed).await?;
+    if !pg {
+        insert_balance_events(tx, &changed).await?;
+    }
     Ok(follow_up)
+}
+
+/// Auto-reload and alerts, judged on the row as the batch left it.
+async fn run_policies(
+    tx: &DatabaseTransaction,
+    ws: &WorkspaceState,
+    follow_up: &mut FollowUp,
+) -> Result<()> {
+    let now = ws.changed_at.unwrap_or_else(Utc::now);
+    if let Some(purchase) =
+        crate::policies::auto_reload::after_balance_change(tx, &ws.row, now).await?
+    {
+        follow_up.purchases.push(purchase.id);
+    }
+    let alerts = crate::policies::alerts::after_balance_change(tx, &ws.row, now).await?;
+    follow_up.notifications.extend(alerts);
+    Ok(())
 }
 
 async fn insert_events(tx: &DatabaseTransaction, events: &[usage_events::Model]) -> Result<()> {
@@ -194,11 +215,7 @@ async fn update_workspace(tx: &DatabaseTransaction, ws: &mut WorkspaceState) -> 
     };
     let balance_delta = delta(ws.row.balance_nanos, ws.before.balance_nanos)?;
     let reserved_delta = delta(ws.row.reserved_nanos, ws.before.reserved_nanos)?;
-    let sequence_after = ws
-        .before
-        .balance_sequence
-        .checked_add(1)
-        .ok_or_else(|| BillingError::Internal("balance sequence out of range".into()))?;
+    let sequence_after = super::write_pg::sequence_after(ws)?;
     let updated = workspaces::Entity::update_many()
         .col_expr(
             W::BalanceNanos,
