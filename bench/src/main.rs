@@ -2,6 +2,10 @@
 //! fresh fixtures directly in the server's database (through `billing`), drives the
 //! server over HTTP and WebSocket, then checks the ledger invariants and counts rows.
 //! See README.md.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a load generator, not the product: each scenario reads top to bottom"
+)]
 
 mod dashboard;
 mod fixtures;

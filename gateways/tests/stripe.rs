@@ -1,4 +1,8 @@
 //! The Stripe adapter against wiremock fixtures shaped like Stripe's real answers.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::entity::enums::CardBrand;
 use billing::payments::{AttachedCard, ChargeOutcome, ChargeRequest, GatewayError, PaymentGateway};

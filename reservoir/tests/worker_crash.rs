@@ -2,6 +2,10 @@
 //! then started again. The purchase completes exactly once: one charge (every request
 //! the gateway saw carries the purchase id as its idempotency key, which a real
 //! gateway dedupes), credited once, and the ledger invariants hold.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::entity::enums::{CardBrand, PurchaseStatus};
 use billing::entity::payment_methods;

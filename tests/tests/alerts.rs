@@ -2,6 +2,10 @@
 //! TEST_DATABASE_URL): a threshold fires once when the balance falls below it, to its
 //! own recipients only, however many debits race, and re-arms when the balance is
 //! back at or above it.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::Credits;
 use billing::policies::alerts;

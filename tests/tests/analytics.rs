@@ -1,6 +1,10 @@
 //! Usage analytics over the daily rollups (SQLite by default, PostgreSQL with
 //! TEST_DATABASE_URL): reports by every dimension, day boundaries, batching, spend
 //! averages and projections, and the limits.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,5 +1,9 @@
 //! The dashboard query costs the same number of SQL statements however many
 //! workspaces and projects it returns (DataLoaders batch every relation).
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::sea_orm::DatabaseConnection;
 use reservoir_tests::app::App;

@@ -1,5 +1,9 @@
 //! Behaviour at the edges: bad input gets a clear error with a stable code and writes
 //! nothing; limits are enforced; internal errors say nothing about SQL.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use reservoir_tests::app::{ADMIN_TOKEN, App, code};
 use reservoir_tests::{Fixture, TEST_MODEL, TestDb, fund, money_row_counts};

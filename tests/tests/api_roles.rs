@@ -8,6 +8,10 @@
 //! and edit the model catalog. Anything the caller cannot see (another account, a
 //! workspace of their account they do not belong to) is NOT_FOUND; a weaker role on
 //! something the caller can see is FORBIDDEN. A refusal writes nothing.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::Credits;
 use billing::accounts;

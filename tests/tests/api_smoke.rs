@@ -1,4 +1,8 @@
 //! The API app as the launcher builds it, bound to port 0, driven over real HTTP.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::accounts;
 use reservoir_tests::app::{ADMIN_TOKEN, App, code};

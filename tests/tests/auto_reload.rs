@@ -2,6 +2,10 @@
 //! TEST_DATABASE_URL): exactly one reload per crossing under racing debits, the
 //! capture outcome, the 24 h cap, backoff and the switch-off after repeated
 //! failures, with the admins' notifications.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::policies::auto_reload;
 use billing::policies::reload_state::CONSECUTIVE_FAILURES_MAX;

@@ -1,6 +1,10 @@
 //! The capture rules the worker's job follows: transient failures retry with a
 //! growing backoff and end FAILED after the bounded attempts; a decline fails at once;
 //! a removed card fails without a charge.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::payments::capture::{self, CAPTURE_ATTEMPTS_MAX, Next, Verdict};
 use billing::entity::enums::PurchaseStatus;

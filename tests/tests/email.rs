@@ -2,6 +2,10 @@
 //! TEST_DATABASE_URL): notifications written through `billing::policies::notifications`,
 //! delivered by `worker::email` to a real SMTP server running inside the test
 //! (mailin-embedded) or into an outbox folder, and read back as a mail client would.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::entity::enums::{AlertSeverity, NotificationStatus, PurchaseSource, WorkspaceRole};
 use billing::entity::notifications as rows;

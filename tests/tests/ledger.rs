@@ -1,5 +1,9 @@
 //! The ledger core against a real database (SQLite by default, PostgreSQL with
 //! TEST_DATABASE_URL): concurrency, idempotency, budgets, reservations, purchases.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::entity::enums::{BudgetPeriod, LedgerEntryKind, ReservationStatus};
 use billing::entity::{ledger_entries, usage_events};

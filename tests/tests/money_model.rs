@@ -4,6 +4,10 @@
 //! same answers, balances and ledger sums as a plain in-memory model of the rules.
 //! Operations go at random through the group-commit writer or alone; both are the
 //! same engine, so both must agree with the model.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::Credits;
 use billing::debits::reservations::{self, ReserveRequest};

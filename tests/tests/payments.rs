@@ -1,5 +1,9 @@
 //! Cards, the sandbox gateway, purchases by card and by invoice, invoices (SQLite by
 //! default, PostgreSQL with TEST_DATABASE_URL).
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::entity::enums::{
     AutoReloadStatus, CardBrand, InvoiceStatus, LedgerEntryKind, PurchaseSource, PurchaseStatus,

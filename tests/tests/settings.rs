@@ -1,6 +1,10 @@
 //! `billing::settings` against a real database (SQLite by default, PostgreSQL with
 //! TEST_DATABASE_URL): pricing agreements, the model catalog, API key revocation,
 //! auto-reload configuration, alert thresholds and cost estimates.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::accounts;
 use billing::entity::enums::{

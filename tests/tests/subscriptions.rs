@@ -1,6 +1,10 @@
 //! Live balances: GraphQL subscriptions over WebSocket (`graphql-transport-ws`), with
 //! two API processes (each its own pool, hence its own balance-event tailer) on one
 //! database; and the hub itself (slow subscribers, limits, out-of-order commits).
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use api::events::{BalanceHub, BalanceStream, HubConfig, SubscriberTooSlow};
 use billing::accounts;

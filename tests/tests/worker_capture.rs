@@ -1,5 +1,9 @@
 //! Purchases end to end: the API writes a PENDING purchase and pushes a capture job;
 //! the worker charges the card through the gateway and credits the workspace once.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::entity::enums::PurchaseStatus;
 use billing::payments::{PaymentGateway, SandboxGateway};

@@ -1,6 +1,10 @@
 //! The group-commit writer (`billing::debits::writer`) against a real database: two writers
 //! on two pools stand for two API processes; batches must never overdraw, never lose
 //! or double a debit, and answer every caller with its own result.
+#![allow(
+    clippy::too_many_lines,
+    reason = "test code: a test and its fixtures read as one scenario, top to bottom"
+)]
 
 use billing::accounts;
 use billing::entity::enums::{BudgetPeriod, ReservationStatus};
