@@ -59,28 +59,7 @@ pub async fn transfer(
     now: DateTime<Utc>,
 ) -> Result<Transferred> {
     let key = IdempotencyKey::parse("idempotencyKey", &req.idempotency_key)?;
-    if !req.amount.is_positive() {
-        return Err(BillingError::invalid("amount must be greater than zero"));
-    }
-    if req.from_workspace_id == req.to_workspace_id {
-        return Err(BillingError::invalid(
-            "cannot transfer a workspace's credits to itself",
-        ));
-    }
-    let memo = req
-        .memo
-        .as_deref()
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
-        .map(str::to_owned);
-    if memo
-        .as_ref()
-        .is_some_and(|m| m.chars().count() > MEMO_LEN_MAX)
-    {
-        return Err(BillingError::invalid(format!(
-            "memo is longer than {MEMO_LEN_MAX} characters"
-        )));
-    }
+    let memo = checked_memo(&req)?;
     let from = ledger::load_workspace(db, req.from_workspace_id).await?;
     let to = ledger::load_workspace(db, req.to_workspace_id).await?;
     if from.account_id != to.account_id {
@@ -137,6 +116,34 @@ pub async fn transfer(
     }
 }
 
+/// Checks the request's own fields (before any read, so bad input costs nothing) and
+/// returns its memo, trimmed (None when blank).
+fn checked_memo(req: &TransferRequest) -> Result<Option<String>> {
+    if !req.amount.is_positive() {
+        return Err(BillingError::invalid("amount must be greater than zero"));
+    }
+    if req.from_workspace_id == req.to_workspace_id {
+        return Err(BillingError::invalid(
+            "cannot transfer a workspace's credits to itself",
+        ));
+    }
+    let memo = req
+        .memo
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(str::to_owned);
+    if memo
+        .as_ref()
+        .is_some_and(|m| m.chars().count() > MEMO_LEN_MAX)
+    {
+        return Err(BillingError::invalid(format!(
+            "memo is longer than {MEMO_LEN_MAX} characters"
+        )));
+    }
+    Ok(memo)
+}
+
 async fn transfer_in(
     tx: &DatabaseTransaction,
     from: &workspaces::Model,
@@ -145,37 +152,7 @@ async fn transfer_in(
     now: DateTime<Utc>,
 ) -> Result<()> {
     let amount = Credits::from_nanos(transfer.amount_nanos);
-    // Rows are always locked in id order, so two opposite transfers cannot deadlock.
-    let debit_first = from.id < to.id;
-    let mut from_after = None;
-    let mut to_after = None;
-    for step in 0..2 {
-        if (step == 0) == debit_first {
-            let ws = ledger::change_workspace(
-                tx,
-                from.id,
-                amount.checked_neg()?,
-                Credits::ZERO,
-                Guard::AvailableAtLeast(amount),
-                true,
-            )
-            .await?;
-            let Some(ws) = ws else {
-                let ws = ledger::load_workspace(tx, from.id).await?;
-                return Err(BillingError::InsufficientCredits {
-                    available: ledger::available(&ws),
-                });
-            };
-            from_after = Some(ws);
-        } else {
-            to_after =
-                ledger::change_workspace(tx, to.id, amount, Credits::ZERO, Guard::None, true)
-                    .await?;
-        }
-    }
-    let (Some(from_after), Some(to_after)) = (from_after, to_after) else {
-        return Err(BillingError::NotFound("workspace"));
-    };
+    let (from_after, to_after) = move_credits(tx, from.id, to.id, amount).await?;
     transfers::Entity::insert(transfer.clone().into_active_model().reset_all())
         .exec_without_returning(tx)
         .await?;
@@ -217,4 +194,45 @@ async fn transfer_in(
     crate::policies::alerts::after_balance_change(tx, &from_after, now).await?;
     crate::policies::alerts::after_balance_change(tx, &to_after, now).await?;
     Ok(())
+}
+
+/// Debits `from` (only if it has `amount` available) and credits `to`; returns both
+/// workspaces after the change.
+async fn move_credits(
+    tx: &DatabaseTransaction,
+    from: Uuid,
+    to: Uuid,
+    amount: Credits,
+) -> Result<(workspaces::Model, workspaces::Model)> {
+    // Rows are always locked in id order, so two opposite transfers cannot deadlock.
+    let debit_first = from < to;
+    let mut from_after = None;
+    let mut to_after = None;
+    for step in 0..2 {
+        if (step == 0) == debit_first {
+            let ws = ledger::change_workspace(
+                tx,
+                from,
+                amount.checked_neg()?,
+                Credits::ZERO,
+                Guard::AvailableAtLeast(amount),
+                true,
+            )
+            .await?;
+            let Some(ws) = ws else {
+                let ws = ledger::load_workspace(tx, from).await?;
+                return Err(BillingError::InsufficientCredits {
+                    available: ledger::available(&ws),
+                });
+            };
+            from_after = Some(ws);
+        } else {
+            to_after =
+                ledger::change_workspace(tx, to, amount, Credits::ZERO, Guard::None, true).await?;
+        }
+    }
+    let (Some(from_after), Some(to_after)) = (from_after, to_after) else {
+        return Err(BillingError::NotFound("workspace"));
+    };
+    Ok((from_after, to_after))
 }

@@ -629,16 +629,7 @@ async fn issue_invoice(
             purchase.status.as_str()
         )));
     }
-    let account = accounts::Entity::update_many()
-        .col_expr(
-            accounts::Column::InvoiceSequence,
-            Expr::col(accounts::Column::InvoiceSequence).add(1),
-        )
-        .filter(accounts::Column::Id.eq(account_id))
-        .exec_with_returning(tx)
-        .await?
-        .pop()
-        .ok_or(BillingError::NotFound("account"))?;
+    let account = next_invoice_number(tx, account_id).await?;
     let (due_at, paid_at) = match status {
         InvoiceStatus::Open => (
             Some(now + TimeDelta::days(i64::from(account.payment_terms_days))),
@@ -666,6 +657,36 @@ async fn issue_invoice(
     invoices::Entity::insert(invoice.clone().into_active_model().reset_all())
         .exec_without_returning(tx)
         .await?;
+    insert_invoice_lines(tx, purchase, invoice.id).await?;
+    link_invoice(tx, purchase.id, invoice.id).await?;
+    Ok(invoice)
+}
+
+/// Takes the account's next invoice number: an atomic `UPDATE … RETURNING` of
+/// `invoice_sequence`, so concurrent invoices get distinct consecutive numbers.
+/// Returns the account as updated (its payment terms date an OPEN invoice).
+async fn next_invoice_number(
+    tx: &DatabaseTransaction,
+    account_id: Uuid,
+) -> Result<accounts::Model> {
+    accounts::Entity::update_many()
+        .col_expr(
+            accounts::Column::InvoiceSequence,
+            Expr::col(accounts::Column::InvoiceSequence).add(1),
+        )
+        .filter(accounts::Column::Id.eq(account_id))
+        .exec_with_returning(tx)
+        .await?
+        .pop()
+        .ok_or(BillingError::NotFound("account"))
+}
+
+/// The invoice's lines: the credits at their price, then any bonus at zero price.
+async fn insert_invoice_lines(
+    tx: &DatabaseTransaction,
+    purchase: &purchases::Model,
+    invoice_id: Uuid,
+) -> Result<()> {
     let amount = Credits::from_nanos(purchase.amount_nanos);
     let bonus = Credits::from_nanos(purchase.bonus_nanos);
     let mut lines = vec![(
@@ -684,7 +705,7 @@ async fn issue_invoice(
         .map(|((description, amount_nanos), position)| {
             invoice_lines::Model {
                 id: new_id(),
-                invoice_id: invoice.id,
+                invoice_id,
                 position,
                 description,
                 amount_nanos,
@@ -695,19 +716,23 @@ async fn issue_invoice(
     invoice_lines::Entity::insert_many(rows)
         .exec_without_returning(tx)
         .await?;
+    Ok(())
+}
+
+/// Sets `purchases.invoice_id`, only where none is set yet: a purchase is invoiced once.
+async fn link_invoice(tx: &DatabaseTransaction, purchase_id: Uuid, invoice_id: Uuid) -> Result<()> {
     let linked = purchases::Entity::update_many()
-        .col_expr(purchases::Column::InvoiceId, Expr::value(invoice.id))
-        .filter(purchases::Column::Id.eq(purchase.id))
+        .col_expr(purchases::Column::InvoiceId, Expr::value(invoice_id))
+        .filter(purchases::Column::Id.eq(purchase_id))
         .filter(purchases::Column::InvoiceId.is_null())
         .exec(tx)
         .await?;
     if linked.rows_affected != 1 {
         return Err(BillingError::Internal(format!(
-            "purchase {} already has an invoice",
-            purchase.id
+            "purchase {purchase_id} already has an invoice"
         )));
     }
-    Ok(invoice)
+    Ok(())
 }
 
 /// Issues the PAID invoice of a captured card purchase (paid now, no due date) in

@@ -90,6 +90,41 @@ pub(crate) async fn on_reload_failed<C: ConnectionTrait>(
     else {
         return Ok(());
     };
+    let failure = record_failure(c, &settings, purchase, permanent, now).await?;
+    tracing::warn!(
+        workspace_id = %purchase.workspace_id,
+        purchase_id = %purchase.id,
+        failures = failure.failures,
+        turned_off = failure.turned_off,
+        "auto-reload failed: {}",
+        failure.reason
+    );
+    notify_failure(c, purchase, &failure, now).await
+}
+
+/// A failed reload as recorded on the workspace's reload settings.
+struct RecordedFailure {
+    /// Failed reloads in a row, this one included.
+    failures: i32,
+    /// Auto-reload is off (DISABLED_AFTER_FAILURES) after this failure...
+    disabled: bool,
+    /// ... and was on before it: the admins are told it switched itself off.
+    turned_off: bool,
+    reason: String,
+    next_attempt_at: DateTime<Utc>,
+}
+
+/// Counts the failure on the (locked) settings row: one more in a row, the backoff
+/// before the next attempt, and the switch-off once a permanent failure reaches
+/// [`CONSECUTIVE_FAILURES_MAX`] (a disabled setting stays disabled).
+async fn record_failure<C: ConnectionTrait>(
+    c: &C,
+    settings: &auto_reload_settings::Model,
+    purchase: &purchase_rows::Model,
+    permanent: bool,
+    now: DateTime<Utc>,
+) -> Result<RecordedFailure> {
+    use auto_reload_settings::Column as S;
     let failures = settings.consecutive_failures.saturating_add(1);
     let was_disabled = settings.status == AutoReloadStatus::DisabledAfterFailures;
     let disable = was_disabled || (permanent && failures >= CONSECUTIVE_FAILURES_MAX);
@@ -103,7 +138,6 @@ pub(crate) async fn on_reload_failed<C: ConnectionTrait>(
         .clone()
         .unwrap_or_else(|| "payment failed".to_owned());
     let next_attempt_at = now + backoff(failures);
-    use auto_reload_settings::Column as S;
     auto_reload_settings::Entity::update_many()
         .col_expr(S::Status, Expr::value(status.as_str()))
         .col_expr(S::ConsecutiveFailures, Expr::value(failures))
@@ -113,14 +147,24 @@ pub(crate) async fn on_reload_failed<C: ConnectionTrait>(
         .filter(S::WorkspaceId.eq(purchase.workspace_id))
         .exec(c)
         .await?;
-    let turned_off = disable && !was_disabled;
-    tracing::warn!(
-        workspace_id = %purchase.workspace_id,
-        purchase_id = %purchase.id,
+    Ok(RecordedFailure {
         failures,
-        turned_off,
-        "auto-reload failed: {reason}"
-    );
+        disabled: disable,
+        turned_off: disable && !was_disabled,
+        reason,
+        next_attempt_at,
+    })
+}
+
+/// Tells the workspace admins: the failed reload (with the next attempt, unless
+/// disabled) and, when this failure turned auto-reload off, the switch-off. Each
+/// deduped per purchase, so a retried transaction never sends twice.
+async fn notify_failure<C: ConnectionTrait>(
+    c: &C,
+    purchase: &purchase_rows::Model,
+    failure: &RecordedFailure,
+    now: DateTime<Utc>,
+) -> Result<()> {
     let ws = ledger::load_workspace(c, purchase.workspace_id).await?;
     let admins = notifications::workspace_admin_emails(c, ws.id).await?;
     let balance = Some(Credits::from_nanos(ws.balance_nanos));
@@ -129,9 +173,9 @@ pub(crate) async fn on_reload_failed<C: ConnectionTrait>(
         workspace_name: ws.name.clone(),
         purchase_id: purchase.id,
         amount: Credits::from_nanos(purchase.amount_nanos),
-        reason: reason.clone(),
-        consecutive_failures: failures,
-        next_attempt_at: (!disable).then_some(next_attempt_at),
+        reason: failure.reason.clone(),
+        consecutive_failures: failure.failures,
+        next_attempt_at: (!failure.disabled).then_some(failure.next_attempt_at),
         balance,
     });
     notifications::enqueue_notification(
@@ -144,12 +188,12 @@ pub(crate) async fn on_reload_failed<C: ConnectionTrait>(
         now,
     )
     .await?;
-    if turned_off {
+    if failure.turned_off {
         let disabled = NotificationPayload::AutoReloadDisabled(AutoReloadDisabled {
             workspace_id: ws.id,
             workspace_name: ws.name.clone(),
-            consecutive_failures: failures,
-            last_failure_reason: Some(reason),
+            consecutive_failures: failure.failures,
+            last_failure_reason: Some(failure.reason.clone()),
             balance,
         });
         notifications::enqueue_notification(
