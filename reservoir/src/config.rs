@@ -129,146 +129,24 @@ impl Config {
         Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
     }
 
-    /// Builds the configuration from a variable lookup (tests pass a map).
+    /// Builds the configuration from a variable lookup (tests pass a map). Each step
+    /// validates its own variables, in this order, so the first bad one is reported.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get: Lookup<'_> = &get;
         let data_dir = PathBuf::from(get("RESERVOIR_DATA_DIR").unwrap_or_else(|| "./data".into()));
         let database_url = get("RESERVOIR_DATABASE_URL")
             .unwrap_or_else(|| format!("sqlite://{}/reservoir.db", data_dir.display()));
-        let backend = if database_url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if database_url.starts_with("postgres://")
-            || database_url.starts_with("postgresql://")
-        {
-            Backend::Postgres
-        } else {
-            return Err(invalid(
-                "RESERVOIR_DATABASE_URL",
-                "must start with sqlite:// or postgres://",
-            ));
-        };
-        let queue_url = get("RESERVOIR_QUEUE_URL").unwrap_or_else(|| match backend {
-            // Its own file: the SQLite queue tunes its connection for speed, never the
-            // money database (STACK.md, trap 8).
-            Backend::Sqlite => format!("sqlite://{}/queue.db", data_dir.display()),
-            Backend::Postgres => database_url.clone(),
-        });
-        // Redis is a planned optional backend; until it is built, say so at start-up
-        // rather than fail later.
-        let queue_schemes = ["sqlite:", "postgres://", "postgresql://"];
-        if !queue_schemes
-            .iter()
-            .any(|scheme| queue_url.starts_with(scheme))
-        {
-            return Err(invalid(
-                "RESERVOIR_QUEUE_URL",
-                "must be a sqlite:// or postgres:// URL (a Redis backend is not built yet)",
-            ));
-        }
+        let backend = backend_of(&database_url)?;
+        let queue_url = queue_url(get, &backend, &data_dir, &database_url)?;
         let listen = get("RESERVOIR_LISTEN")
             .unwrap_or_else(|| "127.0.0.1:8000".into())
             .parse::<SocketAddr>()
             .map_err(|e| invalid("RESERVOIR_LISTEN", format!("expected host:port ({e})")))?;
-        let admin_token = match get("RESERVOIR_ADMIN_TOKEN") {
-            Some(value) if value.len() < ADMIN_TOKEN_LEN_MIN => {
-                return Err(invalid(
-                    "RESERVOIR_ADMIN_TOKEN",
-                    format!("must be at least {ADMIN_TOKEN_LEN_MIN} characters"),
-                ));
-            }
-            Some(value) => AdminToken {
-                value,
-                generated: false,
-            },
-            None if backend == Backend::Sqlite => AdminToken {
-                value: billing::accounts::auth::generate_secret("rsv_admin_"),
-                generated: true,
-            },
-            None => {
-                return Err(ConfigError::Unsafe(
-                    "RESERVOIR_ADMIN_TOKEN must be set when running on PostgreSQL".into(),
-                ));
-            }
-        };
-        let smtp_url = get("RESERVOIR_SMTP_URL");
-        if let Some(url) = &smtp_url
-            && !(url.starts_with("smtp://") || url.starts_with("smtps://"))
-        {
-            return Err(invalid(
-                "RESERVOIR_SMTP_URL",
-                "must start with smtp:// (STARTTLS) or smtps:// (TLS)",
-            ));
-        }
-        let email_from = get("RESERVOIR_EMAIL_FROM")
-            .unwrap_or_else(|| "Reservoir <billing@reservoir.localhost>".into());
-        if !email_from.contains('@') {
-            return Err(invalid(
-                "RESERVOIR_EMAIL_FROM",
-                "must contain an e-mail address",
-            ));
-        }
-        let payment_gateway = match get("RESERVOIR_PAYMENT_GATEWAY")
-            .as_deref()
-            .unwrap_or("sandbox")
-        {
-            "sandbox" => PaymentGateway::Sandbox,
-            "stripe" => {
-                let secret_key = get("RESERVOIR_STRIPE_SECRET_KEY").ok_or_else(|| {
-                    invalid(
-                        "RESERVOIR_STRIPE_SECRET_KEY",
-                        "is required with the stripe gateway",
-                    )
-                })?;
-                if !(secret_key.starts_with("sk_") || secret_key.starts_with("rk_")) {
-                    return Err(invalid(
-                        "RESERVOIR_STRIPE_SECRET_KEY",
-                        "must be a Stripe secret (sk_…) or restricted (rk_…) key",
-                    ));
-                }
-                let base_url = get("RESERVOIR_STRIPE_BASE_URL")
-                    .unwrap_or_else(|| "https://api.stripe.com".into());
-                if !stripe_base_url_ok(&base_url) {
-                    return Err(invalid(
-                        "RESERVOIR_STRIPE_BASE_URL",
-                        "must be https (plain http only to localhost or 127.0.0.1, for tests)",
-                    ));
-                }
-                PaymentGateway::Stripe {
-                    secret_key,
-                    base_url,
-                }
-            }
-            other => {
-                return Err(invalid(
-                    "RESERVOIR_PAYMENT_GATEWAY",
-                    format!("expected sandbox or stripe, got {other:?}"),
-                ));
-            }
-        };
-        let allow_sandbox = get("RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES")
-            .map(|v| parse_bool("RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES", &v))
-            .transpose()?
-            .unwrap_or(false);
-        if backend == Backend::Postgres
-            && payment_gateway == PaymentGateway::Sandbox
-            && !allow_sandbox
-        {
-            return Err(ConfigError::Unsafe(
-                "the sandbox payment gateway grants credits without charging anyone; on PostgreSQL \
-                 set RESERVOIR_PAYMENT_GATEWAY=stripe, or RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES=true for a staging setup"
-                    .into(),
-            ));
-        }
-        let demo_seed = get("RESERVOIR_DEMO_SEED")
-            .map(|v| parse_bool("RESERVOIR_DEMO_SEED", &v))
-            .transpose()?
-            .unwrap_or(backend == Backend::Sqlite);
-        if demo_seed && backend == Backend::Postgres && !allow_sandbox {
-            // The demo account is given credits nobody paid for.
-            return Err(ConfigError::Unsafe(
-                "RESERVOIR_DEMO_SEED on PostgreSQL needs RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES=true"
-                    .into(),
-            ));
-        }
+        let admin_token = admin_token(get, &backend)?;
+        let (smtp_url, email_from) = email(get)?;
+        let payment_gateway = payment_gateway(get)?;
+        let allow_sandbox = sandbox_allowed(get, &backend, &payment_gateway)?;
+        let demo_seed = demo_seed(get, &backend, allow_sandbox)?;
         let db_connections_max = match get("RESERVOIR_DB_CONNECTIONS_MAX") {
             Some(v) => v
                 .parse::<u32>()
@@ -287,22 +165,12 @@ impl Config {
                 ));
             }
         };
-        let number = |var: &'static str, max: u64| -> Result<Option<u64>, ConfigError> {
-            get(var)
-                .map(|v| {
-                    v.parse::<u64>()
-                        .ok()
-                        .filter(|n| *n <= max)
-                        .ok_or_else(|| invalid(var, format!("must be a number from 0 to {max}")))
-                })
-                .transpose()
-        };
-        let writer_lanes = number("RESERVOIR_WRITER_LANES", 64)?.map(|n| n as usize);
+        let writer_lanes = number(get, "RESERVOIR_WRITER_LANES", 64)?.map(|n| n as usize);
         let writer_batch_ops_max =
-            number("RESERVOIR_WRITER_BATCH_OPS_MAX", 4_096)?.map(|n| n as usize);
-        let writer_window_us = number("RESERVOIR_WRITER_WINDOW_US", 100_000)?;
+            number(get, "RESERVOIR_WRITER_BATCH_OPS_MAX", 4_096)?.map(|n| n as usize);
+        let writer_window_us = number(get, "RESERVOIR_WRITER_WINDOW_US", 100_000)?;
         let credential_cache_ttl_ms =
-            number("RESERVOIR_CREDENTIAL_CACHE_TTL_MS", 60_000)?.unwrap_or(2_000);
+            number(get, "RESERVOIR_CREDENTIAL_CACHE_TTL_MS", 60_000)?.unwrap_or(2_000);
         Ok(Self {
             data_dir,
             database_url,
@@ -322,6 +190,189 @@ impl Config {
             credential_cache_ttl_ms,
         })
     }
+}
+
+/// The variable lookup [`Config::from_lookup`] hands to each of its steps.
+type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+fn backend_of(database_url: &str) -> Result<Backend, ConfigError> {
+    if database_url.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        Ok(Backend::Postgres)
+    } else {
+        Err(invalid(
+            "RESERVOIR_DATABASE_URL",
+            "must start with sqlite:// or postgres://",
+        ))
+    }
+}
+
+fn queue_url(
+    get: Lookup<'_>,
+    backend: &Backend,
+    data_dir: &std::path::Path,
+    database_url: &str,
+) -> Result<String, ConfigError> {
+    let queue_url = get("RESERVOIR_QUEUE_URL").unwrap_or_else(|| match backend {
+        // Its own file: the SQLite queue tunes its connection for speed, never the
+        // money database (STACK.md, trap 8).
+        Backend::Sqlite => format!("sqlite://{}/queue.db", data_dir.display()),
+        Backend::Postgres => database_url.to_owned(),
+    });
+    // Redis is a planned optional backend; until it is built, say so at start-up
+    // rather than fail later.
+    let queue_schemes = ["sqlite:", "postgres://", "postgresql://"];
+    if !queue_schemes
+        .iter()
+        .any(|scheme| queue_url.starts_with(scheme))
+    {
+        return Err(invalid(
+            "RESERVOIR_QUEUE_URL",
+            "must be a sqlite:// or postgres:// URL (a Redis backend is not built yet)",
+        ));
+    }
+    Ok(queue_url)
+}
+
+/// The configured token, or (embedded setup only) a generated one: on PostgreSQL the
+/// server is shared, so a token nobody chose is refused.
+fn admin_token(get: Lookup<'_>, backend: &Backend) -> Result<AdminToken, ConfigError> {
+    match get("RESERVOIR_ADMIN_TOKEN") {
+        Some(value) if value.len() < ADMIN_TOKEN_LEN_MIN => Err(invalid(
+            "RESERVOIR_ADMIN_TOKEN",
+            format!("must be at least {ADMIN_TOKEN_LEN_MIN} characters"),
+        )),
+        Some(value) => Ok(AdminToken {
+            value,
+            generated: false,
+        }),
+        None if *backend == Backend::Sqlite => Ok(AdminToken {
+            value: billing::accounts::auth::generate_secret("rsv_admin_"),
+            generated: true,
+        }),
+        None => Err(ConfigError::Unsafe(
+            "RESERVOIR_ADMIN_TOKEN must be set when running on PostgreSQL".into(),
+        )),
+    }
+}
+
+/// The SMTP server (None: the outbox folder) and the sender address.
+fn email(get: Lookup<'_>) -> Result<(Option<String>, String), ConfigError> {
+    let smtp_url = get("RESERVOIR_SMTP_URL");
+    if let Some(url) = &smtp_url
+        && !(url.starts_with("smtp://") || url.starts_with("smtps://"))
+    {
+        return Err(invalid(
+            "RESERVOIR_SMTP_URL",
+            "must start with smtp:// (STARTTLS) or smtps:// (TLS)",
+        ));
+    }
+    let email_from = get("RESERVOIR_EMAIL_FROM")
+        .unwrap_or_else(|| "Reservoir <billing@reservoir.localhost>".into());
+    if !email_from.contains('@') {
+        return Err(invalid(
+            "RESERVOIR_EMAIL_FROM",
+            "must contain an e-mail address",
+        ));
+    }
+    Ok((smtp_url, email_from))
+}
+
+fn payment_gateway(get: Lookup<'_>) -> Result<PaymentGateway, ConfigError> {
+    match get("RESERVOIR_PAYMENT_GATEWAY")
+        .as_deref()
+        .unwrap_or("sandbox")
+    {
+        "sandbox" => Ok(PaymentGateway::Sandbox),
+        "stripe" => stripe(get),
+        other => Err(invalid(
+            "RESERVOIR_PAYMENT_GATEWAY",
+            format!("expected sandbox or stripe, got {other:?}"),
+        )),
+    }
+}
+
+/// The Stripe gateway's key and base URL, checked for shape here so a typo fails at
+/// start-up rather than at the first charge.
+fn stripe(get: Lookup<'_>) -> Result<PaymentGateway, ConfigError> {
+    let secret_key = get("RESERVOIR_STRIPE_SECRET_KEY").ok_or_else(|| {
+        invalid(
+            "RESERVOIR_STRIPE_SECRET_KEY",
+            "is required with the stripe gateway",
+        )
+    })?;
+    if !(secret_key.starts_with("sk_") || secret_key.starts_with("rk_")) {
+        return Err(invalid(
+            "RESERVOIR_STRIPE_SECRET_KEY",
+            "must be a Stripe secret (sk_…) or restricted (rk_…) key",
+        ));
+    }
+    let base_url =
+        get("RESERVOIR_STRIPE_BASE_URL").unwrap_or_else(|| "https://api.stripe.com".into());
+    if !stripe_base_url_ok(&base_url) {
+        return Err(invalid(
+            "RESERVOIR_STRIPE_BASE_URL",
+            "must be https (plain http only to localhost or 127.0.0.1, for tests)",
+        ));
+    }
+    Ok(PaymentGateway::Stripe {
+        secret_key,
+        base_url,
+    })
+}
+
+/// On PostgreSQL the sandbox gateway, which grants credits without charging anyone, is
+/// refused unless RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES says this is a staging setup.
+/// Returns that allowance, which the demo seed needs too.
+fn sandbox_allowed(
+    get: Lookup<'_>,
+    backend: &Backend,
+    payment_gateway: &PaymentGateway,
+) -> Result<bool, ConfigError> {
+    let allow_sandbox = get("RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES")
+        .map(|v| parse_bool("RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES", &v))
+        .transpose()?
+        .unwrap_or(false);
+    if *backend == Backend::Postgres
+        && *payment_gateway == PaymentGateway::Sandbox
+        && !allow_sandbox
+    {
+        return Err(ConfigError::Unsafe(
+            "the sandbox payment gateway grants credits without charging anyone; on PostgreSQL \
+             set RESERVOIR_PAYMENT_GATEWAY=stripe, or RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES=true for a staging setup"
+                .into(),
+        ));
+    }
+    Ok(allow_sandbox)
+}
+
+/// Whether to seed the demo account: by default on SQLite only.
+fn demo_seed(get: Lookup<'_>, backend: &Backend, allow_sandbox: bool) -> Result<bool, ConfigError> {
+    let demo_seed = get("RESERVOIR_DEMO_SEED")
+        .map(|v| parse_bool("RESERVOIR_DEMO_SEED", &v))
+        .transpose()?
+        .unwrap_or(*backend == Backend::Sqlite);
+    if demo_seed && *backend == Backend::Postgres && !allow_sandbox {
+        // The demo account is given credits nobody paid for.
+        return Err(ConfigError::Unsafe(
+            "RESERVOIR_DEMO_SEED on PostgreSQL needs RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES=true"
+                .into(),
+        ));
+    }
+    Ok(demo_seed)
+}
+
+/// An optional number from 0 to `max` (the writer and cache tuning knobs).
+fn number(get: Lookup<'_>, var: &'static str, max: u64) -> Result<Option<u64>, ConfigError> {
+    get(var)
+        .map(|v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| invalid(var, format!("must be a number from 0 to {max}")))
+        })
+        .transpose()
 }
 
 #[cfg(test)]

@@ -79,13 +79,7 @@ pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::R
         .await
         .context("connecting to the job queue")?;
     let gateway = gateway(&config)?;
-    worker::email::check_sender(&config.email_from)
-        .map_err(anyhow::Error::msg)
-        .context("RESERVOIR_EMAIL_FROM")?;
-    let mailer = match &config.smtp_url {
-        Some(url) => worker::email::Mailer::from_url(url).context("configuring SMTP")?,
-        None => worker::email::Mailer::outbox(config.data_dir.join("outbox")),
-    };
+    let mailer = mailer(&config)?;
     let listener = if with_api {
         Some(
             TcpListener::bind(config.listen)
@@ -102,45 +96,14 @@ pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::R
         let (db, queue, gateway) = (db.clone(), queue.clone(), gateway.clone());
         let email_from = config.email_from.clone();
         let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stop.changed().await;
-            };
-            if let Err(e) = worker::run(
-                db,
-                queue,
-                gateway,
-                mailer,
-                email_from,
-                worker::WorkerConfig::default(),
-                shutdown,
-            )
-            .await
-            {
-                tracing::error!(error = %e, "worker failed");
-            }
-        })
+        let shutdown = async move {
+            let _ = stop.changed().await;
+        };
+        tokio::spawn(run_worker(db, queue, gateway, mailer, email_from, shutdown))
     });
     let server = match listener {
         Some(listener) => {
-            let defaults = billing::debits::writer::WriterConfig::for_backend(db.get_database_backend());
-            let writer = billing::debits::writer::WriterConfig {
-                lanes: config.writer_lanes.unwrap_or(defaults.lanes),
-                batch_ops_max: config
-                    .writer_batch_ops_max
-                    .unwrap_or(defaults.batch_ops_max),
-                window_us: config.writer_window_us.unwrap_or(defaults.window_us),
-                queue_ops_max: defaults.queue_ops_max,
-            };
-            writer.validate()?;
-            let api_config = api::ApiConfig {
-                admin_token: Some(config.admin_token.value.clone()),
-                gateway: gateway.clone(),
-                jobs: Arc::new(queue.clone()),
-                writer: Some(writer),
-                credential_cache_ttl_ms: config.credential_cache_ttl_ms,
-                ..Default::default()
-            };
+            let api_config = api_config(&config, &db, &gateway, &queue)?;
             Some(api::spawn(listener, db.clone(), api_config)?)
         }
         None => None,
@@ -162,6 +125,61 @@ pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::R
     }
     db.close().await.ok();
     Ok(())
+}
+
+/// The mailer the configuration names (SMTP, or the outbox folder), after checking the
+/// sender address, so a bad one stops the start-up rather than every send.
+fn mailer(config: &Config) -> anyhow::Result<worker::email::Mailer> {
+    worker::email::check_sender(&config.email_from)
+        .map_err(anyhow::Error::msg)
+        .context("RESERVOIR_EMAIL_FROM")?;
+    Ok(match &config.smtp_url {
+        Some(url) => worker::email::Mailer::from_url(url).context("configuring SMTP")?,
+        None => worker::email::Mailer::outbox(config.data_dir.join("outbox")),
+    })
+}
+
+/// The worker until `shutdown` resolves; a failure is logged, the API keeps serving.
+async fn run_worker(
+    db: DatabaseConnection,
+    queue: worker::queue::Queue,
+    gateway: Arc<dyn PaymentGateway>,
+    mailer: worker::email::Mailer,
+    email_from: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let config = worker::WorkerConfig::default();
+    if let Err(e) = worker::run(db, queue, gateway, mailer, email_from, config, shutdown).await {
+        tracing::error!(error = %e, "worker failed");
+    }
+}
+
+/// The API's configuration: the group-commit writer's settings (the backend's
+/// defaults, with the configured overrides, validated), credentials and the queue.
+fn api_config(
+    config: &Config,
+    db: &DatabaseConnection,
+    gateway: &Arc<dyn PaymentGateway>,
+    queue: &worker::queue::Queue,
+) -> anyhow::Result<api::ApiConfig> {
+    let defaults = billing::debits::writer::WriterConfig::for_backend(db.get_database_backend());
+    let writer = billing::debits::writer::WriterConfig {
+        lanes: config.writer_lanes.unwrap_or(defaults.lanes),
+        batch_ops_max: config
+            .writer_batch_ops_max
+            .unwrap_or(defaults.batch_ops_max),
+        window_us: config.writer_window_us.unwrap_or(defaults.window_us),
+        queue_ops_max: defaults.queue_ops_max,
+    };
+    writer.validate()?;
+    Ok(api::ApiConfig {
+        admin_token: Some(config.admin_token.value.clone()),
+        gateway: gateway.clone(),
+        jobs: Arc::new(queue.clone()),
+        writer: Some(writer),
+        credential_cache_ttl_ms: config.credential_cache_ttl_ms,
+        ..Default::default()
+    })
 }
 
 async fn print_banner(
