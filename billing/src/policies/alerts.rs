@@ -8,10 +8,10 @@
 //! SQLite's write lock) orders the checks of one workspace; the disarm is also a
 //! conditional UPDATE (`armed = true`), so racing debits fire a threshold once.
 
-use crate::reports::analytics;
 use crate::error::Result;
 use crate::money::Credits;
 use crate::policies::notifications::{self, LowBalanceAlert, NotificationPayload};
+use crate::reports::analytics;
 use chrono::{DateTime, Utc};
 use entity::{alert_recipients, alert_thresholds, users, workspaces};
 use sea_orm::sea_query::{Expr, Query};
@@ -47,6 +47,20 @@ pub async fn after_balance_change<C: ConnectionTrait>(
         .order_by_desc(T::AmountNanos)
         .all(c)
         .await?;
+    after_balance_change_with(c, ws, &thresholds, now).await
+}
+
+/// [`after_balance_change`] with the workspace's thresholds already read, highest
+/// first (the debit engine reads every workspace's of a batch at once, under the
+/// workspace locks, and only these functions and threshold changes, which also take
+/// the workspace lock, change them).
+pub(crate) async fn after_balance_change_with<C: ConnectionTrait>(
+    c: &C,
+    ws: &workspaces::Model,
+    thresholds: &[alert_thresholds::Model],
+    now: DateTime<Utc>,
+) -> Result<Vec<Uuid>> {
+    use alert_thresholds::Column as T;
     let mut notified = Vec::new();
     for threshold in thresholds {
         let below = ws.balance_nanos < threshold.amount_nanos;

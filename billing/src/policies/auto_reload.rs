@@ -18,8 +18,8 @@ use crate::db::begin_write;
 use crate::error::{BillingError, Result};
 use crate::ids::new_id;
 use crate::money::Credits;
-use crate::policies::reload_state::{mark_reloaded, on_reload_failed};
 use crate::payments::purchases::{self, PurchaseItem, PurchaseRequest};
+use crate::policies::reload_state::{mark_reloaded, on_reload_failed};
 use chrono::{DateTime, TimeDelta, Utc};
 use entity::enums::{AutoReloadStatus, PurchaseSource, PurchaseStatus};
 use entity::{auto_reload_settings, purchases as purchase_rows, workspaces};
@@ -71,16 +71,27 @@ pub async fn after_balance_change<C: ConnectionTrait>(
     ws: &workspaces::Model,
     now: DateTime<Utc>,
 ) -> Result<Option<purchase_rows::Model>> {
-    let Some(settings) = auto_reload_settings::Entity::find_by_id(ws.id)
+    let settings = auto_reload_settings::Entity::find_by_id(ws.id)
         .one(c)
-        .await?
-    else {
+        .await?;
+    after_balance_change_with(c, ws, settings.as_ref(), now).await
+}
+
+/// [`after_balance_change`] with the workspace's settings row already read (the debit
+/// engine reads every workspace's of a batch at once, under the workspace locks).
+pub(crate) async fn after_balance_change_with<C: ConnectionTrait>(
+    c: &C,
+    ws: &workspaces::Model,
+    settings: Option<&auto_reload_settings::Model>,
+    now: DateTime<Utc>,
+) -> Result<Option<purchase_rows::Model>> {
+    let Some(settings) = settings else {
         return Ok(None);
     };
-    if !wants_reload(&settings, ws, now) {
+    if !wants_reload(settings, ws, now) {
         return Ok(None);
     }
-    if !under_daily_cap(c, &settings, now).await? {
+    if !under_daily_cap(c, settings, now).await? {
         return Ok(None);
     }
     let id = new_id();

@@ -13,8 +13,8 @@ use crate::debits::usage::ProjectRef;
 use crate::error::{BillingError, Result};
 use crate::money::DiscountBps;
 use entity::{
-    account_members, accounts, models, projects, reservations as reservation_rows, usage_events,
-    workspaces,
+    account_members, accounts, alert_thresholds, auto_reload_settings, models, projects,
+    reservations as reservation_rows, usage_events, workspaces,
 };
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
@@ -49,6 +49,7 @@ pub(super) async fn load<'a>(
     let discounts = load_discounts(tx, &account_ids).await?;
     let members = load_members(tx, ops.clone(), &account_ids).await?;
     let (used_usage, used_reserve) = load_used_keys(tx, ops, &reservations, &workspace_ids).await?;
+    let (reload_settings, thresholds) = load_policies(tx, &workspace_ids).await?;
     Ok(State {
         workspaces,
         discounts,
@@ -58,6 +59,8 @@ pub(super) async fn load<'a>(
         reservations,
         used_usage,
         used_reserve,
+        reload_settings,
+        thresholds,
     })
 }
 
@@ -277,4 +280,37 @@ async fn load_used_keys<'a>(
         }
     }
     Ok((used_usage, used_reserve))
+}
+
+type ReloadSettings = HashMap<Uuid, auto_reload_settings::Model>;
+type Thresholds = HashMap<Uuid, Vec<alert_thresholds::Model>>;
+
+/// 6. The balance-change policies' rows: each workspace's auto-reload settings and
+///    its alert thresholds, highest first (two statements per batch, not two per
+///    workspace changed).
+async fn load_policies(
+    tx: &DatabaseTransaction,
+    workspace_ids: &BTreeSet<Uuid>,
+) -> Result<(ReloadSettings, Thresholds)> {
+    if workspace_ids.is_empty() {
+        return Ok((HashMap::new(), HashMap::new()));
+    }
+    let ids = || workspace_ids.iter().copied();
+    let settings = auto_reload_settings::Entity::find()
+        .filter(auto_reload_settings::Column::WorkspaceId.is_in(ids()))
+        .all(tx)
+        .await?
+        .into_iter()
+        .map(|s| (s.workspace_id, s))
+        .collect();
+    let mut thresholds: Thresholds = HashMap::new();
+    for t in alert_thresholds::Entity::find()
+        .filter(alert_thresholds::Column::WorkspaceId.is_in(ids()))
+        .order_by_desc(alert_thresholds::Column::AmountNanos)
+        .all(tx)
+        .await?
+    {
+        thresholds.entry(t.workspace_id).or_default().push(t);
+    }
+    Ok((settings, thresholds))
 }

@@ -28,7 +28,8 @@ use crate::pricing::{self, TokenPrice};
 use chrono::{DateTime, Duration, Utc};
 use entity::enums::{BalanceChangeCause, LedgerEntryKind, ReservationStatus};
 use entity::{
-    ledger_entries, models, projects, reservations as reservation_rows, usage_events, workspaces,
+    alert_thresholds, auto_reload_settings, ledger_entries, models, projects,
+    reservations as reservation_rows, usage_events, workspaces,
 };
 use sea_orm::ActiveValue::Set;
 use std::collections::{HashMap, HashSet};
@@ -83,6 +84,10 @@ pub(crate) struct State {
     pub used_usage: HashMap<(Uuid, String), usage_events::Model>,
     /// (workspace, request id) → the reservation made with it before this batch.
     pub used_reserve: HashMap<(Uuid, String), reservation_rows::Model>,
+    /// The workspaces' auto-reload settings and alert thresholds (highest first), for
+    /// the balance-change policies after the batch's writes.
+    pub reload_settings: HashMap<Uuid, auto_reload_settings::Model>,
+    pub thresholds: HashMap<Uuid, Vec<alert_thresholds::Model>>,
 }
 
 /// One operation's ledger transaction, before it has an id.

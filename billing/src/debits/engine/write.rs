@@ -53,8 +53,13 @@ pub(super) async fn write(
     if !pg {
         update_projects(tx, state).await?;
     }
-    let mut changed: Vec<&mut WorkspaceState> = state
-        .workspaces
+    let State {
+        workspaces,
+        reload_settings,
+        thresholds,
+        ..
+    } = state;
+    let mut changed: Vec<&mut WorkspaceState> = workspaces
         .values_mut()
         .filter(|w| w.cause.is_some())
         .collect();
@@ -64,7 +69,12 @@ pub(super) async fn write(
         if !pg {
             update_workspace(tx, ws).await?;
         }
-        run_policies(tx, ws, &mut follow_up).await?;
+        let id = ws.row.id;
+        let rows = (
+            reload_settings.get(&id),
+            thresholds.get(&id).map_or(&[][..], Vec::as_slice),
+        );
+        run_policies(tx, ws, rows, &mut follow_up).await?;
     }
     if !pg {
         insert_balance_events(tx, &changed).await?;
@@ -72,22 +82,30 @@ pub(super) async fn write(
     Ok(follow_up)
 }
 
-/// Auto-reload and alerts, judged on the row as the batch left it.
+/// Auto-reload and alerts, judged on the row as the batch left it, with the policy
+/// rows the batch loaded.
 async fn run_policies(
     tx: &DatabaseTransaction,
     ws: &WorkspaceState,
+    (settings, thresholds): PolicyRows<'_>,
     follow_up: &mut FollowUp,
 ) -> Result<()> {
+    use crate::policies::{alerts, auto_reload};
     let now = ws.changed_at.unwrap_or_else(Utc::now);
     if let Some(purchase) =
-        crate::policies::auto_reload::after_balance_change(tx, &ws.row, now).await?
+        auto_reload::after_balance_change_with(tx, &ws.row, settings, now).await?
     {
         follow_up.purchases.push(purchase.id);
     }
-    let alerts = crate::policies::alerts::after_balance_change(tx, &ws.row, now).await?;
+    let alerts = alerts::after_balance_change_with(tx, &ws.row, thresholds, now).await?;
     follow_up.notifications.extend(alerts);
     Ok(())
 }
+
+type PolicyRows<'a> = (
+    Option<&'a entity::auto_reload_settings::Model>,
+    &'a [entity::alert_thresholds::Model],
+);
 
 async fn insert_events(tx: &DatabaseTransaction, events: &[usage_events::Model]) -> Result<()> {
     for chunk in events.chunks(INSERT_ROWS_MAX) {
