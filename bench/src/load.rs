@@ -15,7 +15,7 @@ use uuid::Uuid;
 /// Tokens of every usage call (and of every settlement).
 pub const PROMPT_TOKENS: u32 = 100;
 pub const COMPLETION_TOKENS: u32 = 50;
-/// The worst case held by `reserveCredits`.
+/// The worst case reserved by `reserveCredits`.
 const MAX_PROMPT_TOKENS: u32 = 200;
 const MAX_COMPLETION_TOKENS: u32 = 100;
 /// A call that takes longer than this is a TRANSPORT error (and its outcome unknown).
@@ -547,7 +547,7 @@ fn reserve_outcome(result: Result<(u16, Vec<u8>), reqwest::Error>) -> Result<Str
             .and_then(|r| r.data)
             .map(|d| d.reservation.id)
             .ok_or_else(|| Outcome::error("BAD_RESPONSE".to_owned(), 1)),
-        // A hold whose outcome is unknown holds credits but is never a debit.
+        // A reservation whose outcome is unknown reserves credits but is never a debit.
         Err((code, _)) => Err(Outcome::error(code, 1)),
     }
 }

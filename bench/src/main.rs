@@ -1,7 +1,4 @@
-//! `reservoir-bench`: a load generator for a running Reservoir server. It sets up
-//! fresh fixtures directly in the server's database (through `billing`), drives the
-//! server over HTTP and WebSocket, then checks the ledger invariants and counts rows.
-//! See README.md.
+#![doc = include_str!("../README.md")]
 #![allow(
     clippy::too_many_lines,
     reason = "a load generator, not the product: each scenario reads top to bottom"

@@ -9,6 +9,8 @@ pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: Uuid,
     pub workspace_id: Uuid,
+    /// The threshold (named `amount`, as in the contract): the alert fires when the
+    /// balance falls below it.
     pub amount_nanos: i64,
     pub severity: AlertSeverity,
     pub armed: bool,

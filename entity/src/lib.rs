@@ -1,5 +1,4 @@
-//! SeaORM entities: table shapes only. Money columns are `i64` nanocredits; the
-//! `billing` crate owns every rule about them.
+#![doc = include_str!("../README.md")]
 
 pub mod account_members;
 pub mod accounts;

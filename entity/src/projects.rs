@@ -15,6 +15,7 @@ pub struct Model {
     pub budget_period: BudgetPeriod,
     pub budget_period_start: DateTimeUtc,
     pub budget_spent_nanos: i64,
+    /// Reserved credits of the project's HELD reservations (they count against the cap).
     pub budget_reserved_nanos: i64,
     pub created_at: DateTimeUtc,
 }

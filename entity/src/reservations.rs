@@ -13,8 +13,11 @@ pub struct Model {
     pub user_id: Option<Uuid>,
     pub api_key_id: Option<Uuid>,
     pub model_id: String,
+    /// The usage idempotency key; unique per workspace.
     pub request_id: String,
     pub request_hash: String,
+    /// The reserved credits (the worst-case cost); counted in `workspaces.reserved_nanos`
+    /// while the status is HELD.
     pub amount_nanos: i64,
     pub status: ReservationStatus,
     pub expires_at: DateTimeUtc,

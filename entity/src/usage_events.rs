@@ -16,6 +16,7 @@ pub struct Model {
     pub completion_tokens: i64,
     pub cost_nanos: i64,
     pub shortfall_nanos: i64,
+    /// The usage idempotency key; unique per workspace.
     pub request_id: String,
     pub request_hash: String,
     pub reservation_id: Option<Uuid>,

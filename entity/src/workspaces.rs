@@ -10,6 +10,7 @@ pub struct Model {
     pub account_id: Uuid,
     pub name: String,
     pub balance_nanos: i64,
+    /// Reserved credits: the sum of the amounts of the workspace's HELD reservations.
     pub reserved_nanos: i64,
     pub balance_sequence: i64,
     pub created_at: DateTimeUtc,

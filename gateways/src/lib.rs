@@ -1,8 +1,4 @@
-//! Payment gateway adapters: real gateways behind [`billing::payments::PaymentGateway`].
-//!
-//! [`StripeGateway`] talks to the Stripe API (PaymentMethods and PaymentIntents) over
-//! form-encoded HTTPS posts. The deterministic sandbox stays in
-//! `billing::payments::SandboxGateway`.
+#![doc = include_str!("../README.md")]
 
 pub mod stripe;
 

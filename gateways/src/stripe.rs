@@ -172,7 +172,7 @@ impl StripeGateway {
         tracing::info!(
             payment_method = %method.id,
             brand = %card.brand,
-            request_id = reply.request_id.as_deref().unwrap_or(""),
+            stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or(""),
             "stripe: payment method created"
         );
         Ok(AttachedCard {
@@ -228,7 +228,7 @@ impl StripeGateway {
                     tracing::info!(
                         idempotency_key = %req.idempotency_key,
                         reason = %reason,
-                        request_id = reply.request_id.as_deref().unwrap_or(""),
+                        stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or(""),
                         "stripe: charge declined"
                     );
                     Ok(ChargeOutcome::Declined { reason })
@@ -247,7 +247,7 @@ impl StripeGateway {
             tracing::info!(
                 idempotency_key = %req.idempotency_key,
                 payment_intent = %charge_id,
-                request_id = reply.request_id.as_deref().unwrap_or(""),
+                stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or(""),
                 "stripe: charge succeeded"
             );
         }
@@ -331,7 +331,7 @@ fn api_root(base_url: &str) -> Result<String, StripeSetupError> {
 /// A response read to the end.
 struct Reply {
     status: StatusCode,
-    request_id: Option<String>,
+    stripe_request_id: Option<String>,
     body: Vec<u8>,
 }
 
@@ -343,7 +343,7 @@ impl Reply {
             tracing::error!(
                 op,
                 status = self.status.as_u16(),
-                request_id = self.request_id.as_deref().unwrap_or(""),
+                stripe_request_id = self.stripe_request_id.as_deref().unwrap_or(""),
                 error = %e,
                 "stripe: unreadable response"
             );
@@ -367,7 +367,7 @@ async fn send(request: reqwest::RequestBuilder, op: &str) -> GatewayResult<Reply
     };
     let response = request.send().await.map_err(transport)?;
     let status = response.status();
-    let request_id = response
+    let stripe_request_id = response
         .headers()
         .get("Request-Id")
         .and_then(|v| v.to_str().ok())
@@ -375,7 +375,7 @@ async fn send(request: reqwest::RequestBuilder, op: &str) -> GatewayResult<Reply
     let body = response.bytes().await.map_err(transport)?.to_vec();
     Ok(Reply {
         status,
-        request_id,
+        stripe_request_id,
         body,
     })
 }
@@ -414,7 +414,7 @@ fn refusal(reply: &Reply, op: &str) -> Refusal {
     let kind = error.kind.as_deref().unwrap_or("");
     let code = error.code.as_deref().unwrap_or("");
     let summary = summary(status, &error);
-    let request_id = reply.request_id.as_deref().unwrap_or("");
+    let stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or("");
 
     let transient = status.is_server_error()
         || status == StatusCode::TOO_MANY_REQUESTS
@@ -427,7 +427,7 @@ fn refusal(reply: &Reply, op: &str) -> Refusal {
             status = status.as_u16(),
             kind,
             code,
-            request_id,
+            stripe_request_id,
             "stripe: transient failure"
         );
         return Refusal::Error(GatewayError::Transient(summary));
@@ -445,7 +445,7 @@ fn refusal(reply: &Reply, op: &str) -> Refusal {
         tracing::error!(
             op,
             status = status.as_u16(),
-            request_id,
+            stripe_request_id,
             "stripe: the API key was refused; check RESERVOIR_STRIPE_SECRET_KEY"
         );
         return Refusal::Error(GatewayError::Invalid(format!(
@@ -458,7 +458,7 @@ fn refusal(reply: &Reply, op: &str) -> Refusal {
         status = status.as_u16(),
         kind,
         code,
-        request_id,
+        stripe_request_id,
         "stripe: request refused"
     );
     Refusal::Error(GatewayError::Invalid(summary))

@@ -1,6 +1,4 @@
-//! Schema migrations. Steps are append-only: a released step is never edited, a
-//! change is a new step. This crate never imports `entity` (the entities describe
-//! the latest shape; a migration describes one moment).
+#![doc = include_str!("../README.md")]
 
 pub use sea_orm_migration::prelude::*;
 

@@ -1,5 +1,4 @@
-//! The launcher: configuration, start-up (migrations, demo seed) and the process
-//! modes of the one `reservoir` binary.
+#![doc = include_str!("../README.md")]
 
 pub mod config;
 

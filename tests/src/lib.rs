@@ -1,5 +1,4 @@
-//! Test support: a fresh database per test, on SQLite by default or on PostgreSQL when
-//! `TEST_DATABASE_URL` names a server (each test gets its own database there).
+#![doc = include_str!("../README.md")]
 
 pub mod app;
 

@@ -1,6 +1,8 @@
-//! `billing::settings` against a real database (SQLite by default, PostgreSQL with
-//! TEST_DATABASE_URL): pricing agreements, the model catalog, API key revocation,
-//! auto-reload configuration, alert thresholds and cost estimates.
+//! The settings functions of `billing` (`catalog`, `accounts::revoke_api_key`,
+//! `policies::auto_reload_settings`, `policies::alert_thresholds`) against a real
+//! database (SQLite by default, PostgreSQL with TEST_DATABASE_URL): pricing agreements,
+//! the model catalog, API key revocation, auto-reload configuration, alert thresholds
+//! and cost estimates.
 #![allow(
     clippy::too_many_lines,
     reason = "test code: a test and its fixtures read as one scenario, top to bottom"

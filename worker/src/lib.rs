@@ -1,5 +1,4 @@
-//! The worker process: payment capture and e-mail delivery on a durable queue
-//! (apalis), and periodic sweeps that make sure no work is ever lost.
+#![doc = include_str!("../README.md")]
 
 pub mod email;
 pub mod jobs;

@@ -42,7 +42,7 @@ const CHECKS: &[(&str, &str)] = &[
          WHERE w.balance_nanos < 0 OR w.reserved_nanos < 0 OR w.reserved_nanos > w.balance_nanos",
     ),
     (
-        "reserved equals the sum of the workspace's open holds",
+        "reserved equals the sum of the workspace's HELD reservations",
         "SELECT w.name AS subject, CAST(w.reserved_nanos AS BIGINT) AS expected, \
                 CAST(COALESCE(SUM(r.amount_nanos), 0) AS BIGINT) AS actual \
          FROM workspaces w LEFT JOIN reservations r ON r.workspace_id = w.id AND r.status = 'HELD' \
@@ -50,7 +50,7 @@ const CHECKS: &[(&str, &str)] = &[
          HAVING w.reserved_nanos <> COALESCE(SUM(r.amount_nanos), 0)",
     ),
     (
-        "a project's held budget equals the sum of its open holds",
+        "a project's reserved budget equals the sum of its HELD reservations",
         "SELECT p.tag AS subject, CAST(p.budget_reserved_nanos AS BIGINT) AS expected, \
                 CAST(COALESCE(SUM(r.amount_nanos), 0) AS BIGINT) AS actual \
          FROM projects p LEFT JOIN reservations r ON r.project_id = p.id AND r.status = 'HELD' \

@@ -39,7 +39,8 @@ pub const ALERT_AMOUNT_CREDITS_MAX: i64 = 1_000_000;
 /// One low-balance alert as the workspace admin describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AlertThresholdInput {
-    /// Fires when the balance falls below this (> 0).
+    /// The threshold (named `amount`, as in the contract): fires when the balance falls
+    /// below it (> 0).
     pub amount: Credits,
     pub severity: AlertSeverity,
     /// Members of the workspace who get the email (duplicates are ignored).
