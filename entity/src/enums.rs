@@ -308,3 +308,25 @@ impl NotificationStatus {
         }
     }
 }
+
+/// Reads each of these from its stored spelling (as `row_to_json` writes it), so a row
+/// read as JSON (the debit engine's fused reads on PostgreSQL) decodes like one read
+/// column by column.
+macro_rules! deserialize_from_stored_string {
+    ($($enum:ty),* $(,)?) => {$(
+        impl<'de> serde::Deserialize<'de> for $enum {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let stored = String::deserialize(d)?;
+                <$enum as ActiveEnum>::try_from_value(&stored)
+                    .map_err(|_| serde::de::Error::custom(format!("unknown value {stored:?}")))
+            }
+        }
+    )*};
+}
+
+deserialize_from_stored_string!(
+    BudgetPeriod,
+    ReservationStatus,
+    AutoReloadStatus,
+    AlertSeverity
+);

@@ -3,7 +3,7 @@
 use crate::enums::ReservationStatus;
 use sea_orm::entity::prelude::*;
 
-#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, serde::Deserialize)]
 #[sea_orm(table_name = "reservations")]
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]

@@ -32,6 +32,9 @@ pub(super) async fn load<'a>(
     tx: &DatabaseTransaction,
     ops: impl Iterator<Item = &'a Op> + Clone,
 ) -> Result<State> {
+    if is_postgres(tx) {
+        return super::load_pg::load(tx, ops).await;
+    }
     let reservations = lock_reservations(tx, ops.clone()).await?;
     let mut workspace_ids: BTreeSet<Uuid> = ops
         .clone()

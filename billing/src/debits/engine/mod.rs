@@ -18,6 +18,7 @@
 #![deny(clippy::arithmetic_side_effects)]
 
 mod load;
+mod load_pg;
 pub(crate) mod rules;
 mod write;
 mod write_pg;
