@@ -73,7 +73,7 @@ pub(crate) async fn after_balance_change_with<C: ConnectionTrait>(
                 .exec(c)
                 .await?;
             if disarmed.rows_affected == 1
-                && let Some(id) = fire(c, ws, &threshold, now).await?
+                && let Some(id) = fire(c, ws, threshold, now).await?
             {
                 notified.push(id);
             }
