@@ -637,3 +637,45 @@ async fn the_invariant_check_catches_a_tampered_balance() -> anyhow::Result<()> 
     .await?;
     t.finish().await
 }
+
+#[tokio::test]
+async fn names_with_control_characters_are_invalid_input_on_both_backends() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "5", now).await?;
+    let before = money_row_counts(&t.db).await?;
+    let nul_model = UsageRequest {
+        model_id: "a\u{0}b".into(),
+        ..usage_req(f.ws_a, "nul-model", 1)
+    };
+    let nul_tag = UsageRequest {
+        project: ProjectRef::Tag("a\u{0}b".into()),
+        ..usage_req(f.ws_a, "nul-tag", 1)
+    };
+    let long_model = UsageRequest {
+        model_id: "m".repeat(101),
+        ..usage_req(f.ws_a, "long-model", 1)
+    };
+    for (bad, field) in [(nul_model, "modelId"), (nul_tag, "projectTag"), (long_model, "modelId")] {
+        let err = usage::record_usage(&t.db, bad.clone(), now)
+            .await
+            .expect_err("must be refused");
+        assert_eq!(err.code(), ErrorCode::InvalidInput, "{bad:?}: {err}");
+        assert!(err.to_string().contains(field), "{err}");
+        let held = reservations::reserve(
+            &t.db,
+            ReserveRequest {
+                model_id: bad.model_id.clone(),
+                project: bad.project.clone(),
+                ..reserve_req(f.ws_a, &format!("r-{}", bad.request_id), 1)
+            },
+            now,
+        )
+        .await
+        .expect_err("must be refused");
+        assert_eq!(held.code(), ErrorCode::InvalidInput, "{held}");
+    }
+    assert_eq!(money_row_counts(&t.db).await?, before);
+    t.finish().await
+}

@@ -23,9 +23,11 @@ pub(crate) mod rules;
 mod write;
 mod write_pg;
 
+use crate::accounts::TAG_LEN_MAX;
+use crate::catalog::MODEL_ID_LEN_MAX;
 use crate::db::begin_write;
 use crate::debits::reservations::{self, ReserveRequest, Settled};
-use crate::debits::usage::{self, Recorded, UsageRequest};
+use crate::debits::usage::{self, ProjectRef, Recorded, UsageRequest};
 use crate::error::{BillingError, Result};
 use crate::ids::IdempotencyKey;
 use crate::jobs::{CapturePurchase, DeliverNotification, JobSink};
@@ -70,15 +72,37 @@ impl Op {
     /// reaches a batch, and fingerprints it for replays.
     pub(crate) fn usage(req: UsageRequest) -> Result<Self> {
         IdempotencyKey::parse("requestId", &req.request_id)?;
+        check_names(&req.model_id, &req.project)?;
         let hash = usage::usage_hash(&req);
         Ok(Self::Usage { req, hash })
     }
 
     pub(crate) fn reserve(req: ReserveRequest) -> Result<Self> {
         IdempotencyKey::parse("requestId", &req.request_id)?;
+        check_names(&req.model_id, &req.project)?;
         reservations::check_ttl(req.ttl_seconds)?;
         let hash = reservations::reserve_hash(&req);
         Ok(Self::Reserve { req, hash })
+    }
+}
+
+/// A model id or project tag that no row can have (too long, or with control
+/// characters such as NUL, which PostgreSQL cannot even compare) is INVALID_INPUT
+/// naming the field, the same on both backends, before any lookup.
+fn check_names(model_id: &str, project: &ProjectRef) -> Result<()> {
+    let bad = |field: &str, value: &str, max: usize| {
+        (value.len() > max || value.chars().any(char::is_control)).then(|| {
+            BillingError::invalid(format!(
+                "{field} must be at most {max} characters, without control characters"
+            ))
+        })
+    };
+    if let Some(e) = bad("modelId", model_id, MODEL_ID_LEN_MAX) {
+        return Err(e);
+    }
+    match project {
+        ProjectRef::Tag(tag) => bad("projectTag", tag, TAG_LEN_MAX).map_or(Ok(()), Err),
+        _ => Ok(()),
     }
 }
 
