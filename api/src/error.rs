@@ -3,17 +3,21 @@
 
 use async_graphql::{Error, ErrorExtensions};
 use billing::{BillingError, ErrorCode};
+use std::borrow::Borrow;
 
 /// The id of the HTTP request being served, for INTERNAL errors and logs.
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
 
-pub fn to_gql(e: BillingError, request_id: Option<&RequestId>) -> Error {
+/// The GraphQL error for a domain error, owned or shared: a DataLoader hands the same
+/// error (an `Arc`) to every key of a failed batch, and each keeps the error's code.
+pub fn to_gql(e: impl Borrow<BillingError>, request_id: Option<&RequestId>) -> Error {
+    let e = e.borrow();
     let code = e.code();
     let message = match code {
         ErrorCode::Internal => {
+            log_internal(e, request_id);
             let id = request_id.map(|r| r.0.as_str()).unwrap_or("-");
-            tracing::error!(request_id = id, error = %e, "internal error");
             format!("internal error; quote request id {id}")
         }
         _ => e.to_string(),

@@ -56,13 +56,10 @@
 //! subscribers' streams then end.
 
 use billing::BillingError;
+use billing::entity::balance_events;
 use billing::entity::enums::BalanceChangeCause;
-use billing::entity::{balance_events, workspaces};
-use billing::sea_orm::sqlx::postgres::{PgListener, PgPoolOptions};
-use billing::sea_orm::{
-    ColumnTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect,
-};
+use billing::ledger::tail;
+use billing::sea_orm::{DatabaseConnection, DbBackend};
 use chrono::{DateTime, Utc};
 use futures::Stream;
 use std::collections::{BTreeMap, HashMap};
@@ -410,25 +407,11 @@ impl Tail {
 
     /// Starts at the current maximum id; ids missing just below it may be transactions
     /// in flight, so they are gaps to wait for.
-    async fn start_at_end(&mut self, db: &DatabaseConnection) -> Result<(), DbErr> {
-        let max: Option<i64> = balance_events::Entity::find()
-            .select_only()
-            .column(balance_events::Column::Id)
-            .order_by_desc(balance_events::Column::Id)
-            .limit(1)
-            .into_tuple()
-            .one(db)
-            .await?;
-        let Some(max) = max else {
+    async fn start_at_end(&mut self, db: &DatabaseConnection) -> Result<(), BillingError> {
+        let Some(max) = tail::latest_event_id(db).await? else {
             return Ok(());
         };
-        let present: Vec<i64> = balance_events::Entity::find()
-            .select_only()
-            .column(balance_events::Column::Id)
-            .filter(balance_events::Column::Id.gt(max - START_WINDOW))
-            .into_tuple()
-            .all(db)
-            .await?;
+        let present = tail::event_ids_above(db, max - START_WINDOW).await?;
         let present: std::collections::HashSet<i64> = present.into_iter().collect();
         let now = Instant::now();
         let low = (max - START_WINDOW).max(0);
@@ -448,22 +431,18 @@ impl Tail {
     }
 
     /// Reads and delivers everything committed since the last pass.
-    async fn catch_up(&mut self, db: &DatabaseConnection, shared: &Shared) -> Result<(), DbErr> {
+    async fn catch_up(
+        &mut self,
+        db: &DatabaseConnection,
+        shared: &Shared,
+    ) -> Result<(), BillingError> {
         loop {
             let mut rows = Vec::new();
             if !self.gaps.is_empty() {
                 let missing: Vec<i64> = self.gaps.keys().take(GAP_QUERY_MAX).copied().collect();
-                rows = balance_events::Entity::find()
-                    .filter(balance_events::Column::Id.is_in(missing))
-                    .all(db)
-                    .await?;
+                rows = tail::events_by_ids(db, &missing).await?;
             }
-            let fresh = balance_events::Entity::find()
-                .filter(balance_events::Column::Id.gt(self.high))
-                .order_by_asc(balance_events::Column::Id)
-                .limit(self.batch_max)
-                .all(db)
-                .await?;
+            let fresh = tail::events_after(db, self.high, self.batch_max).await?;
             let more = fresh.len() as u64 >= self.batch_max;
             rows.extend(fresh);
             rows.sort_by_key(|r| r.id);
@@ -535,7 +514,7 @@ impl Tail {
         &mut self,
         db: &DatabaseConnection,
         rows: &[balance_events::Model],
-    ) -> Result<(), DbErr> {
+    ) -> Result<(), BillingError> {
         let mut unknown: Vec<Uuid> = rows
             .iter()
             .map(|r| r.workspace_id)
@@ -546,13 +525,8 @@ impl Tail {
         }
         unknown.sort_unstable();
         unknown.dedup();
-        let found = workspaces::Entity::find()
-            .filter(workspaces::Column::Id.is_in(unknown))
-            .all(db)
-            .await?;
-        for ws in found {
-            self.accounts.insert(ws.id, ws.account_id);
-        }
+        let found = billing::accounts::lookups::account_ids_of_workspaces(db, &unknown).await?;
+        self.accounts.extend(found);
         Ok(())
     }
 }
@@ -617,26 +591,11 @@ async fn run_tailer(
 /// one of the pool's) and wakes the tailer on each notification, and after every
 /// (re)connection since notifications sent in between are lost.
 async fn listen(db: DatabaseConnection, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
-    let options = db.get_postgres_connection_pool().connect_options();
     let mut backoff = Duration::from_millis(100);
     loop {
-        let connect = async {
-            let pool = PgPoolOptions::new()
-                .max_connections(1)
-                .min_connections(0)
-                .idle_timeout(None)
-                .max_lifetime(None)
-                .connect_with((*options).clone())
-                .await?;
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener
-                .listen(billing::ledger::BALANCE_EVENTS_CHANNEL)
-                .await?;
-            Ok::<_, billing::sea_orm::sqlx::Error>(listener)
-        };
         let connected = tokio::select! {
             _ = stop.changed() => return,
-            r = connect => r,
+            r = tail::listen(&db) => r,
         };
         match connected {
             Ok(mut listener) => {

@@ -13,7 +13,7 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, guard, web};
 use async_graphql::http::GraphiQLSource;
 use async_graphql_actix_web::{GraphQLResponse, GraphQLSubscription};
-use billing::sea_orm::{ConnectionTrait, DatabaseConnection};
+use billing::sea_orm::DatabaseConnection;
 use error::RequestId;
 use schema::{Caller, ReservoirSchema};
 use std::net::{SocketAddr, TcpListener};
@@ -282,7 +282,7 @@ async fn healthz() -> HttpResponse {
 
 /// The database answers.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    match state.db.execute_unprepared("SELECT 1").await {
+    match billing::db::ping(&state.db).await {
         Ok(_) => HttpResponse::Ok().body("ready"),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
@@ -302,12 +302,15 @@ pub fn build_server(
     // One tailer per process; it stops when the last schema clone is dropped.
     let hub = events::BalanceHub::start(db.clone(), config.balance_hub.clone());
     let metrics = metrics::Metrics::new().map_err(std::io::Error::other)?;
-    let writer_config = config
-        .writer
-        .unwrap_or_else(|| billing::debits::writer::WriterConfig::for_backend(db.get_database_backend()));
-    let writer =
-        billing::debits::writer::DebitWriter::start(db.clone(), writer_config, Some(config.jobs.clone()))
-            .map_err(std::io::Error::other)?;
+    let writer_config = config.writer.unwrap_or_else(|| {
+        billing::debits::writer::WriterConfig::for_backend(db.get_database_backend())
+    });
+    let writer = billing::debits::writer::DebitWriter::start(
+        db.clone(),
+        writer_config,
+        Some(config.jobs.clone()),
+    )
+    .map_err(std::io::Error::other)?;
     let credentials = Arc::new(credentials::CredentialCache::new(
         config.credential_cache_ttl_ms,
     ));

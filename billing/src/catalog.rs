@@ -242,3 +242,27 @@ pub async fn estimate_cost(
         affordable: Some(affordable),
     })
 }
+
+// --- reads -------------------------------------------------------------------------
+
+/// Models by id, retired ones included (usage keeps pointing at its model).
+pub async fn models_by_ids<C: sea_orm::ConnectionTrait>(
+    c: &C,
+    ids: &[String],
+) -> Result<std::collections::HashMap<String, models::Model>> {
+    crate::batch::by_keys::<models::Entity, _, _>(c, models::Column::Id, ids, |m| m.id.clone())
+        .await
+}
+
+/// The credit packages on sale (active), in display order.
+pub async fn packages_on_sale(
+    db: &DatabaseConnection,
+) -> Result<Vec<entity::credit_packages::Model>> {
+    use entity::credit_packages::{Column, Entity};
+    use sea_orm::QueryOrder;
+    Ok(Entity::find()
+        .filter(Column::Active.eq(true))
+        .order_by_asc(Column::Position)
+        .all(db)
+        .await?)
+}

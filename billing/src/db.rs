@@ -82,6 +82,13 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
     Ok(())
 }
 
+/// Whether the database answers (a readiness probe): one trivial statement.
+pub async fn ping(db: &DatabaseConnection) -> Result<()> {
+    use sea_orm::ConnectionTrait;
+    db.execute_unprepared("SELECT 1").await?;
+    Ok(())
+}
+
 /// Opens a transaction that will write. On SQLite it is `BEGIN IMMEDIATE`: the write
 /// lock is taken up front, so the busy timeout applies; a deferred transaction that
 /// reads first and then writes fails at once with SQLITE_BUSY when another writer

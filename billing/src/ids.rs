@@ -53,3 +53,9 @@ pub fn request_hash(parts: &[&str]) -> String {
 pub fn opt_uuid_str(id: Option<Uuid>) -> String {
     id.map(|id| id.to_string()).unwrap_or_default()
 }
+
+/// An id as a caller sent it. A string that is not a UUID cannot name anything of
+/// ours, so it is NOT_FOUND (of `kind`), like any unknown id.
+pub fn parse_uuid(kind: &'static str, value: &str) -> Result<Uuid> {
+    Uuid::parse_str(value).map_err(|_| BillingError::NotFound(kind))
+}

@@ -6,6 +6,7 @@
 //! balance event together, and is idempotent on its key.
 
 pub mod accounts;
+mod batch;
 pub mod catalog;
 pub mod db;
 pub mod debits;

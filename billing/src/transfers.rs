@@ -236,3 +236,5 @@ async fn move_credits(
     };
     Ok((from_after, to_after))
 }
+
+crate::batch::rows_by_ids!(transfers_by_ids, transfers);

@@ -161,3 +161,31 @@ async fn the_dashboard_query_does_not_grow_with_rows() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A reversed window asked of two workspaces fails inside one batched loader call,
+/// which shares its error between both fields: each keeps the error's own code
+/// (INVALID_INPUT), never INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversed_range_over_two_workspaces_is_invalid_input() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    add_test_model(&t.db, chrono::Utc::now()).await?;
+    let (account_id, token) = seed(&t.db, 2, 1).await?;
+    let app = App::start(&t).await?;
+    let from = chrono::Utc::now();
+    let to = from - chrono::Duration::days(7);
+    let query = r#"query($id: ID!, $from: DateTime!, $to: DateTime!) {
+      account(id: $id) { workspaces { id usage(from: $from, to: $to) { requests cost } } }
+    }"#;
+    let vars = json!({ "id": account_id, "from": from.to_rfc3339(), "to": to.to_rfc3339() });
+    let response = app.gql(Some(&token), query, vars).await?;
+    app.stop().await;
+    let errors = response["errors"].as_array().cloned().unwrap_or_default();
+    assert!(!errors.is_empty(), "{response}");
+    assert_eq!(reservoir_tests::app::code(&response), Some("INVALID_INPUT"));
+    for error in &errors {
+        assert_eq!(error["extensions"]["code"], "INVALID_INPUT", "{response}");
+        assert_eq!(error["path"][3], "usage", "{response}");
+    }
+    t.finish().await?;
+    Ok(())
+}

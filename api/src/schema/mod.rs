@@ -45,10 +45,7 @@ pub(crate) fn caller(ctx: &Context<'_>) -> Result<Principal> {
 }
 
 pub(crate) fn parse_id(ctx: &Context<'_>, id: &ID, kind: &'static str) -> Result<Uuid> {
-    // An id that is not ours cannot name anything: NOT_FOUND, like any unknown id.
-    Uuid::parse_str(id.as_str())
-        .map_err(|_| BillingError::NotFound(kind))
-        .gql(ctx)
+    billing::ids::parse_uuid(kind, id.as_str()).gql(ctx)
 }
 
 pub(crate) fn credits(nanos: i64) -> CreditsScalar {

@@ -7,20 +7,17 @@ use crate::scalars::{CreditsScalar, DecimalScalar};
 use async_graphql::{Context, ID, InputObject, Object, Result, SimpleObject};
 use billing::accounts::access::{self, WorkspaceAccess};
 use billing::accounts::auth::Principal;
-use billing::entity::{api_keys, payment_methods, projects};
+use billing::debits::writer::DebitWriter;
+use billing::debits::{self, ReserveCall, UsageCall};
 use billing::payments::PaymentGateway;
 use billing::payments::purchases::{PurchaseCreditsRequest, PurchaseItem};
-use billing::debits::reservations::{self, ReserveRequest};
-use billing::sea_orm::{DatabaseConnection, EntityTrait};
-use billing::debits::usage::{self, ProjectRef, UsageRequest};
-use billing::debits::writer::{DebitWriter, SettleRequest};
 use billing::{BillingError, ErrorCode, accounts, transfers};
 use chrono::Utc;
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// Largest `recordUsageBatch`: bounds one request's work and response size.
-pub const USAGE_BATCH_MAX: usize = 1_000;
+/// Largest `recordUsageBatch` (the limit is billing's).
+pub use billing::debits::USAGE_BATCH_MAX;
 
 // --- inputs (the contract's shapes) --------------------------------------------------
 
@@ -238,123 +235,13 @@ async fn require_workspace(
         .map(|_| ())
 }
 
-/// For an object looked up by its own id: a caller who may not see its workspace or
-/// account gets the same NOT_FOUND (same message) as for an id that does not exist.
-fn hide_as<T>(kind: &'static str, result: billing::Result<T>) -> billing::Result<T> {
-    result.map_err(|e| match e {
-        BillingError::NotFound(_) => BillingError::NotFound(kind),
-        other => other,
-    })
-}
-
 fn opt_id(ctx: &Context<'_>, id: &Option<ID>, kind: &'static str) -> Result<Option<Uuid>> {
     id.as_ref().map(|id| parse_id(ctx, id, kind)).transpose()
-}
-
-/// Who the usage is charged to and attributed to, and which workspace (parsed and authorized).
-struct UsageCaller {
-    workspace_id: Uuid,
-    user_id: Option<Uuid>,
-    api_key_id: Option<Uuid>,
-    key_project: Option<Uuid>,
-}
-
-async fn usage_caller(
-    db: &DatabaseConnection,
-    principal: &Principal,
-    workspace_id: Option<Uuid>,
-) -> billing::Result<UsageCaller> {
-    let workspace_id = match (workspace_id, principal) {
-        (Some(id), _) => id,
-        (None, Principal::ApiKey { workspace_id, .. }) => *workspace_id,
-        (None, _) => {
-            return Err(BillingError::invalid(
-                "workspaceId is required unless the caller is an API key",
-            ));
-        }
-    };
-    let level = match principal {
-        // An API key is bound to its workspace (and its row to the key's): no lookup
-        // on the hot path. Any other workspace is NOT_FOUND, as for a stranger.
-        Principal::ApiKey {
-            workspace_id: own, ..
-        } if *own == workspace_id => WorkspaceAccess::ApiKey,
-        Principal::ApiKey { .. } => return Err(BillingError::NotFound("workspace")),
-        _ => {
-            access::workspace_access(db, principal, workspace_id)
-                .await?
-                .1
-        }
-    };
-    if !access::may_record_usage(level) {
-        return Err(BillingError::Forbidden("viewers cannot record usage"));
-    }
-    let (user_id, api_key_id, key_project) = match principal {
-        Principal::User { user_id, .. } => (Some(*user_id), None, None),
-        Principal::ApiKey {
-            api_key_id,
-            project_id,
-            ..
-        } => (None, Some(*api_key_id), *project_id),
-        Principal::PlatformAdmin => (None, None, None),
-    };
-    Ok(UsageCaller {
-        workspace_id,
-        user_id,
-        api_key_id,
-        key_project,
-    })
-}
-
-fn project_ref(tag: Option<String>, key_project: Option<Uuid>) -> ProjectRef {
-    match (tag, key_project) {
-        (Some(tag), _) => ProjectRef::Tag(tag),
-        (None, Some(id)) => ProjectRef::Id(id),
-        (None, None) => ProjectRef::None,
-    }
-}
-
-fn parse_uuid(id: &Option<ID>, kind: &'static str) -> billing::Result<Option<Uuid>> {
-    id.as_ref()
-        .map(|id| Uuid::parse_str(id.as_str()).map_err(|_| BillingError::NotFound(kind)))
-        .transpose()
-}
-
-/// The domain request for one usage input, authorized.
-async fn usage_request(
-    db: &DatabaseConnection,
-    principal: &Principal,
-    input: RecordUsageInput,
-) -> billing::Result<UsageRequest> {
-    let who = usage_caller(db, principal, parse_uuid(&input.workspace_id, "workspace")?).await?;
-    Ok(UsageRequest {
-        workspace_id: who.workspace_id,
-        project: project_ref(input.project_tag, who.key_project),
-        model_id: input.model_id,
-        prompt_tokens: i64::from(input.prompt_tokens),
-        completion_tokens: i64::from(input.completion_tokens),
-        request_id: input.request_id,
-        user_id: parse_uuid(&input.user_id, "user")?.or(who.user_id),
-        api_key_id: who.api_key_id,
-    })
 }
 
 /// The process's group-commit writer (absent only in a schema built without a server).
 fn writer<'a>(ctx: &Context<'a>) -> Option<&'a DebitWriter> {
     ctx.data_opt::<DebitWriter>()
-}
-
-async fn record_one(
-    ctx: &Context<'_>,
-    principal: &Principal,
-    input: RecordUsageInput,
-) -> billing::Result<UsageEvent> {
-    let req = usage_request(db(ctx), principal, input).await?;
-    let recorded = match writer(ctx) {
-        Some(writer) => writer.record_usage(req, Utc::now()).await?,
-        None => usage::record_usage(db(ctx), req, Utc::now()).await?,
-    };
-    Ok(UsageEvent(recorded.event))
 }
 
 /// Counts a usage debit in the process metrics: admitted, or the refusal's code.
@@ -367,20 +254,48 @@ fn count_debit<T>(ctx: &Context<'_>, result: &billing::Result<T>) {
     }
 }
 
-/// A reservation the caller may settle or release (a usage-level caller of its workspace).
-async fn reservation_for_usage(
-    ctx: &Context<'_>,
-    principal: &Principal,
-    id: &ID,
-) -> Result<billing::entity::reservations::Model> {
-    let id = parse_id(ctx, id, "reservation")?;
-    let reservation = reservations::load_reservation(db(ctx), id).await.gql(ctx)?;
-    hide_as(
-        "reservation",
-        usage_caller(db(ctx), principal, Some(reservation.workspace_id)).await,
-    )
-    .gql(ctx)?;
-    Ok(reservation)
+impl RecordUsageInput {
+    /// The call as sent; billing parses its ids after authorizing the workspace.
+    fn call(self) -> UsageCall {
+        UsageCall {
+            request_id: self.request_id,
+            workspace_id: self.workspace_id.map(|id| id.0),
+            user_id: self.user_id.map(|id| id.0),
+            project_tag: self.project_tag,
+            model_id: self.model_id,
+            prompt_tokens: i64::from(self.prompt_tokens),
+            completion_tokens: i64::from(self.completion_tokens),
+        }
+    }
+}
+
+impl RecordUsageResult {
+    /// One item's answer: the usage, or the refusal's code and message (an INTERNAL
+    /// error goes to the log once and the caller gets only its code).
+    fn new(ctx: &Context<'_>, result: billing::Result<UsageEvent>) -> Self {
+        match result {
+            Ok(usage) => Self {
+                usage: Some(usage),
+                error_code: None,
+                error_message: None,
+            },
+            Err(e) => {
+                let code = e.code();
+                let message = match code {
+                    ErrorCode::Internal => {
+                        crate::error::log_internal(&e, ctx.data_opt());
+                        "internal error".to_owned()
+                    }
+                    _ => e.to_string(),
+                };
+                Self {
+                    usage: None,
+                    error_code: Some(code.as_str().to_owned()),
+                    error_message: Some(message),
+                }
+            }
+        }
+    }
 }
 
 pub struct MutationRoot;
@@ -499,26 +414,10 @@ impl MutationRoot {
 
     async fn revoke_api_key(&self, ctx: &Context<'_>, id: ID) -> Result<ApiKey> {
         let id = parse_id(ctx, &id, "API key")?;
-        let key = api_keys::Entity::find_by_id(id)
-            .one(db(ctx))
-            .await
-            .map_err(BillingError::from)
-            .and_then(|k| k.ok_or(BillingError::NotFound("API key")))
-            .gql(ctx)?;
-        hide_as(
-            "API key",
-            access::require_workspace(
-                db(ctx),
-                &caller(ctx)?,
-                key.workspace_id,
-                WorkspaceAccess::Admin,
-            )
-            .await,
-        )
-        .gql(ctx)?;
-        let revoked = accounts::revoke_api_key(db(ctx), id, Utc::now())
+        let revoked = accounts::revoke_api_key_as(db(ctx), &caller(ctx)?, id, Utc::now())
             .await
             .gql(ctx)?;
+        // This process's credential cache must not keep accepting the key.
         if let Some(cache) = ctx.data_opt::<Arc<crate::credentials::CredentialCache>>() {
             cache.forget_api_key(id);
         }
@@ -549,20 +448,14 @@ impl MutationRoot {
 
     async fn remove_payment_method(&self, ctx: &Context<'_>, id: ID) -> Result<ID> {
         let method_id = parse_id(ctx, &id, "payment method")?;
-        let method = payment_methods::Entity::find_by_id(method_id)
-            .one(db(ctx))
-            .await
-            .map_err(BillingError::from)
-            .and_then(|m| m.ok_or(BillingError::NotFound("payment method")))
-            .gql(ctx)?;
-        hide_as(
-            "payment method",
-            access::require_account_admin(db(ctx), &caller(ctx)?, method.account_id).await,
+        billing::payments::cards::remove_payment_method_as(
+            db(ctx),
+            &caller(ctx)?,
+            method_id,
+            Utc::now(),
         )
+        .await
         .gql(ctx)?;
-        billing::payments::cards::remove_payment_method(db(ctx), method_id, Utc::now())
-            .await
-            .gql(ctx)?;
         Ok(id)
     }
 
@@ -585,41 +478,32 @@ impl MutationRoot {
                 .gql(ctx);
             }
         };
-        let created_by_user_id = match principal {
-            Principal::User { user_id, .. } => Some(user_id),
-            _ => None,
-        };
         let req = PurchaseCreditsRequest {
             workspace_id,
             item,
             payment_method_id: opt_id(ctx, &input.payment_method_id, "payment method")?,
             pay_by_invoice: input.pay_by_invoice.unwrap_or(false),
             idempotency_key: input.idempotency_key,
-            created_by_user_id,
+            created_by_user_id: principal.user_id(),
         };
-        let purchased = billing::payments::purchases::purchase_credits(db(ctx), req, Utc::now())
+        let jobs = ctx
+            .data_opt::<Arc<dyn billing::jobs::JobSink>>()
+            .map(AsRef::as_ref);
+        let purchased = billing::payments::purchases::buy_credits(db(ctx), jobs, req, Utc::now())
             .await
             .gql(ctx)?;
-        if purchased.purchase.status == billing::entity::enums::PurchaseStatus::Pending
-            && let Some(jobs) = ctx.data_opt::<Arc<dyn billing::jobs::JobSink>>()
-        {
-            let job = billing::jobs::CapturePurchase {
-                purchase_id: purchased.purchase.id,
-            };
-            if let Err(e) = jobs.capture(job).await {
-                // Not lost: the purchase row is PENDING and the worker's sweep re-enqueues it.
-                tracing::warn!(purchase_id = %purchased.purchase.id, error = %e, "capture job not pushed");
-            }
-        }
         Ok(Purchase(purchased.purchase))
     }
 
     /// Debits the usage cost now; INSUFFICIENT_CREDITS or BUDGET_EXCEEDED and nothing recorded when it does not fit.
     async fn record_usage(&self, ctx: &Context<'_>, input: RecordUsageInput) -> Result<UsageEvent> {
         let principal = caller(ctx)?;
-        let result = record_one(ctx, &principal, input).await;
-        count_debit(ctx, &result);
-        result.gql(ctx)
+        let recorded =
+            debits::record_usage(db(ctx), writer(ctx), &principal, input.call(), Utc::now())
+                .await
+                .map(|r| UsageEvent(r.event));
+        count_debit(ctx, &recorded);
+        recorded.gql(ctx)
     }
 
     /// Many usage records in one call, each admitted or refused on its own, in order.
@@ -629,71 +513,19 @@ impl MutationRoot {
         inputs: Vec<RecordUsageInput>,
     ) -> Result<Vec<RecordUsageResult>> {
         let principal = caller(ctx)?;
-        if inputs.len() > USAGE_BATCH_MAX {
-            return Err(BillingError::LimitExceeded(format!(
-                "at most {USAGE_BATCH_MAX} usage records per batch"
-            )))
-            .gql(ctx);
-        }
-        // Authorize and parse every item first, then hand the admitted ones to the
-        // writer together so that they share one commit; answers keep input order.
-        let mut requests = Vec::with_capacity(inputs.len());
-        for input in inputs {
-            requests.push(usage_request(db(ctx), &principal, input).await);
-        }
-        let now = Utc::now();
-        let mut recorded = match writer(ctx) {
-            Some(writer) => {
-                let valid = requests
-                    .iter()
-                    .filter_map(|r| r.as_ref().ok().cloned())
-                    .collect();
-                writer.record_usage_many(valid, now).await
-            }
-            None => {
-                let mut out = Vec::new();
-                for req in requests.iter().filter_map(|r| r.as_ref().ok().cloned()) {
-                    out.push(usage::record_usage(db(ctx), req, now).await);
-                }
-                out
-            }
-        }
-        .into_iter();
-        let mut results = Vec::with_capacity(requests.len());
-        for request in requests {
-            let result = match request {
-                Ok(_) => recorded
-                    .next()
-                    .unwrap_or_else(|| Err(BillingError::Internal("missing batch answer".into())))
-                    .map(|r| UsageEvent(r.event)),
-                Err(e) => Err(e),
-            };
-            count_debit(ctx, &result);
-            results.push(match result {
-                Ok(usage) => RecordUsageResult {
-                    usage: Some(usage),
-                    error_code: None,
-                    error_message: None,
-                },
-                Err(e) => {
-                    let code = e.code();
-                    let message = match code {
-                        ErrorCode::Internal => {
-                            // The whole error goes to the log once; the caller gets the code.
-                            crate::error::log_internal(&e, ctx.data_opt());
-                            "internal error".to_owned()
-                        }
-                        _ => e.to_string(),
-                    };
-                    RecordUsageResult {
-                        usage: None,
-                        error_code: Some(code.as_str().to_owned()),
-                        error_message: Some(message),
-                    }
-                }
-            });
-        }
-        Ok(results)
+        let calls = inputs.into_iter().map(RecordUsageInput::call).collect();
+        let answers =
+            debits::record_usage_batch(db(ctx), writer(ctx), &principal, calls, Utc::now())
+                .await
+                .gql(ctx)?;
+        Ok(answers
+            .into_iter()
+            .map(|answer| {
+                let answer = answer.map(|r| UsageEvent(r.event));
+                count_debit(ctx, &answer);
+                RecordUsageResult::new(ctx, answer)
+            })
+            .collect())
     }
 
     /// Holds the worst-case cost of a request in flight.
@@ -703,29 +535,19 @@ impl MutationRoot {
         input: ReserveCreditsInput,
     ) -> Result<Reservation> {
         let principal = caller(ctx)?;
-        let who = usage_caller(
-            db(ctx),
-            &principal,
-            opt_id(ctx, &input.workspace_id, "workspace")?,
-        )
-        .await
-        .gql(ctx)?;
-        let req = ReserveRequest {
-            workspace_id: who.workspace_id,
-            project: project_ref(input.project_tag, who.key_project),
+        let call = ReserveCall {
+            request_id: input.request_id,
+            ttl_seconds: i64::from(input.ttl_seconds.unwrap_or(600)),
+            workspace_id: input.workspace_id.map(|id| id.0),
+            project_tag: input.project_tag,
             model_id: input.model_id,
             max_prompt_tokens: i64::from(input.max_prompt_tokens),
             max_completion_tokens: i64::from(input.max_completion_tokens),
-            request_id: input.request_id,
-            ttl_seconds: i64::from(input.ttl_seconds.unwrap_or(600)),
-            user_id: who.user_id,
-            api_key_id: who.api_key_id,
         };
-        let reservation = match writer(ctx) {
-            Some(writer) => writer.reserve(req, Utc::now()).await,
-            None => reservations::reserve(db(ctx), req, Utc::now()).await,
-        };
-        Ok(Reservation(reservation.gql(ctx)?))
+        let reservation = debits::reserve(db(ctx), writer(ctx), &principal, call, Utc::now())
+            .await
+            .gql(ctx)?;
+        Ok(Reservation(reservation))
     }
 
     /// Debits the actual cost (which may exceed the hold) and frees the hold.
@@ -735,47 +557,28 @@ impl MutationRoot {
         input: SettleReservationInput,
     ) -> Result<UsageEvent> {
         let principal = caller(ctx)?;
-        let reservation = reservation_for_usage(ctx, &principal, &input.reservation_id).await?;
-        let (prompt_tokens, completion_tokens) = (
+        let id = parse_id(ctx, &input.reservation_id, "reservation")?;
+        let settled = debits::settle(
+            db(ctx),
+            writer(ctx),
+            &principal,
+            id,
             i64::from(input.prompt_tokens),
             i64::from(input.completion_tokens),
-        );
-        let settled = match writer(ctx) {
-            Some(writer) => {
-                let req = SettleRequest {
-                    reservation_id: reservation.id,
-                    workspace_id: reservation.workspace_id,
-                    prompt_tokens,
-                    completion_tokens,
-                };
-                writer.settle(req, Utc::now()).await
-            }
-            None => {
-                reservations::settle(
-                    db(ctx),
-                    reservation.id,
-                    prompt_tokens,
-                    completion_tokens,
-                    Utc::now(),
-                )
-                .await
-            }
-        };
-        Ok(UsageEvent(settled.gql(ctx)?.event))
+            Utc::now(),
+        )
+        .await
+        .gql(ctx)?;
+        Ok(UsageEvent(settled.event))
     }
 
     async fn release_reservation(&self, ctx: &Context<'_>, id: ID) -> Result<Reservation> {
         let principal = caller(ctx)?;
-        let reservation = reservation_for_usage(ctx, &principal, &id).await?;
-        let released = match writer(ctx) {
-            Some(writer) => {
-                writer
-                    .release(reservation.workspace_id, reservation.id, Utc::now())
-                    .await
-            }
-            None => reservations::release(db(ctx), reservation.id, Utc::now()).await,
-        };
-        Ok(Reservation(released.gql(ctx)?))
+        let id = parse_id(ctx, &id, "reservation")?;
+        let released = debits::release(db(ctx), writer(ctx), &principal, id, Utc::now())
+            .await
+            .gql(ctx)?;
+        Ok(Reservation(released))
     }
 
     /// Instant, fee-free, between workspaces of one account.
@@ -789,17 +592,13 @@ impl MutationRoot {
         let to = parse_id(ctx, &input.to_workspace_id, "workspace")?;
         require_workspace(ctx, &principal, from, WorkspaceAccess::Admin).await?;
         require_workspace(ctx, &principal, to, WorkspaceAccess::Admin).await?;
-        let created_by_user_id = match principal {
-            Principal::User { user_id, .. } => Some(user_id),
-            _ => None,
-        };
         let req = transfers::TransferRequest {
             from_workspace_id: from,
             to_workspace_id: to,
             amount: input.amount.0,
             memo: input.memo,
             idempotency_key: input.idempotency_key,
-            created_by_user_id,
+            created_by_user_id: principal.user_id(),
         };
         Ok(Transfer(
             transfers::transfer(db(ctx), req, Utc::now())
@@ -815,25 +614,9 @@ impl MutationRoot {
         input: SetProjectBudgetInput,
     ) -> Result<Project> {
         let project_id = parse_id(ctx, &input.project_id, "project")?;
-        let project = projects::Entity::find_by_id(project_id)
-            .one(db(ctx))
-            .await
-            .map_err(BillingError::from)
-            .and_then(|p| p.ok_or(BillingError::NotFound("project")))
-            .gql(ctx)?;
-        hide_as(
-            "project",
-            access::require_workspace(
-                db(ctx),
-                &caller(ctx)?,
-                project.workspace_id,
-                WorkspaceAccess::Admin,
-            )
-            .await,
-        )
-        .gql(ctx)?;
-        let updated = accounts::set_project_budget(
+        let updated = accounts::set_project_budget_as(
             db(ctx),
+            &caller(ctx)?,
             project_id,
             input.limit.map(|l| l.0),
             input.period.unwrap_or(BudgetPeriod::Monthly).into(),
@@ -862,9 +645,13 @@ impl MutationRoot {
                 .unwrap_or(billing::policies::auto_reload_settings::MAX_RELOADS_PER_DAY_DEFAULT),
         };
         Ok(AutoReload(
-            billing::policies::auto_reload_settings::configure_auto_reload(db(ctx), req, Utc::now())
-                .await
-                .gql(ctx)?,
+            billing::policies::auto_reload_settings::configure_auto_reload(
+                db(ctx),
+                req,
+                Utc::now(),
+            )
+            .await
+            .gql(ctx)?,
         ))
     }
 
@@ -896,9 +683,14 @@ impl MutationRoot {
                 recipient_ids,
             });
         }
-        let saved = billing::policies::alert_thresholds::set_alert_thresholds(db(ctx), workspace_id, thresholds, Utc::now())
-            .await
-            .gql(ctx)?;
+        let saved = billing::policies::alert_thresholds::set_alert_thresholds(
+            db(ctx),
+            workspace_id,
+            thresholds,
+            Utc::now(),
+        )
+        .await
+        .gql(ctx)?;
         Ok(saved
             .into_iter()
             .map(|(threshold, recipients)| AlertThreshold {

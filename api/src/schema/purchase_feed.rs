@@ -9,10 +9,8 @@
 
 use billing::entity::enums::PurchaseStatus;
 use billing::entity::purchases;
-use billing::sea_orm::sea_query::Condition;
-use billing::sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-};
+use billing::payments::purchases::purchases_changed_since;
+use billing::sea_orm::DatabaseConnection;
 use chrono::{DateTime, Duration, Utc};
 use futures::Stream;
 use std::collections::{HashMap, VecDeque};
@@ -41,17 +39,8 @@ fn changed_at(p: &purchases::Model) -> DateTime<Utc> {
 impl Feed {
     async fn poll(&mut self) -> Result<(), billing::BillingError> {
         let from = self.since - Duration::milliseconds(LATE_COMMIT_MS);
-        let rows = purchases::Entity::find()
-            .filter(purchases::Column::WorkspaceId.eq(self.workspace_id))
-            .filter(
-                Condition::any()
-                    .add(purchases::Column::CreatedAt.gte(from))
-                    .add(purchases::Column::CompletedAt.gte(from)),
-            )
-            .order_by_asc(purchases::Column::CreatedAt)
-            .limit(ROWS_PER_POLL_MAX)
-            .all(&self.db)
-            .await?;
+        let rows =
+            purchases_changed_since(&self.db, self.workspace_id, from, ROWS_PER_POLL_MAX).await?;
         let mut changes: Vec<_> = rows
             .into_iter()
             .filter(|p| !self.delivered.contains_key(&(p.id, p.status)))

@@ -5,8 +5,7 @@ use super::{caller, db, parse_id};
 use crate::error::GqlResult;
 use async_graphql::{Context, ID, Object, Result};
 use billing::BillingError;
-use billing::entity::{credit_packages, projects};
-use billing::sea_orm::{EntityTrait, QueryOrder};
+use billing::accounts::access;
 
 pub struct QueryRoot;
 
@@ -31,10 +30,7 @@ impl QueryRoot {
         let Ok(id) = parse_id(ctx, &id, "account") else {
             return Ok(None);
         };
-        let account = found(
-            ctx,
-            billing::accounts::access::account_access(db(ctx), &principal, id).await,
-        )?;
+        let account = found(ctx, access::account_access(db(ctx), &principal, id).await)?;
         Ok(account.map(|(a, _)| Account(a)))
     }
 
@@ -43,10 +39,7 @@ impl QueryRoot {
         let Ok(id) = parse_id(ctx, &id, "workspace") else {
             return Ok(None);
         };
-        let ws = found(
-            ctx,
-            billing::accounts::access::workspace_access(db(ctx), &principal, id).await,
-        )?;
+        let ws = found(ctx, access::workspace_access(db(ctx), &principal, id).await)?;
         Ok(ws.map(|(ws, _)| Workspace(ws)))
     }
 
@@ -55,19 +48,8 @@ impl QueryRoot {
         let Ok(id) = parse_id(ctx, &id, "project") else {
             return Ok(None);
         };
-        let Some(project) = projects::Entity::find_by_id(id)
-            .one(db(ctx))
-            .await
-            .map_err(BillingError::from)
-            .gql(ctx)?
-        else {
-            return Ok(None);
-        };
-        let visible = found(
-            ctx,
-            billing::accounts::access::workspace_access(db(ctx), &principal, project.workspace_id).await,
-        )?;
-        Ok(visible.map(|_| Project(project)))
+        let project = found(ctx, access::visible_project(db(ctx), &principal, id).await)?;
+        Ok(project.map(Project))
     }
 
     /// The model catalog with per-token prices.
@@ -86,17 +68,8 @@ impl QueryRoot {
     /// Credit packages on sale, with their bonus.
     async fn credit_packages(&self, ctx: &Context<'_>) -> Result<Vec<CreditPackage>> {
         caller(ctx)?;
-        let rows = credit_packages::Entity::find()
-            .order_by_asc(credit_packages::Column::Position)
-            .all(db(ctx))
-            .await
-            .map_err(BillingError::from)
-            .gql(ctx)?;
-        Ok(rows
-            .into_iter()
-            .filter(|p| p.active)
-            .map(CreditPackage)
-            .collect())
+        let rows = billing::catalog::packages_on_sale(db(ctx)).await.gql(ctx)?;
+        Ok(rows.into_iter().map(CreditPackage).collect())
     }
 
     /// What a request would cost before it is sent; with a workspace, after its account's discount and whether it can afford it now.
@@ -112,7 +85,7 @@ impl QueryRoot {
         let workspace = match &workspace_id {
             Some(id) => {
                 let id = parse_id(ctx, id, "workspace")?;
-                billing::accounts::access::workspace_access(db(ctx), &principal, id)
+                access::workspace_access(db(ctx), &principal, id)
                     .await
                     .gql(ctx)?;
                 Some((id, None))

@@ -8,10 +8,10 @@ use crate::error::{GqlResult, RequestId, to_gql};
 use crate::events::{BalanceEvent, BalanceHub, BalanceStream};
 use crate::scalars::{BigInt, CreditsScalar};
 use async_graphql::{Context, Enum, ID, Object, Result, Subscription};
+use billing::accounts::access;
 use billing::accounts::auth::Principal;
 use billing::entity::{accounts, workspaces};
-use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
-use billing::accounts::access;
+use billing::sea_orm::DatabaseConnection;
 use billing::{BillingError, Credits};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -129,7 +129,10 @@ impl SubscriptionRoot {
                         last_sequence = event.sequence;
                         Some(Ok(BalanceChange::new(&workspace, event)))
                     }
-                    Err(too_slow) => Some(Err(to_gql(too_slow.into(), request_id.as_ref()))),
+                    Err(too_slow) => Some(Err(to_gql(
+                        BillingError::from(too_slow),
+                        request_id.as_ref(),
+                    ))),
                 };
                 std::future::ready(out)
             })
@@ -157,20 +160,11 @@ impl SubscriptionRoot {
         // Subscribe before reading the snapshot: every event not in the snapshot
         // committed after the read, hence after the subscription, and is delivered.
         let events = hub(ctx)?.subscribe_account(account_id).gql(ctx)?;
-        let rows = workspaces::Entity::find()
-            .filter(workspaces::Column::AccountId.eq(account_id))
-            .all(db(ctx))
-            .await
-            .map_err(BillingError::from)
-            .gql(ctx)?;
         // A plain account MEMBER sees the changes of its own workspaces only (as in
         // `Account.workspaces`); the total covers them all (as `Account.totalBalance`).
-        let ids: Vec<Uuid> = rows.iter().map(|w| w.id).collect();
-        let visible = access::workspace_access_batch(db(ctx), &principal, &ids)
+        let (rows, visible) = access::account_workspaces(db(ctx), &principal, account_id)
             .await
-            .gql(ctx)?
-            .into_keys()
-            .collect();
+            .gql(ctx)?;
         let latest: HashMap<Uuid, workspaces::Model> =
             rows.into_iter().map(|w| (w.id, w)).collect();
         let state = AccountState {
@@ -197,15 +191,9 @@ impl SubscriptionRoot {
     ) -> Result<Changes<Purchase>> {
         let principal = caller(ctx)?;
         let workspace_id = parse_id(ctx, &workspace_id, "workspace")?;
-        let (_, level) = access::workspace_access(db(ctx), &principal, workspace_id)
+        access::require_purchase_follower(db(ctx), &principal, workspace_id)
             .await
             .gql(ctx)?;
-        if level == access::WorkspaceAccess::ApiKey {
-            return Err(BillingError::Forbidden(
-                "an API key cannot follow purchases",
-            ))
-            .gql(ctx);
-        }
         Ok(
             super::purchase_feed::purchase_updates(db(ctx).clone(), workspace_id)
                 .map(|p| Ok(Purchase(p)))
@@ -241,23 +229,17 @@ impl AccountState {
                 // A workspace created after the snapshot: read it (and whether the
                 // caller may see it) once.
                 None => {
-                    match access::workspace_access(&self.db, &self.principal, event.workspace_id)
-                        .await
-                    {
-                        Ok((row, _)) => {
-                            self.visible.insert(row.id);
+                    let seen =
+                        access::workspace_sighting(&self.db, &self.principal, event.workspace_id)
+                            .await;
+                    match seen {
+                        Ok(Some((row, visible))) => {
+                            if visible {
+                                self.visible.insert(row.id);
+                            }
                             row
                         }
-                        Err(BillingError::NotFound(_)) => {
-                            match workspaces::Entity::find_by_id(event.workspace_id)
-                                .one(&self.db)
-                                .await
-                            {
-                                Ok(Some(row)) => row,
-                                Ok(None) => continue, // gone since
-                                Err(e) => return Some(Err(self.error(e.into()))),
-                            }
-                        }
+                        Ok(None) => continue, // gone since
                         Err(e) => return Some(Err(self.error(e))),
                     }
                 }
@@ -267,18 +249,13 @@ impl AccountState {
             if !self.visible.contains(&row.id) {
                 continue; // counted in the total, not shown
             }
-            let total = Credits::checked_sum(
-                self.latest
-                    .values()
-                    .map(|w| Credits::from_nanos(w.balance_nanos)),
-            );
-            return Some(match total {
+            return Some(match billing::ledger::total_balance(self.latest.values()) {
                 Ok(total_balance) => Ok(AccountBalanceChange {
                     account: self.account.clone(),
                     change,
                     total_balance,
                 }),
-                Err(e) => Err(self.error(e.into())),
+                Err(e) => Err(self.error(e)),
             });
         }
     }

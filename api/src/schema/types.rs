@@ -1,24 +1,24 @@
 //! Output types: wrappers over domain rows that decide what the API shows, and who
 //! may see it. Relations go through the request's DataLoaders.
 
-use super::loaders::{LoadError, Loaders, UsageKey};
+use super::loaders::{LoadError, Loaders};
 use super::{caller, credits, db};
 use crate::error::{GqlResult, to_gql};
 use crate::scalars::{BigInt, CreditsScalar, DecimalScalar};
 use async_graphql::dataloader::{DataLoader, Loader};
 use async_graphql::{Context, Enum, ID, Object, Result, SimpleObject};
-use billing::accounts::access::WorkspaceAccess;
-use billing::reports::analytics::{
-    self, UsageDimension as Dim, UsageReport as Report, UsageRow as Row, UsageScope,
-};
+use billing::accounts::access::{self, WorkspaceAccess};
 use billing::accounts::auth::Principal;
+use billing::debits::budget;
 use billing::entity::{
     accounts, alert_thresholds, api_keys, auto_reload_settings, credit_packages, invoice_lines,
     invoices, ledger_entries, models, payment_methods, projects, purchases, reservations,
     transfers, usage_events, users, workspaces,
 };
+use billing::reports::analytics::{
+    self, ReportRequest, UsageDimension as Dim, UsageReport as Report, UsageRow as Row, UsageScope,
+};
 use billing::reports::history::{Page, PageRequest};
-use billing::debits::budget;
 use billing::{BillingError, Credits, DiscountBps};
 use chrono::{DateTime, Utc};
 use std::hash::Hash;
@@ -145,11 +145,8 @@ pub(crate) fn loaders(ctx: &Context<'_>) -> Result<Arc<Loaders>> {
     Ok(Arc::new(Loaders::new(db(ctx), &principal, Utc::now())))
 }
 
+/// A loader's error, shared by every key of the failed batch, with its own code.
 fn load_err(ctx: &Context<'_>, e: LoadError) -> async_graphql::Error {
-    let e = Arc::try_unwrap(e).unwrap_or_else(|shared| match &*shared {
-        BillingError::NotFound(kind) => BillingError::NotFound(kind),
-        other => BillingError::Internal(other.to_string()),
-    });
     to_gql(e, ctx.data_opt())
 }
 
@@ -185,53 +182,35 @@ async fn require_workspace_level(
     workspace_id: Uuid,
     needed: WorkspaceAccess,
 ) -> Result<()> {
-    match workspace_access(ctx, workspace_id).await? {
-        Some(a) if a >= needed => Ok(()),
-        Some(_) => Err(BillingError::Forbidden(
-            "this needs a stronger role in the workspace",
-        ))
-        .gql(ctx),
-        None => Err(BillingError::NotFound("workspace")).gql(ctx),
-    }
+    let level = workspace_access(ctx, workspace_id).await?;
+    access::require_level(level, needed).gql(ctx)
 }
 
 /// API keys act on their workspace's usage only: nothing about people or the account.
 fn refuse_api_key(ctx: &Context<'_>) -> Result<()> {
-    match caller(ctx)? {
-        Principal::ApiKey { .. } => Err(BillingError::Forbidden(
-            "an API key can only see its workspace",
-        ))
-        .gql(ctx),
-        _ => Ok(()),
-    }
+    access::forbid_api_key(&caller(ctx)?).gql(ctx)
+}
+
+/// Whether the caller may see people (users, members): not an API key.
+fn sees_people(ctx: &Context<'_>) -> Result<bool> {
+    Ok(access::may_see_people(&caller(ctx)?))
 }
 
 /// OWNER/ADMIN of the account, or the platform admin.
 async fn require_account_admin(ctx: &Context<'_>, account_id: Uuid) -> Result<()> {
     let principal = caller(ctx)?;
-    let user_id = match principal {
-        Principal::PlatformAdmin => return Ok(()),
-        Principal::ApiKey { .. } => return refuse_api_key(ctx),
-        Principal::User { user_id, .. } => user_id,
+    // Only a user's role is looked up (in the batched members); the platform admin and
+    // an API key are decided without a read.
+    let members = match principal {
+        Principal::User { .. } => {
+            let l = loaders(ctx)?;
+            load_one(ctx, &l.account_members, account_id)
+                .await?
+                .unwrap_or_default()
+        }
+        Principal::PlatformAdmin | Principal::ApiKey { .. } => Vec::new(),
     };
-    let l = loaders(ctx)?;
-    let members = load_one(ctx, &l.account_members, account_id)
-        .await?
-        .unwrap_or_default();
-    match members
-        .iter()
-        .find(|(u, _)| u.id == user_id)
-        .map(|(_, r)| *r)
-    {
-        Some(
-            billing::entity::enums::AccountRole::Owner | billing::entity::enums::AccountRole::Admin,
-        ) => Ok(()),
-        Some(_) => Err(BillingError::Forbidden(
-            "this needs the account's OWNER or ADMIN role",
-        ))
-        .gql(ctx),
-        None => Err(BillingError::NotFound("account")).gql(ctx),
-    }
+    access::require_account_admin_among(&principal, &members).gql(ctx)
 }
 
 /// `first` as given, or the field's default when the client sent null.
@@ -283,12 +262,10 @@ impl Viewer {
 
     /// Accounts the caller can see.
     async fn accounts(&self, ctx: &Context<'_>) -> Result<Vec<Account>> {
-        if matches!(self.0, Principal::ApiKey { .. }) {
+        if !access::may_see_people(&self.0) {
             return Ok(Vec::new());
         }
-        let rows = billing::accounts::access::visible_accounts(db(ctx), &self.0)
-            .await
-            .gql(ctx)?;
+        let rows = access::visible_accounts(db(ctx), &self.0).await.gql(ctx)?;
         Ok(rows.into_iter().map(Account).collect())
     }
 }
@@ -482,9 +459,10 @@ impl Workspace {
     }
     async fn auto_reload(&self, ctx: &Context<'_>) -> Result<AutoReload> {
         refuse_api_key(ctx)?;
-        let mut rows = billing::policies::auto_reload_settings::auto_reload_for(db(ctx), &[self.0.id])
-            .await
-            .gql(ctx)?;
+        let mut rows =
+            billing::policies::auto_reload_settings::auto_reload_for(db(ctx), &[self.0.id])
+                .await
+                .gql(ctx)?;
         rows.remove(&self.0.id)
             .map(AutoReload)
             .ok_or(BillingError::NotFound("workspace"))
@@ -492,9 +470,10 @@ impl Workspace {
     }
     async fn alert_thresholds(&self, ctx: &Context<'_>) -> Result<Vec<AlertThreshold>> {
         refuse_api_key(ctx)?;
-        let mut rows = billing::policies::alert_thresholds::alert_thresholds_for(db(ctx), &[self.0.id])
-            .await
-            .gql(ctx)?;
+        let mut rows =
+            billing::policies::alert_thresholds::alert_thresholds_for(db(ctx), &[self.0.id])
+                .await
+                .gql(ctx)?;
         Ok(rows
             .remove(&self.0.id)
             .unwrap_or_default()
@@ -635,7 +614,7 @@ async fn usage_report(
     let report = load_one(
         ctx,
         &l.usage,
-        UsageKey {
+        ReportRequest {
             scope,
             from,
             to,
@@ -668,30 +647,7 @@ impl Project {
     }
     /// Null when the project has no spending cap.
     async fn budget(&self) -> Option<ProjectBudget> {
-        let limit = self.0.budget_limit_nanos?;
-        let now = Utc::now();
-        let current_start =
-            budget::period_start(self.0.budget_period, now, self.0.budget_period_start);
-        // A period that has ended but not yet been rolled in the database has spent nothing.
-        let rolled = current_start > self.0.budget_period_start;
-        let spent = if rolled { 0 } else { self.0.budget_spent_nanos };
-        let period_start = if rolled {
-            current_start
-        } else {
-            self.0.budget_period_start
-        };
-        let remaining = limit
-            .saturating_sub(spent)
-            .saturating_sub(self.0.budget_reserved_nanos)
-            .max(0);
-        Some(ProjectBudget {
-            limit: credits(limit),
-            period: self.0.budget_period.into(),
-            spent: credits(spent),
-            remaining: credits(remaining),
-            period_start,
-            resets_at: budget::period_end(self.0.budget_period, period_start),
-        })
+        budget::budget_status(&self.0, Utc::now()).map(ProjectBudget)
     }
     async fn usage(
         &self,
@@ -714,16 +670,30 @@ impl Project {
     }
 }
 
-#[derive(SimpleObject)]
-pub struct ProjectBudget {
-    pub limit: CreditsScalar,
-    pub period: BudgetPeriod,
+pub struct ProjectBudget(pub budget::BudgetStatus);
+
+#[Object]
+impl ProjectBudget {
+    async fn limit(&self) -> CreditsScalar {
+        CreditsScalar(self.0.limit)
+    }
+    async fn period(&self) -> BudgetPeriod {
+        self.0.period.into()
+    }
     /// Spent in the current period.
-    pub spent: CreditsScalar,
-    pub remaining: CreditsScalar,
-    pub period_start: DateTime<Utc>,
+    async fn spent(&self) -> CreditsScalar {
+        CreditsScalar(self.0.spent)
+    }
+    async fn remaining(&self) -> CreditsScalar {
+        CreditsScalar(self.0.remaining)
+    }
+    async fn period_start(&self) -> DateTime<Utc> {
+        self.0.period_start
+    }
     /// Null for LIFETIME.
-    pub resets_at: Option<DateTime<Utc>>,
+    async fn resets_at(&self) -> Option<DateTime<Utc>> {
+        self.0.resets_at
+    }
 }
 
 // --- catalog ------------------------------------------------------------------------
@@ -1020,7 +990,7 @@ impl UsageEvent {
     }
     async fn user(&self, ctx: &Context<'_>) -> Result<Option<User>> {
         // People are not an API key's business (as for Workspace.members).
-        if matches!(caller(ctx)?, Principal::ApiKey { .. }) {
+        if !sees_people(ctx)? {
             return Ok(None);
         }
         let Some(user_id) = self.0.user_id else {
@@ -1260,7 +1230,7 @@ impl UsageRow {
     /// Set when grouped by MEMBER.
     async fn user(&self, ctx: &Context<'_>) -> Result<Option<User>> {
         // People are not an API key's business (as for Workspace.members).
-        if matches!(caller(ctx)?, Principal::ApiKey { .. }) {
+        if !sees_people(ctx)? {
             return Ok(None);
         }
         let Some(user_id) = self.0.user_id else {

@@ -3,10 +3,12 @@
 //! another account is NOT_FOUND, never FORBIDDEN (no hint that it exists).
 
 use crate::accounts::auth::Principal;
+use crate::debits::usage::ProjectRef;
 use crate::error::{BillingError, Result};
 use entity::enums::{AccountRole, WorkspaceRole};
-use entity::{account_members, workspace_members, workspaces};
+use entity::{account_members, projects, workspace_members, workspaces};
 use sea_orm::{ConnectionTrait, EntityTrait};
+use std::collections::HashSet;
 use uuid::Uuid;
 
 /// What the caller may do in one workspace, from weakest to strongest.
@@ -72,12 +74,20 @@ pub async fn require_workspace<C: ConnectionTrait>(
     needed: WorkspaceAccess,
 ) -> Result<workspaces::Model> {
     let (ws, access) = workspace_access(c, principal, workspace_id).await?;
-    if access < needed {
-        return Err(BillingError::Forbidden(
-            "this needs a stronger role in the workspace",
-        ));
-    }
+    require_level(Some(access), needed)?;
     Ok(ws)
+}
+
+/// The rule of [`require_workspace`] over an access already looked up (the API's
+/// batched loaders): None (the caller cannot see the workspace) is NOT_FOUND.
+pub fn require_level(access: Option<WorkspaceAccess>, needed: WorkspaceAccess) -> Result<()> {
+    match access {
+        Some(a) if a >= needed => Ok(()),
+        Some(_) => Err(BillingError::Forbidden(
+            "this needs a stronger role in the workspace",
+        )),
+        None => Err(BillingError::NotFound("workspace")),
+    }
 }
 
 /// Usage may be recorded by the workspace's API keys and by its members and admins
@@ -159,11 +169,39 @@ pub async fn require_account_admin<C: ConnectionTrait>(
     account_id: Uuid,
 ) -> Result<entity::accounts::Model> {
     let (account, role) = account_access(c, principal, account_id).await?;
+    if *principal != Principal::PlatformAdmin {
+        admin_role(role)?;
+    }
+    Ok(account)
+}
+
+/// The account-admin rule over the caller's role in the account (None: not a member,
+/// so the account is NOT_FOUND to them).
+fn admin_role(role: Option<AccountRole>) -> Result<()> {
     match role {
-        None | Some(AccountRole::Owner | AccountRole::Admin) => Ok(account),
+        Some(AccountRole::Owner | AccountRole::Admin) => Ok(()),
         Some(AccountRole::Member) => Err(BillingError::Forbidden(
             "this needs the account's OWNER or ADMIN role",
         )),
+        None => Err(BillingError::NotFound("account")),
+    }
+}
+
+/// [`require_account_admin`] over the account's members already loaded (the API's
+/// batched loaders, for an account the caller reached): an API key is FORBIDDEN.
+pub fn require_account_admin_among(
+    principal: &Principal,
+    members: &[(entity::users::Model, AccountRole)],
+) -> Result<()> {
+    match principal {
+        Principal::PlatformAdmin => Ok(()),
+        Principal::ApiKey { .. } => forbid_api_key(principal),
+        Principal::User { user_id, .. } => admin_role(
+            members
+                .iter()
+                .find(|(user, _)| user.id == *user_id)
+                .map(|(_, role)| *role),
+        ),
     }
 }
 
@@ -305,5 +343,185 @@ pub async fn require_user_manager<C: ConnectionTrait>(
         Err(BillingError::Forbidden(
             "only the user or an account OWNER/ADMIN may do this",
         ))
+    }
+}
+
+/// People and the account are not an API key's business: a key acts on its
+/// workspace's usage only, so members, users and accounts are hidden from it.
+pub fn may_see_people(principal: &Principal) -> bool {
+    !matches!(principal, Principal::ApiKey { .. })
+}
+
+/// FORBIDDEN for an API key (see [`may_see_people`]).
+pub fn forbid_api_key(principal: &Principal) -> Result<()> {
+    if may_see_people(principal) {
+        Ok(())
+    } else {
+        Err(BillingError::Forbidden(
+            "an API key can only see its workspace",
+        ))
+    }
+}
+
+/// For an object looked up by its own id: a caller who may not see its workspace or
+/// account gets the same NOT_FOUND (same message) as for an id that does not exist.
+pub(crate) fn hidden_as<T>(kind: &'static str, result: Result<T>) -> Result<T> {
+    result.map_err(|e| match e {
+        BillingError::NotFound(_) => BillingError::NotFound(kind),
+        other => other,
+    })
+}
+
+/// A project the caller can see (any access to its workspace); NOT_FOUND otherwise.
+pub async fn visible_project<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    project_id: Uuid,
+) -> Result<projects::Model> {
+    project_for(c, principal, project_id, WorkspaceAccess::ApiKey).await
+}
+
+/// A project, when the caller has at least `needed` in its workspace: NOT_FOUND when
+/// the caller cannot see the workspace (as for an unknown project), FORBIDDEN when
+/// their role there is weaker.
+pub async fn project_for<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    project_id: Uuid,
+    needed: WorkspaceAccess,
+) -> Result<projects::Model> {
+    let project = projects::Entity::find_by_id(project_id)
+        .one(c)
+        .await?
+        .ok_or(BillingError::NotFound("project"))?;
+    let allowed = require_workspace(c, principal, project.workspace_id, needed).await;
+    hidden_as("project", allowed)?;
+    Ok(project)
+}
+
+/// A workspace whose purchases the caller may follow: any access but an API key's
+/// (purchases are the admins' business, not the gateway's).
+pub async fn require_purchase_follower<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    workspace_id: Uuid,
+) -> Result<workspaces::Model> {
+    let (ws, level) = workspace_access(c, principal, workspace_id).await?;
+    if level == WorkspaceAccess::ApiKey {
+        return Err(BillingError::Forbidden(
+            "an API key cannot follow purchases",
+        ));
+    }
+    Ok(ws)
+}
+
+/// Every workspace of an account (for its total) and the ids of those the caller may
+/// see: a plain account MEMBER sees its own workspaces only.
+pub async fn account_workspaces<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    account_id: Uuid,
+) -> Result<(Vec<workspaces::Model>, HashSet<Uuid>)> {
+    use sea_orm::{ColumnTrait, QueryFilter};
+    let rows = workspaces::Entity::find()
+        .filter(workspaces::Column::AccountId.eq(account_id))
+        .all(c)
+        .await?;
+    let ids: Vec<Uuid> = rows.iter().map(|w| w.id).collect();
+    let visible = workspace_access_batch(c, principal, &ids)
+        .await?
+        .into_keys()
+        .collect();
+    Ok((rows, visible))
+}
+
+/// A workspace first seen after [`account_workspaces`] (created since): its row and
+/// whether the caller may see it; None when it is gone.
+pub async fn workspace_sighting<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    workspace_id: Uuid,
+) -> Result<Option<(workspaces::Model, bool)>> {
+    match workspace_access(c, principal, workspace_id).await {
+        Ok((row, _)) => Ok(Some((row, true))),
+        Err(BillingError::NotFound(_)) => Ok(workspaces::Entity::find_by_id(workspace_id)
+            .one(c)
+            .await?
+            .map(|row| (row, false))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Who a usage call is charged to and attributed to, authorized for its workspace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageCaller {
+    pub workspace_id: Uuid,
+    /// The caller's user (a user token), the default member the usage is attributed to.
+    pub user_id: Option<Uuid>,
+    pub api_key_id: Option<Uuid>,
+    /// The API key's project: usage that names no project is tagged with it.
+    pub key_project: Option<Uuid>,
+}
+
+impl UsageCaller {
+    /// The project a call is tagged with: the one it names, else the API key's.
+    pub fn project(&self, tag: Option<String>) -> ProjectRef {
+        match (tag, self.key_project) {
+            (Some(tag), _) => ProjectRef::Tag(tag),
+            (None, Some(id)) => ProjectRef::Id(id),
+            (None, None) => ProjectRef::None,
+        }
+    }
+}
+
+/// Authorizes a usage call (record, reserve, settle, release) in a workspace: the
+/// named one, or the API key's own when none is named. Viewers are FORBIDDEN.
+pub async fn usage_caller<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    workspace_id: Option<Uuid>,
+) -> Result<UsageCaller> {
+    let workspace_id = match (workspace_id, principal) {
+        (Some(id), _) => id,
+        (None, Principal::ApiKey { workspace_id, .. }) => *workspace_id,
+        (None, _) => {
+            return Err(BillingError::invalid(
+                "workspaceId is required unless the caller is an API key",
+            ));
+        }
+    };
+    if !may_record_usage(usage_level(c, principal, workspace_id).await?) {
+        return Err(BillingError::Forbidden("viewers cannot record usage"));
+    }
+    let (api_key_id, key_project) = match principal {
+        Principal::ApiKey {
+            api_key_id,
+            project_id,
+            ..
+        } => (Some(*api_key_id), *project_id),
+        Principal::User { .. } | Principal::PlatformAdmin => (None, None),
+    };
+    Ok(UsageCaller {
+        workspace_id,
+        user_id: principal.user_id(),
+        api_key_id,
+        key_project,
+    })
+}
+
+/// The caller's access for usage. An API key is bound to its workspace (and its row to
+/// the key's): no lookup on the hot path; any other workspace is NOT_FOUND to it, as
+/// for a stranger.
+async fn usage_level<C: ConnectionTrait>(
+    c: &C,
+    principal: &Principal,
+    workspace_id: Uuid,
+) -> Result<WorkspaceAccess> {
+    match principal {
+        Principal::ApiKey {
+            workspace_id: own, ..
+        } if *own == workspace_id => Ok(WorkspaceAccess::ApiKey),
+        Principal::ApiKey { .. } => Err(BillingError::NotFound("workspace")),
+        _ => Ok(workspace_access(c, principal, workspace_id).await?.1),
     }
 }

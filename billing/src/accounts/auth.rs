@@ -65,6 +65,17 @@ pub enum Principal {
     },
 }
 
+impl Principal {
+    /// The user behind a user token (what a write is attributed to); None for an API
+    /// key or the platform admin.
+    pub fn user_id(&self) -> Option<Uuid> {
+        match self {
+            Self::User { user_id, .. } => Some(*user_id),
+            Self::ApiKey { .. } | Self::PlatformAdmin => None,
+        }
+    }
+}
+
 /// Resolves a bearer token. Lookup is by hash (an index probe, so no timing leak of
 /// the stored hash); revoked credentials are refused like unknown ones.
 pub async fn authenticate<C: ConnectionTrait>(

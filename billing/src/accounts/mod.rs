@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod lookups;
 
 use crate::accounts::auth::{API_KEY_PREFIX, API_KEY_VISIBLE_PREFIX_CHARS, USER_TOKEN_PREFIX};
 use crate::debits::budget;
@@ -465,4 +466,43 @@ pub async fn revoke_api_key(
         .one(db)
         .await?
         .ok_or(BillingError::NotFound("API key"))
+}
+
+// --- on behalf of a caller -----------------------------------------------------------
+
+/// [`revoke_api_key`] for a caller, who must be ADMIN of the key's workspace. A key the
+/// caller cannot see is NOT_FOUND, exactly as an unknown one.
+pub async fn revoke_api_key_as(
+    db: &DatabaseConnection,
+    principal: &auth::Principal,
+    api_key_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<api_keys::Model> {
+    let key = api_keys::Entity::find_by_id(api_key_id)
+        .one(db)
+        .await?
+        .ok_or(BillingError::NotFound("API key"))?;
+    let admin = access::require_workspace(
+        db,
+        principal,
+        key.workspace_id,
+        access::WorkspaceAccess::Admin,
+    )
+    .await;
+    access::hidden_as("API key", admin)?;
+    revoke_api_key(db, api_key_id, now).await
+}
+
+/// [`set_project_budget`] for a caller, who must be ADMIN of the project's workspace
+/// (a project the caller cannot see is NOT_FOUND).
+pub async fn set_project_budget_as(
+    db: &DatabaseConnection,
+    principal: &auth::Principal,
+    project_id: Uuid,
+    limit: Option<Credits>,
+    period: BudgetPeriod,
+    now: DateTime<Utc>,
+) -> Result<projects::Model> {
+    access::project_for(db, principal, project_id, access::WorkspaceAccess::Admin).await?;
+    set_project_budget(db, project_id, limit, period, now).await
 }

@@ -1,7 +1,10 @@
 //! Project budget periods: when the current period started and when it resets.
 
+use crate::debits::usage::budget_remaining;
+use crate::money::Credits;
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 use entity::enums::BudgetPeriod;
+use entity::projects;
 
 fn midnight(date: NaiveDate) -> DateTime<Utc> {
     Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0).unwrap_or_default())
@@ -41,6 +44,41 @@ pub fn period_end(period: BudgetPeriod, start: DateTime<Utc>) -> Option<DateTime
         }
         BudgetPeriod::Lifetime => None,
     }
+}
+
+/// A project's budget as a dashboard shows it at `now`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BudgetStatus {
+    pub limit: Credits,
+    pub period: BudgetPeriod,
+    /// Spent in the current period.
+    pub spent: Credits,
+    /// What is left under the cap (zero when over it), reserved credits counted.
+    pub remaining: Credits,
+    pub period_start: DateTime<Utc>,
+    /// None for LIFETIME.
+    pub resets_at: Option<DateTime<Utc>>,
+}
+
+/// The budget of a capped project (None without a cap) in the period containing `now`.
+/// A period that has ended but not yet been rolled in the database has spent nothing
+/// (the next debit rolls it); reads only.
+pub fn budget_status(project: &projects::Model, now: DateTime<Utc>) -> Option<BudgetStatus> {
+    let limit = project.budget_limit_nanos?;
+    let mut current = project.clone();
+    let start = period_start(project.budget_period, now, project.budget_period_start);
+    if start > project.budget_period_start {
+        current.budget_spent_nanos = 0;
+        current.budget_period_start = start;
+    }
+    Some(BudgetStatus {
+        limit: Credits::from_nanos(limit),
+        period: current.budget_period,
+        spent: Credits::from_nanos(current.budget_spent_nanos),
+        remaining: budget_remaining(&current),
+        period_start: current.budget_period_start,
+        resets_at: period_end(current.budget_period, current.budget_period_start),
+    })
 }
 
 #[cfg(test)]

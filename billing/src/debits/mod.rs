@@ -16,7 +16,6 @@ use chrono::{DateTime, Utc};
 use entity::{reservations as reservation_rows, usage_events};
 use reservations::{ReserveRequest, Settled};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
-use std::collections::HashMap;
 use usage::{Recorded, UsageRequest};
 use uuid::Uuid;
 use writer::{DebitWriter, SettleRequest};
@@ -34,17 +33,17 @@ pub const USAGE_BATCH_MAX: usize = 1_000;
 /// in order (the workspace, then the attributed user once the caller is authorized).
 #[derive(Clone, Debug)]
 pub struct UsageCall {
+    /// The idempotency key of the record.
+    pub request_id: String,
     /// None: the caller's own workspace (an API key's).
     pub workspace_id: Option<String>,
+    /// The member the usage is attributed to; None: the caller's user.
+    pub user_id: Option<String>,
     /// None: the API key's project, if it has one.
     pub project_tag: Option<String>,
     pub model_id: String,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
-    /// The idempotency key of the record.
-    pub request_id: String,
-    /// The member the usage is attributed to; None: the caller's user.
-    pub user_id: Option<String>,
 }
 
 /// Authorizes a usage call and makes it the domain request.
@@ -144,6 +143,9 @@ async fn record_many(
 /// A reservation as the caller asked for it, before authorization (ids as sent).
 #[derive(Clone, Debug)]
 pub struct ReserveCall {
+    /// The idempotency key of the reservation (and of its settlement's usage).
+    pub request_id: String,
+    pub ttl_seconds: i64,
     /// None: the caller's own workspace (an API key's).
     pub workspace_id: Option<String>,
     /// None: the API key's project, if it has one.
@@ -151,9 +153,6 @@ pub struct ReserveCall {
     pub model_id: String,
     pub max_prompt_tokens: i64,
     pub max_completion_tokens: i64,
-    /// The idempotency key of the reservation (and of its settlement's usage).
-    pub request_id: String,
-    pub ttl_seconds: i64,
 }
 
 /// `reserveCredits`: authorizes the caller and reserves the call's worst-case cost.
@@ -243,10 +242,4 @@ async fn usable_reservation(
 
 // --- batched reads (the API's DataLoaders) -------------------------------------------
 
-pub async fn usage_events_by_ids<C: ConnectionTrait>(
-    c: &C,
-    ids: &[Uuid],
-) -> Result<HashMap<Uuid, usage_events::Model>> {
-    use usage_events::{Column, Entity};
-    crate::batch::by_keys::<Entity, _, _>(c, Column::Id, ids, |e| e.id).await
-}
+crate::batch::rows_by_ids!(usage_events_by_ids, usage_events);

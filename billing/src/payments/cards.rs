@@ -373,3 +373,20 @@ pub async fn payment_methods_by_ids(
     }
     Ok(out)
 }
+
+/// [`remove_payment_method`] for a caller, who must be OWNER/ADMIN of the card's
+/// account. A card the caller cannot see is NOT_FOUND, exactly as an unknown one.
+pub async fn remove_payment_method_as(
+    db: &DatabaseConnection,
+    principal: &crate::accounts::auth::Principal,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<payment_methods::Model> {
+    use crate::accounts::access;
+    let Some(card) = load_payment_method(db, id).await? else {
+        return Err(BillingError::NotFound("payment method"));
+    };
+    let admin = access::require_account_admin(db, principal, card.account_id).await;
+    access::hidden_as("payment method", admin)?;
+    remove_payment_method(db, id, now).await
+}

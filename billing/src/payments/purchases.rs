@@ -858,3 +858,55 @@ pub async fn invoices_by_account(
     }
     Ok(out)
 }
+
+// --- the API's entry point, reads ----------------------------------------------------
+
+/// [`purchase_credits`], then the capture job handed to the queue (`jobs`; None: the
+/// worker's sweep picks the purchase up) when the purchase is left PENDING. A failed
+/// push is only logged: the PENDING row is the record of the work, and the sweep
+/// re-enqueues it, as for every job (see `jobs`).
+pub async fn buy_credits(
+    db: &DatabaseConnection,
+    jobs: Option<&dyn crate::jobs::JobSink>,
+    req: PurchaseCreditsRequest,
+    now: DateTime<Utc>,
+) -> Result<Purchased> {
+    let purchased = purchase_credits(db, req, now).await?;
+    if purchased.purchase.status == PurchaseStatus::Pending
+        && let Some(jobs) = jobs
+    {
+        let purchase_id = purchased.purchase.id;
+        let job = crate::jobs::CapturePurchase { purchase_id };
+        if let Err(e) = jobs.capture(job).await {
+            tracing::warn!(%purchase_id, error = %e, "capture job not pushed");
+        }
+    }
+    Ok(purchased)
+}
+
+crate::batch::rows_by_ids!(purchases_by_ids, purchases);
+
+/// A workspace's purchases written or completed at or after `from`, oldest first, at
+/// most `limit` (the `purchaseUpdated` feed's poll). A purchase changes state at most
+/// twice (written PENDING at `created_at`, completed at `completed_at`), so these are
+/// exactly the purchases whose status changed since `from`.
+pub async fn purchases_changed_since<C: ConnectionTrait>(
+    c: &C,
+    workspace_id: Uuid,
+    from: DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<purchases::Model>> {
+    use purchases::Column as P;
+    use sea_orm::QuerySelect;
+    use sea_orm::sea_query::Condition;
+    let changed = Condition::any()
+        .add(P::CreatedAt.gte(from))
+        .add(P::CompletedAt.gte(from));
+    Ok(purchases::Entity::find()
+        .filter(P::WorkspaceId.eq(workspace_id))
+        .filter(changed)
+        .order_by_asc(P::CreatedAt)
+        .limit(limit)
+        .all(c)
+        .await?)
+}

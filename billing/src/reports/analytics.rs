@@ -734,3 +734,64 @@ mod tests {
         assert!(projected_depletion_at(balance, avg, now).is_some());
     }
 }
+
+/// One report as a dashboard asks for it: a scope, the instants of its window and
+/// its grouping.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ReportRequest {
+    pub scope: UsageScope,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub group_by: Vec<UsageDimension>,
+}
+
+/// Many reports at once (a DataLoader's batch): ONE statement per distinct window and
+/// grouping, the scopes batched within it (see [`usage_reports`]). A bad window fails
+/// with its own code (INVALID_INPUT when reversed, LIMIT_EXCEEDED when too long).
+pub async fn usage_reports_for<C: ConnectionTrait>(
+    c: &C,
+    requests: &[ReportRequest],
+) -> Result<HashMap<ReportRequest, UsageReport>> {
+    type Shape = (DateTime<Utc>, DateTime<Utc>, Vec<UsageDimension>);
+    let mut shapes: HashMap<Shape, Vec<UsageScope>> = HashMap::new();
+    for r in requests {
+        shapes
+            .entry((r.from, r.to, r.group_by.clone()))
+            .or_default()
+            .push(r.scope.clone());
+    }
+    let mut out = HashMap::with_capacity(requests.len());
+    for ((from, to, group_by), scopes) in shapes {
+        let range = DayRange::new(from, to)?;
+        for (scope, report) in usage_reports(c, &scopes, &range, &group_by).await? {
+            let request = ReportRequest {
+                scope,
+                from,
+                to,
+                group_by: group_by.clone(),
+            };
+            out.insert(request, report);
+        }
+    }
+    Ok(out)
+}
+
+/// [`average_daily_spend`] for many (workspace, days) pairs at once (a DataLoader's
+/// batch): ONE statement per distinct number of days.
+pub async fn average_daily_spend_for<C: ConnectionTrait>(
+    c: &C,
+    keys: &[(Uuid, i64)],
+    now: DateTime<Utc>,
+) -> Result<HashMap<(Uuid, i64), Credits>> {
+    let mut by_days: HashMap<i64, Vec<Uuid>> = HashMap::new();
+    for (workspace_id, days) in keys {
+        by_days.entry(*days).or_default().push(*workspace_id);
+    }
+    let mut out = HashMap::with_capacity(keys.len());
+    for (days, ids) in by_days {
+        for (workspace_id, avg) in average_daily_spend(c, &ids, days, now).await? {
+            out.insert((workspace_id, days), avg);
+        }
+    }
+    Ok(out)
+}
