@@ -5,19 +5,20 @@ use async_graphql::{Error, ErrorExtensions};
 use billing::{BillingError, ErrorCode};
 use std::borrow::Borrow;
 
-/// The id of the HTTP request being served, for INTERNAL errors and logs.
+/// The id of the HTTP request (or WebSocket connection) being served: `extensions.requestId`
+/// of an INTERNAL error, and the `http_request_id` log field. Not a usage `requestId`.
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
 
 /// The GraphQL error for a domain error, owned or shared: a DataLoader hands the same
 /// error (an `Arc`) to every key of a failed batch, and each keeps the error's code.
-pub fn to_gql(e: impl Borrow<BillingError>, request_id: Option<&RequestId>) -> Error {
+pub fn to_gql(e: impl Borrow<BillingError>, http_request_id: Option<&RequestId>) -> Error {
     let e = e.borrow();
     let code = e.code();
     let message = match code {
         ErrorCode::Internal => {
-            log_internal(e, request_id);
-            let id = request_id.map(|r| r.0.as_str()).unwrap_or("-");
+            log_internal(e, http_request_id);
+            let id = http_request_id.map(|r| r.0.as_str()).unwrap_or("-");
             format!("internal error; quote request id {id}")
         }
         _ => e.to_string(),
@@ -28,7 +29,7 @@ pub fn to_gql(e: impl Borrow<BillingError>, request_id: Option<&RequestId>) -> E
             ext.set("available", available.to_string());
         }
         if code == ErrorCode::Internal
-            && let Some(id) = request_id
+            && let Some(id) = http_request_id
         {
             ext.set("requestId", id.0.clone());
         }
@@ -47,9 +48,9 @@ impl<T> GqlResult<T> for Result<T, BillingError> {
 }
 
 /// Logs an INTERNAL error once, where it is handled, when the caller gets only its code.
-pub fn log_internal(e: &BillingError, request_id: Option<&RequestId>) {
-    let id = request_id.map(|r| r.0.as_str()).unwrap_or("-");
-    tracing::error!(request_id = id, error = %e, "internal error");
+pub fn log_internal(e: &BillingError, http_request_id: Option<&RequestId>) {
+    let id = http_request_id.map(|r| r.0.as_str()).unwrap_or("-");
+    tracing::error!(http_request_id = id, error = %e, "internal error");
 }
 
 /// Gives every error of a response a stable `extensions.code`: errors raised before

@@ -1,6 +1,4 @@
-//! The API process: GraphQL over HTTP on actix-web, with
-//! bearer-token authentication and health endpoints. Built by [`build_server`] so
-//! that the launcher and the tests start exactly the same app (tests bind port 0).
+#![doc = include_str!("../README.md")]
 
 pub mod credentials;
 pub mod error;
@@ -109,8 +107,8 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
 }
 
 /// A response for a request refused before GraphQL ran (bad JSON, bad token).
-fn refusal(e: billing::BillingError, request_id: &RequestId) -> GraphQLResponse {
-    let mut err = error::to_gql(e, Some(request_id)).into_server_error(Default::default());
+fn refusal(e: billing::BillingError, http_request_id: &RequestId) -> GraphQLResponse {
+    let mut err = error::to_gql(e, Some(http_request_id)).into_server_error(Default::default());
     err.locations.clear(); // not about any place in the query
     async_graphql::Response::from_errors(vec![err]).into()
 }
@@ -120,7 +118,7 @@ async fn graphql(
     http: HttpRequest,
     body: web::Bytes,
 ) -> GraphQLResponse {
-    let request_id = RequestId(uuid::Uuid::new_v4().simple().to_string());
+    let http_request_id = RequestId(uuid::Uuid::new_v4().simple().to_string());
     // The body arrives through actix's `Bytes` extractor, which enforces the
     // configured size limit (413) before anything is parsed.
     let request: async_graphql::Request = match serde_json::from_slice(&body) {
@@ -130,11 +128,11 @@ async fn graphql(
                 billing::BillingError::invalid(format!(
                     "the body is not a GraphQL JSON request: {e}"
                 )),
-                &request_id,
+                &http_request_id,
             );
         }
     };
-    let mut request = request.data(request_id.clone());
+    let mut request = request.data(http_request_id.clone());
     if let Some(token) = bearer(&http) {
         match state
             .credentials
@@ -146,7 +144,7 @@ async fn graphql(
                     schema::loaders::Loaders::new(&state.db, &principal, chrono::Utc::now());
                 request = request.data(Arc::new(loaders)).data(Caller(principal));
             }
-            Err(e) => return refusal(e, &request_id),
+            Err(e) => return refusal(e, &http_request_id),
         }
     }
     let response = state.schema.execute(request).await;
@@ -157,13 +155,13 @@ async fn graphql(
             .and_then(|ext| ext.get("code"))
             .map(ToString::to_string);
         tracing::info!(
-            request_id = %request_id.0,
+            http_request_id = %http_request_id.0,
             errors = response.errors.len(),
             code = code.as_deref().unwrap_or("-"),
             "graphql request refused"
         );
     } else {
-        tracing::debug!(request_id = %request_id.0, "graphql request");
+        tracing::debug!(http_request_id = %http_request_id.0, "graphql request");
     }
     response.into()
 }
@@ -243,7 +241,7 @@ async fn connection_init(
     admin_token: Option<String>,
     init: serde_json::Value,
 ) -> async_graphql::Result<async_graphql::Data> {
-    let request_id = RequestId(uuid::Uuid::new_v4().simple().to_string());
+    let http_request_id = RequestId(uuid::Uuid::new_v4().simple().to_string());
     let mut data = async_graphql::Data::default();
     let value = init
         .get("authorization")
@@ -258,10 +256,10 @@ async fn connection_init(
         let principal = credentials
             .authenticate(&db, token, admin_token.as_deref())
             .await
-            .map_err(|e| error::to_gql(e, Some(&request_id)))?;
+            .map_err(|e| error::to_gql(e, Some(&http_request_id)))?;
         data.insert(Caller(principal));
     }
-    data.insert(request_id);
+    data.insert(http_request_id);
     Ok(data)
 }
 

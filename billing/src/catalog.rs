@@ -194,7 +194,7 @@ pub struct Estimate {
 /// applies and `affordable` says whether the total fits the workspace's available
 /// credits (balance − reserved) and, for a capped project, what is left of its
 /// budget this period. A project whose period has ended counts its spend as zero
-/// (the next debit would roll it over); held credits still count. Reads only: a
+/// (the next debit would roll it over); reserved credits still count. Reads only: a
 /// quote never rolls a period or writes anything.
 ///
 /// Errors: INVALID_INPUT for an unknown or retired model or token counts out of

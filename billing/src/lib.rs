@@ -1,9 +1,4 @@
-//! The domain crate: every rule about money lives here. Resolvers and job handlers
-//! parse input, call one function of this crate and shape its result.
-//!
-//! Every operation that moves money is one database transaction that writes the
-//! ledger entries (summing to zero), the cached balance, the daily rollup and a
-//! balance event together, and is idempotent on its key.
+#![doc = include_str!("../README.md")]
 
 pub mod accounts;
 mod batch;

@@ -140,6 +140,7 @@ pub struct ReserveCreditsInput {
     pub model_id: String,
     pub max_prompt_tokens: i32,
     pub max_completion_tokens: i32,
+    /// Idempotency key: the same request id reserves once, and the settlement records its usage under it.
     pub request_id: String,
     #[graphql(default_with = "Some(600)")]
     pub ttl_seconds: Option<i32>,
@@ -174,7 +175,9 @@ pub struct SetProjectBudgetInput {
 pub struct ConfigureAutoReloadInput {
     pub workspace_id: ID,
     pub enabled: bool,
+    /// Reload when the balance drops below this.
     pub threshold: CreditsScalar,
+    /// Credits bought per reload.
     pub amount: CreditsScalar,
     /// Defaults to the account's default payment method.
     pub payment_method_id: Option<ID>,
@@ -184,6 +187,7 @@ pub struct ConfigureAutoReloadInput {
 
 #[derive(InputObject)]
 pub struct AlertThresholdInput {
+    /// The threshold (named `amount` in the contract): alert when the balance falls below it.
     pub amount: CreditsScalar,
     pub severity: AlertSeverity,
     /// Members of the workspace who get the email.
@@ -528,7 +532,7 @@ impl MutationRoot {
             .collect())
     }
 
-    /// Holds the worst-case cost of a request in flight.
+    /// Reserves the worst-case cost of a request in flight: a HELD reservation whose amount counts as reserved credits until it is settled, released or expires.
     async fn reserve_credits(
         &self,
         ctx: &Context<'_>,
@@ -550,7 +554,7 @@ impl MutationRoot {
         Ok(Reservation(reservation))
     }
 
-    /// Debits the actual cost (which may exceed the hold) and frees the hold.
+    /// Debits the actual cost (which may exceed the reserved amount) and frees the reservation's reserved credits.
     async fn settle_reservation(
         &self,
         ctx: &Context<'_>,
@@ -572,6 +576,7 @@ impl MutationRoot {
         Ok(UsageEvent(settled.event))
     }
 
+    /// Frees the reservation's reserved credits without a charge; idempotent.
     async fn release_reservation(&self, ctx: &Context<'_>, id: ID) -> Result<Reservation> {
         let principal = caller(ctx)?;
         let id = parse_id(ctx, &id, "reservation")?;

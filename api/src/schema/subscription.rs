@@ -30,7 +30,9 @@ pub enum BalanceChangeCause {
     TransferIn,
     TransferOut,
     Adjustment,
+    /// A reservation was made: its amount became reserved credits.
     Reservation,
+    /// A reservation was released or expired: its reserved credits were freed.
     Release,
 }
 
@@ -60,6 +62,7 @@ impl BalanceChange {
     async fn balance(&self) -> CreditsScalar {
         credits(self.event.balance_nanos)
     }
+    /// Reserved credits (of HELD reservations) as of this change.
     async fn reserved(&self) -> CreditsScalar {
         credits(self.event.reserved_nanos)
     }

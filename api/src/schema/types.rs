@@ -100,9 +100,13 @@ pub enum LedgerEntryKind {
 #[derive(Enum, Clone, Copy, PartialEq, Eq)]
 #[graphql(remote = "billing::entity::enums::ReservationStatus")]
 pub enum ReservationStatus {
+    /// Open: its amount counts towards the workspace's reserved credits.
     Held,
+    /// Charged at its actual cost; its reserved credits are freed.
     Settled,
+    /// Freed without a charge.
     Released,
+    /// Not resolved before `expiresAt`: its reserved credits are freed, and it can still be settled.
     Expired,
 }
 
@@ -415,11 +419,11 @@ impl Workspace {
     async fn name(&self) -> &str {
         &self.0.name
     }
-    /// Credits in the pool, including credits held by open reservations.
+    /// Credits in the pool, including the reserved credits of open (HELD) reservations.
     async fn balance(&self) -> CreditsScalar {
         credits(self.0.balance_nanos)
     }
-    /// Credits held by open reservations.
+    /// Reserved credits: the sum of the amounts of the workspace's open (HELD) reservations.
     async fn reserved(&self) -> CreditsScalar {
         credits(self.0.reserved_nanos)
     }
@@ -969,7 +973,7 @@ impl UsageEvent {
     async fn id(&self) -> ID {
         id(self.0.id)
     }
-    /// The caller's request id; recording the same request id twice records it once.
+    /// The caller's request id, the usage idempotency key: recording the same request id twice records it once.
     async fn request_id(&self) -> &str {
         &self.0.request_id
     }
@@ -1026,11 +1030,13 @@ impl UsageEvent {
 
 pub struct Reservation(pub reservations::Model);
 
+/// Credits reserved for a request in flight, settled at its actual cost. While its status is HELD, its `amount` counts towards the workspace's `reserved` credits.
 #[Object]
 impl Reservation {
     async fn id(&self) -> ID {
         id(self.0.id)
     }
+    /// The usage idempotency key given to reserveCredits; the settlement's usage event carries it.
     async fn request_id(&self) -> &str {
         &self.0.request_id
     }
@@ -1044,6 +1050,7 @@ impl Reservation {
         let l = loaders(ctx)?;
         Ok(load_one(ctx, &l.projects, project_id).await?.map(Project))
     }
+    /// The reserved credits: the worst-case cost of the request, at the prices when it was reserved.
     async fn amount(&self) -> CreditsScalar {
         credits(self.0.amount_nanos)
     }
@@ -1149,6 +1156,7 @@ impl AlertThreshold {
     async fn id(&self) -> ID {
         id(self.threshold.id)
     }
+    /// The threshold (named `amount` in the contract): the alert fires when the balance falls below it.
     async fn amount(&self) -> CreditsScalar {
         credits(self.threshold.amount_nanos)
     }

@@ -1,9 +1,10 @@
 //! The read side for dashboards: usage reports and spend projections.
 //!
-//! Everything here reads the daily rollup table `usage_daily` and never the raw
-//! `usage_events`: the rollup holds one row per (workspace, UTC day, project, user,
-//! API key, model), written in the same transaction as the usage it counts, so a
-//! report over months costs a few hundred rows instead of millions of events. The
+//! Everything here reads the daily rollup tables (`usage_daily`, and `usage_daily_by`
+//! for one-dimension workspace reports) and never the raw `usage_events`:
+//! `usage_daily` holds one row per (workspace, UTC day, project, user, API key,
+//! model), written in the same transaction as the usage it counts, so a report over
+//! months costs a few hundred rows instead of millions of events. The
 //! price of that is day granularity: every window here is a whole number of UTC days.
 //!
 //! The batch functions answer many workspaces (or projects) with ONE SQL statement,
@@ -364,7 +365,7 @@ pub async fn average_daily_spend<C: ConnectionTrait>(
 /// A balance at or below zero is already depleted: `Some(now)`.
 ///
 /// Pass the balance the caller means to project (typically `available`, i.e. the
-/// balance less held reservations).
+/// balance less reserved credits).
 pub fn projected_depletion_at(
     balance: Credits,
     average_daily_spend: Credits,
