@@ -10,7 +10,8 @@
 #   SEED_EVENTS=1000000 bench/run-scenario.sh dashboard postgres
 #
 # Environment: RUNS (3), DURATION (10), PORT (18085), OUT_DIR (/tmp/reservoir-bench),
-# SKIP_BUILD=1, PG_URL_BASE (postgres://postgres@127.0.0.1:5432), SEED_EVENTS (for
+# SKIP_BUILD=1, BIN_DIR (the folder holding reservoir and reservoir-bench, default the
+# repository's target/release; with another folder set SKIP_BUILD=1), PG_URL_BASE (postgres://postgres@127.0.0.1:5432), SEED_EVENTS (for
 # dashboard: events seeded once before the runs, default 1000000; the dashboard runs
 # reuse one server and one seeded database). Other RESERVOIR_* variables reach the server.
 set -euo pipefail
@@ -31,8 +32,11 @@ results="$out_dir/$scenario-$backend-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     (cd "$repo" && cargo build --release -p reservoir -p reservoir-bench >&2)
 fi
-server_bin=$repo/target/release/reservoir
-bench_bin=$repo/target/release/reservoir-bench
+bin_dir=${BIN_DIR:-$repo/target/release}
+server_bin=$bin_dir/reservoir
+bench_bin=$bin_dir/reservoir-bench
+[[ -x $server_bin && -x $bench_bin ]] || { echo "no reservoir / reservoir-bench in $bin_dir" >&2; exit 1; }
+echo "[run-scenario] binaries from $bin_dir" >&2
 # Subscribers and the server each hold one descriptor per connection.
 ulimit -n 65536 2>/dev/null || ulimit -n 4096
 

@@ -24,7 +24,12 @@
 #                    (default reservoir_bench)
 #   RESERVOIR_PORT   where the server listens (default 18080)
 #   SKIP_BUILD=1     do not run cargo build (use the binaries as they are)
-#   RESERVOIR_BIN, BENCH_BIN   the binaries (default target/release/reservoir{,-bench})
+#   BIN_DIR          the folder holding reservoir and reservoir-bench (default the
+#                    repository's target/release); with another folder set SKIP_BUILD=1
+#   RESERVOIR_BIN, BENCH_BIN   the binaries (default $BIN_DIR/reservoir{,-bench})
+#   BATCH            debits per call/transaction (default 1). With N > 1 the baseline
+#                    runs debit-batch.sql (N debits per transaction) and Reservoir the
+#                    usage-batch scenario with --batch-size N; ops/s are debits/s
 #   BENCH_ARGS       extra arguments for `reservoir-bench run` (split on spaces)
 #   READY_TIMEOUT    seconds to wait for /readyz (default 60)
 #   OUT_DIR          results, server logs, pgbench output (default /tmp/reservoir-bench)
@@ -45,8 +50,19 @@ duration=${DURATION:-10}
 reservoir_db=${RESERVOIR_DB:-reservoir_bench}
 port=${RESERVOIR_PORT:-18080}
 ready_timeout=${READY_TIMEOUT:-60}
-reservoir_bin=${RESERVOIR_BIN:-$repo/target/release/reservoir}
-bench_bin=${BENCH_BIN:-$repo/target/release/reservoir-bench}
+bin_dir=${BIN_DIR:-$repo/target/release}
+reservoir_bin=${RESERVOIR_BIN:-$bin_dir/reservoir}
+bench_bin=${BENCH_BIN:-$bin_dir/reservoir-bench}
+batch=${BATCH:-1}
+[[ $batch =~ ^[1-9][0-9]*$ ]] || { echo "[compare] error: BATCH must be a positive integer" >&2; exit 1; }
+export BATCH=$batch
+if ((batch > 1)); then
+    scenario=usage-batch
+    scenario_args=(--batch-size "$batch")
+else
+    scenario=usage-hot
+    scenario_args=()
+fi
 read -r -a bench_args <<<"${BENCH_ARGS:-}"
 out_dir=${OUT_DIR:-/tmp/reservoir-bench}
 export OUT_DIR=$out_dir DURATION=$duration
@@ -223,10 +239,13 @@ measure_reservoir() {
     done
 
     local rc=0
-    RESERVOIR_ADMIN_TOKEN=$admin_token "$bench_bin" run --scenario usage-hot \
+    RESERVOIR_ADMIN_TOKEN=$admin_token "$bench_bin" run --scenario "$scenario" \
         --url "$base_url" --database-url "$reservoir_url" \
-        --clients "$clients" --duration-s "$duration" "${bench_args[@]}" \
+        --clients "$clients" --duration-s "$duration" "${scenario_args[@]}" "${bench_args[@]}" \
         >"$file" 2>"$file.err" || rc=$?
+    # The writer's counters of the run (batches, ops, load/judge/write/commit seconds).
+    curl -fsS --max-time 5 "$base_url/metrics" 2>/dev/null | grep '^reservoir_writer_' >"$file.writer" || true
+    log "writer: $(tr '\n' ' ' <"$file.writer")"
     stop_server
     if ((rc != 0)); then
         log "reservoir-bench exited $rc; see $file.err:"
@@ -236,6 +255,7 @@ measure_reservoir() {
 }
 
 log "results -> $results"
+log "binaries: $reservoir_bin, $bench_bin; scenario $scenario, batch $batch"
 log "PostgreSQL $PGHOST:$PGPORT: $(psql_q -d postgres -Atc 'SHOW server_version')," \
     "synchronous_commit=$(psql_q -d postgres -Atc 'SHOW synchronous_commit')," \
     "max_connections=$(psql_q -d postgres -Atc 'SHOW max_connections'); $(nproc) cores"
@@ -251,10 +271,10 @@ for clients in "${clients_list[@]}"; do
     done
 done
 
-python3 - "$results" "$runs" "$duration" <<'PY' | tee "${results%.jsonl}.txt"
+python3 - "$results" "$runs" "$duration" "$batch" <<'PY' | tee "${results%.jsonl}.txt"
 import json, statistics, sys
 
-path, runs, duration = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+path, runs, duration, batch = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 rows = [json.loads(line) for line in open(path) if line.strip()]
 by = {}
 for r in rows:
@@ -268,7 +288,8 @@ def med(system, clients, key):
 def fmt(v, width, decimals):
     return ("-" if v is None else f"{v:.{decimals}f}").rjust(width)
 
-print(f"# medians of {runs} run(s) of {duration} s; ratio = reservoir ops/s / baseline ops/s")
+print(f"# medians of {runs} run(s) of {duration} s; ratio = reservoir ops/s / baseline ops/s"
+      + (f"; {batch} debits per call/transaction, ops = debits, p99 per call" if batch > 1 else ""))
 print(f"{'clients':>7}  {'baseline ops/s':>14}  {'baseline p99 ms':>15}  "
       f"{'reservoir ops/s':>15}  {'reservoir p99 ms':>16}  {'ratio':>6}  notes")
 failed = False

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The hand-rolled SQL baseline: pgbench running debit.sql (one transaction per debit)
-# against the schema in schema.sql, once per client count.
+# against the schema in schema.sql, once per client count. With BATCH=N (N > 1) it runs
+# debit-batch.sql instead: N debits per transaction.
 #
 #   bench/baseline/run-baseline.sh [clients...]        (default: 1 8 32 64 128)
 #
@@ -15,6 +16,10 @@
 #   DURATION                 seconds per measurement (default 10)
 #   CLIENTS                  client counts when none are given as arguments
 #   WORKSPACES               workspaces seeded and debited at random (default 1: hot row)
+#   BATCH                    debits per transaction (default 1: debit.sql; N > 1:
+#                            debit-batch.sql with N debits per transaction). ops_per_s
+#                            is then debits/s (pgbench's tps x N), tx_per_s the tps,
+#                            and the latencies are per transaction (per batch)
 #   PGBENCH_THREADS          pgbench -j is min(clients, this) (default 2)
 #   PGBENCH, PSQL            the binaries (default: PATH, then /usr/lib/postgresql/*/bin)
 #   OUT_DIR                  pgbench output and logs (default /tmp/reservoir-bench)
@@ -29,6 +34,7 @@ export PGUSER=${PGUSER:-postgres}
 db=${BASELINE_DB:-reservoir_baseline}
 duration=${DURATION:-10}
 workspaces=${WORKSPACES:-1}
+batch=${BATCH:-1}
 threads_max=${PGBENCH_THREADS:-2}
 out_dir=${OUT_DIR:-/tmp/reservoir-bench}
 keep_logs=${KEEP_LOGS:-0}
@@ -64,6 +70,12 @@ psql_bin=${PSQL:-$(find_pg_bin psql)} || die "psql not found; set PSQL"
 
 [[ $duration =~ ^[1-9][0-9]*$ ]] || die "DURATION must be a positive integer, got '$duration'"
 [[ $workspaces =~ ^[1-9][0-9]*$ ]] || die "WORKSPACES must be a positive integer, got '$workspaces'"
+[[ $batch =~ ^[1-9][0-9]*$ ]] || die "BATCH must be a positive integer, got '$batch'"
+if ((batch > 1)); then
+    script=$here/debit-batch.sql
+else
+    script=$here/debit.sql
+fi
 [[ $threads_max =~ ^[1-9][0-9]*$ ]] || die "PGBENCH_THREADS must be a positive integer"
 [[ $db =~ ^[a-z_][a-z0-9_]*$ ]] || die "BASELINE_DB must be a plain lower-case identifier"
 for n in "${clients_list[@]}"; do
@@ -114,10 +126,10 @@ for clients in "${clients_list[@]}"; do
     psql_q -d "$db" -c 'CHECKPOINT' 2>/dev/null || log "CHECKPOINT refused (not superuser?), going on"
 
     run_dir=$(mktemp -d "$out_dir/baseline-c${clients}.XXXXXX")
-    log "clients=$clients threads=$threads duration=${duration}s workspaces=$workspaces -> $run_dir"
+    log "clients=$clients threads=$threads duration=${duration}s workspaces=$workspaces batch=$batch -> $run_dir"
     rc=0
     "$pgbench" -n -M prepared -c "$clients" -j "$threads" -T "$duration" \
-        -D workspaces="$workspaces" -f "$here/debit.sql" \
+        -D workspaces="$workspaces" -D batch="$batch" -f "$script" \
         -l --log-prefix="$run_dir/tx" "$db" \
         >"$run_dir/pgbench.out" 2>"$run_dir/pgbench.err" || rc=$?
     if ((rc != 0)); then
@@ -161,7 +173,7 @@ for clients in "${clients_list[@]}"; do
     # Every committed debit left one ledger row and moved its workspace and project by
     # the same amount. A debit whose COMMIT was in flight when the timer fired is
     # committed but not counted by pgbench, so the ledger may exceed the count by at
-    # most one row per client.
+    # most one transaction (BATCH rows) per client.
     read -r ledger_rows mismatches < <(psql_q -d "$db" -At -F ' ' -c "
         WITH l AS (
             SELECT workspace_id, project_id, count(*) AS n, sum(amount_nanos) AS s
@@ -177,12 +189,14 @@ for clients in "${clients_list[@]}"; do
                        ON y.project_id = p.id
                 WHERE p.budget_spent_nanos <> coalesce(y.s, 0))")
     invariants_ok=false
-    if ((mismatches == 0 && ledger_rows >= processed && ledger_rows - processed <= clients)); then
+    if ((mismatches == 0 && ledger_rows >= processed * batch &&
+        ledger_rows - processed * batch <= clients * batch)); then
         invariants_ok=true
     fi
 
-    printf '{"system":"baseline","clients":%s,"threads":%s,"duration_s":%s,"workspaces":%s,"ops_per_s":%s,"p50_ms":%s,"p99_ms":%s,"max_ms":%s,"avg_ms":%s,"transactions":%s,"logged":%s,"failed":%s,"ledger_rows":%s,"invariants_ok":%s}\n' \
-        "$clients" "$threads" "$duration" "$workspaces" "$tps" "$p50_ms" "$p99_ms" "$max_ms" \
+    ops_per_s=$(awk -v t="$tps" -v b="$batch" 'BEGIN { printf "%.2f", t * b }')
+    printf '{"system":"baseline","clients":%s,"threads":%s,"duration_s":%s,"workspaces":%s,"batch":%s,"ops_per_s":%s,"tx_per_s":%s,"p50_ms":%s,"p99_ms":%s,"max_ms":%s,"avg_ms":%s,"transactions":%s,"logged":%s,"failed":%s,"ledger_rows":%s,"invariants_ok":%s}\n' \
+        "$clients" "$threads" "$duration" "$workspaces" "$batch" "$ops_per_s" "$tps" "$p50_ms" "$p99_ms" "$max_ms" \
         "$avg_ms" "$processed" "$logged" "$failed" "$ledger_rows" "$invariants_ok"
     if [[ $invariants_ok != true ]]; then
         log "clients=$clients: invariant check FAILED (ledger_rows=$ledger_rows" \
