@@ -4,10 +4,10 @@
 use crate::fixtures::{self, PURCHASE_MAX_CREDITS};
 use anyhow::Context;
 use billing::Credits;
-use billing::entity::enums::{BudgetPeriod, WorkspaceRole};
-use billing::sea_orm::DatabaseConnection;
 use billing::debits::usage::{ProjectRef, UsageRequest};
 use billing::debits::writer::{DebitWriter, WriterConfig};
+use billing::entity::enums::{BudgetPeriod, WorkspaceRole};
+use billing::sea_orm::DatabaseConnection;
 use chrono::{DateTime, Duration, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};

@@ -6,16 +6,15 @@
 
 use crate::accounts::Name;
 use crate::debits::budget;
+use crate::debits::usage::{
+    ProjectRef, account_discount, active_model, budget_remaining, resolve_project,
+};
 use crate::error::{BillingError, Result};
 use crate::ledger::{self, load_workspace};
 use crate::money::{Credits, DiscountBps, NANOS_PER_CREDIT};
 use crate::pricing::{self, CostBreakdown, TokenPrice};
-use crate::debits::usage::{ProjectRef, account_discount, active_model, budget_remaining, resolve_project};
 use chrono::{DateTime, Utc};
-use entity::{
-    accounts,
-    models,
-};
+use entity::{accounts, models};
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
 use uuid::Uuid;

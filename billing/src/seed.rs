@@ -2,9 +2,9 @@
 //! something to look at.
 
 use crate::accounts;
+use crate::debits::usage::{self, ProjectRef, UsageRequest};
 use crate::error::Result;
 use crate::payments::purchases::{self, PurchaseItem, PurchaseRequest};
-use crate::debits::usage::{self, ProjectRef, UsageRequest};
 use chrono::{DateTime, Utc};
 use entity::enums::{BudgetPeriod, PurchaseSource};
 use entity::{account_members, accounts as accounts_entity, users};

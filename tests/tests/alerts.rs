@@ -8,14 +8,16 @@
 )]
 
 use billing::Credits;
-use billing::policies::alerts;
+use billing::debits::usage::{self};
 use billing::entity::enums::{AlertSeverity, WorkspaceRole};
 use billing::entity::{alert_thresholds, notifications};
-use billing::policies::notifications::{LowBalanceAlert, NotificationPayload, payload_of, recipients_of};
-use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder};
 use billing::policies::alert_thresholds::AlertThresholdInput;
+use billing::policies::alerts;
+use billing::policies::notifications::{
+    LowBalanceAlert, NotificationPayload, payload_of, recipients_of,
+};
+use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder};
 use billing::transfers::{self, TransferRequest};
-use billing::debits::usage::{self};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use reservoir_tests::{Fixture, TestDb, fund, usage_req, workspace};
 use uuid::Uuid;

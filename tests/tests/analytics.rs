@@ -10,16 +10,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use billing::debits::usage::{self, ProjectRef, UsageRequest};
+use billing::entity::enums::WorkspaceRole;
+use billing::entity::{models, usage_daily, usage_daily_by};
 use billing::reports::analytics::{
     self, BATCH_MAX, DayRange, RANGE_DAYS_MAX, UsageDimension as Dim, UsageReport, UsageRow,
     UsageScope, UsageTotals,
 };
-use billing::entity::enums::WorkspaceRole;
-use billing::entity::{models, usage_daily, usage_daily_by};
 use billing::sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
 };
-use billing::debits::usage::{self, ProjectRef, UsageRequest};
 use billing::{BillingError, Credits};
 use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
 use reservoir_tests::{Fixture, TEST_MODEL, TestDb, fund, workspace};

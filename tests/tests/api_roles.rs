@@ -15,17 +15,17 @@
 
 use billing::Credits;
 use billing::accounts;
+use billing::debits::reservations::{self, ReserveRequest};
+use billing::debits::usage::{self, ProjectRef, UsageRequest};
 use billing::entity::enums::{AccountRole, WorkspaceRole};
 use billing::entity::{self, account_members, users};
-use billing::payments::{self, SandboxGateway};
 use billing::payments::purchases::{self, PurchaseCreditsRequest, PurchaseItem};
-use billing::debits::reservations::{self, ReserveRequest};
+use billing::payments::{self, SandboxGateway};
 use billing::sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait,
     IntoActiveModel, PaginatorTrait, QueryFilter,
 };
 use billing::transfers::{self, TransferRequest};
-use billing::debits::usage::{self, ProjectRef, UsageRequest};
 use chrono::Utc;
 use reservoir_tests::app::{ADMIN_TOKEN, App};
 use reservoir_tests::{Fixture, TEST_MODEL, TestDb, fund, money_row_counts};

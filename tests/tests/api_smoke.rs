@@ -54,7 +54,8 @@ async fn the_app_answers_health_auth_reads_and_usage() -> anyhow::Result<()> {
     use billing::sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     let used = billing::entity::user_tokens::Entity::find()
         .filter(
-            billing::entity::user_tokens::Column::TokenHash.eq(billing::accounts::auth::hash_secret(&token)),
+            billing::entity::user_tokens::Column::TokenHash
+                .eq(billing::accounts::auth::hash_secret(&token)),
         )
         .one(&t.db)
         .await?

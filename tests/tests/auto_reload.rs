@@ -7,22 +7,22 @@
     reason = "test code: a test and its fixtures read as one scenario, top to bottom"
 )]
 
-use billing::policies::auto_reload;
-use billing::policies::reload_state::CONSECUTIVE_FAILURES_MAX;
+use billing::debits::reservations::{self, ReserveRequest};
+use billing::debits::usage::{self, ProjectRef};
 use billing::entity::enums::{
     AutoReloadStatus, PurchaseSource, PurchaseStatus, ReservationStatus, WorkspaceRole,
 };
 use billing::entity::{auto_reload_settings, ledger_transactions, notifications, purchases};
-use billing::policies::notifications::{NotificationPayload, payload_of, recipients_of};
 use billing::payments::{self, ChargeOutcome, ChargeRequest, PaymentGateway, SandboxGateway};
-use billing::debits::reservations::{self, ReserveRequest};
+use billing::policies::auto_reload;
+use billing::policies::auto_reload_settings::AutoReloadInput;
+use billing::policies::notifications::{NotificationPayload, payload_of, recipients_of};
+use billing::policies::reload_state::CONSECUTIVE_FAILURES_MAX;
 use billing::sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait,
     IntoActiveModel, QueryFilter, QueryOrder,
 };
-use billing::policies::auto_reload_settings::AutoReloadInput;
 use billing::transfers::{self, TransferRequest};
-use billing::debits::usage::{self, ProjectRef};
 use billing::{BillingError, Credits};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use reservoir_tests::{Fixture, TEST_MODEL, TestDb, fund, usage_req, workspace};
@@ -61,19 +61,21 @@ async fn configure(
     max_reloads_per_day: i32,
     now: DateTime<Utc>,
 ) -> anyhow::Result<auto_reload_settings::Model> {
-    Ok(billing::policies::auto_reload_settings::configure_auto_reload(
-        db,
-        AutoReloadInput {
-            workspace_id: ws,
-            enabled: true,
-            threshold: credits("5"),
-            amount: credits("20"),
-            payment_method_id: Some(card),
-            max_reloads_per_day,
-        },
-        now,
+    Ok(
+        billing::policies::auto_reload_settings::configure_auto_reload(
+            db,
+            AutoReloadInput {
+                workspace_id: ws,
+                enabled: true,
+                threshold: credits("5"),
+                amount: credits("20"),
+                payment_method_id: Some(card),
+                max_reloads_per_day,
+            },
+            now,
+        )
+        .await?,
     )
-    .await?)
 }
 
 async fn reload_state(
@@ -154,7 +156,8 @@ async fn racing_debits_start_exactly_one_reload_per_crossing() -> anyhow::Result
     let f = Fixture::new(&t.db, now).await?;
     let gateway = SandboxGateway::new();
     let visa =
-        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
+        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now)
+            .await?;
     fund(&t.db, f.ws_a, "10", now).await?;
     configure(&t.db, f.ws_a, visa.id, 2, now).await?;
 
@@ -398,7 +401,8 @@ async fn a_declining_card_turns_auto_reload_off_after_three_failures() -> anyhow
 
     // Re-enabling (with a working card) is a fresh start.
     let visa =
-        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, t4).await?;
+        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, t4)
+            .await?;
     let state = configure(&t.db, f.ws_a, visa.id, 24, t4).await?;
     assert_eq!(state.status, AutoReloadStatus::Idle);
     assert_eq!(state.consecutive_failures, 0);
@@ -432,7 +436,8 @@ async fn a_gateway_outage_backs_off_but_never_switches_off() -> anyhow::Result<(
     let f = Fixture::new(&t.db, now).await?;
     let gateway = SandboxGateway::new();
     let visa =
-        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
+        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now)
+            .await?;
     fund(&t.db, f.ws_a, "10", now).await?;
     configure(&t.db, f.ws_a, visa.id, 24, now).await?;
     let mut at = now;
@@ -463,7 +468,8 @@ async fn settlements_and_transfers_out_start_reloads_too() -> anyhow::Result<()>
     let f = Fixture::new(&t.db, now).await?;
     let gateway = SandboxGateway::new();
     let visa =
-        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
+        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now)
+            .await?;
     fund(&t.db, f.ws_a, "10", now).await?;
     fund(&t.db, f.ws_b, "10", now).await?;
     configure(&t.db, f.ws_a, visa.id, 24, now).await?;
@@ -527,7 +533,8 @@ async fn a_reload_left_reloading_is_repaired() -> anyhow::Result<()> {
     let f = Fixture::new(&t.db, now).await?;
     let gateway = SandboxGateway::new();
     let visa =
-        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now).await?;
+        payments::cards::add_payment_method(&t.db, &gateway, f.account_id, "tok_visa", true, now)
+            .await?;
     fund(&t.db, f.ws_a, "10", now).await?;
     configure(&t.db, f.ws_a, visa.id, 24, now).await?;
     debit(&t.db, f.ws_a, "cross", "6", now).await?;

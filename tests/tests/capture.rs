@@ -6,10 +6,10 @@
     reason = "test code: a test and its fixtures read as one scenario, top to bottom"
 )]
 
-use billing::payments::capture::{self, CAPTURE_ATTEMPTS_MAX, Next, Verdict};
 use billing::entity::enums::PurchaseStatus;
-use billing::payments::{ChargeOutcome, GatewayError, PaymentGateway, SandboxGateway};
+use billing::payments::capture::{self, CAPTURE_ATTEMPTS_MAX, Next, Verdict};
 use billing::payments::purchases::{self, PurchaseCreditsRequest, PurchaseItem};
+use billing::payments::{ChargeOutcome, GatewayError, PaymentGateway, SandboxGateway};
 use reservoir_tests::{Fixture, TestDb, workspace};
 use std::time::Duration;
 
@@ -21,7 +21,8 @@ async fn pending_purchase(
 ) -> anyhow::Result<uuid::Uuid> {
     let now = chrono::Utc::now();
     let gateway = SandboxGateway::new();
-    billing::payments::cards::add_payment_method(&t.db, &gateway, f.account_id, token, true, now).await?;
+    billing::payments::cards::add_payment_method(&t.db, &gateway, f.account_id, token, true, now)
+        .await?;
     let req = PurchaseCreditsRequest {
         workspace_id: f.ws_a,
         item: PurchaseItem::Package("pkg_10".into()),

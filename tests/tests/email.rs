@@ -9,10 +9,10 @@
 
 use billing::entity::enums::{AlertSeverity, NotificationStatus, PurchaseSource, WorkspaceRole};
 use billing::entity::notifications as rows;
+use billing::payments::purchases::{self, PurchaseItem, PurchaseRequest};
 use billing::policies::notifications::{
     self as notes, AutoReloadDisabled, LowBalanceAlert, NotificationPayload, ReloadFailed,
 };
-use billing::payments::purchases::{self, PurchaseItem, PurchaseRequest};
 use billing::sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait,
     IntoActiveModel, QueryFilter,

@@ -5,12 +5,12 @@
     reason = "test code: a test and its fixtures read as one scenario, top to bottom"
 )]
 
+use billing::debits::reservations::{self, ReserveRequest};
+use billing::debits::usage::{self, ProjectRef, UsageRequest};
 use billing::entity::enums::{BudgetPeriod, LedgerEntryKind, ReservationStatus};
 use billing::entity::{ledger_entries, usage_events};
-use billing::debits::reservations::{self, ReserveRequest};
 use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder};
 use billing::transfers::{self, TransferRequest};
-use billing::debits::usage::{self, ProjectRef, UsageRequest};
 use billing::{BillingError, Credits, ErrorCode};
 use chrono::{Duration, TimeZone, Utc};
 use rand::Rng;
@@ -657,7 +657,11 @@ async fn names_with_control_characters_are_invalid_input_on_both_backends() -> a
         model_id: "m".repeat(101),
         ..usage_req(f.ws_a, "long-model", 1)
     };
-    for (bad, field) in [(nul_model, "modelId"), (nul_tag, "projectTag"), (long_model, "modelId")] {
+    for (bad, field) in [
+        (nul_model, "modelId"),
+        (nul_tag, "projectTag"),
+        (long_model, "modelId"),
+    ] {
         let err = usage::record_usage(&t.db, bad.clone(), now)
             .await
             .expect_err("must be refused");

@@ -9,11 +9,11 @@ use billing::entity::enums::{
     AutoReloadStatus, CardBrand, InvoiceStatus, LedgerEntryKind, PurchaseSource, PurchaseStatus,
 };
 use billing::entity::{accounts, auto_reload_settings, invoices, ledger_entries, payment_methods};
+use billing::payments::purchases::{self, PurchaseCreditsRequest, PurchaseItem, Purchased};
 use billing::payments::{
     self, AttachedCard, ChargeOutcome, ChargeRequest, GatewayError, GatewayFuture, PaymentGateway,
     SandboxGateway, SandboxScenario,
 };
-use billing::payments::purchases::{self, PurchaseCreditsRequest, PurchaseItem, Purchased};
 use billing::sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait,
     IntoActiveModel, QueryFilter, QueryOrder,
@@ -237,10 +237,12 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
     let gw = SandboxGateway::new();
     let acct = f.account_id;
 
-    let visa = payments::cards::add_payment_method(&t.db, &gw, acct, "tok_visa", false, now).await?;
+    let visa =
+        payments::cards::add_payment_method(&t.db, &gw, acct, "tok_visa", false, now).await?;
     assert!(visa.is_default, "the first card becomes the default");
     assert_eq!((visa.brand, visa.last4.as_str()), (CardBrand::Visa, "4242"));
-    let mc = payments::cards::add_payment_method(&t.db, &gw, acct, "tok_mastercard", false, now).await?;
+    let mc =
+        payments::cards::add_payment_method(&t.db, &gw, acct, "tok_mastercard", false, now).await?;
     assert!(!mc.is_default);
     let amex = payments::cards::add_payment_method(&t.db, &gw, acct, "tok_amex", true, now).await?;
     assert!(amex.is_default);
@@ -261,13 +263,15 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
             .expect_err(bad);
         assert_eq!(err.code(), ErrorCode::InvalidInput, "{bad}: {err}");
     }
-    let err = payments::cards::add_payment_method(&t.db, &DownGateway, acct, "tok_visa", false, now)
-        .await
-        .expect_err("gateway down");
+    let err =
+        payments::cards::add_payment_method(&t.db, &DownGateway, acct, "tok_visa", false, now)
+            .await
+            .expect_err("gateway down");
     assert_eq!(err.code(), ErrorCode::PaymentFailed, "{err}");
-    let err = payments::cards::add_payment_method(&t.db, &gw, Uuid::now_v7(), "tok_visa", false, now)
-        .await
-        .expect_err("no account");
+    let err =
+        payments::cards::add_payment_method(&t.db, &gw, Uuid::now_v7(), "tok_visa", false, now)
+            .await
+            .expect_err("no account");
     assert_eq!(err.code(), ErrorCode::NotFound);
     assert_eq!(payment_row_counts(&t.db).await?, before);
 
@@ -340,7 +344,8 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
     payments::cards::remove_payment_method(&t.db, mc.id, now).await?;
 
     // A new card on an account without a default becomes the default.
-    let mc2 = payments::cards::add_payment_method(&t.db, &gw, acct, "tok_mastercard", false, now).await?;
+    let mc2 =
+        payments::cards::add_payment_method(&t.db, &gw, acct, "tok_mastercard", false, now).await?;
     assert!(mc2.is_default);
     let listed = payments::cards::list_payment_methods(&t.db, &[acct, Uuid::nil()]).await?;
     assert_eq!(
@@ -370,7 +375,8 @@ async fn a_card_purchase_resolves_the_default_method() -> anyhow::Result<()> {
         billing::accounts::create_account(&t.db, "Other Co", "other@test.example", "O", now)
             .await?;
     let foreign =
-        payments::cards::add_payment_method(&t.db, &gw, other.account.id, "tok_visa", false, now).await?;
+        payments::cards::add_payment_method(&t.db, &gw, other.account.id, "tok_visa", false, now)
+            .await?;
 
     // No card at all.
     let before = payment_row_counts(&t.db).await?;
@@ -395,9 +401,11 @@ async fn a_card_purchase_resolves_the_default_method() -> anyhow::Result<()> {
     assert_eq!(payment_row_counts(&t.db).await?, before);
 
     let visa =
-        payments::cards::add_payment_method(&t.db, &gw, f.account_id, "tok_visa", false, now).await?;
-    let mc = payments::cards::add_payment_method(&t.db, &gw, f.account_id, "tok_mastercard", false, now)
-        .await?;
+        payments::cards::add_payment_method(&t.db, &gw, f.account_id, "tok_visa", false, now)
+            .await?;
+    let mc =
+        payments::cards::add_payment_method(&t.db, &gw, f.account_id, "tok_mastercard", false, now)
+            .await?;
     let p = purchases::purchase_credits(&t.db, card_req(f.ws_a, "buy-1", None), now).await?;
     assert!(!p.replayed);
     assert_eq!(p.purchase.status, PurchaseStatus::Pending);
@@ -462,7 +470,8 @@ async fn a_captured_card_purchase_is_credited_and_invoiced_once() -> anyhow::Res
     let f = Fixture::new(&t.db, now).await?;
     let gw = SandboxGateway::new();
     let visa =
-        payments::cards::add_payment_method(&t.db, &gw, f.account_id, "tok_visa", false, now).await?;
+        payments::cards::add_payment_method(&t.db, &gw, f.account_id, "tok_visa", false, now)
+            .await?;
     let p = purchases::purchase_credits(&t.db, card_req(f.ws_a, "buy-1", None), now).await?;
 
     // The worker's capture: charge with the purchase id as the key (twice: once).

@@ -9,27 +9,26 @@
 )]
 
 use billing::accounts;
+use billing::catalog::{
+    MODEL_ID_LEN_MAX, MODEL_PRICE_PER_MILLION_MAX, ModelInput, PAYMENT_TERMS_DAYS_MAX,
+};
+use billing::debits::reservations::{self, ReserveRequest};
+use billing::debits::usage::{self, ProjectRef, UsageRequest};
 use billing::entity::enums::{
     AccountRole, AlertSeverity, AutoReloadStatus, BudgetPeriod, CardBrand, WorkspaceRole,
 };
 use billing::entity::{
     account_members, alert_thresholds, auto_reload_settings, models, payment_methods, projects,
 };
-use billing::debits::reservations::{self, ReserveRequest};
-use billing::sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, IntoActiveModel,
-};
-use billing::catalog::{
-    MODEL_ID_LEN_MAX, MODEL_PRICE_PER_MILLION_MAX, ModelInput, PAYMENT_TERMS_DAYS_MAX,
-};
 use billing::policies::alert_thresholds::{
-    ALERT_AMOUNT_CREDITS_MAX, ALERT_RECIPIENTS_MAX, ALERT_THRESHOLDS_MAX,
-    AlertThresholdInput,
+    ALERT_AMOUNT_CREDITS_MAX, ALERT_RECIPIENTS_MAX, ALERT_THRESHOLDS_MAX, AlertThresholdInput,
 };
 use billing::policies::auto_reload_settings::{
     AUTO_RELOAD_THRESHOLD_CREDITS_MAX, AutoReloadInput, MAX_RELOADS_PER_DAY_MAX,
 };
-use billing::debits::usage::{self, ProjectRef, UsageRequest};
+use billing::sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, IntoActiveModel,
+};
 use billing::{BillingError, Credits, DiscountBps, ErrorCode};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use reservoir_tests::{Fixture, TEST_MODEL, TestDb, count, fund, usage_req, workspace};
@@ -135,7 +134,8 @@ async fn pricing_agreement_sets_terms_and_validates() -> anyhow::Result<()> {
     let discount = DiscountBps::parse_percent("12.5")?;
 
     let account =
-        billing::catalog::set_pricing_agreement(&t.db, f.account_id, true, discount, 60, t0()).await?;
+        billing::catalog::set_pricing_agreement(&t.db, f.account_id, true, discount, 60, t0())
+            .await?;
     assert!(account.verified);
     assert_eq!(account.volume_discount_bps, 1250);
     assert_eq!(account.payment_terms_days, 60);
@@ -159,12 +159,21 @@ async fn pricing_agreement_sets_terms_and_validates() -> anyhow::Result<()> {
     }
     for days in [-1, PAYMENT_TERMS_DAYS_MAX + 1, i32::MIN, i32::MAX] {
         assert_invalid(
-            billing::catalog::set_pricing_agreement(&t.db, f.account_id, true, discount, days, t0()).await,
+            billing::catalog::set_pricing_agreement(
+                &t.db,
+                f.account_id,
+                true,
+                discount,
+                days,
+                t0(),
+            )
+            .await,
             "paymentTermsDays must be between 0 and 365",
         );
     }
     assert_code(
-        billing::catalog::set_pricing_agreement(&t.db, Uuid::now_v7(), true, discount, 30, t0()).await,
+        billing::catalog::set_pricing_agreement(&t.db, Uuid::now_v7(), true, discount, 30, t0())
+            .await,
         ErrorCode::NotFound,
     );
     // The refused calls changed nothing.
@@ -392,7 +401,10 @@ async fn revoking_an_api_key_is_idempotent() -> anyhow::Result<()> {
     let created = accounts::create_api_key(&t.db, f.ws_a, "gateway", None, t0()).await?;
     let other = accounts::create_api_key(&t.db, f.ws_a, "other", None, t0()).await?;
     let before = billing::accounts::auth::authenticate(&t.db, &created.secret, None, t0()).await?;
-    assert!(matches!(before, billing::accounts::auth::Principal::ApiKey { .. }));
+    assert!(matches!(
+        before,
+        billing::accounts::auth::Principal::ApiKey { .. }
+    ));
 
     let first_at = t0() + Duration::minutes(5);
     let revoked = accounts::revoke_api_key(&t.db, created.api_key.id, first_at).await?;
@@ -488,7 +500,8 @@ async fn auto_reload_input_validation() -> anyhow::Result<()> {
     ];
     for (input, message) in cases {
         assert_invalid(
-            billing::policies::auto_reload_settings::configure_auto_reload(&t.db, input, t0()).await,
+            billing::policies::auto_reload_settings::configure_auto_reload(&t.db, input, t0())
+                .await,
             message,
         );
     }
@@ -538,7 +551,12 @@ async fn auto_reload_input_validation() -> anyhow::Result<()> {
     );
 
     assert_code(
-        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(Uuid::now_v7()), t0()).await,
+        billing::policies::auto_reload_settings::configure_auto_reload(
+            &t.db,
+            reload(Uuid::now_v7()),
+            t0(),
+        )
+        .await,
         ErrorCode::NotFound,
     );
     t.finish().await
@@ -553,7 +571,8 @@ async fn auto_reload_payment_methods() -> anyhow::Result<()> {
 
     // No card at all: enabling is refused, a disabled configuration is fine.
     assert_invalid(
-        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await,
+        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0())
+            .await,
         "add a payment method first",
     );
     let off = billing::policies::auto_reload_settings::configure_auto_reload(
@@ -592,7 +611,8 @@ async fn auto_reload_payment_methods() -> anyhow::Result<()> {
     // A removed default card is no default; another account's default neither.
     add_card(&t.db, f.account_id, true, true).await?;
     assert_invalid(
-        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await,
+        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0())
+            .await,
         "add a payment method first",
     );
 
@@ -611,17 +631,22 @@ async fn auto_reload_payment_methods() -> anyhow::Result<()> {
     assert_eq!(on.payment_method_id, Some(spare));
     // ... and without one, the account's default card is used.
     assert_invalid(
-        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_b), t0()).await,
+        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_b), t0())
+            .await,
         "add a payment method first",
     );
     let default = add_card(&t.db, f.account_id, true, false).await?;
-    let on_b = billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_b), t0()).await?;
+    let on_b =
+        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_b), t0())
+            .await?;
     assert_eq!(on_b.payment_method_id, Some(default));
     assert_eq!(on_b.threshold_nanos, 10_000_000_000);
     assert_eq!(on_b.amount_nanos, 50_000_000_000);
     assert_eq!(on_b.max_reloads_per_day, 3);
     assert_eq!(on_b.updated_at, t0());
-    let on_a = billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await?;
+    let on_a =
+        billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0())
+            .await?;
     assert_eq!(on_a.payment_method_id, Some(default));
     assert_eq!(count(&t.db, "auto_reload_settings").await?, 2);
     t.finish().await
@@ -655,7 +680,8 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
     let f = Fixture::new(&t.db, t0()).await?;
     add_card(&t.db, f.account_id, true, false).await?;
     let later = t0() + Duration::hours(3);
-    billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0()).await?;
+    billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), t0())
+        .await?;
 
     // Turned off by the system after failures: re-enabling is a fresh start.
     force_state(
@@ -666,7 +692,12 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
         3,
     )
     .await?;
-    let fresh = billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), later).await?;
+    let fresh = billing::policies::auto_reload_settings::configure_auto_reload(
+        &t.db,
+        reload(f.ws_a),
+        later,
+    )
+    .await?;
     assert!(fresh.enabled);
     assert_eq!(fresh.status, AutoReloadStatus::Idle);
     assert_eq!(fresh.consecutive_failures, 0);
@@ -684,7 +715,12 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
         5,
     )
     .await?;
-    let fresh = billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), later).await?;
+    let fresh = billing::policies::auto_reload_settings::configure_auto_reload(
+        &t.db,
+        reload(f.ws_a),
+        later,
+    )
+    .await?;
     assert_eq!(
         (
             fresh.status,
@@ -737,7 +773,12 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
     assert!(!off.enabled);
     assert_eq!(off.status, AutoReloadStatus::Reloading);
     // ... and re-enabling, which still clears failures and backoff.
-    let on = billing::policies::auto_reload_settings::configure_auto_reload(&t.db, reload(f.ws_a), later).await?;
+    let on = billing::policies::auto_reload_settings::configure_auto_reload(
+        &t.db,
+        reload(f.ws_a),
+        later,
+    )
+    .await?;
     assert_eq!(
         (on.status, on.consecutive_failures, on.next_attempt_at),
         (AutoReloadStatus::Reloading, 0, None)
@@ -768,7 +809,9 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
 
     // Batched read: stored rows, and a default for workspaces without one.
     let missing = Uuid::now_v7();
-    let map = billing::policies::auto_reload_settings::auto_reload_for(&t.db, &[f.ws_a, f.ws_b, missing]).await?;
+    let map =
+        billing::policies::auto_reload_settings::auto_reload_for(&t.db, &[f.ws_a, f.ws_b, missing])
+            .await?;
     assert_eq!(map.len(), 3);
     assert_eq!(map[&f.ws_a], still_off);
     for id in [f.ws_b, missing] {
@@ -779,9 +822,16 @@ async fn auto_reload_status_rules_and_batched_read() -> anyhow::Result<()> {
         assert_eq!(d.payment_method_id, None);
         assert_eq!(d.max_reloads_per_day, 3);
         assert_eq!(d.consecutive_failures, 0);
-        assert_eq!(*d, billing::policies::auto_reload_settings::default_auto_reload(id));
+        assert_eq!(
+            *d,
+            billing::policies::auto_reload_settings::default_auto_reload(id)
+        );
     }
-    assert!(billing::policies::auto_reload_settings::auto_reload_for(&t.db, &[]).await?.is_empty());
+    assert!(
+        billing::policies::auto_reload_settings::auto_reload_for(&t.db, &[])
+            .await?
+            .is_empty()
+    );
     t.finish().await
 }
 
@@ -862,7 +912,8 @@ async fn alert_threshold_validation() -> anyhow::Result<()> {
             ..alert("1", vec![])
         };
         assert_invalid(
-            billing::policies::alert_thresholds::set_alert_thresholds(&t.db, ws, vec![input], t0()).await,
+            billing::policies::alert_thresholds::set_alert_thresholds(&t.db, ws, vec![input], t0())
+                .await,
             amount_rule,
         );
     }
@@ -882,7 +933,13 @@ async fn alert_threshold_validation() -> anyhow::Result<()> {
     );
     let crowd: Vec<Uuid> = (0..=ALERT_RECIPIENTS_MAX).map(|_| p.owner).collect();
     assert_invalid(
-        billing::policies::alert_thresholds::set_alert_thresholds(&t.db, ws, vec![alert("20", crowd)], t0()).await,
+        billing::policies::alert_thresholds::set_alert_thresholds(
+            &t.db,
+            ws,
+            vec![alert("20", crowd)],
+            t0(),
+        )
+        .await,
         "at most 20 recipients per alert threshold",
     );
     // Not members of workspace A: a member of B only, a stranger, an unknown id.
@@ -912,7 +969,13 @@ async fn alert_threshold_validation() -> anyhow::Result<()> {
         );
     }
     assert_code(
-        billing::policies::alert_thresholds::set_alert_thresholds(&t.db, Uuid::now_v7(), vec![alert("5", vec![])], t0()).await,
+        billing::policies::alert_thresholds::set_alert_thresholds(
+            &t.db,
+            Uuid::now_v7(),
+            vec![alert("5", vec![])],
+            t0(),
+        )
+        .await,
         ErrorCode::NotFound,
     );
     assert_eq!(
@@ -948,7 +1011,13 @@ async fn alert_threshold_validation() -> anyhow::Result<()> {
     expected.sort();
     assert_eq!(saved[0].1, expected, "duplicates ignored, ids sorted");
     // B's member is fine in B.
-    billing::policies::alert_thresholds::set_alert_thresholds(&t.db, f.ws_b, vec![alert("5", vec![p.member_b])], t0()).await?;
+    billing::policies::alert_thresholds::set_alert_thresholds(
+        &t.db,
+        f.ws_b,
+        vec![alert("5", vec![p.member_b])],
+        t0(),
+    )
+    .await?;
     t.finish().await
 }
 
@@ -995,11 +1064,19 @@ async fn alert_thresholds_replace_and_start_disarmed_below_balance() -> anyhow::
 
     // The batched read returns the same thing, plus empty lists for the others.
     let missing = Uuid::now_v7();
-    let map = billing::policies::alert_thresholds::alert_thresholds_for(&t.db, &[f.ws_a, f.ws_b, missing]).await?;
+    let map = billing::policies::alert_thresholds::alert_thresholds_for(
+        &t.db,
+        &[f.ws_a, f.ws_b, missing],
+    )
+    .await?;
     assert_eq!(map.len(), 3);
     assert_eq!(map[&f.ws_a], saved);
     assert!(map[&f.ws_b].is_empty() && map[&missing].is_empty());
-    assert!(billing::policies::alert_thresholds::alert_thresholds_for(&t.db, &[]).await?.is_empty());
+    assert!(
+        billing::policies::alert_thresholds::alert_thresholds_for(&t.db, &[])
+            .await?
+            .is_empty()
+    );
 
     // Spend down to 30: the 50 threshold would fire in the alerts flow. Simulate that
     // it fired, then replace the list: the same amount keeps when it last fired.
@@ -1047,8 +1124,13 @@ async fn alert_thresholds_replace_and_start_disarmed_below_balance() -> anyhow::
     );
 
     // Workspace B is independent; an empty list removes A's alerts.
-    billing::policies::alert_thresholds::set_alert_thresholds(&t.db, f.ws_b, vec![alert("1", vec![p.member_b])], later)
-        .await?;
+    billing::policies::alert_thresholds::set_alert_thresholds(
+        &t.db,
+        f.ws_b,
+        vec![alert("1", vec![p.member_b])],
+        later,
+    )
+    .await?;
     assert!(
         billing::policies::alert_thresholds::set_alert_thresholds(&t.db, f.ws_a, vec![], later)
             .await?
@@ -1056,7 +1138,8 @@ async fn alert_thresholds_replace_and_start_disarmed_below_balance() -> anyhow::
     );
     assert_eq!(count(&t.db, "alert_thresholds").await?, 1);
     assert_eq!(count(&t.db, "alert_recipients").await?, 1);
-    let map = billing::policies::alert_thresholds::alert_thresholds_for(&t.db, &[f.ws_a, f.ws_b]).await?;
+    let map =
+        billing::policies::alert_thresholds::alert_thresholds_for(&t.db, &[f.ws_a, f.ws_b]).await?;
     assert!(map[&f.ws_a].is_empty());
     assert_eq!(map[&f.ws_b][0].1, vec![p.member_b]);
     t.finish().await
@@ -1069,7 +1152,8 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
     let t = TestDb::new().await?;
     let f = Fixture::new(&t.db, t0()).await?;
     billing::catalog::upsert_model(&t.db, model_input("test/mini", "0.15", "0.6"), t0()).await?;
-    billing::catalog::upsert_model(&t.db, model_input("test/per-token", "0.001", "0"), t0()).await?;
+    billing::catalog::upsert_model(&t.db, model_input("test/per-token", "0.001", "0"), t0())
+        .await?;
     fund(&t.db, f.ws_a, "10", t0()).await?;
 
     // No workspace: list price, no discount, no affordability.
@@ -1083,7 +1167,8 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
 
     // A workspace whose account has no discount: same price, affordable.
     let e =
-        billing::catalog::estimate_cost(&t.db, "test/mini", 1000, 1000, Some((f.ws_a, None)), t0()).await?;
+        billing::catalog::estimate_cost(&t.db, "test/mini", 1000, 1000, Some((f.ws_a, None)), t0())
+            .await?;
     assert_eq!(e.breakdown.total, nanos(750_000));
     assert_eq!(e.affordable, Some(true));
 
@@ -1098,7 +1183,8 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
     )
     .await?;
     let e =
-        billing::catalog::estimate_cost(&t.db, "test/mini", 1000, 1000, Some((f.ws_a, None)), t0()).await?;
+        billing::catalog::estimate_cost(&t.db, "test/mini", 1000, 1000, Some((f.ws_a, None)), t0())
+            .await?;
     assert_eq!(e.breakdown.prompt_cost, nanos(150_000));
     assert_eq!(e.breakdown.completion_cost, nanos(600_000));
     assert_eq!(e.breakdown.discount, nanos(93_750));
@@ -1106,13 +1192,15 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
     assert_eq!(e.affordable, Some(true));
     // Rounded up once, after the discount: 7 nanocredits × 0.875 = 6.125 → 7; 8 → 7.
     let e =
-        billing::catalog::estimate_cost(&t.db, "test/per-token", 7, 0, Some((f.ws_a, None)), t0()).await?;
+        billing::catalog::estimate_cost(&t.db, "test/per-token", 7, 0, Some((f.ws_a, None)), t0())
+            .await?;
     assert_eq!(
         (e.breakdown.total, e.breakdown.discount),
         (nanos(7), Credits::ZERO)
     );
     let e =
-        billing::catalog::estimate_cost(&t.db, "test/per-token", 8, 0, Some((f.ws_a, None)), t0()).await?;
+        billing::catalog::estimate_cost(&t.db, "test/per-token", 8, 0, Some((f.ws_a, None)), t0())
+            .await?;
     assert_eq!(
         (e.breakdown.total, e.breakdown.discount),
         (nanos(7), nanos(1))
@@ -1122,7 +1210,8 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
     assert_eq!(e.breakdown.total, nanos(8));
 
     // The estimate is what recording the usage actually charges.
-    let e = billing::catalog::estimate_cost(&t.db, TEST_MODEL, 1234, 0, Some((f.ws_a, None)), t0()).await?;
+    let e = billing::catalog::estimate_cost(&t.db, TEST_MODEL, 1234, 0, Some((f.ws_a, None)), t0())
+        .await?;
     let recorded = usage::record_usage(&t.db, usage_req(f.ws_a, "r1", 1234), t0()).await?;
     assert_eq!(recorded.event.cost_nanos, e.breakdown.total.nanos());
     assert_eq!(e.breakdown.total, nanos(1_079_750)); // 1 234 000 × 0.875
@@ -1143,7 +1232,8 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
     )
     .await?;
     assert_invalid(
-        billing::catalog::estimate_cost(&t.db, "test/per-token", 1, 1, Some((f.ws_a, None)), t0()).await,
+        billing::catalog::estimate_cost(&t.db, "test/per-token", 1, 1, Some((f.ws_a, None)), t0())
+            .await,
         "model test/per-token is no longer available",
     );
     assert_invalid(
@@ -1163,7 +1253,15 @@ async fn estimate_with_and_without_workspace_discount() -> anyhow::Result<()> {
         "completionTokens must be between 0 and",
     );
     assert_code(
-        billing::catalog::estimate_cost(&t.db, TEST_MODEL, 1, 1, Some((Uuid::now_v7(), None)), t0()).await,
+        billing::catalog::estimate_cost(
+            &t.db,
+            TEST_MODEL,
+            1,
+            1,
+            Some((Uuid::now_v7(), None)),
+            t0(),
+        )
+        .await,
         ErrorCode::NotFound,
     );
     let project_b = accounts::create_project(&t.db, f.ws_b, "B", "b", t0()).await?;
@@ -1191,9 +1289,16 @@ async fn estimate_affordability_by_balance_and_budget() -> anyhow::Result<()> {
         let db = t.db.clone();
         let ws = f.ws_a;
         async move {
-            billing::catalog::estimate_cost(&db, TEST_MODEL, prompt_tokens, 0, Some((ws, project)), at)
-                .await
-                .map(|e| e.affordable)
+            billing::catalog::estimate_cost(
+                &db,
+                TEST_MODEL,
+                prompt_tokens,
+                0,
+                Some((ws, project)),
+                at,
+            )
+            .await
+            .map(|e| e.affordable)
         }
     };
 
@@ -1201,9 +1306,11 @@ async fn estimate_affordability_by_balance_and_budget() -> anyhow::Result<()> {
     assert_eq!(affordable(5_000_000, None, t0()).await?, Some(true));
     assert_eq!(affordable(5_000_001, None, t0()).await?, Some(false));
     // An empty workspace affords only free requests.
-    let e = billing::catalog::estimate_cost(&t.db, TEST_MODEL, 0, 0, Some((f.ws_b, None)), t0()).await?;
+    let e = billing::catalog::estimate_cost(&t.db, TEST_MODEL, 0, 0, Some((f.ws_b, None)), t0())
+        .await?;
     assert_eq!(e.affordable, Some(true));
-    let e = billing::catalog::estimate_cost(&t.db, TEST_MODEL, 1, 0, Some((f.ws_b, None)), t0()).await?;
+    let e = billing::catalog::estimate_cost(&t.db, TEST_MODEL, 1, 0, Some((f.ws_b, None)), t0())
+        .await?;
     assert_eq!(e.affordable, Some(false));
 
     // Held credits are not available: hold 1 credit, 4 are left.

@@ -8,9 +8,9 @@
 
 use api::events::{BalanceHub, BalanceStream, HubConfig, SubscriberTooSlow};
 use billing::accounts;
+use billing::debits::usage::{self, ProjectRef, UsageRequest};
 use billing::entity::enums::WorkspaceRole;
 use billing::sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
-use billing::debits::usage::{self, ProjectRef, UsageRequest};
 use futures::{SinkExt, StreamExt};
 use reservoir_tests::{Fixture, TEST_MODEL, TestDb, backend_name, fund, workspace};
 use serde_json::{Value, json};

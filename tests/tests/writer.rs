@@ -7,12 +7,12 @@
 )]
 
 use billing::accounts;
-use billing::entity::enums::{BudgetPeriod, ReservationStatus};
-use billing::entity::{projects, usage_events};
 use billing::debits::reservations::ReserveRequest;
-use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
 use billing::debits::usage::ProjectRef;
 use billing::debits::writer::{DebitWriter, SettleRequest, WriterConfig};
+use billing::entity::enums::{BudgetPeriod, ReservationStatus};
+use billing::entity::{projects, usage_events};
+use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
 use billing::{BillingError, Credits, ErrorCode};
 use chrono::Utc;
 use rand::Rng;

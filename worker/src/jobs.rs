@@ -3,8 +3,8 @@
 
 use crate::queue::Queue;
 use apalis::prelude::{BoxDynError, Data};
-use billing::payments::capture::{self, Next, Verdict};
 use billing::jobs::{CapturePurchase, DeliverNotification};
+use billing::payments::capture::{self, Next, Verdict};
 use billing::payments::{GatewayError, PaymentGateway};
 use billing::sea_orm::DatabaseConnection;
 use chrono::Utc;

@@ -120,7 +120,9 @@ pub async fn sweep(
     }
     let grace =
         chrono::Duration::milliseconds(i64::try_from(config.stale_after_ms).unwrap_or(i64::MAX));
-    let due = billing::policies::notifications::due_notifications(db, now - grace, REQUEUE_BATCH_MAX).await?;
+    let due =
+        billing::policies::notifications::due_notifications(db, now - grace, REQUEUE_BATCH_MAX)
+            .await?;
     let mut notifications_requeued = 0;
     for notification_id in due {
         match sink
@@ -157,9 +159,13 @@ async fn capture_overdue(
     let after = chrono::Duration::milliseconds(
         i64::try_from(config.direct_capture_after_ms).unwrap_or(i64::MAX),
     );
-    let overdue =
-        billing::payments::capture::stale_pending(&deps.db, after, chrono::Utc::now(), REQUEUE_BATCH_MAX)
-            .await?;
+    let overdue = billing::payments::capture::stale_pending(
+        &deps.db,
+        after,
+        chrono::Utc::now(),
+        REQUEUE_BATCH_MAX,
+    )
+    .await?;
     let mut attempted = 0;
     for purchase_id in overdue {
         if tried.contains_key(&purchase_id) {

@@ -15,11 +15,11 @@ use entity::{
     account_members, accounts, api_keys, projects, user_tokens, users, workspace_members,
     workspaces,
 };
+use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,
     EntityTrait, IntoActiveModel, QueryFilter,
 };
-use sea_orm::sea_query::Expr;
 use uuid::Uuid;
 
 /// Longest display name (accounts, workspaces, projects, people, credentials).

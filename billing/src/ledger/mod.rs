@@ -18,7 +18,9 @@ use entity::{
     workspaces,
 };
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
-use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
+};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -432,7 +434,10 @@ fn sum_excluded<E: sea_orm::EntityTrait, Col: sea_orm::sea_query::IntoIden + Cop
 
 /// Loads a workspace, locking its row on PostgreSQL (`FOR UPDATE`; SQLite's
 /// `BEGIN IMMEDIATE` already holds the database's write lock). NOT_FOUND if absent.
-pub(crate) async fn lock_workspace<C: ConnectionTrait>(c: &C, id: Uuid) -> Result<workspaces::Model> {
+pub(crate) async fn lock_workspace<C: ConnectionTrait>(
+    c: &C,
+    id: Uuid,
+) -> Result<workspaces::Model> {
     workspaces::Entity::find_by_id(id)
         .lock_exclusive()
         .one(c)

@@ -5,8 +5,8 @@
 //! key is the purchase id) and credits once (the purchase's status guards it).
 
 use crate::error::{BillingError, Result};
-use crate::payments::{self, ChargeOutcome, ChargeRequest, GatewayError};
 use crate::payments::purchases;
+use crate::payments::{self, ChargeOutcome, ChargeRequest, GatewayError};
 use chrono::{DateTime, Duration, Utc};
 use entity::enums::PurchaseStatus;
 use entity::purchases as purchase_rows;

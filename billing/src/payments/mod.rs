@@ -12,14 +12,14 @@ pub mod cards;
 pub mod purchases;
 mod sandbox;
 
+use crate::error::{BillingError, Result};
+use crate::money::Credits;
+use entity::enums::CardBrand;
+use entity::{payment_methods, purchases as purchase_rows};
 pub use sandbox::{
     SANDBOX_EXP_MONTH, SANDBOX_EXP_YEAR, SANDBOX_HANG_DEFAULT, SandboxCharge, SandboxGateway,
     SandboxScenario,
 };
-use crate::error::{BillingError, Result};
-use entity::{payment_methods, purchases as purchase_rows};
-use crate::money::Credits;
-use entity::enums::CardBrand;
 use std::future::Future;
 use std::pin::Pin;
 

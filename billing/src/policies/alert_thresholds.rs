@@ -9,9 +9,7 @@ use crate::ids::new_id;
 use crate::money::Credits;
 use chrono::{DateTime, Utc};
 use entity::enums::{AccountRole, AlertSeverity};
-use entity::{
-    account_members, alert_recipients, alert_thresholds, workspace_members, workspaces,
-};
+use entity::{account_members, alert_recipients, alert_thresholds, workspace_members, workspaces};
 use sea_orm::sea_query::Query;
 use sea_orm::{
     ActiveModelTrait as _, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,

@@ -10,9 +10,7 @@ use crate::money::{Credits, NANOS_PER_CREDIT};
 use crate::payments::purchases::{CUSTOM_AMOUNT_CREDITS_MAX, CUSTOM_AMOUNT_CREDITS_MIN};
 use chrono::{DateTime, Utc};
 use entity::enums::AutoReloadStatus;
-use entity::{
-    auto_reload_settings, payment_methods,
-};
+use entity::{auto_reload_settings, payment_methods};
 use sea_orm::{
     ActiveModelTrait as _, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,
     EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,

@@ -10,15 +10,14 @@
 use crate::error::Result;
 use crate::ledger;
 use crate::money::Credits;
-use crate::policies::notifications::{self, AutoReloadDisabled, NotificationPayload, ReloadFailed, dedupe};
+use crate::policies::notifications::{
+    self, AutoReloadDisabled, NotificationPayload, ReloadFailed, dedupe,
+};
 use chrono::{DateTime, TimeDelta, Utc};
 use entity::enums::AutoReloadStatus;
 use entity::{auto_reload_settings, purchases as purchase_rows};
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
-    QuerySelect,
-};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
 use uuid::Uuid;
 /// Failed reloads in a row after which auto-reload turns itself off
 /// (DISABLED_AFTER_FAILURES) and the workspace admins are told.
