@@ -2,7 +2,7 @@
 //!
 //! Usage events, ledger transactions and their entries, both daily rollups, the
 //! project and workspace counters and the balance events go in as one JSON document
-//! (`$1`) unpacked by `jsonb_to_recordset` in data-modifying CTEs, with `pg_notify` in
+//! (one text argument per table, `$1`..`$8`) unpacked by `json_to_recordset` in data-modifying CTEs, with `pg_notify` in
 //! the same statement. One bind and one plan whatever the batch size (a VALUES list
 //! has one bind per column per row, and a new statement text for every size), and
 //! one round trip instead of a dozen. The UPDATEs stay conditional on what the batch
@@ -23,15 +23,14 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement};
 use serde_json::{Value, json};
 
 const WRITE_SQL: &str = r#"
-WITH doc AS (SELECT $1::jsonb AS j),
-ev AS (
+WITH ev AS (
   INSERT INTO usage_events (id, workspace_id, project_id, user_id, api_key_id, model_id,
     prompt_tokens, completion_tokens, cost_nanos, shortfall_nanos, request_id, request_hash,
     reservation_id, created_at)
   SELECT x.id, x.workspace_id, x.project_id, x.user_id, x.api_key_id, x.model_id,
     x.prompt_tokens, x.completion_tokens, x.cost_nanos, x.shortfall_nanos, x.request_id,
     x.request_hash, x.reservation_id, x.created_at
-  FROM doc, jsonb_to_recordset(doc.j->'events') AS x(id uuid, workspace_id uuid,
+  FROM json_to_recordset($1::json) AS x(id uuid, workspace_id uuid,
     project_id uuid, user_id uuid, api_key_id uuid, model_id text, prompt_tokens bigint,
     completion_tokens bigint, cost_nanos bigint, shortfall_nanos bigint, request_id text,
     request_hash text, reservation_id uuid, created_at timestamptz)
@@ -39,7 +38,7 @@ ev AS (
 tx AS (
   INSERT INTO ledger_transactions (kind, idempotency_key, usage_event_id, created_at)
   SELECT 'USAGE', x.idempotency_key, x.usage_event_id, x.created_at
-  FROM doc, jsonb_to_recordset(doc.j->'transactions') AS x(idempotency_key text,
+  FROM json_to_recordset($2::json) AS x(idempotency_key text,
     usage_event_id uuid, created_at timestamptz)
   RETURNING id, usage_event_id),
 en AS (
@@ -47,7 +46,7 @@ en AS (
     amount_nanos, balance_after_nanos, description, created_at)
   SELECT tx.id, x.workspace_id, x.system_account, x.kind, x.amount_nanos,
     x.balance_after_nanos, x.description, x.created_at
-  FROM doc, jsonb_to_recordset(doc.j->'entries') AS x(usage_event_id uuid,
+  FROM json_to_recordset($3::json) AS x(usage_event_id uuid,
     workspace_id uuid, system_account text, kind text, amount_nanos bigint,
     balance_after_nanos bigint, description text, created_at timestamptz)
   JOIN tx ON tx.usage_event_id = x.usage_event_id
@@ -57,7 +56,7 @@ daily AS (
     requests, prompt_tokens, completion_tokens, cost_nanos)
   SELECT x.workspace_id, x.day, x.project_id, x.user_id, x.api_key_id, x.model_id,
     x.requests, x.prompt_tokens, x.completion_tokens, x.cost_nanos
-  FROM doc, jsonb_to_recordset(doc.j->'daily') AS x(workspace_id uuid, day date,
+  FROM json_to_recordset($4::json) AS x(workspace_id uuid, day date,
     project_id uuid, user_id uuid, api_key_id uuid, model_id text, requests bigint,
     prompt_tokens bigint, completion_tokens bigint, cost_nanos bigint)
   ON CONFLICT (workspace_id, day, project_id, user_id, api_key_id, model_id) DO UPDATE SET
@@ -71,7 +70,7 @@ daily_by AS (
     requests, prompt_tokens, completion_tokens, cost_nanos)
   SELECT x.workspace_id, x.dimension, x.day, x.dim_uuid, x.dim_model, x.requests,
     x.prompt_tokens, x.completion_tokens, x.cost_nanos
-  FROM doc, jsonb_to_recordset(doc.j->'daily_by') AS x(workspace_id uuid, dimension text,
+  FROM json_to_recordset($5::json) AS x(workspace_id uuid, dimension text,
     day date, dim_uuid uuid, dim_model text, requests bigint, prompt_tokens bigint,
     completion_tokens bigint, cost_nanos bigint)
   ON CONFLICT (workspace_id, dimension, day, dim_uuid, dim_model) DO UPDATE SET
@@ -83,7 +82,7 @@ daily_by AS (
 pr AS (
   UPDATE projects AS p SET budget_spent_nanos = x.spent_after,
     budget_reserved_nanos = x.reserved_after, budget_period_start = x.period_start_after
-  FROM doc, jsonb_to_recordset(doc.j->'projects') AS x(id uuid, spent_before bigint,
+  FROM json_to_recordset($6::json) AS x(id uuid, spent_before bigint,
     reserved_before bigint, period_start_before timestamptz, spent_after bigint,
     reserved_after bigint, period_start_after timestamptz)
   WHERE p.id = x.id AND p.budget_spent_nanos = x.spent_before
@@ -93,7 +92,7 @@ pr AS (
 ws AS (
   UPDATE workspaces AS w SET balance_nanos = w.balance_nanos + x.balance_delta,
     reserved_nanos = w.reserved_nanos + x.reserved_delta, balance_sequence = x.sequence_after
-  FROM doc, jsonb_to_recordset(doc.j->'workspaces') AS x(id uuid, balance_delta bigint,
+  FROM json_to_recordset($7::json) AS x(id uuid, balance_delta bigint,
     reserved_delta bigint, sequence_before bigint, sequence_after bigint)
   WHERE w.id = x.id AND w.balance_sequence = x.sequence_before
   RETURNING 1),
@@ -101,14 +100,14 @@ be AS (
   INSERT INTO balance_events (workspace_id, sequence, balance_nanos, reserved_nanos, cause,
     created_at)
   SELECT x.workspace_id, x.sequence, x.balance_nanos, x.reserved_nanos, x.cause, x.created_at
-  FROM doc, jsonb_to_recordset(doc.j->'balance_events') AS x(workspace_id uuid,
+  FROM json_to_recordset($8::json) AS x(workspace_id uuid,
     sequence bigint, balance_nanos bigint, reserved_nanos bigint, cause text,
     created_at timestamptz)
   RETURNING 1)
 SELECT (SELECT count(*) FROM ev) AS events, (SELECT count(*) FROM en) AS entries,
   (SELECT count(*) FROM pr) AS projects, (SELECT count(*) FROM ws) AS workspaces,
   (SELECT count(*) FROM be) AS balance_events,
-  CASE WHEN (SELECT count(*) FROM be) > 0 THEN pg_notify($2, '') END::text AS notified
+  CASE WHEN (SELECT count(*) FROM be) > 0 THEN pg_notify($9, '') END::text AS notified
 "#;
 
 fn set<T: Clone + Into<sea_orm::Value>>(v: &ActiveValue<T>) -> Option<T> {
@@ -191,7 +190,7 @@ fn document(
     state: &State,
     events: &[usage_events::Model],
     postings: &[Posting],
-) -> Result<(Value, [i64; 4])> {
+) -> Result<([Vec<Value>; 8], [i64; 4])> {
     let (transactions, entries) = ledger_records(postings);
     let (daily, daily_by) = ledger::rollup_records(events);
     let projects: Vec<Value> = state
@@ -228,12 +227,18 @@ fn document(
         count(workspaces.len()),
     ];
     let events: Vec<Value> = events.iter().map(event_record).collect();
-    let doc = json!({
-        "events": events, "transactions": transactions, "entries": entries, "daily": daily,
-        "daily_by": daily_by, "projects": projects, "workspaces": workspaces,
-        "balance_events": balance_events,
-    });
-    Ok((doc, expected))
+    // In the statement's parameter order ($1..$8).
+    let arrays = [
+        events,
+        transactions,
+        entries,
+        daily,
+        daily_by,
+        projects,
+        workspaces,
+        balance_events,
+    ];
+    Ok((arrays, expected))
 }
 
 /// Writes the batch's money rows in one statement and moves the changed workspace
@@ -244,12 +249,16 @@ pub(super) async fn write_money(
     events: &[usage_events::Model],
     postings: &[Posting],
 ) -> Result<()> {
-    let (doc, expected) = document(state, events, postings)?;
-    let stmt = Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        WRITE_SQL,
-        [doc.into(), BALANCE_EVENTS_CHANNEL.into()],
-    );
+    let (arrays, expected) = document(state, events, postings)?;
+    // Bound as text and cast to `json` in the statement: parsed once, as it streams
+    // into the records (a `jsonb` argument would be parsed into a tree first).
+    let mut args: Vec<sea_orm::Value> = arrays
+        .iter()
+        .map(|a| serde_json::to_string(a).map(Into::into))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| BillingError::Internal(format!("batch write: {e}")))?;
+    args.push(BALANCE_EVENTS_CHANNEL.into());
+    let stmt = Statement::from_sql_and_values(DbBackend::Postgres, WRITE_SQL, args);
     let row = tx
         .query_one_raw(stmt)
         .await?
