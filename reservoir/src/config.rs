@@ -138,10 +138,8 @@ impl Config {
             .unwrap_or_else(|| format!("sqlite://{}/reservoir.db", data_dir.display()));
         let backend = backend_of(&database_url)?;
         let queue_url = queue_url(get, &backend, &data_dir, &database_url)?;
-        let listen = get("RESERVOIR_LISTEN")
-            .unwrap_or_else(|| "127.0.0.1:8000".into())
-            .parse::<SocketAddr>()
-            .map_err(|e| invalid("RESERVOIR_LISTEN", format!("expected host:port ({e})")))?;
+        let listen =
+            listen_addr(&get("RESERVOIR_LISTEN").unwrap_or_else(|| "127.0.0.1:8000".into()))?;
         let admin_token = admin_token(get, &backend)?;
         let (smtp_url, email_from) = email(get)?;
         let payment_gateway = payment_gateway(get)?;
@@ -190,6 +188,28 @@ impl Config {
             credential_cache_ttl_ms,
         })
     }
+}
+
+/// `RESERVOIR_LISTEN`: an `ip:port`, or a `host:port` whose host resolves (such as
+/// `localhost:8001`; the first address it resolves to is used).
+fn listen_addr(value: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bad = |why: String| {
+        invalid(
+            "RESERVOIR_LISTEN",
+            format!("expected host:port, got {value:?} ({why})"),
+        )
+    };
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+        _ => return Err(bad("no port".into())),
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(value)
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("the host resolves to no address".into()))
 }
 
 /// The variable lookup [`Config::from_lookup`] hands to each of its steps.
@@ -393,6 +413,33 @@ mod tests {
         let example = include_str!("../../.env.example");
         for var in VARIABLES {
             assert!(example.contains(var), ".env.example does not mention {var}");
+        }
+    }
+
+    #[test]
+    fn env_example_loads_as_copied() {
+        let example = include_str!("../../.env.example");
+        let vars: HashMap<String, String> = dotenvy::from_read_iter(example.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect(".env.example parses as a .env file");
+        assert!(vars.contains_key("RESERVOIR_EMAIL_FROM"));
+        let c = Config::from_lookup(|k| vars.get(k).cloned()).expect(".env.example is valid");
+        assert_eq!(c.email_from, "Reservoir <billing@reservoir.localhost>");
+    }
+
+    #[test]
+    fn listen_takes_host_names() {
+        let c = config(&[("RESERVOIR_LISTEN", "localhost:8001")]).expect("a host name");
+        assert_eq!(c.listen.port(), 8001);
+        assert!(c.listen.ip().is_loopback());
+        for bad in [
+            "localhost",
+            ":8001",
+            "localhost:http",
+            "no-such-host.invalid:80",
+        ] {
+            let err = config(&[("RESERVOIR_LISTEN", bad)]).expect_err(bad);
+            assert!(err.to_string().contains("RESERVOIR_LISTEN"), "{bad}: {err}");
         }
     }
 

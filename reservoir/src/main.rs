@@ -46,8 +46,39 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// A `.env` that does not parse stops every command, naming its line; a missing one is
+/// normal.
+fn load_dotenv() -> anyhow::Result<()> {
+    match dotenvy::dotenv() {
+        Ok(_) | Err(dotenvy::Error::Io(_)) => Ok(()),
+        Err(dotenvy::Error::LineParse(text, index)) => {
+            let number = std::fs::read_to_string(".env")
+                .ok()
+                .and_then(|content| content.lines().position(|l| l.contains(text.trim())))
+                .map_or_else(String::new, |i| format!(" {}", i.saturating_add(1)));
+            anyhow::bail!(
+                ".env line{number}: cannot parse `{text}` (at character {index}); \
+                 quote a value with spaces or < >: KEY=\"a <b>\""
+            )
+        }
+        Err(e) => Err(e).context("reading .env"),
+    }
+}
+
+/// Errors print as one line (the context chain), whatever RUST_BACKTRACE says: a
+/// configuration mistake is not a crash.
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::ExportSchema { out } = &cli.command {
         let sdl = reservoir::export_schema();
@@ -59,11 +90,7 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    // A missing .env is normal; a malformed one is an error worth stopping for.
-    match dotenvy::dotenv() {
-        Ok(_) | Err(dotenvy::Error::Io(_)) => {}
-        Err(e) => return Err(e).context("reading .env"),
-    }
+    load_dotenv()?;
     let config = Config::from_env()?;
     init_logging(config.log_format);
     match cli.command {
