@@ -1,7 +1,9 @@
-//! Step 1 of a batch: read what it needs, under its locks.
+//! Step 1 of a batch: read what it needs, under its locks. What the operations name
+//! is gathered once ([`Named`]); PostgreSQL then reads in two statements
+//! (`load_pg`), SQLite with the statements here.
 //!
-//! Locks are taken in one global order: reservation rows by id, then workspace rows
-//! by id, then project rows by id (`FOR UPDATE` on PostgreSQL; on SQLite the
+//! Rows are read in one global order: reservation rows by id, then workspace rows by
+//! id, then project rows by id (on PostgreSQL each `FOR UPDATE`; on SQLite the
 //! `BEGIN IMMEDIATE` of the batch already holds the database's write lock), so
 //! batches from several processes never deadlock. Request ids already used are read
 //! after the workspace locks: a batch of another process that used one of them has
@@ -18,7 +20,7 @@ use entity::{
 };
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    QueryOrder,
 };
 use std::collections::{BTreeSet, HashMap, HashSet};
 use uuid::Uuid;
@@ -30,28 +32,23 @@ pub(super) fn is_postgres(c: &DatabaseTransaction) -> bool {
 /// Loads every row the batch's operations name, in lock order.
 pub(super) async fn load<'a>(
     tx: &DatabaseTransaction,
-    ops: impl Iterator<Item = &'a Op> + Clone,
+    ops: impl Iterator<Item = &'a Op>,
 ) -> Result<State> {
+    let named = Named::of(ops);
     if is_postgres(tx) {
-        return super::load_pg::load(tx, ops).await;
+        return super::load_pg::load(tx, &named).await;
     }
-    let reservations = lock_reservations(tx, ops.clone()).await?;
-    let mut workspace_ids: BTreeSet<Uuid> = ops
-        .clone()
-        .filter_map(|op| match op {
-            Op::Usage { req, .. } => Some(req.workspace_id),
-            Op::Reserve { req, .. } => Some(req.workspace_id),
-            _ => None,
-        })
-        .collect();
+    let reservations = lock_reservations(tx, &named.reservations).await?;
+    let mut workspace_ids = named.workspaces.clone();
     workspace_ids.extend(reservations.values().map(|r| r.workspace_id));
     let workspaces = lock_workspaces(tx, &workspace_ids).await?;
-    let projects = lock_projects(tx, ops.clone(), &reservations, &workspace_ids).await?;
-    let models = load_models(tx, ops.clone(), &reservations).await?;
+    let projects = lock_projects(tx, &named, &reservations, &workspace_ids).await?;
+    let models = load_models(tx, &named.models, &reservations).await?;
     let account_ids: BTreeSet<Uuid> = workspaces.values().map(|w| w.row.account_id).collect();
     let discounts = load_discounts(tx, &account_ids).await?;
-    let members = load_members(tx, ops.clone(), &account_ids).await?;
-    let (used_usage, used_reserve) = load_used_keys(tx, ops, &reservations, &workspace_ids).await?;
+    let members = load_members(tx, &named.users, &account_ids).await?;
+    let (used_usage, used_reserve) =
+        load_used_keys(tx, &named, &reservations, &workspace_ids).await?;
     let (reload_settings, thresholds) = load_policies(tx, &workspace_ids).await?;
     Ok(State {
         workspaces,
@@ -67,27 +64,81 @@ pub(super) async fn load<'a>(
     })
 }
 
+/// What the batch's operations name, before anything is read (both backends' loads
+/// start from it).
+#[derive(Default)]
+pub(super) struct Named<'a> {
+    pub reservations: BTreeSet<Uuid>,
+    pub workspaces: BTreeSet<Uuid>,
+    pub projects: BTreeSet<Uuid>,
+    pub tags: BTreeSet<&'a str>,
+    pub models: BTreeSet<&'a str>,
+    pub users: BTreeSet<Uuid>,
+    /// Request ids of usage and holds (a hold's id may not be used by usage, and back).
+    pub usage_keys: BTreeSet<&'a str>,
+    pub reserve_keys: BTreeSet<&'a str>,
+}
+
+impl<'a> Named<'a> {
+    fn of(ops: impl Iterator<Item = &'a Op>) -> Self {
+        let mut n = Self::default();
+        for op in ops {
+            let (workspace_id, project, model_id, user_id, request_id) = match op {
+                Op::Usage { req, .. } => (
+                    req.workspace_id,
+                    &req.project,
+                    &req.model_id,
+                    req.user_id,
+                    &req.request_id,
+                ),
+                Op::Reserve { req, .. } => {
+                    n.reserve_keys.insert(&req.request_id);
+                    (
+                        req.workspace_id,
+                        &req.project,
+                        &req.model_id,
+                        req.user_id,
+                        &req.request_id,
+                    )
+                }
+                Op::Settle(s) => {
+                    n.reservations.insert(s.reservation_id);
+                    continue;
+                }
+                Op::Release { reservation_id, .. } => {
+                    n.reservations.insert(*reservation_id);
+                    continue;
+                }
+            };
+            n.workspaces.insert(workspace_id);
+            match project {
+                ProjectRef::None => {}
+                ProjectRef::Id(id) => {
+                    n.projects.insert(*id);
+                }
+                ProjectRef::Tag(tag) => {
+                    n.tags.insert(tag);
+                }
+            }
+            n.models.insert(model_id);
+            n.users.extend(user_id);
+            n.usage_keys.insert(request_id);
+        }
+        n
+    }
+}
+
 /// 1. Reservation rows named by settlements and releases, locked by id.
-async fn lock_reservations<'a>(
+async fn lock_reservations(
     tx: &DatabaseTransaction,
-    ops: impl Iterator<Item = &'a Op>,
+    ids: &BTreeSet<Uuid>,
 ) -> Result<HashMap<Uuid, reservation_rows::Model>> {
-    let ids: BTreeSet<Uuid> = ops
-        .filter_map(|op| match op {
-            Op::Settle(s) => Some(s.reservation_id),
-            Op::Release { reservation_id, .. } => Some(*reservation_id),
-            _ => None,
-        })
-        .collect();
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let mut q = reservation_rows::Entity::find()
-        .filter(reservation_rows::Column::Id.is_in(ids))
+    let q = reservation_rows::Entity::find()
+        .filter(reservation_rows::Column::Id.is_in(ids.iter().copied()))
         .order_by_asc(reservation_rows::Column::Id);
-    if is_postgres(tx) {
-        q = q.lock_exclusive();
-    }
     Ok(q.all(tx).await?.into_iter().map(|r| (r.id, r)).collect())
 }
 
@@ -96,12 +147,9 @@ async fn lock_workspaces(
     tx: &DatabaseTransaction,
     ids: &BTreeSet<Uuid>,
 ) -> Result<HashMap<Uuid, WorkspaceState>> {
-    let mut q = workspaces::Entity::find()
+    let q = workspaces::Entity::find()
         .filter(workspaces::Column::Id.is_in(ids.iter().copied()))
         .order_by_asc(workspaces::Column::Id);
-    if is_postgres(tx) {
-        q = q.lock_exclusive();
-    }
     Ok(q.all(tx)
         .await?
         .into_iter()
@@ -110,30 +158,15 @@ async fn lock_workspaces(
 }
 
 /// 3. Project rows (named by id or by tag, or held by a reservation), locked by id.
-async fn lock_projects<'a>(
+async fn lock_projects(
     tx: &DatabaseTransaction,
-    ops: impl Iterator<Item = &'a Op>,
+    named: &Named<'_>,
     reservations: &HashMap<Uuid, reservation_rows::Model>,
     workspace_ids: &BTreeSet<Uuid>,
 ) -> Result<HashMap<Uuid, ProjectState>> {
-    let mut ids: BTreeSet<Uuid> = reservations.values().filter_map(|r| r.project_id).collect();
-    let mut tags: BTreeSet<&str> = BTreeSet::new();
-    for op in ops {
-        let project = match op {
-            Op::Usage { req, .. } => &req.project,
-            Op::Reserve { req, .. } => &req.project,
-            _ => continue,
-        };
-        match project {
-            ProjectRef::None => {}
-            ProjectRef::Id(id) => {
-                ids.insert(*id);
-            }
-            ProjectRef::Tag(tag) => {
-                tags.insert(tag.as_str());
-            }
-        }
-    }
+    let mut ids = named.projects.clone();
+    ids.extend(reservations.values().filter_map(|r| r.project_id));
+    let tags = &named.tags;
     if ids.is_empty() && tags.is_empty() {
         return Ok(HashMap::new());
     }
@@ -145,15 +178,12 @@ async fn lock_projects<'a>(
         condition = condition.add(
             sea_orm::Condition::all()
                 .add(projects::Column::WorkspaceId.is_in(workspace_ids.iter().copied()))
-                .add(projects::Column::Tag.is_in(tags)),
+                .add(projects::Column::Tag.is_in(tags.iter().copied())),
         );
     }
-    let mut q = projects::Entity::find()
+    let q = projects::Entity::find()
         .filter(condition)
         .order_by_asc(projects::Column::Id);
-    if is_postgres(tx) {
-        q = q.lock_exclusive();
-    }
     Ok(q.all(tx)
         .await?
         .into_iter()
@@ -162,24 +192,18 @@ async fn lock_projects<'a>(
 }
 
 /// 4a. Prices: read, not locked (the prices in force when the batch runs apply).
-async fn load_models<'a>(
+async fn load_models(
     tx: &DatabaseTransaction,
-    ops: impl Iterator<Item = &'a Op>,
+    named: &BTreeSet<&str>,
     reservations: &HashMap<Uuid, reservation_rows::Model>,
 ) -> Result<HashMap<String, models::Model>> {
-    let ids: BTreeSet<String> = ops
-        .filter_map(|op| match op {
-            Op::Usage { req, .. } => Some(req.model_id.clone()),
-            Op::Reserve { req, .. } => Some(req.model_id.clone()),
-            _ => None,
-        })
-        .chain(reservations.values().map(|r| r.model_id.clone()))
-        .collect();
+    let mut ids = named.clone();
+    ids.extend(reservations.values().map(|r| r.model_id.as_str()));
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
     Ok(models::Entity::find()
-        .filter(models::Column::Id.is_in(ids))
+        .filter(models::Column::Id.is_in(ids.iter().copied()))
         .all(tx)
         .await?
         .into_iter()
@@ -209,23 +233,16 @@ async fn load_discounts(
 }
 
 /// 4c. Which attributed users are members of the workspaces' accounts.
-async fn load_members<'a>(
+async fn load_members(
     tx: &DatabaseTransaction,
-    ops: impl Iterator<Item = &'a Op>,
+    user_ids: &BTreeSet<Uuid>,
     account_ids: &BTreeSet<Uuid>,
 ) -> Result<HashSet<(Uuid, Uuid)>> {
-    let user_ids: BTreeSet<Uuid> = ops
-        .filter_map(|op| match op {
-            Op::Usage { req, .. } => req.user_id,
-            Op::Reserve { req, .. } => req.user_id,
-            _ => None,
-        })
-        .collect();
     if user_ids.is_empty() || account_ids.is_empty() {
         return Ok(HashSet::new());
     }
     Ok(account_members::Entity::find()
-        .filter(account_members::Column::UserId.is_in(user_ids))
+        .filter(account_members::Column::UserId.is_in(user_ids.iter().copied()))
         .filter(account_members::Column::AccountId.is_in(account_ids.iter().copied()))
         .all(tx)
         .await?
@@ -239,32 +256,20 @@ type UsedReserve = HashMap<(Uuid, String), reservation_rows::Model>;
 
 /// 5. Request ids already used: the usage events (direct or settled) and the
 ///    reservations recorded under them, whole, so replays are answered from here.
-async fn load_used_keys<'a>(
+async fn load_used_keys(
     tx: &DatabaseTransaction,
-    ops: impl Iterator<Item = &'a Op>,
+    named: &Named<'_>,
     reservations: &HashMap<Uuid, reservation_rows::Model>,
     workspace_ids: &BTreeSet<Uuid>,
 ) -> Result<(UsedUsage, UsedReserve)> {
-    let mut usage_keys: BTreeSet<&str> = BTreeSet::new();
-    let mut reserve_keys: BTreeSet<&str> = BTreeSet::new();
-    for op in ops {
-        match op {
-            Op::Usage { req, .. } => {
-                usage_keys.insert(&req.request_id);
-            }
-            Op::Reserve { req, .. } => {
-                usage_keys.insert(&req.request_id);
-                reserve_keys.insert(&req.request_id);
-            }
-            _ => {}
-        }
-    }
+    let mut usage_keys = named.usage_keys.clone();
     usage_keys.extend(reservations.values().map(|r| r.request_id.as_str()));
+    let reserve_keys = &named.reserve_keys;
     let mut used_usage = HashMap::new();
     if !usage_keys.is_empty() && !workspace_ids.is_empty() {
         for e in usage_events::Entity::find()
             .filter(usage_events::Column::WorkspaceId.is_in(workspace_ids.iter().copied()))
-            .filter(usage_events::Column::RequestId.is_in(usage_keys))
+            .filter(usage_events::Column::RequestId.is_in(usage_keys.iter().copied()))
             .all(tx)
             .await?
         {
@@ -275,7 +280,7 @@ async fn load_used_keys<'a>(
     if !reserve_keys.is_empty() && !workspace_ids.is_empty() {
         for r in reservation_rows::Entity::find()
             .filter(reservation_rows::Column::WorkspaceId.is_in(workspace_ids.iter().copied()))
-            .filter(reservation_rows::Column::RequestId.is_in(reserve_keys))
+            .filter(reservation_rows::Column::RequestId.is_in(reserve_keys.iter().copied()))
             .all(tx)
             .await?
         {

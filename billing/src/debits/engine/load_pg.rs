@@ -11,9 +11,8 @@
 //! The arguments travel as one JSON document too (`= ANY(ARRAY(...))` over its
 //! arrays, which the planner turns into index scans): one plan for every batch.
 
-use super::Op;
+use super::load::Named;
 use super::rules::{ProjectState, State, WorkspaceState};
-use crate::debits::usage::ProjectRef;
 use crate::error::{BillingError, Result};
 use crate::money::DiscountBps;
 use entity::{
@@ -104,66 +103,6 @@ struct Read {
     thresholds: Vec<alert_thresholds::Model>,
 }
 
-/// What the batch's operations name, before anything is read.
-#[derive(Default)]
-struct Named<'a> {
-    reservations: BTreeSet<Uuid>,
-    workspaces: BTreeSet<Uuid>,
-    projects: BTreeSet<Uuid>,
-    tags: BTreeSet<&'a str>,
-    models: BTreeSet<&'a str>,
-    users: BTreeSet<Uuid>,
-    usage_keys: BTreeSet<&'a str>,
-    reserve_keys: BTreeSet<&'a str>,
-}
-
-fn named<'a>(ops: impl Iterator<Item = &'a Op>) -> Named<'a> {
-    let mut n = Named::default();
-    for op in ops {
-        let (workspace_id, project, model_id, user_id, request_id) = match op {
-            Op::Usage { req, .. } => (
-                req.workspace_id,
-                &req.project,
-                &req.model_id,
-                req.user_id,
-                &req.request_id,
-            ),
-            Op::Reserve { req, .. } => {
-                n.reserve_keys.insert(&req.request_id);
-                (
-                    req.workspace_id,
-                    &req.project,
-                    &req.model_id,
-                    req.user_id,
-                    &req.request_id,
-                )
-            }
-            Op::Settle(s) => {
-                n.reservations.insert(s.reservation_id);
-                continue;
-            }
-            Op::Release { reservation_id, .. } => {
-                n.reservations.insert(*reservation_id);
-                continue;
-            }
-        };
-        n.workspaces.insert(workspace_id);
-        match project {
-            ProjectRef::None => {}
-            ProjectRef::Id(id) => {
-                n.projects.insert(*id);
-            }
-            ProjectRef::Tag(tag) => {
-                n.tags.insert(tag);
-            }
-        }
-        n.models.insert(model_id);
-        n.users.extend(user_id);
-        n.usage_keys.insert(request_id);
-    }
-    n
-}
-
 async fn query_doc(tx: &DatabaseTransaction, sql: &str, args: serde_json::Value) -> Result<String> {
     let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql, [args.into()]);
     let row = tx
@@ -177,11 +116,7 @@ fn decode<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T> {
     serde_json::from_str(doc).map_err(|e| BillingError::Internal(format!("batch read: {e}")))
 }
 
-pub(super) async fn load<'a>(
-    tx: &DatabaseTransaction,
-    ops: impl Iterator<Item = &'a Op>,
-) -> Result<State> {
-    let named = named(ops);
+pub(super) async fn load(tx: &DatabaseTransaction, named: &Named<'_>) -> Result<State> {
     let lock_args = json!({
         "reservations": named.reservations, "workspaces": named.workspaces,
         "projects": named.projects, "tags": named.tags,

@@ -57,6 +57,24 @@ impl WorkspaceState {
     }
 }
 
+impl WorkspaceState {
+    /// The batch's net change to the balance, for the UPDATE that applies it.
+    pub(crate) fn balance_delta(&self) -> Result<i64> {
+        net(self.row.balance_nanos, self.before.balance_nanos)
+    }
+
+    /// The batch's net change to the reserved credits.
+    pub(crate) fn reserved_delta(&self) -> Result<i64> {
+        net(self.row.reserved_nanos, self.before.reserved_nanos)
+    }
+}
+
+fn net(after: i64, before: i64) -> Result<i64> {
+    Ok(Credits::from_nanos(after)
+        .checked_sub(Credits::from_nanos(before))?
+        .nanos())
+}
+
 pub(crate) struct ProjectState {
     pub row: projects::Model,
     pub before: projects::Model,

@@ -13,7 +13,6 @@ use super::load::is_postgres;
 use super::rules::{Posting, State, WorkspaceState, Writes};
 use crate::error::{BillingError, Result};
 use crate::ledger::{self, BALANCE_EVENTS_CHANNEL};
-use crate::money::Credits;
 use chrono::Utc;
 use entity::enums::{BalanceChangeCause, ReservationStatus};
 use entity::{
@@ -226,13 +225,8 @@ async fn update_projects(tx: &DatabaseTransaction, state: &State) -> Result<()> 
 /// conditional on the sequence it locked.
 async fn update_workspace(tx: &DatabaseTransaction, ws: &mut WorkspaceState) -> Result<()> {
     use workspaces::Column as W;
-    let delta = |after: i64, before: i64| -> Result<i64> {
-        Ok(Credits::from_nanos(after)
-            .checked_sub(Credits::from_nanos(before))?
-            .nanos())
-    };
-    let balance_delta = delta(ws.row.balance_nanos, ws.before.balance_nanos)?;
-    let reserved_delta = delta(ws.row.reserved_nanos, ws.before.reserved_nanos)?;
+    let balance_delta = ws.balance_delta()?;
+    let reserved_delta = ws.reserved_delta()?;
     let sequence_after = super::write_pg::sequence_after(ws)?;
     let updated = workspaces::Entity::update_many()
         .col_expr(

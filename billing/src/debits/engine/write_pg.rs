@@ -15,7 +15,6 @@
 use super::rules::{Posting, State, WorkspaceState};
 use crate::error::{BillingError, Result};
 use crate::ledger::{self, BALANCE_EVENTS_CHANNEL};
-use crate::money::Credits;
 use chrono::{DateTime, Utc};
 use entity::{ledger_entries, usage_events};
 use sea_orm::ActiveValue;
@@ -157,16 +156,11 @@ fn event_record(e: &usage_events::Model) -> Value {
 }
 
 fn workspace_record(ws: &WorkspaceState, at: DateTime<Utc>) -> Result<(Value, Value)> {
-    let delta = |after: i64, before: i64| -> Result<i64> {
-        Ok(Credits::from_nanos(after)
-            .checked_sub(Credits::from_nanos(before))?
-            .nanos())
-    };
     let sequence_after = sequence_after(ws)?;
     let update = json!({
         "id": ws.row.id,
-        "balance_delta": delta(ws.row.balance_nanos, ws.before.balance_nanos)?,
-        "reserved_delta": delta(ws.row.reserved_nanos, ws.before.reserved_nanos)?,
+        "balance_delta": ws.balance_delta()?,
+        "reserved_delta": ws.reserved_delta()?,
         "sequence_before": ws.before.balance_sequence,
         "sequence_after": sequence_after,
     });
