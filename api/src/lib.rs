@@ -6,11 +6,11 @@ pub mod events;
 pub mod metrics;
 pub mod scalars;
 pub mod schema;
+pub mod websocket;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, guard, web};
 use async_graphql::http::GraphiQLSource;
-use async_graphql_actix_web::{GraphQLResponse, GraphQLSubscription};
 use billing::sea_orm::DatabaseConnection;
 use error::RequestId;
 use schema::{Caller, ReservoirSchema};
@@ -87,6 +87,8 @@ struct AppState {
     metrics: metrics::Metrics,
     credentials: Arc<credentials::CredentialCache>,
     writer: billing::debits::writer::DebitWriter,
+    /// Shutdown, as every open WebSocket connection sees it.
+    closing: websocket::Closing,
 }
 
 /// Exports the schema in SDL (what `reservoir export-schema` prints and what
@@ -107,17 +109,42 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
 }
 
 /// A response for a request refused before GraphQL ran (bad JSON, bad token).
-fn refusal(e: billing::BillingError, http_request_id: &RequestId) -> GraphQLResponse {
+fn refusal(e: billing::BillingError, http_request_id: &RequestId) -> HttpResponse {
     let mut err = error::to_gql(e, Some(http_request_id)).into_server_error(Default::default());
     err.locations.clear(); // not about any place in the query
-    async_graphql::Response::from_errors(vec![err]).into()
+    respond(&async_graphql::Response::from_errors(vec![err]))
 }
 
-async fn graphql(
-    state: web::Data<AppState>,
-    http: HttpRequest,
-    body: web::Bytes,
-) -> GraphQLResponse {
+/// A GraphQL response over HTTP (the GraphQL-over-HTTP media type; errors are in the
+/// body, so the status is 200), with the cache and extra headers resolvers set.
+fn respond(response: &async_graphql::Response) -> HttpResponse {
+    let mut builder = HttpResponse::Ok();
+    builder.content_type("application/graphql-response+json");
+    if response.is_ok()
+        && let Some(cache_control) = response.cache_control.value()
+    {
+        builder.insert_header((actix_web::http::header::CACHE_CONTROL, cache_control));
+    }
+    // async-graphql's headers are of the `http` crate, actix's of its own: by bytes.
+    for (name, value) in &response.http_headers {
+        use actix_web::http::header::{HeaderName, HeaderValue};
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_str().as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            builder.append_header((name, value));
+        }
+    }
+    match serde_json::to_vec(response) {
+        Ok(body) => builder.body(body),
+        Err(e) => {
+            tracing::error!(error = %e, "a GraphQL response did not serialize");
+            HttpResponse::InternalServerError().finish()
+        }
+    }
+}
+
+async fn graphql(state: web::Data<AppState>, http: HttpRequest, body: web::Bytes) -> HttpResponse {
     let http_request_id = RequestId(uuid::Uuid::new_v4().simple().to_string());
     // The body arrives through actix's `Bytes` extractor, which enforces the
     // configured size limit (413) before anything is parsed.
@@ -163,7 +190,7 @@ async fn graphql(
     } else {
         tracing::debug!(http_request_id = %http_request_id.0, "graphql request");
     }
-    response.into()
+    respond(&response)
 }
 
 async fn graphiql() -> HttpResponse {
@@ -221,18 +248,17 @@ async fn graphql_ws(
             }]
         })));
     };
-    // The slot lives as long as the connection's incoming stream, which the
-    // connection's actor owns until it stops.
-    let payload = futures::StreamExt::map(payload, move |chunk| {
-        let _open = &slot;
-        chunk
-    });
     let db = state.db.clone();
     let admin_token = state.config.admin_token.clone();
     let credentials = state.credentials.clone();
-    GraphQLSubscription::new(state.schema.clone())
-        .on_connection_init(move |init| connection_init(db, credentials, admin_token, init))
-        .start(&http, payload)
+    websocket::serve(
+        &http,
+        payload,
+        state.schema.clone(),
+        move |init| connection_init(db, credentials, admin_token, init),
+        state.closing.clone(),
+        slot,
+    )
 }
 
 async fn connection_init(
@@ -289,14 +315,19 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// Time an in-flight HTTP request gets to finish after a graceful stop.
+pub const SHUTDOWN_TIMEOUT_SECONDS: u64 = 10;
+
 /// Builds the HTTP server on an already bound listener; the returned server runs when
-/// awaited (or spawned), and its handle stops it.
+/// awaited (or spawned), and [`CloseAll`](websocket::CloseAll) ends its WebSocket
+/// connections (what [`ApiHandle::stop`] does first).
 pub fn build_server(
     listener: TcpListener,
     db: DatabaseConnection,
     config: ApiConfig,
-) -> std::io::Result<(Server, SocketAddr)> {
+) -> std::io::Result<(Server, SocketAddr, websocket::CloseAll)> {
     let addr = listener.local_addr()?;
+    let (close_all, closing) = websocket::closing();
     // One tailer per process; it stops when the last schema clone is dropped.
     let hub = events::BalanceHub::start(db.clone(), config.balance_hub.clone());
     let metrics = metrics::Metrics::new().map_err(std::io::Error::other)?;
@@ -326,6 +357,7 @@ pub fn build_server(
         ws_connections: Arc::new(AtomicUsize::new(0)),
         credentials,
         writer,
+        closing,
     };
     let mut server = HttpServer::new(move || {
         App::new()
@@ -345,11 +377,28 @@ pub fn build_server(
             .route("/metrics", web::get().to(metrics_endpoint))
     })
     .listen(listener)?
+    .shutdown_timeout(SHUTDOWN_TIMEOUT_SECONDS)
     .disable_signals();
     if config.workers > 0 {
         server = server.workers(config.workers);
     }
-    Ok((server.run(), addr))
+    Ok((server.run(), addr, close_all))
+}
+
+/// Stops a running API: WebSocket connections first (each gets its close frame; a
+/// graceful stop would otherwise wait for them until the drain timeout), then the
+/// HTTP server.
+#[derive(Clone)]
+pub struct ApiHandle {
+    server: ServerHandle,
+    close_all: Arc<websocket::CloseAll>,
+}
+
+impl ApiHandle {
+    pub async fn stop(&self, graceful: bool) {
+        self.close_all.close_all();
+        self.server.stop(graceful).await;
+    }
 }
 
 /// Starts the server in the background (tests, and `serve` next to the worker).
@@ -358,12 +407,15 @@ pub fn spawn(
     db: DatabaseConnection,
     config: ApiConfig,
 ) -> std::io::Result<(
-    ServerHandle,
+    ApiHandle,
     SocketAddr,
     tokio::task::JoinHandle<std::io::Result<()>>,
 )> {
-    let (server, addr) = build_server(listener, db, config)?;
-    let handle = server.handle();
+    let (server, addr, close_all) = build_server(listener, db, config)?;
+    let handle = ApiHandle {
+        server: server.handle(),
+        close_all: Arc::new(close_all),
+    };
     let join = tokio::spawn(server);
     Ok((handle, addr, join))
 }

@@ -8,7 +8,7 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123";
 pub struct App {
     pub base: String,
     pub client: reqwest::Client,
-    pub handle: actix_web::dev::ServerHandle,
+    pub handle: api::ApiHandle,
 }
 
 impl App {

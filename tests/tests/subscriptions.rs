@@ -32,7 +32,7 @@ struct Server {
     base: String,
     ws_url: String,
     client: reqwest::Client,
-    handle: actix_web::dev::ServerHandle,
+    handle: api::ApiHandle,
 }
 
 impl Server {

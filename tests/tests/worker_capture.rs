@@ -18,7 +18,7 @@ use std::time::Duration;
 struct System {
     base: String,
     client: reqwest::Client,
-    handle: actix_web::dev::ServerHandle,
+    handle: api::ApiHandle,
     stop: tokio::sync::watch::Sender<bool>,
     worker: tokio::task::JoinHandle<()>,
 }
