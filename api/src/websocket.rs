@@ -108,7 +108,8 @@ async fn run(
     mut closing: Closing,
 ) {
     let mut graphql = std::pin::pin!(graphql);
-    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    let first_beat = tokio::time::Instant::now() + HEARTBEAT_INTERVAL;
+    let mut heartbeat = tokio::time::interval_at(first_beat, HEARTBEAT_INTERVAL);
     let mut last_heard = Instant::now();
     let reason = loop {
         tokio::select! {

@@ -108,7 +108,7 @@ fn stop(mut served: Served) -> anyhow::Result<()> {
 }
 
 async fn graphql(served: &Served, token: &str, query: &str) -> anyhow::Result<serde_json::Value> {
-    let response = reqwest::Client::new()
+    let response = reservoir_tests::app::http_client()
         .post(format!("http://{}/graphql", served.addr))
         .bearer_auth(token)
         .json(&serde_json::json!({ "query": query }))
@@ -210,9 +210,14 @@ async fn sigterm_closes_an_open_subscription_with_a_close_frame() -> anyhow::Res
     let subscribe = serde_json::json!({"id": "1", "type": "subscribe", "payload": {
         "query": "subscription($w: ID!) { balanceChanged(workspaceId: $w) { balance } }",
         "variables": {"w": workspace_id}}});
-    let ack = tokio::time::timeout(Duration::from_secs(10), ws.next()).await?;
-    let ack = ack.ok_or_else(|| anyhow::anyhow!("closed before the ack"))??;
-    assert!(ack.to_text()?.contains("connection_ack"), "{ack:?}");
+    let ack = loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await?;
+        match next.ok_or_else(|| anyhow::anyhow!("closed before the ack"))?? {
+            Message::Text(text) => break text,
+            _ => continue, // pings
+        }
+    };
+    assert!(ack.contains("connection_ack"), "{ack}");
     ws.send(Message::text(subscribe.to_string())).await?;
     // Let the subscription start before the signal.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -229,6 +234,7 @@ async fn sigterm_closes_an_open_subscription_with_a_close_frame() -> anyhow::Res
         }
     };
     let closed_after = signalled.elapsed();
+    eprintln!("close frame {closed_after:?} after SIGTERM");
     let frame = close.ok_or_else(|| anyhow::anyhow!("a close frame without a code"))?;
     assert_eq!(
         frame.code,
