@@ -3,7 +3,9 @@
 pub mod credentials;
 pub mod error;
 pub mod events;
+pub mod limits;
 pub mod metrics;
+pub mod rate_limit;
 pub mod scalars;
 pub mod schema;
 pub mod websocket;
@@ -44,6 +46,10 @@ pub struct ApiConfig {
     /// How long an authenticated token is trusted without a lookup (0: never cached).
     /// A key revoked through another process keeps working at most this long.
     pub credential_cache_ttl_ms: u64,
+    /// Whether `__schema`/`__type` queries are answered (GraphiQL, code generators).
+    pub introspection: bool,
+    /// Usage events per credential and failed authentications per client address.
+    pub rate_limits: rate_limit::RateLimits,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -56,6 +62,8 @@ impl std::fmt::Debug for ApiConfig {
             .field("balance_hub", &self.balance_hub)
             .field("writer", &self.writer)
             .field("credential_cache_ttl_ms", &self.credential_cache_ttl_ms)
+            .field("introspection", &self.introspection)
+            .field("rate_limits", &self.rate_limits)
             .finish_non_exhaustive()
     }
 }
@@ -72,6 +80,8 @@ impl Default for ApiConfig {
             balance_hub: events::HubConfig::default(),
             writer: None,
             credential_cache_ttl_ms: 2_000,
+            introspection: true,
+            rate_limits: rate_limit::RateLimits::default(),
         }
     }
 }
@@ -89,6 +99,7 @@ struct AppState {
     writer: billing::debits::writer::DebitWriter,
     /// Shutdown, as every open WebSocket connection sees it.
     closing: websocket::Closing,
+    rate_limiter: Arc<rate_limit::RateLimiter>,
 }
 
 /// Exports the schema in SDL (what `reservoir export-schema` prints and what
@@ -161,6 +172,12 @@ async fn graphql(state: web::Data<AppState>, http: HttpRequest, body: web::Bytes
     };
     let mut request = request.data(http_request_id.clone());
     if let Some(token) = bearer(&http) {
+        // Behind a proxy this is the proxy's address: the limit then applies to all
+        // its clients together, which is the safe side.
+        let address = http.peer_addr().map(|a| a.ip());
+        if let Err(e) = state.rate_limiter.check_address(address) {
+            return refusal(e, &http_request_id);
+        }
         match state
             .credentials
             .authenticate(&state.db, token, state.config.admin_token.as_deref())
@@ -171,7 +188,12 @@ async fn graphql(state: web::Data<AppState>, http: HttpRequest, body: web::Bytes
                     schema::loaders::Loaders::new(&state.db, &principal, chrono::Utc::now());
                 request = request.data(Arc::new(loaders)).data(Caller(principal));
             }
-            Err(e) => return refusal(e, &http_request_id),
+            Err(e) => {
+                if e.code() == billing::ErrorCode::Unauthenticated {
+                    state.rate_limiter.auth_failed(address);
+                }
+                return refusal(e, &http_request_id);
+            }
         }
     }
     let response = state.schema.execute(request).await;
@@ -328,6 +350,7 @@ pub fn build_server(
 ) -> std::io::Result<(Server, SocketAddr, websocket::CloseAll)> {
     let addr = listener.local_addr()?;
     let (close_all, closing) = websocket::closing();
+    let rate_limiter = Arc::new(rate_limit::RateLimiter::new(config.rate_limits));
     // One tailer per process; it stops when the last schema clone is dropped.
     let hub = events::BalanceHub::start(db.clone(), config.balance_hub.clone());
     let metrics = metrics::Metrics::new().map_err(std::io::Error::other)?;
@@ -344,11 +367,8 @@ pub fn build_server(
         config.credential_cache_ttl_ms,
     ));
     let state = AppState {
-        schema: schema::schema_builder(db.clone(), config.gateway.clone(), Some(metrics.clone()))
-            .data(hub.clone())
-            .data(writer.clone())
-            .data(credentials.clone())
-            .data(config.jobs.clone())
+        schema: schema_of(&db, &config, &metrics, &hub, &writer, &credentials)
+            .data(rate_limiter.clone())
             .finish(),
         hub,
         metrics,
@@ -358,6 +378,7 @@ pub fn build_server(
         credentials,
         writer,
         closing,
+        rate_limiter,
     };
     let mut server = HttpServer::new(move || {
         App::new()
@@ -383,6 +404,30 @@ pub fn build_server(
         server = server.workers(config.workers);
     }
     Ok((server.run(), addr, close_all))
+}
+
+/// The schema with the process's shared data (before `finish`); introspection as
+/// configured.
+fn schema_of(
+    db: &DatabaseConnection,
+    config: &ApiConfig,
+    metrics: &metrics::Metrics,
+    hub: &Arc<events::BalanceHub>,
+    writer: &billing::debits::writer::DebitWriter,
+    credentials: &Arc<credentials::CredentialCache>,
+) -> async_graphql::SchemaBuilder<schema::QueryRoot, schema::MutationRoot, schema::SubscriptionRoot>
+{
+    let builder = schema::schema_builder(db.clone(), config.gateway.clone(), Some(metrics.clone()))
+        .data(hub.clone())
+        .data(writer.clone())
+        .data(credentials.clone())
+        .data(config.jobs.clone());
+    match config.introspection {
+        true => builder,
+        false => builder
+            .disable_introspection()
+            .extension(limits::IntrospectionOff),
+    }
 }
 
 /// Stops a running API: WebSocket connections first (each gets its close frame; a

@@ -63,6 +63,13 @@ pub struct Config {
     pub writer_batch_ops_max: Option<usize>,
     pub writer_window_us: Option<u64>,
     pub credential_cache_ttl_ms: u64,
+    /// Answer introspection queries (GraphiQL, code generators); off in production if
+    /// the schema is not to be browsable.
+    pub introspection: bool,
+    /// Usage events per second per credential (0: no limit).
+    pub rate_limit_usage_per_second: u32,
+    /// Failed authentications per minute per client address (0: no limit).
+    pub rate_limit_auth_failures_per_minute: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +99,9 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_WRITER_BATCH_OPS_MAX",
     "RESERVOIR_WRITER_WINDOW_US",
     "RESERVOIR_CREDENTIAL_CACHE_TTL_MS",
+    "RESERVOIR_INTROSPECTION",
+    "RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND",
+    "RESERVOIR_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE",
 ];
 
 /// The shortest admin token accepted: it is the key to every account.
@@ -154,6 +164,18 @@ impl Config {
         let writer_window_us = number(get, "RESERVOIR_WRITER_WINDOW_US", 100_000)?;
         let credential_cache_ttl_ms =
             number(get, "RESERVOIR_CREDENTIAL_CACHE_TTL_MS", 60_000)?.unwrap_or(2_000);
+        let introspection = get("RESERVOIR_INTROSPECTION")
+            .map(|v| parse_bool("RESERVOIR_INTROSPECTION", &v))
+            .transpose()?
+            .unwrap_or(true);
+        let rate_limit_usage_per_second =
+            number(get, "RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND", 1_000_000)?.map_or(5_000, as_u32);
+        let rate_limit_auth_failures_per_minute = number(
+            get,
+            "RESERVOIR_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE",
+            100_000,
+        )?
+        .map_or(60, as_u32);
         Ok(Self {
             data_dir,
             database_url,
@@ -171,6 +193,9 @@ impl Config {
             writer_batch_ops_max,
             writer_window_us,
             credential_cache_ttl_ms,
+            introspection,
+            rate_limit_usage_per_second,
+            rate_limit_auth_failures_per_minute,
         })
     }
 
@@ -430,6 +455,11 @@ fn demo_seed(get: Lookup<'_>, backend: &Backend, allow_sandbox: bool) -> Result<
         ));
     }
     Ok(demo_seed)
+}
+
+/// A number [`number`] bounded to at most a million, as u32.
+fn as_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// An optional number from 0 to `max` (the writer and cache tuning knobs).

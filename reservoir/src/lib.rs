@@ -218,6 +218,11 @@ fn api_config(
         jobs: Arc::new(queue.clone()),
         writer: Some(writer),
         credential_cache_ttl_ms: config.credential_cache_ttl_ms,
+        introspection: config.introspection,
+        rate_limits: api::rate_limit::RateLimits {
+            usage_per_second: config.rate_limit_usage_per_second,
+            auth_failures_per_minute: config.rate_limit_auth_failures_per_minute,
+        },
         ..Default::default()
     })
 }
