@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod credentials;
+pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod metrics;
@@ -9,7 +10,6 @@ pub mod schema;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, guard, web};
-use async_graphql::http::GraphiQLSource;
 use async_graphql_actix_web::{GraphQLResponse, GraphQLSubscription};
 use billing::sea_orm::DatabaseConnection;
 use error::RequestId;
@@ -164,17 +164,6 @@ async fn graphql(
         tracing::debug!(http_request_id = %http_request_id.0, "graphql request");
     }
     response.into()
-}
-
-async fn graphiql() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(
-            GraphiQLSource::build()
-                .endpoint("/graphql")
-                .subscription_endpoint("/graphql")
-                .finish(),
-        )
 }
 
 /// One open WebSocket connection, counted until dropped.
@@ -332,7 +321,13 @@ pub fn build_server(
             .app_data(web::Data::new(state.clone()))
             .app_data(web::PayloadConfig::new(state.config.body_bytes_max))
             .app_data(web::JsonConfig::default().limit(state.config.body_bytes_max))
-            .route("/", web::get().to(graphiql))
+            .route("/", web::get().to(dashboard::graphiql))
+            .route("/dashboard", web::get().to(dashboard::page))
+            .route("/dashboard/", web::get().to(dashboard::page))
+            .route(
+                "/dashboard/assets/{path:.*}",
+                web::get().to(dashboard::asset),
+            )
             .route("/graphql", web::post().to(graphql))
             .route(
                 "/graphql",
