@@ -80,7 +80,7 @@ export function SpendChart({ days }) {
         legend: { show: false },
         cursor: { points: { show: false } },
         scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max * 1.15, 0.01)] } },
-        axes: [{}, { values: (u, ticks) => ticks.map((t) => dollars(String(t.toFixed(2)))), size: 70 }],
+        axes: [{}, { values: (u, ticks) => ticks.map((t) => `$${t.toLocaleString(undefined, { maximumFractionDigits: 2 })}`), size: 80 }],
         series: [
           {},
           { label: 'Spend', fill: 'rgba(37, 99, 235, 0.55)', stroke: '#2563eb', width: 1, paths: uPlot.paths.bars({ size: [0.7, 40] }), points: { show: false } },

@@ -135,7 +135,7 @@ export function MoneyView({ id, ctx }) {
     ${admin
       ? html`<${BuyCredits} ws=${workspace} packages=${creditPackages} cards=${cards} canPickCard=${cardsAllowed} />
           <${TransferForm} ws=${workspace} targets=${targets} />`
-      : html`<p class="notice" data-testid="read-only">Your role in this workspace is ${ctx.workspaceRole(id)}: you can see its money settings, and a workspace admin can change them.</p>`}
+      : html`<p class="notice" data-testid="read-only">Your role in this workspace is ${ctx.workspaceRole(id) ?? 'none'}: you can see its money settings, and a workspace admin can change them.</p>`}
     <${AutoReloadCard} ws=${workspace} cards=${cards} admin=${admin} cardsAllowed=${cardsAllowed} onSaved=${q.reload} />
     <${AlertsCard} ws=${workspace} admin=${admin} onSaved=${q.reload} />
     ${cardsAllowed && html`<${CardsCard} accountId=${accountId} cards=${cards} onChanged=${q.reload} />`}

@@ -132,7 +132,7 @@ export function CardsCard({ accountId, cards, onChanged }) {
           <td class="num"><button class="secondary" disabled=${action.busy} onClick=${() => remove(c.id)}>Remove</button></td>
         </tr>`)}</tbody></table>`}
     <div class="row form">
-      <label>Card token <input data-testid="card-token" placeholder="from your payment form, e.g. tok_visa" value=${tokenText} onInput=${(e) => setTokenText(e.target.value)} /></label>
+      <label>Card token <input data-testid="card-token" class="wide" placeholder="from your payment form, e.g. tok_visa" value=${tokenText} onInput=${(e) => setTokenText(e.target.value)} /></label>
       <label class="check"><input type="checkbox" checked=${makeDefault} onChange=${(e) => setMakeDefault(e.target.checked)} /> make default</label>
       <button data-testid="card-add" disabled=${action.busy || !tokenText.trim()} onClick=${add}>Add card</button>
     </div>

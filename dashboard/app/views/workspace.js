@@ -35,7 +35,7 @@ function dailySeries(rows, end) {
   return days;
 }
 
-function Breakdown({ title, rows, label, testid }) {
+function Breakdown({ title, column, rows, label, testid }) {
   const sorted = [...rows].sort((a, b) => (toNanos(b.cost) > toNanos(a.cost) ? 1 : -1));
   const top = sorted[0]?.cost ?? '0';
   return html`<section class="card" data-testid=${testid}>
@@ -43,7 +43,7 @@ function Breakdown({ title, rows, label, testid }) {
     ${sorted.length === 0
       ? html`<p class="muted">No usage in the last 30 days.</p>`
       : html`<table>
-          <thead><tr><th>${title.replace('By ', '')}</th><th class="num">Requests</th><th class="num">Tokens (in / out)</th><th class="num">Cost</th><th class="barcol"></th></tr></thead>
+          <thead><tr><th>${column}</th><th class="num">Requests</th><th class="num">Tokens (in / out)</th><th class="num">Cost</th><th class="barcol"></th></tr></thead>
           <tbody>${sorted.map((r) => html`<tr>
             <td>${label(r)}</td>
             <td class="num">${r.requests.toLocaleString()}</td>
@@ -121,9 +121,9 @@ export function WorkspaceView({ id }) {
       <${SpendChart} days=${dailySeries(ws.daily.rows, end)} />
     </section>
     <div class="grid">
-      <${Breakdown} title="By project" testid="by-project" rows=${ws.byProject.rows} label=${(r) => r.project?.name ?? html`<span class="muted">no project</span>`} />
-      <${Breakdown} title="By member" testid="by-member" rows=${ws.byMember.rows} label=${(r) => r.user?.name ?? html`<span class="muted">API key only</span>`} />
-      <${Breakdown} title="By model" testid="by-model" rows=${ws.byModel.rows} label=${(r) => r.model?.name ?? '?'} />
+      <${Breakdown} title="By project" column="Project" testid="by-project" rows=${ws.byProject.rows} label=${(r) => r.project?.name ?? html`<span class="muted">no project</span>`} />
+      <${Breakdown} title="By member" column="Member" testid="by-member" rows=${ws.byMember.rows} label=${(r) => r.user?.name ?? html`<span class="muted">API key only</span>`} />
+      <${Breakdown} title="By model" column="Model" testid="by-model" rows=${ws.byModel.rows} label=${(r) => r.model?.name ?? '?'} />
     </div>
     <${Budgets} projects=${ws.projects} />
     <${Members} members=${ws.members} />
