@@ -193,6 +193,7 @@ async fn print_banner(
     println!("Reservoir is running.");
     println!("  GraphiQL:  http://{addr}/");
     println!("  GraphQL:   http://{addr}/graphql");
+    println!("  Dashboard: http://{addr}/dashboard");
     println!("  Database:  {}", redact(&config.database_url));
     if config.admin_token.generated {
         println!(
@@ -217,6 +218,10 @@ async fn print_banner(
                     billing::seed::DEMO_OWNER_EMAIL
                 );
                 println!("  Demo token:  {}", demo.token);
+                println!(
+                    "  Open the dashboard signed in:  http://{addr}/dashboard#token={}",
+                    demo.token
+                );
                 println!(
                     "  Try it in GraphiQL with the header  {{\"Authorization\": \"Bearer {}\"}}",
                     demo.token
