@@ -108,13 +108,13 @@ fn serve(req: &HttpRequest, path: &str) -> HttpResponse {
             .content_type("text/plain; charset=utf-8")
             .body("not found");
     };
-    let etag = &ETAGS[index];
-    let mut response = if req
+    let etag = ETAGS.get(index).map_or("", String::as_str);
+    let not_modified = req
         .headers()
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag))
-    {
+        .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag));
+    let mut response = if not_modified {
         HttpResponse::NotModified()
     } else {
         HttpResponse::Ok()
@@ -122,10 +122,10 @@ fn serve(req: &HttpRequest, path: &str) -> HttpResponse {
     response
         .insert_header((header::CONTENT_TYPE, content_type(path)))
         .insert_header((header::CACHE_CONTROL, cache_control(path)))
-        .insert_header((header::ETAG, etag.as_str()))
+        .insert_header((header::ETAG, etag))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"));
-    if response.status() == actix_web::http::StatusCode::NOT_MODIFIED {
+    if not_modified {
         return response.finish();
     }
     response.body(asset.body)

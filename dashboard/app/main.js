@@ -54,11 +54,11 @@ function WorkspaceFrame({ route, ctx }) {
   return html`<div>
     <p class="crumbs"><a href="#/">${ws.account.name}</a> › <span class="role">${ctx.workspaceRole(ws.id)}</span></p>
     <h2 data-testid="workspace-name">${ws.name}</h2>
-    <${BalanceHeader} id=${ws.id} />
+    <${BalanceHeader} key=${ws.id} id=${ws.id} />
     <nav class="tabs">${tab('overview', 'Overview')}${tab('money', 'Money')}${tab('history', 'History')}</nav>
-    ${route.view === 'overview' && html`<${WorkspaceView} id=${ws.id} />`}
-    ${route.view === 'money' && html`<${MoneyView} id=${ws.id} ctx=${ctx} />`}
-    ${route.view === 'history' && html`<${HistoryView} id=${ws.id} ctx=${ctx} />`}
+    ${route.view === 'overview' && html`<${WorkspaceView} key=${ws.id} id=${ws.id} />`}
+    ${route.view === 'money' && html`<${MoneyView} key=${ws.id} id=${ws.id} ctx=${ctx} />`}
+    ${route.view === 'history' && html`<${HistoryView} key=${ws.id} id=${ws.id} ctx=${ctx} />`}
   </div>`;
 }
 

@@ -61,6 +61,7 @@ export function useBalances() {
   useEffect(() => {
     const listener = () => setTick((n) => n + 1);
     listeners.add(listener);
+    listener(); // a change between the first render and this effect
     return () => listeners.delete(listener);
   }, []);
   return { balance: (id) => balances.get(id), total: (id) => totals.get(id) };

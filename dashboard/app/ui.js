@@ -31,7 +31,11 @@ export function ErrorBox({ error, onClose }) {
 /** The WebSocket's state, for balances: live, or stale "as of" the last live moment. */
 export function useLiveStatus() {
   const [status, setStatus] = useState(liveStatus());
-  useEffect(() => onLiveStatus(setStatus), []);
+  useEffect(() => {
+    const unlisten = onLiveStatus(setStatus);
+    setStatus(liveStatus()); // a change between the first render and this effect
+    return unlisten;
+  }, []);
   return status;
 }
 

@@ -55,7 +55,16 @@ async function newContext(browser) {
 function watch(page) {
   page.on('websocket', (ws) => !isLocal(ws.url()) && external.push(ws.url()));
   page.on('pageerror', (e) => console.log(`  page error: ${e.message}`));
-  page.on('console', (m) => m.type() === 'error' && console.log(`  console error: ${m.text()}`));
+  const debug = Boolean(process.env.RESERVOIR_BROWSER_DEBUG);
+  page.on('console', (m) => (debug || m.type() === 'error') && console.log(`  console ${m.type()}: ${m.text()}`));
+  if (debug) {
+    page.on('websocket', (ws) => {
+      console.log(`  ws open ${ws.url()}`);
+      ws.on('framesent', (f) => console.log(`  ws > ${String(f.payload).slice(0, 200)}`));
+      ws.on('framereceived', (f) => console.log(`  ws < ${String(f.payload).slice(0, 200)}`));
+      ws.on('close', () => console.log('  ws closed'));
+    });
+  }
 }
 
 async function shot(page, name) {

@@ -42,8 +42,8 @@ async function liveDebit(page) {
     await waitLive(page);
     await page.evaluate(() => (window.__sameDocument = true));
     const sel = `[data-workspace="${fx.production}"] [data-testid=balance-value]`;
-    await debit(`browser-live-${Date.now()}`, 2_000_000);
     const sent = Date.now();
+    await debit(`browser-live-${Date.now()}`, 2_000_000);
     const after = await balanceOf(fx.production);
     await waitExact(page, sel, after.balance, 1_000 - (Date.now() - sent));
     const elapsed = Date.now() - sent;
@@ -120,7 +120,7 @@ async function errorInWords(page) {
     const error = page.locator('[data-testid=transfer] [data-testid=error]');
     await error.waitFor({ timeout: 5_000 });
     const text = await error.textContent();
-    assert((await error.getAttribute('data-code')) === 'INSUFFICIENT_CREDITS', `code: ${await error.getAttribute('data-code')}`);
+    assert((await error.getAttribute('data-code')) === 'INSUFFICIENT_CREDITS', `code: ${await error.getAttribute('data-code')}: ${text}`);
     assert(text.includes('Not enough credits') && text.includes('INSUFFICIENT_CREDITS'), `text: ${text}`);
   });
 }

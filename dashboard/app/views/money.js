@@ -6,7 +6,7 @@ import { gql, idempotencyKey } from '../api.js';
 import { subscribe } from '../live.js';
 import { addCredits, dollars, parseAmount } from '../format.js';
 import { explainDecline } from '../errors.js';
-import { useEffect, useState } from 'preact/hooks';
+import { useEffect, useRef, useState } from 'preact/hooks';
 import { AlertsCard, AutoReloadCard, CardsCard, cardLabel } from './settings.js';
 
 const MONEY_Q = `query Money($id: ID!) {
@@ -42,12 +42,18 @@ function BuyCredits({ ws, packages, cards, canPickCard }) {
   const [card, setCard] = useState('');
   const [custom, setCustom] = useState('');
   const [purchase, setPurchase] = useState(null);
+  // Updates may arrive before the mutation's answer: keep the latest of each purchase.
+  const seen = useRef(new Map());
   useEffect(
     () =>
       subscribe({
         query: PURCHASE_SUB,
         variables: { id: ws.id },
-        onData: (d) => setPurchase((p) => (p && p.id === d.purchaseUpdated.id ? d.purchaseUpdated : p)),
+        onData: (d) => {
+          const update = d.purchaseUpdated;
+          seen.current.set(update.id, update);
+          setPurchase((p) => (p && p.id === update.id ? update : p));
+        },
       }),
     [ws.id],
   );
@@ -56,7 +62,7 @@ function BuyCredits({ ws, packages, cards, canPickCard }) {
       const input = { workspaceId: ws.id, idempotencyKey: idempotencyKey('buy'), ...item };
       if (card) input.paymentMethodId = card;
       const data = await gql(BUY_M, { input });
-      setPurchase((p) => (p && p.id === data.purchaseCredits.id && p.status !== 'PENDING' ? p : data.purchaseCredits));
+      setPurchase(seen.current.get(data.purchaseCredits.id) ?? data.purchaseCredits);
     });
   const customAmount = parseAmount(custom);
   const noCard = canPickCard && cards.length === 0;
