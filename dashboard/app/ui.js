@@ -83,7 +83,7 @@ export function SpendChart({ days }) {
         height: 220,
         legend: { show: false },
         cursor: { points: { show: false } },
-        scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max * 1.15, 0.01)] } },
+        scales: { x: { time: true, range: (u, min, max) => [min - 43_200, max + 43_200] }, y: { range: (u, min, max) => [0, Math.max(max * 1.15, 0.01)] } },
         axes: [{}, { values: (u, ticks) => ticks.map((t) => `$${t.toLocaleString(undefined, { maximumFractionDigits: 2 })}`), size: 80 }],
         series: [
           {},

@@ -70,6 +70,11 @@ async function overview(page) {
 
 async function buyPackage(page) {
   await check('buying a package shows its bonus, the purchase progress and the credited balance', async () => {
+    const members = await api(fx.ownerToken, 'query($id: ID!) { workspace(id: $id) { members { user { id } } } }', { id: fx.production });
+    const recipientIds = members.workspace.members.map((m) => m.user.id);
+    await api(fx.ownerToken, 'mutation($input: SetAlertThresholdsInput!) { setAlertThresholds(input: $input) { id } }', {
+      input: { workspaceId: fx.production, thresholds: [{ amount: '200', severity: 'WARNING', recipientIds }, { amount: '50', severity: 'URGENT', recipientIds: recipientIds.slice(0, 1) }] },
+    });
     await page.goto(`${fx.base}/dashboard#/w/${fx.production}/money`);
     await page.locator('[data-testid=card-token]').fill('tok_visa');
     await page.locator('[data-testid=card-add]').click();
@@ -88,7 +93,6 @@ async function buyPackage(page) {
     assert(nanos(after.balance) === expected, `API balance ${after.balance}, expected +115`);
     await waitExact(page, '[data-testid=ws-balance-value]', after.balance, 3_000);
   });
-  await shot(page, 'dashboard-money');
 }
 
 async function autoReload(page) {
@@ -104,6 +108,7 @@ async function autoReload(page) {
     const q = 'query($id: ID!) { workspace(id: $id) { autoReload { enabled threshold amount } } }';
     let r = (await api(fx.ownerToken, q, { id: fx.production })).workspace.autoReload;
     assert(r.enabled && r.threshold === '25' && r.amount === '100', `API: ${JSON.stringify(r)}`);
+    await shot(page, 'dashboard-money');
     await page.locator('[data-testid=reload-enabled]').uncheck();
     await page.locator('[data-testid=reload-save]').click();
     await page.locator('[data-testid=auto-reload][data-enabled=off]').waitFor({ timeout: 5_000 });

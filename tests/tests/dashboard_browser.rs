@@ -75,7 +75,7 @@ async fn seed(t: &TestDb) -> anyhow::Result<Seeded> {
         accounts::create_project(db, production, "Support chatbot", "chatbot", start).await?;
     accounts::create_project(db, production, "Search", "search", start).await?;
     accounts::create_project(db, staging, "Experiments", "experiments", start).await?;
-    let budget = billing::Credits::from_whole_credits(150)?;
+    let budget = billing::Credits::from_whole_credits(400)?;
     accounts::set_project_budget(db, chatbot.id, Some(budget), BudgetPeriod::Monthly, now).await?;
     let (member, _) = accounts::add_workspace_member(
         db,
@@ -136,8 +136,8 @@ async fn seed(t: &TestDb) -> anyhow::Result<Seeded> {
                 workspace_id: production,
                 project: ProjectRef::Tag((*tag).into()),
                 model_id: (*model).into(),
-                prompt_tokens: prompt * scale / 4,
-                completion_tokens: completion * scale / 4,
+                prompt_tokens: prompt * scale,
+                completion_tokens: completion * scale,
                 request_id: format!("seed-{day}-{i}"),
                 user_id: Some(*user),
                 api_key_id: None,

@@ -26,8 +26,9 @@ function ReloadForm({ ws, cards, cardsAllowed, onSaved }) {
   const r = ws.autoReload;
   const action = useAction();
   const [enabled, setEnabled] = useState(r.enabled);
-  const [threshold, setThreshold] = useState(String(r.threshold));
-  const [amount, setAmount] = useState(r.amount === '0' ? '50' : String(r.amount));
+  const fresh = !r.enabled && r.threshold === '0'; // never configured: suggest something
+  const [threshold, setThreshold] = useState(fresh ? '20' : String(r.threshold));
+  const [amount, setAmount] = useState(fresh ? '50' : String(r.amount));
   const [card, setCard] = useState(r.paymentMethod?.id ?? '');
   const [cap, setCap] = useState(r.maxReloadsPerDay);
   const [saved, setSaved] = useState(false);

@@ -7,6 +7,7 @@ import { setBalance, useBalances, useLiveBalance } from '../store.js';
 import { useState } from 'preact/hooks';
 
 const DAY_MS = 86_400_000;
+const compact = new Intl.NumberFormat(undefined, { notation: 'compact', maximumFractionDigits: 1 });
 
 const WORKSPACE_Q = `query Workspace($id: ID!, $from: DateTime!, $to: DateTime!) {
   workspace(id: $id) {
@@ -43,11 +44,10 @@ function Breakdown({ title, column, rows, label, testid }) {
     ${sorted.length === 0
       ? html`<p class="muted">No usage in the last 30 days.</p>`
       : html`<table>
-          <thead><tr><th>${column}</th><th class="num">Requests</th><th class="num">Tokens (in / out)</th><th class="num">Cost</th><th class="barcol"></th></tr></thead>
+          <thead><tr><th>${column}</th><th class="num">Tokens in / out</th><th class="num">Cost</th><th class="barcol"></th></tr></thead>
           <tbody>${sorted.map((r) => html`<tr>
             <td>${label(r)}</td>
-            <td class="num">${r.requests.toLocaleString()}</td>
-            <td class="num">${r.promptTokens.toLocaleString()} / ${r.completionTokens.toLocaleString()}</td>
+            <td class="num" title=${`${r.requests.toLocaleString()} requests: ${r.promptTokens.toLocaleString()} prompt + ${r.completionTokens.toLocaleString()} completion tokens`}>${compact.format(r.promptTokens)} / ${compact.format(r.completionTokens)}</td>
             <td class="num"><${Money} value=${r.cost} /></td>
             <td class="barcol"><${Bar} part=${r.cost} whole=${top} warn=${101} /></td>
           </tr>`)}</tbody>
