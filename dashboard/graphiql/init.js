@@ -28,8 +28,13 @@
       defaultEditorToolsVisibility: true,
       defaultHeaders: '{"Authorization": "Bearer <token>"}',
       defaultQuery:
-        '# Set the Authorization header below, then run:\n' +
-        '{ viewer { accounts { name totalBalance workspaces { id name balance available } } } }\n',
+        '# Set the Authorization header below (the demo token is printed at start-up), then run.\n' +
+        '# Live balances: subscription { balanceChanged(workspaceId: "…") { balance available cause } }\n' +
+        '{\n' +
+        '  viewer {\n' +
+        '    accounts { name totalBalance workspaces { id name balance reserved available } }\n' +
+        '  }\n' +
+        '}\n',
     }),
   );
 })();

@@ -92,6 +92,7 @@ async function buyPackage(page) {
     const after = await balanceOf(fx.production);
     assert(nanos(after.balance) === expected, `API balance ${after.balance}, expected +115`);
     await waitExact(page, '[data-testid=ws-balance-value]', after.balance, 3_000);
+    if (fx.screenshots) await page.locator('[data-testid=buy]').screenshot({ path: `${fx.screenshots}/dashboard-purchase.png` });
   });
 }
 
@@ -157,6 +158,7 @@ async function reconnect(page) {
     await waitLive(page);
     await page.evaluate(() => window.__reservoirDropSocket());
     await page.locator('[data-testid=live-dot]:not(.live)').waitFor({ timeout: 2_000 });
+    await page.locator('[data-testid=ws-balance] [data-live=stale]').waitFor({ timeout: 1_000 });
     await debit(`browser-drop-${Date.now()}`, 1_000_000);
     const after = await balanceOf(fx.production);
     await waitLive(page);
