@@ -20,6 +20,22 @@ async function signInByLink(page) {
   });
 }
 
+async function moneyFormat(page) {
+  await check('money is shown as $1,234.56 (exact, BigInt rounding), exact amount on hover', async () => {
+    const got = await page.evaluate(async () => {
+      const f = await import('/dashboard/assets/app/format.js');
+      const cases = ['1234.5', '0', '-12.345', '0.004999999', '0.005', '1234567.891', '-0.001', '999.995'];
+      return { dollars: cases.map(f.dollars), exact: f.exact('12.500000001'), parsed: ['$1,000.5', '12.345', 'x'].map(f.parseAmount) };
+    });
+    const want = ['$1,234.50', '$0.00', '−$12.35', '$0.00', '$0.01', '$1,234,567.89', '$0.00', '$1,000.00'];
+    assert(JSON.stringify(got.dollars) === JSON.stringify(want), `dollars: ${JSON.stringify(got.dollars)}`);
+    assert(got.exact === '12.500000001 credits (exact)', `exact: ${got.exact}`);
+    assert(JSON.stringify(got.parsed) === JSON.stringify(['1000.5', null, null]), `parsed: ${JSON.stringify(got.parsed)}`);
+    const title = await page.locator(`[data-workspace="${fx.production}"] [data-testid=balance-value]`).getAttribute('title');
+    assert(/^-?\d+(\.\d+)? credits \(exact\)$/.test(title), `hover: ${title}`);
+  });
+}
+
 async function accountView(page) {
   await check('the account view lists the workspaces with balance, reserved, available and the total', async () => {
     const rows = page.locator('[data-testid=workspace-row]');
@@ -172,6 +188,7 @@ export async function ownerChecks(browser) {
   const page = await context.newPage();
   await signInByLink(page);
   await accountView(page);
+  await moneyFormat(page);
   await liveDebit(page);
   await overview(page);
   await buyPackage(page);
