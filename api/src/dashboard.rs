@@ -3,7 +3,7 @@
 //! path up and set the headers; the dashboard talks to the public GraphQL API like any client.
 
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, guard, web};
 use sha2::{Digest, Sha256};
 use std::sync::LazyLock;
 
@@ -129,6 +129,16 @@ fn serve(req: &HttpRequest, path: &str) -> HttpResponse {
         return response.finish();
     }
     response.body(asset.body)
+}
+
+/// `GET` (and `HEAD`) `/`, `/dashboard` and `/dashboard/assets/{path}`.
+pub fn routes(config: &mut web::ServiceConfig) {
+    let get_or_head = || web::route().guard(guard::Any(guard::Get()).or(guard::Head()));
+    config
+        .route("/", get_or_head().to(graphiql))
+        .route("/dashboard", get_or_head().to(page))
+        .route("/dashboard/", get_or_head().to(page))
+        .route("/dashboard/assets/{path:.*}", get_or_head().to(asset));
 }
 
 /// GET /dashboard: the single-page app.

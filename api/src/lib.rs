@@ -321,13 +321,7 @@ pub fn build_server(
             .app_data(web::Data::new(state.clone()))
             .app_data(web::PayloadConfig::new(state.config.body_bytes_max))
             .app_data(web::JsonConfig::default().limit(state.config.body_bytes_max))
-            .route("/", web::get().to(dashboard::graphiql))
-            .route("/dashboard", web::get().to(dashboard::page))
-            .route("/dashboard/", web::get().to(dashboard::page))
-            .route(
-                "/dashboard/assets/{path:.*}",
-                web::get().to(dashboard::asset),
-            )
+            .configure(dashboard::routes)
             .route("/graphql", web::post().to(graphql))
             .route(
                 "/graphql",

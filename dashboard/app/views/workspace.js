@@ -77,10 +77,10 @@ function Budgets({ projects }) {
 export function Members({ members }) {
   return html`<section class="card" data-testid="members">
     <h3>Members</h3>
-    <table>
+    ${members.length === 0 ? html`<p class="muted">No workspace members besides the account's owners and admins.</p>` : html`<table>
       <thead><tr><th>Name</th><th>E-mail</th><th>Role</th></tr></thead>
       <tbody>${members.map((m) => html`<tr><td>${m.user.name}</td><td>${m.user.email}</td><td><span class="role">${m.role}</span></td></tr>`)}</tbody>
-    </table>
+    </table>`}
     <p class="muted small">Account owners and admins are admins of every workspace.</p>
   </section>`;
 }
