@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod credentials;
+pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod limits;
@@ -12,7 +13,6 @@ pub mod websocket;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, guard, web};
-use async_graphql::http::GraphiQLSource;
 use billing::sea_orm::DatabaseConnection;
 use error::RequestId;
 use schema::{Caller, ReservoirSchema};
@@ -215,17 +215,6 @@ async fn graphql(state: web::Data<AppState>, http: HttpRequest, body: web::Bytes
     respond(&response)
 }
 
-async fn graphiql() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(
-            GraphiQLSource::build()
-                .endpoint("/graphql")
-                .subscription_endpoint("/graphql")
-                .finish(),
-        )
-}
-
 /// One open WebSocket connection, counted until dropped.
 struct WsConnectionSlot(Arc<AtomicUsize>);
 
@@ -385,7 +374,7 @@ pub fn build_server(
             .app_data(web::Data::new(state.clone()))
             .app_data(web::PayloadConfig::new(state.config.body_bytes_max))
             .app_data(web::JsonConfig::default().limit(state.config.body_bytes_max))
-            .route("/", web::get().to(graphiql))
+            .configure(dashboard::routes)
             .route("/graphql", web::post().to(graphql))
             .route(
                 "/graphql",

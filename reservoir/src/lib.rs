@@ -241,6 +241,7 @@ async fn print_banner(
     println!("Reservoir is running.");
     println!("  GraphiQL:  http://{addr}/");
     println!("  GraphQL:   http://{addr}/graphql");
+    println!("  Dashboard: http://{addr}/dashboard");
     println!("  Database:  {}", redact(&config.database_url));
     if config.admin_token.generated {
         println!(
@@ -249,7 +250,7 @@ async fn print_banner(
         );
     }
     if config.demo_seed {
-        print_demo(config, db, gateway, rotate_demo_token).await?;
+        print_demo(config, db, gateway, addr, rotate_demo_token).await?;
     }
     Ok(())
 }
@@ -266,6 +267,7 @@ async fn print_demo(
     config: &Config,
     db: &DatabaseConnection,
     gateway: &dyn PaymentGateway,
+    addr: std::net::SocketAddr,
     rotate: bool,
 ) -> anyhow::Result<()> {
     let path = demo_token_path(config);
@@ -305,6 +307,10 @@ async fn print_demo(
     };
     println!("  Demo token ({kept_note}; `--rotate-demo-token` for a new one):");
     println!("    {}", demo.token);
+    println!(
+        "  Open the dashboard signed in:  http://{addr}/dashboard#token={}",
+        demo.token
+    );
     println!(
         "  Try it in GraphiQL with the header  {{\"Authorization\": \"Bearer {}\"}}",
         demo.token
