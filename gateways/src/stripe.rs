@@ -51,11 +51,11 @@
 //! The secret key travels only in the `Authorization` header, marked sensitive; it is
 //! never logged and [`StripeGateway`]'s `Debug` leaves it out.
 
-use billing::entity::enums::CardBrand;
 use crate::stripe_webhook::AUTHENTICATION_REQUIRED;
+use billing::entity::enums::CardBrand;
 use billing::payments::{
-    AttachedCard, CURRENCY, CardSetup, ChargeOutcome, ChargeRequest, CustomerRequest,
-    GatewayError, GatewayEvent, GatewayFuture, GatewayResult, PaymentGateway, WebhookError,
+    AttachedCard, CURRENCY, CardSetup, ChargeOutcome, ChargeRequest, CustomerRequest, GatewayError,
+    GatewayEvent, GatewayFuture, GatewayResult, PaymentGateway, WebhookError,
 };
 use chrono::{DateTime, Utc};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
@@ -226,9 +226,7 @@ impl StripeGateway {
             method_call(request, "attach").await?
         } else {
             let id = path_id(client_token)?;
-            let request = self
-                .http
-                .get(format!("{}/payment_methods/{id}", self.api));
+            let request = self.http.get(format!("{}/payment_methods/{id}", self.api));
             method_call(request, "attach").await?
         };
         let method = match method.customer.as_deref() {
@@ -241,7 +239,11 @@ impl StripeGateway {
             None => {
                 let request = self
                     .http
-                    .post(format!("{}/payment_methods/{}/attach", self.api, path_id(&method.id)?))
+                    .post(format!(
+                        "{}/payment_methods/{}/attach",
+                        self.api,
+                        path_id(&method.id)?
+                    ))
                     .form(&[("customer", customer)]);
                 method_call(request, "attach").await?
             }

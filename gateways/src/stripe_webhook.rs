@@ -259,11 +259,21 @@ mod tests {
         assert!(bad(b"{}", Some(&header)), "another body");
         let other = sign("whsec_other", &payload, now.timestamp());
         assert!(bad(&payload, Some(&other)), "another secret");
-        let old = sign(SECRET, &payload, now.timestamp() - SIGNATURE_TOLERANCE_SECS - 1);
+        let old = sign(
+            SECRET,
+            &payload,
+            now.timestamp() - SIGNATURE_TOLERANCE_SECS - 1,
+        );
         assert!(bad(&payload, Some(&old)), "too old");
         // A rolled secret: one of several v1 signatures matches.
-        let rolled = format!("{other},v1={}", &header[header.find("v1=").map_or(0, |i| i + 3)..]);
-        assert!(verify(SECRET, &payload, Some(&rolled), now).is_ok(), "{rolled}");
+        let rolled = format!(
+            "{other},v1={}",
+            &header[header.find("v1=").map_or(0, |i| i + 3)..]
+        );
+        assert!(
+            verify(SECRET, &payload, Some(&rolled), now).is_ok(),
+            "{rolled}"
+        );
     }
 
     #[test]
@@ -302,6 +312,9 @@ mod tests {
             })
         );
         let other = body("customer.created", serde_json::json!({"id": "cus_1"}));
-        assert_eq!(read_event(&other).map(|e| e.effect), Ok(EventEffect::Ignored));
+        assert_eq!(
+            read_event(&other).map(|e| e.effect),
+            Ok(EventEffect::Ignored)
+        );
     }
 }

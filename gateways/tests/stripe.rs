@@ -198,7 +198,11 @@ async fn attach_creates_a_payment_method_from_the_token() {
         .named("create payment method")
         .mount(&server)
         .await;
-    mount_attach(&server, payment_method_card("pm_1QFakeVisa4242", "visa", "4242")).await;
+    mount_attach(
+        &server,
+        payment_method_card("pm_1QFakeVisa4242", "visa", "4242"),
+    )
+    .await;
     let card = gateway(&server)
         .attach(CUSTOMER, "tok_visa")
         .await
@@ -621,15 +625,21 @@ async fn a_customer_is_created_with_its_own_idempotency_key() {
 async fn a_payment_method_id_is_read_then_attached_unless_already_ours() {
     let server = MockServer::start().await;
     authenticated(Mock::given(method("GET")).and(path("/v1/payment_methods/pm_1QFromElements")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(payment_method_card(
-            "pm_1QFromElements",
-            "visa",
-            "4242",
-        )))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(payment_method_card(
+                "pm_1QFromElements",
+                "visa",
+                "4242",
+            )),
+        )
         .expect(1)
         .mount(&server)
         .await;
-    mount_attach(&server, payment_method_card("pm_1QFromElements", "visa", "4242")).await;
+    mount_attach(
+        &server,
+        payment_method_card("pm_1QFromElements", "visa", "4242"),
+    )
+    .await;
     let card = gateway(&server)
         .attach(CUSTOMER, "pm_1QFromElements")
         .await
@@ -639,11 +649,13 @@ async fn a_payment_method_id_is_read_then_attached_unless_already_ours() {
     // Already attached to this Customer (a SetupIntent did it): no second attach.
     let server = MockServer::start().await;
     authenticated(Mock::given(method("GET")).and(path("/v1/payment_methods/pm_1QSetUp")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(attached(payment_method_card(
-            "pm_1QSetUp",
-            "mastercard",
-            "4444",
-        ))))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(attached(payment_method_card(
+                "pm_1QSetUp",
+                "mastercard",
+                "4444",
+            ))),
+        )
         // Once here, once more for the other Customer below.
         .expect(2)
         .mount(&server)
@@ -681,9 +693,10 @@ async fn card_setup_and_detach() {
         .mount(&server)
         .await;
     authenticated(Mock::given(method("POST")).and(path("/v1/payment_methods/pm_1QOld/detach")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(payment_method_card(
-            "pm_1QOld", "visa", "4242",
-        )))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(payment_method_card("pm_1QOld", "visa", "4242")),
+        )
         .expect(1)
         .mount(&server)
         .await;
