@@ -294,23 +294,7 @@ impl StripeGateway {
     }
 
     async fn charge_now(&self, req: ChargeRequest) -> GatewayResult<ChargeOutcome> {
-        if req.idempotency_key.is_empty() {
-            return Err(GatewayError::Invalid(
-                "an idempotency key is required".into(),
-            ));
-        }
-        if req.amount_cents <= 0 {
-            return Err(GatewayError::Invalid("amount must be positive".into()));
-        }
-        if req.currency != CURRENCY {
-            return Err(GatewayError::Invalid(format!(
-                "unsupported currency {}",
-                req.currency
-            )));
-        }
-        if req.gateway_token.is_empty() {
-            return Err(GatewayError::Invalid("no such payment method".into()));
-        }
+        check_charge(&req)?;
         let amount = req.amount_cents.to_string();
         let mut form = vec![
             ("amount", amount.as_str()),
@@ -332,32 +316,7 @@ impl StripeGateway {
             .form(&form);
         let reply = send(request, "charge").await?;
         if !reply.status.is_success() {
-            return match refusal(&reply, "charge") {
-                Refusal::Card {
-                    reason,
-                    payment_intent,
-                } if reason == AUTHENTICATION_REQUIRED => {
-                    tracing::info!(
-                        idempotency_key = %req.idempotency_key,
-                        stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or(""),
-                        "stripe: charge needs 3-D Secure"
-                    );
-                    Ok(ChargeOutcome::RequiresAction {
-                        charge_id: payment_intent,
-                        reason,
-                    })
-                }
-                Refusal::Card { reason, .. } => {
-                    tracing::info!(
-                        idempotency_key = %req.idempotency_key,
-                        reason = %reason,
-                        stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or(""),
-                        "stripe: charge declined"
-                    );
-                    Ok(ChargeOutcome::Declined { reason })
-                }
-                Refusal::Error(e) => Err(e),
-            };
+            return charge_refused(&reply, &req.idempotency_key);
         }
         let intent: PaymentIntent = reply.parse("charge")?;
         let intent = if intent.status == "processing" {
@@ -400,6 +359,59 @@ impl StripeGateway {
             });
         }
         reply.parse("charge status")
+    }
+}
+
+/// Refuses what Stripe would refuse anyway, without a request.
+fn check_charge(req: &ChargeRequest) -> GatewayResult<()> {
+    if req.idempotency_key.is_empty() {
+        return Err(GatewayError::Invalid(
+            "an idempotency key is required".into(),
+        ));
+    }
+    if req.amount_cents <= 0 {
+        return Err(GatewayError::Invalid("amount must be positive".into()));
+    }
+    if req.currency != CURRENCY {
+        return Err(GatewayError::Invalid(format!(
+            "unsupported currency {}",
+            req.currency
+        )));
+    }
+    if req.gateway_token.is_empty() {
+        return Err(GatewayError::Invalid("no such payment method".into()));
+    }
+    Ok(())
+}
+
+/// A charge's non-2xx answer: a decline, 3-D Secure needed, or an error.
+fn charge_refused(reply: &Reply, idempotency_key: &str) -> GatewayResult<ChargeOutcome> {
+    let stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or("");
+    match refusal(reply, "charge") {
+        Refusal::Card {
+            reason,
+            payment_intent,
+        } if reason == AUTHENTICATION_REQUIRED => {
+            tracing::info!(
+                idempotency_key,
+                stripe_request_id,
+                "stripe: charge needs 3-D Secure"
+            );
+            Ok(ChargeOutcome::RequiresAction {
+                charge_id: payment_intent,
+                reason,
+            })
+        }
+        Refusal::Card { reason, .. } => {
+            tracing::info!(
+                idempotency_key,
+                reason = %reason,
+                stripe_request_id,
+                "stripe: charge declined"
+            );
+            Ok(ChargeOutcome::Declined { reason })
+        }
+        Refusal::Error(e) => Err(e),
     }
 }
 

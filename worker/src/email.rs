@@ -824,16 +824,6 @@ mod tests {
                 last_failure_reason: Some("card_declined".into()),
                 balance: Some(Credits::ZERO),
             }),
-            NotificationPayload::PaymentActionRequired(PaymentActionRequired {
-                workspace_id: ws(),
-                workspace_name: "Prod".into(),
-                purchase_id: ws(),
-                amount: Credits::from_nanos(50_000_000_000),
-                card_brand: "VISA".into(),
-                card_last4: "3184".into(),
-                auto_reload: true,
-                reason: "authentication_required".into(),
-            }),
         ];
         for payload in &payloads {
             let r = render(payload).expect("renders");
@@ -861,6 +851,30 @@ mod tests {
                 .html
                 .contains("<td align=\"right\">100 credits</td>")
         );
+    }
+
+    #[test]
+    fn the_payment_action_email_names_the_card_and_what_to_do() {
+        let r = render(&NotificationPayload::PaymentActionRequired(
+            PaymentActionRequired {
+                workspace_id: ws(),
+                workspace_name: "Prod".into(),
+                purchase_id: ws(),
+                amount: Credits::from_nanos(50_000_000_000),
+                card_brand: "VISA".into(),
+                card_last4: "3184".into(),
+                auto_reload: true,
+                reason: "authentication_required".into(),
+            },
+        ))
+        .expect("renders");
+        assert_eq!(
+            r.subject,
+            "Action needed: your VISA card ending in 3184 must be confirmed for Prod"
+        );
+        assert!(r.text.contains("an automatic reload"), "{}", r.text);
+        assert!(r.text.contains("add the card again"), "{}", r.text);
+        assert!(!r.html.contains("{{"), "{}", r.html);
     }
 
     #[test]
