@@ -10,8 +10,8 @@ each where localstripe differs from Stripe in a way Reservoir's requests would h
    "Unexpected description". It is kept on the object, as Stripe does.
 3. `Idempotency-Key`: localstripe ignores it. Stripe saves the first answer to a key
    and replays it to every repeat with the same parameters (another body with the same
-   key is a 400 `idempotency_error`). Reservoir relies on that for Customers and
-   charges, so the tests need it.
+   key is a 400 `idempotency_error`; a repeat while the first is still running is a 409).
+   Reservoir relies on that for Customers and charges, so the tests need it.
 
 Everything else (customers, payment methods from test card numbers, attach/detach,
 setup intents, payment intents, declines, 3-D Secure, signed webhooks) is localstripe's
@@ -37,6 +37,7 @@ def _payment_intent_init_with_description(self, description=None, **kwargs):
 resources.PaymentIntent.__init__ = _payment_intent_init_with_description
 
 _saved = {}
+_in_flight = set()
 
 
 @web.middleware
@@ -56,7 +57,17 @@ async def idempotency(request, handler):
                 status=400)
         return web.Response(body=payload, status=status,
                             content_type='application/json')
-    response = await handler(request)
+    if slot in _in_flight:
+        return web.json_response({'error': {
+            'type': 'idempotency_error',
+            'message': 'There is currently another in-progress request using '
+                       'this Stripe-Idempotency-Key.'}},
+            status=409)
+    _in_flight.add(slot)
+    try:
+        response = await handler(request)
+    finally:
+        _in_flight.discard(slot)
     _saved[slot] = (request.path, body, response.status, response.body)
     return response
 

@@ -876,3 +876,63 @@ async fn invoice_due_dates_follow_the_account_terms() -> anyhow::Result<()> {
     assert_eq!(inv.total_nanos, 10 * CREDIT);
     t.finish().await
 }
+
+#[tokio::test]
+async fn the_sandbox_takes_stripe_style_payment_method_ids_and_3ds_cards() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    let gw = SandboxGateway::new();
+    // The same frontend code as for Stripe: a SetupIntent, then a PaymentMethod id.
+    let setup = payments::cards::start_card_setup(&t.db, &gw, f.account_id).await?;
+    assert!(setup.setup_intent_id.starts_with("seti_"), "{setup:?}");
+    assert!(setup.client_secret.starts_with(&setup.setup_intent_id));
+    let customer = payments::cards::ensure_customer(&t.db, &gw, f.account_id).await?;
+    assert!(customer.starts_with("cus_sandbox_"), "{customer}");
+    let visa =
+        payments::cards::add_payment_method(&t.db, &gw, f.account_id, "pm_card_visa", true, now)
+            .await?;
+    assert_eq!((visa.brand, visa.last4.as_str()), (CardBrand::Visa, "4242"));
+    assert_eq!(
+        payments::cards::ensure_customer(&t.db, &gw, f.account_id).await?,
+        customer,
+        "one Customer per account"
+    );
+
+    // A card that needs 3-D Secure: REQUIRES_ACTION, nothing credited, never retried.
+    let secure = payments::cards::add_payment_method(
+        &t.db,
+        &gw,
+        f.account_id,
+        "tok_authenticationRequired",
+        true,
+        now,
+    )
+    .await?;
+    let p = purchases::purchase_credits(&t.db, card_req(f.ws_a, "3ds", Some(secure.id)), now)
+        .await?
+        .purchase;
+    let payments::capture::Next::Charge(request) =
+        payments::capture::prepare(&t.db, p.id, now).await?
+    else {
+        anyhow::bail!("nothing to charge");
+    };
+    assert_eq!(
+        request.gateway_customer_id.as_deref(),
+        Some(customer.as_str())
+    );
+    let outcome = gw.charge(request).await;
+    assert!(
+        matches!(outcome, Ok(ChargeOutcome::RequiresAction { .. })),
+        "{outcome:?}"
+    );
+    payments::capture::apply(&t.db, p.id, outcome, now).await?;
+    let p = purchases::load_purchase(&t.db, p.id).await?;
+    assert_eq!(p.status, PurchaseStatus::RequiresAction);
+    assert_eq!(workspace(&t.db, f.ws_a).await?.balance_nanos, 0);
+    assert!(matches!(
+        payments::capture::prepare(&t.db, p.id, now).await?,
+        payments::capture::Next::Done
+    ));
+    t.finish().await
+}

@@ -179,6 +179,23 @@ async fn a_card_saved_from_a_payment_method_and_through_a_setup_intent() -> anyh
     let f = Fixture::new(&t.db, Utc::now()).await?;
     let s = Stripe::start(&t).await?;
 
+    // Racing first uses make one Customer: the creation has its own idempotency key
+    // (Stripe answers a repeat still in flight with 409, PAYMENT_FAILED here: try again).
+    let racing = (0..4).map(|_| {
+        billing::payments::cards::ensure_customer(&t.db, s.gateway.as_ref(), f.account_id)
+    });
+    let answers = futures::future::join_all(racing).await;
+    let stored =
+        billing::payments::cards::ensure_customer(&t.db, s.gateway.as_ref(), f.account_id).await?;
+    for answer in answers {
+        match answer {
+            Ok(id) => assert_eq!(id, stored),
+            Err(e) => assert_eq!(e.code(), ErrorCode::PaymentFailed, "{e}"),
+        }
+    }
+    let listed = s.fake.get("/v1/customers").await?;
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
+
     // A PaymentMethod made by Stripe.js (`pm_…`): attached to the account's Customer.
     let pm = s.fake.payment_method(cards::VISA).await?;
     let added = s.add_card(f.account_id, &pm).await?;
@@ -274,7 +291,7 @@ async fn a_card_saved_from_a_payment_method_and_through_a_setup_intent() -> anyh
         .await?;
     assert_eq!(gone["customer"], Value::Null);
 
-    // A legacy-style id that is not a PaymentMethod, or another Customer's card, is refused.
+    // Another Customer's card is refused.
     let other =
         billing::accounts::create_account(&t.db, "Other Co", "o@other.example", "O", Utc::now())
             .await?;
