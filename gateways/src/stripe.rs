@@ -205,7 +205,7 @@ impl StripeGateway {
         }
         let customer: Created = reply.parse("customer")?;
         tracing::info!(
-            customer = %customer.id,
+            gateway_customer_id = %customer.id,
             %account_id,
             stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or(""),
             "stripe: customer created"
@@ -251,7 +251,7 @@ impl StripeGateway {
         let card = method.card.ok_or_else(|| {
             GatewayError::Invalid(format!("payment method {} is not a card", method.id))
         })?;
-        tracing::info!(payment_method = %method.id, %customer, brand = %card.brand, "stripe: card attached");
+        tracing::info!(payment_method = %method.id, gateway_customer_id = %customer, brand = %card.brand, "stripe: card attached");
         Ok(AttachedCard {
             gateway_token: method.id,
             brand: card_brand(&card.brand),

@@ -198,7 +198,18 @@ pub async fn add_payment_method(
     let card = gateway.attach(&customer, client_token).await?;
     check_attached(&card)?;
     let new_token = card.gateway_token.clone();
-    match store_card(db, account_id, card, make_default, now).await? {
+    let stored = match store_card(db, account_id, card, make_default, now).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            // Attached at the gateway but not stored here: take it back, unless a
+            // stored card already is this very PaymentMethod.
+            if !is_stored(db, &new_token).await? {
+                detach_quietly(gateway, &new_token).await;
+            }
+            return Err(e);
+        }
+    };
+    match stored {
         Stored::New(method) => Ok(method),
         Stored::Duplicate(existing) => {
             if existing.gateway_token != new_token {
@@ -210,6 +221,16 @@ pub async fn add_payment_method(
             Ok(existing)
         }
     }
+}
+
+/// Whether an active stored card is this gateway PaymentMethod.
+async fn is_stored(db: &DatabaseConnection, gateway_token: &str) -> Result<bool> {
+    Ok(payment_methods::Entity::find()
+        .filter(payment_methods::Column::GatewayToken.eq(gateway_token))
+        .filter(payment_methods::Column::RemovedAt.is_null())
+        .count(db)
+        .await?
+        > 0)
 }
 
 enum Stored {
