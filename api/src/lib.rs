@@ -310,6 +310,41 @@ async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
         .body(body)
 }
 
+/// `POST /webhooks/stripe`: the payment gateway's signed events. Verification and
+/// effects are `billing::payments::webhooks::receive`; a refused request (bad or stale
+/// signature, unreadable body, webhooks not configured) is 400 and writes nothing, a
+/// database failure is 500 so that Stripe delivers the event again.
+async fn stripe_webhook(
+    state: web::Data<AppState>,
+    http: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let signature = http
+        .headers()
+        .get("Stripe-Signature")
+        .and_then(|v| v.to_str().ok());
+    let received = billing::payments::webhooks::receive(
+        &state.db,
+        state.config.gateway.as_ref(),
+        &body,
+        signature,
+        chrono::Utc::now(),
+    )
+    .await;
+    match received {
+        Ok(_) => HttpResponse::Ok().json(serde_json::json!({ "received": true })),
+        Err(e) if e.code() == billing::ErrorCode::InvalidInput => {
+            tracing::warn!(error = %e, "stripe webhook refused");
+            HttpResponse::BadRequest().json(serde_json::json!({ "error": e.to_string() }))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "stripe webhook failed; Stripe will retry");
+            HttpResponse::InternalServerError()
+                .json(serde_json::json!({ "error": "internal error" }))
+        }
+    }
+}
+
 /// The process is up.
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().body("ok")
@@ -382,6 +417,7 @@ pub fn build_server(
                     .guard(guard::Header("upgrade", "websocket"))
                     .to(graphql_ws),
             )
+            .route("/webhooks/stripe", web::post().to(stripe_webhook))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_endpoint))

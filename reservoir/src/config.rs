@@ -33,6 +33,9 @@ pub enum PaymentGateway {
     Stripe {
         secret_key: String,
         base_url: String,
+        /// The webhook endpoint's signing secret (`whsec_…`); None: every webhook is
+        /// refused (a start-up warning says so).
+        webhook_secret: Option<String>,
     },
 }
 
@@ -90,6 +93,7 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_PAYMENT_GATEWAY",
     "RESERVOIR_STRIPE_SECRET_KEY",
     "RESERVOIR_STRIPE_BASE_URL",
+    "RESERVOIR_STRIPE_WEBHOOK_SECRET",
     "RESERVOIR_DEMO_SEED",
     "RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES",
     "RESERVOIR_DB_CONNECTIONS_MAX",
@@ -393,7 +397,8 @@ fn stripe(get: Lookup<'_>) -> Result<PaymentGateway, ConfigError> {
     let secret_key = get("RESERVOIR_STRIPE_SECRET_KEY").ok_or_else(|| {
         invalid(
             "RESERVOIR_STRIPE_SECRET_KEY",
-            "is required with the stripe gateway",
+            "is required with RESERVOIR_PAYMENT_GATEWAY=stripe: set it to the secret API key \
+             from the Stripe dashboard (Developers > API keys: sk_live_…, or a restricted rk_live_…)",
         )
     })?;
     if !(secret_key.starts_with("sk_") || secret_key.starts_with("rk_")) {
@@ -410,9 +415,21 @@ fn stripe(get: Lookup<'_>) -> Result<PaymentGateway, ConfigError> {
             "must be https (plain http only to localhost or 127.0.0.1, for tests)",
         ));
     }
+    let webhook_secret = get("RESERVOIR_STRIPE_WEBHOOK_SECRET");
+    if webhook_secret
+        .as_deref()
+        .is_some_and(|s| !s.starts_with("whsec_"))
+    {
+        return Err(invalid(
+            "RESERVOIR_STRIPE_WEBHOOK_SECRET",
+            "must be the webhook endpoint's signing secret (whsec_…), shown by Stripe for the \
+             endpoint https://<your API host>/webhooks/stripe",
+        ));
+    }
     Ok(PaymentGateway::Stripe {
         secret_key,
         base_url,
+        webhook_secret,
     })
 }
 
@@ -571,7 +588,8 @@ mod tests {
             stripe.payment_gateway,
             PaymentGateway::Stripe {
                 secret_key: "sk_live_x".into(),
-                base_url: "https://api.stripe.com".into()
+                base_url: "https://api.stripe.com".into(),
+                webhook_secret: None,
             }
         );
     }
@@ -619,6 +637,14 @@ mod tests {
             (
                 vec![("RESERVOIR_QUEUE_URL", "postgresfoo://x")],
                 "RESERVOIR_QUEUE_URL",
+            ),
+            (
+                vec![
+                    ("RESERVOIR_PAYMENT_GATEWAY", "stripe"),
+                    ("RESERVOIR_STRIPE_SECRET_KEY", "sk_test_x"),
+                    ("RESERVOIR_STRIPE_WEBHOOK_SECRET", "sk_test_x"),
+                ],
+                "RESERVOIR_STRIPE_WEBHOOK_SECRET",
             ),
         ] {
             match config(&vars) {

@@ -83,14 +83,24 @@ pub fn gateway(config: &Config) -> anyhow::Result<Arc<dyn PaymentGateway>> {
         config::PaymentGateway::Stripe {
             secret_key,
             base_url,
-        } => Arc::new(
-            gateways::StripeGateway::new(
-                secret_key.clone(),
-                base_url.clone(),
-                gateways::DEFAULT_TIMEOUT_MS,
+            webhook_secret,
+        } => {
+            if webhook_secret.is_none() {
+                tracing::warn!(
+                    "RESERVOIR_STRIPE_WEBHOOK_SECRET is not set: POST /webhooks/stripe refuses \
+                     every event, so a charge whose answer was lost waits for the capture retries"
+                );
+            }
+            Arc::new(
+                gateways::StripeGateway::new(
+                    secret_key.clone(),
+                    base_url.clone(),
+                    gateways::DEFAULT_TIMEOUT_MS,
+                )
+                .context("configuring the Stripe gateway")?
+                .with_webhook_secret(webhook_secret.as_deref().unwrap_or_default()),
             )
-            .context("configuring the Stripe gateway")?,
-        ),
+        }
     })
 }
 

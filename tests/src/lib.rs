@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod app;
+pub mod localstripe;
 
 use billing::Credits;
 use billing::db::{self, PoolLimits};

@@ -84,10 +84,21 @@ pub struct CreateApiKeyPayload {
     pub secret: String,
 }
 
+/// What a frontend needs to collect a card with Stripe.js: confirm `clientSecret`
+/// with `stripe.confirmCardSetup`, then pass the resulting PaymentMethod id to
+/// `addPaymentMethod`.
+#[derive(SimpleObject)]
+pub struct CardSetup {
+    /// The SetupIntent (`seti_…`, usage off_session, on the account's Customer).
+    pub setup_intent_id: String,
+    /// For Stripe.js only; it confirms this one SetupIntent and nothing else.
+    pub client_secret: String,
+}
+
 #[derive(InputObject)]
 pub struct AddPaymentMethodInput {
     pub account_id: ID,
-    /// A token from the payment gateway's client-side card form (e.g. "tok_visa"); card numbers never reach this server.
+    /// A PaymentMethod id from the gateway's client-side card form (Stripe.js: "pm_…", e.g. from a confirmed startCardSetup) or a legacy token ("tok_visa"); card numbers never reach this server.
     pub token: String,
     #[graphql(default_with = "Some(false)")]
     pub make_default: Option<bool>,
@@ -458,10 +469,27 @@ impl MutationRoot {
         Ok(PaymentMethod(method))
     }
 
+    /// Starts saving a card for later off-session charges: a SetupIntent on the account's payment-gateway Customer. Confirm its clientSecret with Stripe.js, then call addPaymentMethod with the PaymentMethod id.
+    async fn start_card_setup(&self, ctx: &Context<'_>, account_id: ID) -> Result<CardSetup> {
+        let account_id = parse_id(ctx, &account_id, "account")?;
+        access::require_account_admin(db(ctx), &caller(ctx)?, account_id)
+            .await
+            .gql(ctx)?;
+        let setup =
+            billing::payments::cards::start_card_setup(db(ctx), gateway(ctx).as_ref(), account_id)
+                .await
+                .gql(ctx)?;
+        Ok(CardSetup {
+            setup_intent_id: setup.setup_intent_id,
+            client_secret: setup.client_secret,
+        })
+    }
+
     async fn remove_payment_method(&self, ctx: &Context<'_>, id: ID) -> Result<ID> {
         let method_id = parse_id(ctx, &id, "payment method")?;
         billing::payments::cards::remove_payment_method_as(
             db(ctx),
+            gateway(ctx).as_ref(),
             &caller(ctx)?,
             method_id,
             Utc::now(),
