@@ -4,13 +4,15 @@ pub mod credentials;
 pub mod dashboard;
 pub mod error;
 pub mod events;
+pub mod limits;
 pub mod metrics;
+pub mod rate_limit;
 pub mod scalars;
 pub mod schema;
+pub mod websocket;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, guard, web};
-use async_graphql_actix_web::{GraphQLResponse, GraphQLSubscription};
 use billing::sea_orm::DatabaseConnection;
 use error::RequestId;
 use schema::{Caller, ReservoirSchema};
@@ -44,6 +46,10 @@ pub struct ApiConfig {
     /// How long an authenticated token is trusted without a lookup (0: never cached).
     /// A key revoked through another process keeps working at most this long.
     pub credential_cache_ttl_ms: u64,
+    /// Whether `__schema`/`__type` queries are answered (GraphiQL, code generators).
+    pub introspection: bool,
+    /// Usage events per credential and failed authentications per client address.
+    pub rate_limits: rate_limit::RateLimits,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -56,6 +62,8 @@ impl std::fmt::Debug for ApiConfig {
             .field("balance_hub", &self.balance_hub)
             .field("writer", &self.writer)
             .field("credential_cache_ttl_ms", &self.credential_cache_ttl_ms)
+            .field("introspection", &self.introspection)
+            .field("rate_limits", &self.rate_limits)
             .finish_non_exhaustive()
     }
 }
@@ -72,6 +80,8 @@ impl Default for ApiConfig {
             balance_hub: events::HubConfig::default(),
             writer: None,
             credential_cache_ttl_ms: 2_000,
+            introspection: true,
+            rate_limits: rate_limit::RateLimits::default(),
         }
     }
 }
@@ -87,6 +97,9 @@ struct AppState {
     metrics: metrics::Metrics,
     credentials: Arc<credentials::CredentialCache>,
     writer: billing::debits::writer::DebitWriter,
+    /// Shutdown, as every open WebSocket connection sees it.
+    closing: websocket::Closing,
+    rate_limiter: Arc<rate_limit::RateLimiter>,
 }
 
 /// Exports the schema in SDL (what `reservoir export-schema` prints and what
@@ -107,17 +120,42 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
 }
 
 /// A response for a request refused before GraphQL ran (bad JSON, bad token).
-fn refusal(e: billing::BillingError, http_request_id: &RequestId) -> GraphQLResponse {
+fn refusal(e: billing::BillingError, http_request_id: &RequestId) -> HttpResponse {
     let mut err = error::to_gql(e, Some(http_request_id)).into_server_error(Default::default());
     err.locations.clear(); // not about any place in the query
-    async_graphql::Response::from_errors(vec![err]).into()
+    respond(&async_graphql::Response::from_errors(vec![err]))
 }
 
-async fn graphql(
-    state: web::Data<AppState>,
-    http: HttpRequest,
-    body: web::Bytes,
-) -> GraphQLResponse {
+/// A GraphQL response over HTTP (the GraphQL-over-HTTP media type; errors are in the
+/// body, so the status is 200), with the cache and extra headers resolvers set.
+fn respond(response: &async_graphql::Response) -> HttpResponse {
+    let mut builder = HttpResponse::Ok();
+    builder.content_type("application/graphql-response+json");
+    if response.is_ok()
+        && let Some(cache_control) = response.cache_control.value()
+    {
+        builder.insert_header((actix_web::http::header::CACHE_CONTROL, cache_control));
+    }
+    // async-graphql's headers are of the `http` crate, actix's of its own: by bytes.
+    for (name, value) in &response.http_headers {
+        use actix_web::http::header::{HeaderName, HeaderValue};
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_str().as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            builder.append_header((name, value));
+        }
+    }
+    match serde_json::to_vec(response) {
+        Ok(body) => builder.body(body),
+        Err(e) => {
+            tracing::error!(error = %e, "a GraphQL response did not serialize");
+            HttpResponse::InternalServerError().finish()
+        }
+    }
+}
+
+async fn graphql(state: web::Data<AppState>, http: HttpRequest, body: web::Bytes) -> HttpResponse {
     let http_request_id = RequestId(uuid::Uuid::new_v4().simple().to_string());
     // The body arrives through actix's `Bytes` extractor, which enforces the
     // configured size limit (413) before anything is parsed.
@@ -134,6 +172,12 @@ async fn graphql(
     };
     let mut request = request.data(http_request_id.clone());
     if let Some(token) = bearer(&http) {
+        // Behind a proxy this is the proxy's address: the limit then applies to all
+        // its clients together, which is the safe side.
+        let address = http.peer_addr().map(|a| a.ip());
+        if let Err(e) = state.rate_limiter.check_address(address) {
+            return refusal(e, &http_request_id);
+        }
         match state
             .credentials
             .authenticate(&state.db, token, state.config.admin_token.as_deref())
@@ -144,7 +188,12 @@ async fn graphql(
                     schema::loaders::Loaders::new(&state.db, &principal, chrono::Utc::now());
                 request = request.data(Arc::new(loaders)).data(Caller(principal));
             }
-            Err(e) => return refusal(e, &http_request_id),
+            Err(e) => {
+                if e.code() == billing::ErrorCode::Unauthenticated {
+                    state.rate_limiter.auth_failed(address);
+                }
+                return refusal(e, &http_request_id);
+            }
         }
     }
     let response = state.schema.execute(request).await;
@@ -163,7 +212,7 @@ async fn graphql(
     } else {
         tracing::debug!(http_request_id = %http_request_id.0, "graphql request");
     }
-    response.into()
+    respond(&response)
 }
 
 /// One open WebSocket connection, counted until dropped.
@@ -210,18 +259,17 @@ async fn graphql_ws(
             }]
         })));
     };
-    // The slot lives as long as the connection's incoming stream, which the
-    // connection's actor owns until it stops.
-    let payload = futures::StreamExt::map(payload, move |chunk| {
-        let _open = &slot;
-        chunk
-    });
     let db = state.db.clone();
     let admin_token = state.config.admin_token.clone();
     let credentials = state.credentials.clone();
-    GraphQLSubscription::new(state.schema.clone())
-        .on_connection_init(move |init| connection_init(db, credentials, admin_token, init))
-        .start(&http, payload)
+    websocket::serve(
+        &http,
+        payload,
+        state.schema.clone(),
+        move |init| connection_init(db, credentials, admin_token, init),
+        state.closing.clone(),
+        slot,
+    )
 }
 
 async fn connection_init(
@@ -278,14 +326,20 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// Time an in-flight HTTP request gets to finish after a graceful stop.
+pub const SHUTDOWN_TIMEOUT_SECONDS: u64 = 10;
+
 /// Builds the HTTP server on an already bound listener; the returned server runs when
-/// awaited (or spawned), and its handle stops it.
+/// awaited (or spawned), and [`CloseAll`](websocket::CloseAll) ends its WebSocket
+/// connections (what [`ApiHandle::stop`] does first).
 pub fn build_server(
     listener: TcpListener,
     db: DatabaseConnection,
     config: ApiConfig,
-) -> std::io::Result<(Server, SocketAddr)> {
+) -> std::io::Result<(Server, SocketAddr, websocket::CloseAll)> {
     let addr = listener.local_addr()?;
+    let (close_all, closing) = websocket::closing();
+    let rate_limiter = Arc::new(rate_limit::RateLimiter::new(config.rate_limits));
     // One tailer per process; it stops when the last schema clone is dropped.
     let hub = events::BalanceHub::start(db.clone(), config.balance_hub.clone());
     let metrics = metrics::Metrics::new().map_err(std::io::Error::other)?;
@@ -302,11 +356,8 @@ pub fn build_server(
         config.credential_cache_ttl_ms,
     ));
     let state = AppState {
-        schema: schema::schema_builder(db.clone(), config.gateway.clone(), Some(metrics.clone()))
-            .data(hub.clone())
-            .data(writer.clone())
-            .data(credentials.clone())
-            .data(config.jobs.clone())
+        schema: schema_of(&db, &config, &metrics, &hub, &writer, &credentials)
+            .data(rate_limiter.clone())
             .finish(),
         hub,
         metrics,
@@ -315,6 +366,8 @@ pub fn build_server(
         ws_connections: Arc::new(AtomicUsize::new(0)),
         credentials,
         writer,
+        closing,
+        rate_limiter,
     };
     let mut server = HttpServer::new(move || {
         App::new()
@@ -334,11 +387,52 @@ pub fn build_server(
             .route("/metrics", web::get().to(metrics_endpoint))
     })
     .listen(listener)?
+    .shutdown_timeout(SHUTDOWN_TIMEOUT_SECONDS)
     .disable_signals();
     if config.workers > 0 {
         server = server.workers(config.workers);
     }
-    Ok((server.run(), addr))
+    Ok((server.run(), addr, close_all))
+}
+
+/// The schema with the process's shared data (before `finish`); introspection as
+/// configured.
+fn schema_of(
+    db: &DatabaseConnection,
+    config: &ApiConfig,
+    metrics: &metrics::Metrics,
+    hub: &Arc<events::BalanceHub>,
+    writer: &billing::debits::writer::DebitWriter,
+    credentials: &Arc<credentials::CredentialCache>,
+) -> async_graphql::SchemaBuilder<schema::QueryRoot, schema::MutationRoot, schema::SubscriptionRoot>
+{
+    let builder = schema::schema_builder(db.clone(), config.gateway.clone(), Some(metrics.clone()))
+        .data(hub.clone())
+        .data(writer.clone())
+        .data(credentials.clone())
+        .data(config.jobs.clone());
+    match config.introspection {
+        true => builder,
+        false => builder
+            .disable_introspection()
+            .extension(limits::IntrospectionOff),
+    }
+}
+
+/// Stops a running API: WebSocket connections first (each gets its close frame; a
+/// graceful stop would otherwise wait for them until the drain timeout), then the
+/// HTTP server.
+#[derive(Clone)]
+pub struct ApiHandle {
+    server: ServerHandle,
+    close_all: Arc<websocket::CloseAll>,
+}
+
+impl ApiHandle {
+    pub async fn stop(&self, graceful: bool) {
+        self.close_all.close_all();
+        self.server.stop(graceful).await;
+    }
 }
 
 /// Starts the server in the background (tests, and `serve` next to the worker).
@@ -347,12 +441,15 @@ pub fn spawn(
     db: DatabaseConnection,
     config: ApiConfig,
 ) -> std::io::Result<(
-    ServerHandle,
+    ApiHandle,
     SocketAddr,
     tokio::task::JoinHandle<std::io::Result<()>>,
 )> {
-    let (server, addr) = build_server(listener, db, config)?;
-    let handle = server.handle();
+    let (server, addr, close_all) = build_server(listener, db, config)?;
+    let handle = ApiHandle {
+        server: server.handle(),
+        close_all: Arc::new(close_all),
+    };
     let join = tokio::spawn(server);
     Ok((handle, addr, join))
 }

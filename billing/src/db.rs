@@ -82,6 +82,12 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
     Ok(())
 }
 
+/// How many migrations the database has not had yet (all of them on an empty one):
+/// commands that read the schema say "run migrate" rather than "no such table".
+pub async fn pending_migrations(db: &DatabaseConnection) -> Result<usize> {
+    Ok(Migrator::get_pending_migrations(db).await?.len())
+}
+
 /// Whether the database answers (a readiness probe): one trivial statement.
 pub async fn ping(db: &DatabaseConnection) -> Result<()> {
     use sea_orm::ConnectionTrait;

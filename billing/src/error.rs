@@ -16,6 +16,8 @@ pub enum ErrorCode {
     IdempotencyConflict,
     PaymentFailed,
     LimitExceeded,
+    /// Too many requests from one credential or address; retry after a wait.
+    RateLimited,
     Internal,
 }
 
@@ -31,6 +33,7 @@ impl ErrorCode {
             Self::IdempotencyConflict => "IDEMPOTENCY_CONFLICT",
             Self::PaymentFailed => "PAYMENT_FAILED",
             Self::LimitExceeded => "LIMIT_EXCEEDED",
+            Self::RateLimited => "RATE_LIMITED",
             Self::Internal => "INTERNAL",
         }
     }
@@ -63,6 +66,8 @@ pub enum BillingError {
     PaymentFailed(String),
     #[error("{0}")]
     LimitExceeded(String),
+    #[error("too many requests; retry in {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
     #[error("database error: {0}")]
     Database(#[from] DbErr),
     /// A broken internal assumption (an invariant); never shown to callers verbatim.
@@ -84,6 +89,7 @@ impl BillingError {
             Self::IdempotencyConflict => ErrorCode::IdempotencyConflict,
             Self::PaymentFailed(_) => ErrorCode::PaymentFailed,
             Self::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            Self::RateLimited { .. } => ErrorCode::RateLimited,
             Self::Database(_) | Self::Internal(_) => ErrorCode::Internal,
         }
     }

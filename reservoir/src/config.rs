@@ -63,6 +63,13 @@ pub struct Config {
     pub writer_batch_ops_max: Option<usize>,
     pub writer_window_us: Option<u64>,
     pub credential_cache_ttl_ms: u64,
+    /// Answer introspection queries (GraphiQL, code generators); off in production if
+    /// the schema is not to be browsable.
+    pub introspection: bool,
+    /// Usage events per second per credential (0: no limit).
+    pub rate_limit_usage_per_second: u32,
+    /// Failed authentications per minute per client address (0: no limit).
+    pub rate_limit_auth_failures_per_minute: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +99,9 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_WRITER_BATCH_OPS_MAX",
     "RESERVOIR_WRITER_WINDOW_US",
     "RESERVOIR_CREDENTIAL_CACHE_TTL_MS",
+    "RESERVOIR_INTROSPECTION",
+    "RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND",
+    "RESERVOIR_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE",
 ];
 
 /// The shortest admin token accepted: it is the key to every account.
@@ -133,10 +143,12 @@ impl Config {
     /// validates its own variables, in this order, so the first bad one is reported.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get: Lookup<'_> = &get;
-        let data_dir = PathBuf::from(get("RESERVOIR_DATA_DIR").unwrap_or_else(|| "./data".into()));
-        let database_url = get("RESERVOIR_DATABASE_URL")
-            .unwrap_or_else(|| format!("sqlite://{}/reservoir.db", data_dir.display()));
-        let backend = backend_of(&database_url)?;
+        let DatabaseConfig {
+            data_dir,
+            database_url,
+            backend,
+            db_connections_max,
+        } = DatabaseConfig::from_lookup(get)?;
         let queue_url = queue_url(get, &backend, &data_dir, &database_url)?;
         let listen =
             listen_addr(&get("RESERVOIR_LISTEN").unwrap_or_else(|| "127.0.0.1:8000".into()))?;
@@ -145,30 +157,25 @@ impl Config {
         let payment_gateway = payment_gateway(get)?;
         let allow_sandbox = sandbox_allowed(get, &backend, &payment_gateway)?;
         let demo_seed = demo_seed(get, &backend, allow_sandbox)?;
-        let db_connections_max = match get("RESERVOIR_DB_CONNECTIONS_MAX") {
-            Some(v) => v
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=1_000).contains(n))
-                .ok_or_else(|| invalid("RESERVOIR_DB_CONNECTIONS_MAX", "must be 1 to 1000"))?,
-            None => 16,
-        };
-        let log_format = match get("RESERVOIR_LOG_FORMAT").as_deref().unwrap_or("json") {
-            "json" => LogFormat::Json,
-            "pretty" => LogFormat::Pretty,
-            other => {
-                return Err(invalid(
-                    "RESERVOIR_LOG_FORMAT",
-                    format!("expected json or pretty, got {other:?}"),
-                ));
-            }
-        };
+        let log_format = LogFormat::from_lookup(get)?;
         let writer_lanes = number(get, "RESERVOIR_WRITER_LANES", 64)?.map(|n| n as usize);
         let writer_batch_ops_max =
             number(get, "RESERVOIR_WRITER_BATCH_OPS_MAX", 4_096)?.map(|n| n as usize);
         let writer_window_us = number(get, "RESERVOIR_WRITER_WINDOW_US", 100_000)?;
         let credential_cache_ttl_ms =
             number(get, "RESERVOIR_CREDENTIAL_CACHE_TTL_MS", 60_000)?.unwrap_or(2_000);
+        let introspection = get("RESERVOIR_INTROSPECTION")
+            .map(|v| parse_bool("RESERVOIR_INTROSPECTION", &v))
+            .transpose()?
+            .unwrap_or(true);
+        let rate_limit_usage_per_second =
+            number(get, "RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND", 1_000_000)?.map_or(5_000, as_u32);
+        let rate_limit_auth_failures_per_minute = number(
+            get,
+            "RESERVOIR_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE",
+            100_000,
+        )?
+        .map_or(60, as_u32);
         Ok(Self {
             data_dir,
             database_url,
@@ -186,7 +193,74 @@ impl Config {
             writer_batch_ops_max,
             writer_window_us,
             credential_cache_ttl_ms,
+            introspection,
+            rate_limit_usage_per_second,
+            rate_limit_auth_failures_per_minute,
         })
+    }
+
+    /// The database part alone (what `migrate` and `check` need).
+    pub fn database(&self) -> DatabaseConfig {
+        DatabaseConfig {
+            data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone(),
+            backend: self.backend.clone(),
+            db_connections_max: self.db_connections_max,
+        }
+    }
+}
+
+/// Where the data lives: all that `reservoir migrate` and `reservoir check` read, so
+/// they run with only the database URL set (no admin token, no gateway).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseConfig {
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub backend: Backend,
+    pub db_connections_max: u32,
+}
+
+impl DatabaseConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    pub fn from_lookup(get: Lookup<'_>) -> Result<Self, ConfigError> {
+        let data_dir = PathBuf::from(get("RESERVOIR_DATA_DIR").unwrap_or_else(|| "./data".into()));
+        let database_url = get("RESERVOIR_DATABASE_URL")
+            .unwrap_or_else(|| format!("sqlite://{}/reservoir.db", data_dir.display()));
+        let backend = backend_of(&database_url)?;
+        let db_connections_max = match get("RESERVOIR_DB_CONNECTIONS_MAX") {
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=1_000).contains(n))
+                .ok_or_else(|| invalid("RESERVOIR_DB_CONNECTIONS_MAX", "must be 1 to 1000"))?,
+            None => 16,
+        };
+        Ok(Self {
+            data_dir,
+            database_url,
+            backend,
+            db_connections_max,
+        })
+    }
+}
+
+impl LogFormat {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    fn from_lookup(get: Lookup<'_>) -> Result<Self, ConfigError> {
+        match get("RESERVOIR_LOG_FORMAT").as_deref().unwrap_or("json") {
+            "json" => Ok(Self::Json),
+            "pretty" => Ok(Self::Pretty),
+            other => Err(invalid(
+                "RESERVOIR_LOG_FORMAT",
+                format!("expected json or pretty, got {other:?}"),
+            )),
+        }
     }
 }
 
@@ -213,7 +287,7 @@ fn listen_addr(value: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 /// The variable lookup [`Config::from_lookup`] hands to each of its steps.
-type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+pub type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 fn backend_of(database_url: &str) -> Result<Backend, ConfigError> {
     if database_url.starts_with("sqlite:") {
@@ -381,6 +455,11 @@ fn demo_seed(get: Lookup<'_>, backend: &Backend, allow_sandbox: bool) -> Result<
         ));
     }
     Ok(demo_seed)
+}
+
+/// A number [`number`] bounded to at most a million, as u32.
+fn as_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// An optional number from 0 to `max` (the writer and cache tuning knobs).

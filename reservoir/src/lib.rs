@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use billing::db::{self, PoolLimits};
 use billing::payments::{PaymentGateway, SandboxGateway};
 use billing::sea_orm::DatabaseConnection;
-use config::{Backend, Config};
+use config::{Backend, Config, DatabaseConfig};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +14,21 @@ use std::time::Duration;
 /// Time allowed for in-flight requests and sweeps to finish after SIGTERM.
 pub const SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
 
-pub async fn connect(config: &Config) -> anyhow::Result<DatabaseConnection> {
+/// Connects to the configured database; every error names the URL (password
+/// redacted), and a SQLite file whose folder is missing is named before trying.
+pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<DatabaseConnection> {
+    let url = redact(&config.database_url);
     if config.backend == Backend::Sqlite {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating the data folder {}", config.data_dir.display()))?;
+        if let Some(folder) = sqlite_folder(&config.database_url)
+            && !folder.is_dir()
+        {
+            anyhow::bail!(
+                "connecting to the database {url}: the folder {} does not exist",
+                folder.display()
+            );
+        }
     }
     let limits = PoolLimits {
         connections_max: config.db_connections_max,
@@ -25,7 +36,20 @@ pub async fn connect(config: &Config) -> anyhow::Result<DatabaseConnection> {
     };
     db::connect(&config.database_url, limits)
         .await
-        .context("connecting to the database")
+        .with_context(|| format!("connecting to the database {url}"))
+}
+
+/// The folder of a SQLite database file named by a `sqlite:` URL (None for an
+/// in-memory database or a bare file name).
+fn sqlite_folder(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let path = rest.strip_prefix("//").unwrap_or(rest);
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() || path.starts_with(":memory:") {
+        return None;
+    }
+    let parent = std::path::Path::new(path).parent()?;
+    (!parent.as_os_str().is_empty()).then(|| parent.to_path_buf())
 }
 
 pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
@@ -70,9 +94,19 @@ pub fn gateway(config: &Config) -> anyhow::Result<Arc<dyn PaymentGateway>> {
     })
 }
 
-/// Runs the API (and, with `with_worker`, the worker) until a shutdown signal.
-pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::Result<()> {
-    let db = connect(&config).await?;
+/// Which parts of the system a process runs, and its one-off start-up choices.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Process {
+    pub api: bool,
+    pub worker: bool,
+    /// Mint a new demo token instead of keeping the last start's.
+    pub rotate_demo_token: bool,
+}
+
+/// Runs the API and/or the worker, as `process` says, until a shutdown signal.
+pub async fn run(config: Config, process: Process) -> anyhow::Result<()> {
+    let (with_api, with_worker) = (process.api, process.worker);
+    let db = connect(&config.database()).await?;
     migrate(&db).await?;
     let queue = worker::queue::Queue::connect(&config.queue_url)
         .await
@@ -88,7 +122,14 @@ pub async fn run(config: Config, with_api: bool, with_worker: bool) -> anyhow::R
         None
     };
     if with_api {
-        print_banner(&config, &db, listener.as_ref()).await?;
+        print_banner(
+            &config,
+            &db,
+            gateway.as_ref(),
+            listener.as_ref(),
+            process.rotate_demo_token,
+        )
+        .await?;
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let worker = with_worker.then(|| {
@@ -177,6 +218,11 @@ fn api_config(
         jobs: Arc::new(queue.clone()),
         writer: Some(writer),
         credential_cache_ttl_ms: config.credential_cache_ttl_ms,
+        introspection: config.introspection,
+        rate_limits: api::rate_limit::RateLimits {
+            usage_per_second: config.rate_limit_usage_per_second,
+            auth_failures_per_minute: config.rate_limit_auth_failures_per_minute,
+        },
         ..Default::default()
     })
 }
@@ -184,7 +230,9 @@ fn api_config(
 async fn print_banner(
     config: &Config,
     db: &DatabaseConnection,
+    gateway: &dyn PaymentGateway,
     listener: Option<&TcpListener>,
+    rotate_demo_token: bool,
 ) -> anyhow::Result<()> {
     let addr = match listener {
         Some(l) => l.local_addr()?,
@@ -202,35 +250,83 @@ async fn print_banner(
         );
     }
     if config.demo_seed {
-        match billing::seed::ensure_demo(db, chrono::Utc::now())
-            .await
-            .context("seeding the demo account")?
-        {
-            Some(demo) => {
-                println!(
-                    "  Demo account {} ({}): owner {}",
-                    demo.account_id,
-                    if demo.created {
-                        "just seeded"
-                    } else {
-                        "already present"
-                    },
-                    billing::seed::DEMO_OWNER_EMAIL
-                );
-                println!("  Demo token:  {}", demo.token);
-                println!(
-                    "  Open the dashboard signed in:  http://{addr}/dashboard#token={}",
-                    demo.token
-                );
-                println!(
-                    "  Try it in GraphiQL with the header  {{\"Authorization\": \"Bearer {}\"}}",
-                    demo.token
-                );
-            }
-            None => println!("  Demo seed skipped: the database already holds other accounts."),
-        }
+        print_demo(config, db, gateway, addr, rotate_demo_token).await?;
     }
     Ok(())
+}
+
+/// Where the demo owner's token is kept between starts (in the data folder, readable
+/// by its owner only), so a header saved in GraphiQL keeps working after a restart.
+pub fn demo_token_path(config: &Config) -> std::path::PathBuf {
+    config.data_dir.join("demo-token")
+}
+
+/// Seeds the demo account on an empty database and prints how to use it, keeping
+/// the token of the last start unless asked to rotate it.
+async fn print_demo(
+    config: &Config,
+    db: &DatabaseConnection,
+    gateway: &dyn PaymentGateway,
+    addr: std::net::SocketAddr,
+    rotate: bool,
+) -> anyhow::Result<()> {
+    let path = demo_token_path(config);
+    let kept = match rotate {
+        true => None,
+        false => std::fs::read_to_string(&path)
+            .ok()
+            .map(|t| t.trim().to_owned()),
+    };
+    let Some(demo) = billing::seed::ensure_demo(db, gateway, kept.as_deref(), chrono::Utc::now())
+        .await
+        .context("seeding the demo account")?
+    else {
+        println!("  Demo seed skipped: the database already holds other accounts.");
+        return Ok(());
+    };
+    if !demo.token_kept {
+        write_private(&path, &demo.token)
+            .with_context(|| format!("keeping the demo token in {}", path.display()))?;
+    }
+    let state = if demo.created {
+        "just seeded"
+    } else {
+        "already present"
+    };
+    println!(
+        "  Demo account {} ({state}): owner {}",
+        demo.account_id,
+        billing::seed::DEMO_OWNER_EMAIL
+    );
+    for (name, id) in &demo.workspaces {
+        println!("    workspace {name}: {id}");
+    }
+    let kept_note = match demo.token_kept {
+        true => "kept from the last start",
+        false => "new; kept across restarts",
+    };
+    println!("  Demo token ({kept_note}; `--rotate-demo-token` for a new one):");
+    println!("    {}", demo.token);
+    println!(
+        "  Open the dashboard signed in:  http://{addr}/dashboard#token={}",
+        demo.token
+    );
+    println!(
+        "  Try it in GraphiQL with the header  {{\"Authorization\": \"Bearer {}\"}}",
+        demo.token
+    );
+    Ok(())
+}
+
+/// Writes a secret to a file only its owner can read.
+fn write_private(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    writeln!(file, "{secret}")
 }
 
 /// A database URL without its password, for logs and banners.
@@ -248,8 +344,17 @@ pub fn redact(url: &str) -> String {
 }
 
 /// Runs the invariant checks and prints the report; Ok(false) when any failed.
-pub async fn check(config: &Config) -> anyhow::Result<bool> {
+pub async fn check(config: &DatabaseConfig) -> anyhow::Result<bool> {
     let db = connect(config).await?;
+    let pending = db::pending_migrations(&db)
+        .await
+        .context("reading the migration state")?;
+    if pending > 0 {
+        anyhow::bail!(
+            "the database {} lacks {pending} migration(s): run `reservoir migrate` first",
+            redact(&config.database_url)
+        );
+    }
     let report = billing::ledger::invariants::check(&db).await?;
     println!(
         "{} invariant checks run, {} violations",

@@ -2,7 +2,8 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use reservoir::config::{Config, LogFormat};
+use reservoir::Process;
+use reservoir::config::{Config, DatabaseConfig, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -18,9 +19,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// API and worker in one process (the embedded default).
-    Serve,
+    Serve {
+        /// Mint a new demo token (the old one stops working) instead of keeping it.
+        #[arg(long)]
+        rotate_demo_token: bool,
+    },
     /// The GraphQL API only.
-    Api,
+    Api {
+        /// Mint a new demo token (the old one stops working) instead of keeping it.
+        #[arg(long)]
+        rotate_demo_token: bool,
+    },
     /// The background worker only.
     Worker,
     /// Apply database migrations and exit.
@@ -91,25 +100,48 @@ async fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     load_dotenv()?;
-    let config = Config::from_env()?;
-    init_logging(config.log_format);
-    match cli.command {
-        Command::Serve => reservoir::run(config, true, true).await,
-        Command::Api => reservoir::run(config, true, false).await,
-        Command::Worker => reservoir::run(config, false, true).await,
-        Command::Migrate => {
+    // migrate and check read the database settings only: a migration needs neither the
+    // admin token nor a payment gateway.
+    if matches!(cli.command, Command::Migrate | Command::Check) {
+        init_logging(LogFormat::from_env()?);
+        let config = DatabaseConfig::from_env()?;
+        if let Command::Migrate = cli.command {
             let db = reservoir::connect(&config).await?;
             reservoir::migrate(&db).await?;
             println!("migrations applied");
-            Ok(())
+            return Ok(());
         }
-        Command::Check => {
-            if reservoir::check(&config).await? {
-                Ok(())
-            } else {
-                std::process::exit(1)
-            }
+        return match reservoir::check(&config).await? {
+            true => Ok(()),
+            false => std::process::exit(1),
+        };
+    }
+    let config = Config::from_env()?;
+    init_logging(config.log_format);
+    match cli.command {
+        Command::Serve { rotate_demo_token } => {
+            let process = Process {
+                api: true,
+                worker: true,
+                rotate_demo_token,
+            };
+            reservoir::run(config, process).await
         }
-        Command::ExportSchema { .. } => Ok(()),
+        Command::Api { rotate_demo_token } => {
+            let process = Process {
+                api: true,
+                rotate_demo_token,
+                ..Process::default()
+            };
+            reservoir::run(config, process).await
+        }
+        Command::Worker => {
+            let process = Process {
+                worker: true,
+                ..Process::default()
+            };
+            reservoir::run(config, process).await
+        }
+        Command::Migrate | Command::Check | Command::ExportSchema { .. } => Ok(()),
     }
 }

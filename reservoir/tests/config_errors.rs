@@ -5,7 +5,7 @@ use std::process::Command;
 
 fn reservoir_in(dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_reservoir"));
-    cmd.arg("check").current_dir(dir).env("RUST_BACKTRACE", "1");
+    cmd.arg("api").current_dir(dir).env("RUST_BACKTRACE", "1");
     for var in [
         "RESERVOIR_DATABASE_URL",
         "RESERVOIR_LISTEN",

@@ -8,7 +8,7 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123";
 pub struct App {
     pub base: String,
     pub client: reqwest::Client,
-    pub handle: actix_web::dev::ServerHandle,
+    pub handle: api::ApiHandle,
 }
 
 impl App {
@@ -20,12 +20,21 @@ impl App {
 
     /// Starts the app on a given pool (one the test instruments).
     pub async fn start_with(db: &billing::sea_orm::DatabaseConnection) -> anyhow::Result<Self> {
+        Self::start_configured(db, |_| {}).await
+    }
+
+    /// Starts the app with the test defaults changed by `adjust` (limits, switches).
+    pub async fn start_configured(
+        db: &billing::sea_orm::DatabaseConnection,
+        adjust: impl FnOnce(&mut api::ApiConfig),
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
-        let config = api::ApiConfig {
+        let mut config = api::ApiConfig {
             admin_token: Some(ADMIN_TOKEN.into()),
             workers: 1,
             ..Default::default()
         };
+        adjust(&mut config);
         let (handle, addr, _join) = api::spawn(listener, db.clone(), config)?;
         Ok(Self {
             base: format!("http://{addr}"),

@@ -168,7 +168,7 @@ async fn seed(t: &TestDb) -> anyhow::Result<Seeded> {
 
 struct System {
     base: String,
-    handle: actix_web::dev::ServerHandle,
+    handle: api::ApiHandle,
     stop: tokio::sync::watch::Sender<bool>,
     worker: tokio::task::JoinHandle<()>,
     _outbox: tempfile::TempDir,

@@ -248,6 +248,14 @@ fn writer<'a>(ctx: &Context<'a>) -> Option<&'a DebitWriter> {
     ctx.data_opt::<DebitWriter>()
 }
 
+/// Charges `events` usage events to the caller's rate limit (when the server has one).
+fn rate_limit(ctx: &Context<'_>, principal: &Principal, events: usize) -> Result<()> {
+    match ctx.data_opt::<std::sync::Arc<crate::rate_limit::RateLimiter>>() {
+        Some(limiter) => limiter.usage(principal, events).gql(ctx),
+        None => Ok(()),
+    }
+}
+
 /// Counts a usage debit in the process metrics: admitted, or the refusal's code.
 fn count_debit<T>(ctx: &Context<'_>, result: &billing::Result<T>) {
     if let Some(metrics) = ctx.data_opt::<crate::metrics::Metrics>() {
@@ -502,6 +510,7 @@ impl MutationRoot {
     /// Debits the usage cost now; INSUFFICIENT_CREDITS or BUDGET_EXCEEDED and nothing recorded when it does not fit.
     async fn record_usage(&self, ctx: &Context<'_>, input: RecordUsageInput) -> Result<UsageEvent> {
         let principal = caller(ctx)?;
+        rate_limit(ctx, &principal, 1)?;
         let recorded =
             debits::record_usage(db(ctx), writer(ctx), &principal, input.call(), Utc::now())
                 .await
@@ -517,6 +526,7 @@ impl MutationRoot {
         inputs: Vec<RecordUsageInput>,
     ) -> Result<Vec<RecordUsageResult>> {
         let principal = caller(ctx)?;
+        rate_limit(ctx, &principal, inputs.len())?;
         let calls = inputs.into_iter().map(RecordUsageInput::call).collect();
         let answers =
             debits::record_usage_batch(db(ctx), writer(ctx), &principal, calls, Utc::now())
@@ -539,6 +549,7 @@ impl MutationRoot {
         input: ReserveCreditsInput,
     ) -> Result<Reservation> {
         let principal = caller(ctx)?;
+        rate_limit(ctx, &principal, 1)?;
         let call = ReserveCall {
             request_id: input.request_id,
             ttl_seconds: i64::from(input.ttl_seconds.unwrap_or(600)),
@@ -561,6 +572,7 @@ impl MutationRoot {
         input: SettleReservationInput,
     ) -> Result<UsageEvent> {
         let principal = caller(ctx)?;
+        rate_limit(ctx, &principal, 1)?;
         let id = parse_id(ctx, &input.reservation_id, "reservation")?;
         let settled = debits::settle(
             db(ctx),

@@ -598,6 +598,29 @@ pub async fn record_failure<C: ConnectionTrait>(
         .pop())
 }
 
+/// The PENDING notifications a purchase's settlement wrote (its receipt, or the
+/// failure notices of an auto-reload purchase): what the capture job pushes to the
+/// queue right after the settlement commits, so they go out at once rather than at
+/// the next sweep.
+pub async fn pending_for_purchase<C: ConnectionTrait>(
+    c: &C,
+    purchase_id: Uuid,
+) -> Result<Vec<Uuid>> {
+    let keys = [
+        dedupe::receipt(purchase_id),
+        dedupe::reload_failed(purchase_id),
+        dedupe::auto_reload_disabled(purchase_id),
+    ];
+    Ok(notifications::Entity::find()
+        .select_only()
+        .column(notifications::Column::Id)
+        .filter(notifications::Column::DedupeKey.is_in(keys))
+        .filter(notifications::Column::Status.eq(NotificationStatus::Pending))
+        .into_tuple::<Uuid>()
+        .all(c)
+        .await?)
+}
+
 /// PENDING notifications created at or before `older_than`, oldest first, at most
 /// `limit` (capped at [`DUE_BATCH_MAX`]): what the sweep re-enqueues. Rows with a
 /// live claim are included; delivering them again is refused by the claim.
