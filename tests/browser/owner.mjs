@@ -79,6 +79,8 @@ async function overview(page) {
     assert(!(await page.locator('[data-testid=depletion]').textContent()).includes('No recent'), 'no depletion date');
     const members = await page.locator('[data-testid=by-member] tbody tr').count();
     assert(members === 2, `usage by member rows: ${members}`);
+    const roles = await page.locator('[data-testid=member-row]').allTextContents();
+    assert(roles.length === 3 && roles[0].includes('Ada Lovelace') && roles[0].includes('account owner'), `members: ${roles}`);
     await waitLive(page);
   });
   await shot(page, 'dashboard-workspace');

@@ -19,6 +19,7 @@ const WORKSPACE_Q = `query Workspace($id: ID!, $from: DateTime!, $to: DateTime!)
     byModel: usage(from: $from, to: $to, groupBy: [MODEL]) { rows { model { id name } requests promptTokens completionTokens cost } }
     projects { id name tag budget { limit period spent remaining periodStart resetsAt } }
     members { role user { id name email } }
+    account { members { role user { id name email } } }
   }
 }`;
 
@@ -74,14 +75,21 @@ function Budgets({ projects }) {
   </section>`;
 }
 
-export function Members({ members }) {
+/** The workspace's members, and the account's owners and admins (admins of every workspace). */
+export function Members({ members, accountMembers }) {
+  const own = new Set(members.map((m) => m.user.id));
+  const admins = accountMembers.filter((m) => m.role !== 'MEMBER' && !own.has(m.user.id));
+  const rows = [
+    ...admins.map((m) => ({ user: m.user, role: 'ADMIN', via: `account ${m.role.toLowerCase()}` })),
+    ...members.map((m) => ({ user: m.user, role: m.role, via: null })),
+  ];
   return html`<section class="card" data-testid="members">
     <h3>Members</h3>
-    ${members.length === 0 ? html`<p class="muted">No workspace members besides the account's owners and admins.</p>` : html`<table>
+    <table>
       <thead><tr><th>Name</th><th>E-mail</th><th>Role</th></tr></thead>
-      <tbody>${members.map((m) => html`<tr><td>${m.user.name}</td><td>${m.user.email}</td><td><span class="role">${m.role}</span></td></tr>`)}</tbody>
-    </table>`}
-    <p class="muted small">Account owners and admins are admins of every workspace.</p>
+      <tbody>${rows.map((m) => html`<tr data-testid="member-row"><td>${m.user.name}</td><td>${m.user.email}</td>
+        <td><span class="role">${m.role}</span>${m.via && html` <small class="muted">as ${m.via}</small>`}</td></tr>`)}</tbody>
+    </table>
   </section>`;
 }
 
@@ -126,6 +134,6 @@ export function WorkspaceView({ id }) {
       <${Breakdown} title="By model" column="Model" testid="by-model" rows=${ws.byModel.rows} label=${(r) => r.model?.name ?? '?'} />
     </div>
     <${Budgets} projects=${ws.projects} />
-    <${Members} members=${ws.members} />
+    <${Members} members=${ws.members} accountMembers=${ws.account.members} />
   </div>`;
 }
