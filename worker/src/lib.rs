@@ -3,6 +3,7 @@
 pub mod email;
 pub mod jobs;
 pub mod queue;
+pub mod webhooks;
 
 use apalis::prelude::*;
 use billing::jobs::{CapturePurchase, JobSink};
@@ -33,6 +34,8 @@ pub struct WorkerConfig {
     /// A purchase still PENDING this long after it was written is captured by the sweep
     /// itself (at most one attempt per purchase per this interval), not only re-enqueued.
     pub direct_capture_after_ms: u64,
+    /// When failed webhook attempts are retried, and how many are made.
+    pub webhook_retry: billing::webhooks::delivery::RetryPolicy,
 }
 
 impl Default for WorkerConfig {
@@ -48,6 +51,7 @@ impl Default for WorkerConfig {
             shutdown_timeout_ms: 10_000,
             direct_delivery_after_ms: 30_000,
             direct_capture_after_ms: 60_000,
+            webhook_retry: billing::webhooks::delivery::RetryPolicy::default(),
         }
     }
 }
@@ -64,6 +68,7 @@ pub struct SweepReport {
     /// Capture attempts made by the sweep itself (the fallback for purchases the queue left).
     pub purchases_captured_directly: u64,
     pub reloads_repaired: u64,
+    pub webhooks_requeued: u64,
 }
 
 /// Delivers notifications left unsent past `direct_delivery_after_ms`: e-mail must not
@@ -135,7 +140,9 @@ pub async fn sweep(
             }
         }
     }
+    let webhooks_requeued = requeue_webhooks(db, sink, now - grace).await?;
     Ok(SweepReport {
+        webhooks_requeued,
         notifications_delivered: 0,
         purchases_captured_directly: 0,
         reservations_expired: billing::debits::reservations::expire_due(db, now).await?,
@@ -144,6 +151,19 @@ pub async fn sweep(
         notifications_requeued,
         reloads_repaired: billing::policies::auto_reload::repair_stuck_reloads(db, now).await?,
     })
+}
+
+/// Re-enqueues webhook deliveries due since before `before` that no job picked up
+/// (a lost push, a crashed worker's lapsed claim).
+async fn requeue_webhooks(
+    db: &DatabaseConnection,
+    sink: &dyn JobSink,
+    before: chrono::DateTime<chrono::Utc>,
+) -> billing::Result<u64> {
+    let due = billing::webhooks::delivery::due(db, before, REQUEUE_BATCH_MAX).await?;
+    let count = due.len() as u64;
+    billing::webhooks::delivery::push(sink, due).await;
+    Ok(count)
 }
 
 /// Captures purchases left PENDING past `direct_capture_after_ms`: payments must not
@@ -212,6 +232,7 @@ async fn sweep_loop(
                             notifications_delivered = report.notifications_delivered,
                             purchases_captured_directly = report.purchases_captured_directly,
                             reloads_repaired = report.reloads_repaired,
+                            webhooks_requeued = report.webhooks_requeued,
                             "sweep"
                         );
                     }
@@ -250,6 +271,8 @@ pub async fn run(
         charge_timeout: Duration::from_millis(config.charge_timeout_ms),
         mailer,
         email_from,
+        webhooks: webhooks::Sender::new(config.webhook_retry)
+            .map_err(|e| anyhow_free::Error(format!("webhook client: {e}")))?,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeps = tokio::spawn(sweep_loop(deps.clone(), config.clone(), stop_rx));
@@ -258,9 +281,9 @@ pub async fn run(
     let monitor =
         Monitor::new().shutdown_timeout(Duration::from_millis(config.shutdown_timeout_ms));
     macro_rules! workers {
-        ($capture:expr, $delivery:expr) => {{
-            let (capture, delivery) = ($capture, $delivery);
-            let (d1, d2) = (deps.clone(), deps.clone());
+        ($capture:expr, $delivery:expr, $webhook:expr) => {{
+            let (capture, delivery, webhook) = ($capture, $delivery, $webhook);
+            let (d1, d2, d3) = (deps.clone(), deps.clone(), deps.clone());
             monitor
                 .register(move |_| {
                     WorkerBuilder::new(worker_name("capture"))
@@ -278,11 +301,27 @@ pub async fn run(
                         .enable_tracing()
                         .build(jobs::deliver_notification)
                 })
+                .register(move |_| {
+                    WorkerBuilder::new(worker_name("webhook"))
+                        .backend(webhook.clone().poll_with_interval(poll))
+                        .data(d3.clone())
+                        .concurrency(concurrency)
+                        .enable_tracing()
+                        .build(jobs::deliver_webhook)
+                })
         }};
     }
     let monitor = match &queue {
-        Queue::Sqlite { capture, delivery } => workers!(capture.clone(), delivery.clone()),
-        Queue::Postgres { capture, delivery } => workers!(capture.clone(), delivery.clone()),
+        Queue::Sqlite {
+            capture,
+            delivery,
+            webhook,
+        } => workers!(capture.clone(), delivery.clone(), webhook.clone()),
+        Queue::Postgres {
+            capture,
+            delivery,
+            webhook,
+        } => workers!(capture.clone(), delivery.clone(), webhook.clone()),
     };
     let result = monitor
         .run_with_signal(async move {
