@@ -34,6 +34,9 @@ pub struct WorkerConfig {
     /// A purchase still PENDING this long after it was written is captured by the sweep
     /// itself (at most one attempt per purchase per this interval), not only re-enqueued.
     pub direct_capture_after_ms: u64,
+    /// A webhook delivery still due this long after its time is attempted by the
+    /// sweep's own task, not only re-enqueued.
+    pub direct_webhook_after_ms: u64,
     /// When failed webhook attempts are retried, and how many are made.
     pub webhook_retry: billing::webhooks::delivery::RetryPolicy,
 }
@@ -51,6 +54,7 @@ impl Default for WorkerConfig {
             shutdown_timeout_ms: 10_000,
             direct_delivery_after_ms: 30_000,
             direct_capture_after_ms: 60_000,
+            direct_webhook_after_ms: 30_000,
             webhook_retry: billing::webhooks::delivery::RetryPolicy::default(),
         }
     }
@@ -206,6 +210,7 @@ async fn sweep_loop(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tried = std::collections::HashMap::new();
+    let webhooks_running = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (db, sink) = (deps.db.clone(), deps.queue.clone());
     let mut ticker =
         tokio::time::interval(Duration::from_millis(config.sweep_interval_ms.max(100)));
@@ -219,6 +224,12 @@ async fn sweep_loop(
                         Ok(n) => report.purchases_captured_directly = n,
                         Err(e) => tracing::error!(error = %e, code = %e.code(), "overdue capture failed"),
                     }
+                    webhooks::spawn_overdue(
+                        db.clone(),
+                        deps.webhooks.clone(),
+                        Duration::from_millis(config.direct_webhook_after_ms),
+                        webhooks_running.clone(),
+                    );
                     match deliver_overdue(&deps, &config).await {
                         Ok(n) => report.notifications_delivered = n,
                         Err(e) => tracing::error!(error = %e, code = %e.code(), "overdue delivery failed"),

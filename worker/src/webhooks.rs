@@ -109,3 +109,33 @@ pub async fn attempt(
         Next::Delivered | Next::Dead | Next::Gone => Ok(None),
     }
 }
+
+/// Attempts deliveries left due past `after` by the queue (the fallback for jobs the
+/// queue did not run), in a task of its own so that a slow receiver never delays the
+/// sweeps; at most one such task runs at a time. Claim-based, so racing the queue's
+/// jobs is harmless.
+pub fn spawn_overdue(
+    db: billing::sea_orm::DatabaseConnection,
+    sender: Sender,
+    after: Duration,
+    running: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    if running.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(async move {
+        let before = Utc::now() - chrono::Duration::from_std(after).unwrap_or_default();
+        match delivery::due(&db, before, delivery::DUE_BATCH_MAX).await {
+            Ok(ids) => {
+                for id in ids {
+                    if let Err(e) = attempt(&db, &sender, id).await {
+                        tracing::warn!(delivery_id = %id, error = %e, "direct webhook attempt failed");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "overdue webhook deliveries not read"),
+        }
+        running.store(false, Ordering::Release);
+    });
+}
