@@ -112,9 +112,7 @@ impl MigrationTrait for Migration {
                     "webhook_endpoints",
                     ForeignKeyAction::Cascade,
                 ))
-                .check(Expr::cust(
-                    "status IN ('PENDING', 'DELIVERED', 'DEAD')",
-                ))
+                .check(Expr::cust("status IN ('PENDING', 'DELIVERED', 'DEAD')"))
                 .to_owned(),
         )
         .await?;

@@ -66,7 +66,13 @@ async fn received(server: &MockServer, secret: &str) -> Vec<Value> {
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or_default();
             assert!(
-                signing::verify(secret, header, &r.body, now, signing::RECEIVER_TOLERANCE_SECS),
+                signing::verify(
+                    secret,
+                    header,
+                    &r.body,
+                    now,
+                    signing::RECEIVER_TOLERANCE_SECS
+                ),
                 "bad signature {header}"
             );
             serde_json::from_slice(&r.body).unwrap_or(Value::Null)
@@ -146,8 +152,10 @@ impl System {
 }
 
 const CREATE: &str = "mutation($input: CreateWebhookEndpointInput!) { createWebhookEndpoint(input: $input) { secret endpoint { id url events enabled } } }";
-const ADD_CARD: &str = "mutation($input: AddPaymentMethodInput!) { addPaymentMethod(input: $input) { id } }";
-const BUY: &str = "mutation($input: PurchaseCreditsInput!) { purchaseCredits(input: $input) { id status } }";
+const ADD_CARD: &str =
+    "mutation($input: AddPaymentMethodInput!) { addPaymentMethod(input: $input) { id } }";
+const BUY: &str =
+    "mutation($input: PurchaseCreditsInput!) { purchaseCredits(input: $input) { id status } }";
 const DELIVERIES: &str = "query($a: ID!) { account(id: $a) { webhookEndpoints { id url deliveries(first: 50) { edges { node { id eventId eventType status attempts lastResponseCode lastError nextAttemptAt } } pageInfo { hasNextPage } } } } }";
 const ALL_EVENTS: [&str; 8] = [
     "BALANCE_LOW",
@@ -198,7 +206,13 @@ async fn create_endpoint(
     let payload = &created["data"]["createWebhookEndpoint"];
     let secret = payload["secret"].as_str().unwrap_or_default().to_owned();
     assert!(secret.starts_with(signing::SECRET_PREFIX), "{created}");
-    Ok((payload["endpoint"]["id"].as_str().unwrap_or_default().to_owned(), secret))
+    Ok((
+        payload["endpoint"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        secret,
+    ))
 }
 
 async fn buy_with_card(system: &System, token: &str, f: &Fixture, key: &str) -> anyhow::Result<()> {
@@ -207,7 +221,10 @@ async fn buy_with_card(system: &System, token: &str, f: &Fixture, key: &str) -> 
     assert!(added["errors"].is_null(), "{added}");
     let buy = json!({ "input": { "workspaceId": f.ws_a.to_string(), "packageId": "pkg_50", "idempotencyKey": key } });
     let bought = system.gql(token, BUY, buy.clone()).await?;
-    assert_eq!(bought["data"]["purchaseCredits"]["status"], "PENDING", "{bought}");
+    assert_eq!(
+        bought["data"]["purchaseCredits"]["status"], "PENDING",
+        "{bought}"
+    );
     // A replayed call writes no second event.
     let again = system.gql(token, BUY, buy).await?;
     assert!(again["errors"].is_null(), "{again}");
@@ -218,10 +235,7 @@ async fn buy_with_card(system: &System, token: &str, f: &Fixture, key: &str) -> 
 async fn wait_for_types(server: &MockServer, secret: &str, types: &[&str]) -> Vec<Value> {
     for _ in 0..300 {
         let bodies = received(server, secret).await;
-        if types
-            .iter()
-            .all(|t| bodies.iter().any(|b| b["type"] == *t))
-        {
+        if types.iter().all(|t| bodies.iter().any(|b| b["type"] == *t)) {
             return bodies;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -274,8 +288,13 @@ async fn a_card_purchase_is_told_to_the_receiver_signed() -> anyhow::Result<()> 
     let token = billing::accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
     let system = System::start(&t, short_policy(5)).await?;
     let server = receiver(0).await;
-    let (endpoint_id, secret) =
-        create_endpoint(&system, &token, f.account_id, &format!("{}/hooks", server.uri())).await?;
+    let (endpoint_id, secret) = create_endpoint(
+        &system,
+        &token,
+        f.account_id,
+        &format!("{}/hooks", server.uri()),
+    )
+    .await?;
     buy_with_card(&system, &token, &f, "buy-1").await?;
     let want = ["purchase.succeeded", "invoice.created", "invoice.paid"];
     let bodies = wait_for_types(&server, &secret, &want).await;
@@ -293,7 +312,10 @@ async fn a_card_purchase_is_told_to_the_receiver_signed() -> anyhow::Result<()> 
         .await?;
     let endpoints = &read["data"]["account"]["webhookEndpoints"];
     assert_eq!(endpoints[0]["id"], endpoint_id, "{read}");
-    let edges = endpoints[0]["deliveries"]["edges"].as_array().cloned().unwrap_or_default();
+    let edges = endpoints[0]["deliveries"]["edges"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(edges.len(), 3, "{read}");
     for e in &edges {
         assert_eq!(e["node"]["status"], "DELIVERED", "{read}");
@@ -313,8 +335,13 @@ async fn a_failing_receiver_gets_every_event_once_it_recovers() -> anyhow::Resul
     let system = System::start(&t, short_policy(20)).await?;
     // Three events, nine failures: each delivery fails a few times first.
     let server = receiver(9).await;
-    let (_, secret) =
-        create_endpoint(&system, &token, f.account_id, &format!("{}/hooks", server.uri())).await?;
+    let (_, secret) = create_endpoint(
+        &system,
+        &token,
+        f.account_id,
+        &format!("{}/hooks", server.uri()),
+    )
+    .await?;
     buy_with_card(&system, &token, &f, "buy-2").await?;
     let want = ["purchase.succeeded", "invoice.created", "invoice.paid"];
     let mut delivered = 0;
@@ -326,7 +353,10 @@ async fn a_failing_receiver_gets_every_event_once_it_recovers() -> anyhow::Resul
             .as_array()
             .cloned()
             .unwrap_or_default();
-        delivered = edges.iter().filter(|e| e["node"]["status"] == "DELIVERED").count();
+        delivered = edges
+            .iter()
+            .filter(|e| e["node"]["status"] == "DELIVERED")
+            .count();
         if delivered == 3 {
             break;
         }
@@ -357,8 +387,13 @@ async fn a_dead_delivery_is_retried_by_the_mutation() -> anyhow::Result<()> {
     let system = System::start(&t, short_policy(2)).await?;
     // Two attempts each for three deliveries: all six fail, then the receiver is fine.
     let server = receiver(6).await;
-    let (_, secret) =
-        create_endpoint(&system, &token, f.account_id, &format!("{}/hooks", server.uri())).await?;
+    let (_, secret) = create_endpoint(
+        &system,
+        &token,
+        f.account_id,
+        &format!("{}/hooks", server.uri()),
+    )
+    .await?;
     buy_with_card(&system, &token, &f, "buy-3").await?;
     let mut dead = Vec::new();
     for _ in 0..400 {
@@ -383,16 +418,30 @@ async fn a_dead_delivery_is_retried_by_the_mutation() -> anyhow::Result<()> {
     for d in &dead {
         assert_eq!(d["node"]["attempts"], 2);
         assert_eq!(d["node"]["lastResponseCode"], 500);
-        assert!(d["node"]["lastError"].as_str().unwrap_or_default().contains("500"));
+        assert!(
+            d["node"]["lastError"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("500")
+        );
     }
-    const RETRY: &str = "mutation($id: ID!) { retryWebhookDelivery(id: $id) { id status attempts } }";
+    const RETRY: &str =
+        "mutation($id: ID!) { retryWebhookDelivery(id: $id) { id status attempts } }";
     for d in &dead {
         let id = d["node"]["id"].clone();
         let retried = system.gql(&token, RETRY, json!({ "id": id })).await?;
-        assert_eq!(retried["data"]["retryWebhookDelivery"]["status"], "PENDING", "{retried}");
+        assert_eq!(
+            retried["data"]["retryWebhookDelivery"]["status"], "PENDING",
+            "{retried}"
+        );
         // Only a DEAD delivery can be retried.
-        let again = system.gql(&token, RETRY, json!({ "id": d["node"]["id"] })).await?;
-        assert!(code(&again) == Some("INVALID_INPUT") || again["errors"].is_null(), "{again}");
+        let again = system
+            .gql(&token, RETRY, json!({ "id": d["node"]["id"] }))
+            .await?;
+        assert!(
+            code(&again) == Some("INVALID_INPUT") || again["errors"].is_null(),
+            "{again}"
+        );
     }
     let delivered = wait_for_status(&system, &token, f.account_id, "DELIVERED", 3).await?;
     assert_eq!(delivered.len(), 3);
@@ -411,7 +460,13 @@ async fn urls_roles_and_secrets_are_guarded() -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     let f = Fixture::new(&t.db, now).await?;
     let owner = billing::accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
-    let member_id = account_user(&t.db, f.account_id, "member@test.example", AccountRole::Member).await?;
+    let member_id = account_user(
+        &t.db,
+        f.account_id,
+        "member@test.example",
+        AccountRole::Member,
+    )
+    .await?;
     let member = billing::accounts::create_user_token(&t.db, member_id, "t", now).await?;
     let app = reservoir_tests::app::App::start(&t).await?;
     let input = |url: &str| json!({ "input": { "accountId": f.account_id.to_string(), "url": url, "events": ["INVOICE_PAID"] } });
@@ -425,44 +480,265 @@ async fn urls_roles_and_secrets_are_guarded() -> anyhow::Result<()> {
         assert_eq!(code(&refused), Some("INVALID_INPUT"), "{bad}: {refused}");
     }
     let long = format!("https://example.com/{}", "a".repeat(3000));
-    assert_eq!(code(&app.gql(Some(&owner), CREATE, input(&long)).await?), Some("INVALID_INPUT"));
+    assert_eq!(
+        code(&app.gql(Some(&owner), CREATE, input(&long)).await?),
+        Some("INVALID_INPUT")
+    );
     // http is refused on PostgreSQL without the switch (the test app leaves it off).
-    let http = app.gql(Some(&owner), CREATE, input("http://127.0.0.1:9/x")).await?;
+    let http = app
+        .gql(Some(&owner), CREATE, input("http://127.0.0.1:9/x"))
+        .await?;
     if reservoir_tests::backend_name() == "postgres" {
         assert_eq!(code(&http), Some("INVALID_INPUT"), "{http}");
     } else {
         assert!(http["errors"].is_null(), "{http}");
     }
     let no_events = json!({ "input": { "accountId": f.account_id.to_string(), "url": "https://example.com/x", "events": [] } });
-    assert_eq!(code(&app.gql(Some(&owner), CREATE, no_events).await?), Some("INVALID_INPUT"));
+    assert_eq!(
+        code(&app.gql(Some(&owner), CREATE, no_events).await?),
+        Some("INVALID_INPUT")
+    );
     // A MEMBER can neither create nor list.
-    let denied = app.gql(Some(&member), CREATE, input("https://example.com/m")).await?;
+    let denied = app
+        .gql(Some(&member), CREATE, input("https://example.com/m"))
+        .await?;
     assert_eq!(code(&denied), Some("FORBIDDEN"), "{denied}");
     let list = "query($a: ID!) { account(id: $a) { webhookEndpoints { id } } }";
-    let listed = app.gql(Some(&member), list, json!({ "a": f.account_id.to_string() })).await?;
+    let listed = app
+        .gql(
+            Some(&member),
+            list,
+            json!({ "a": f.account_id.to_string() }),
+        )
+        .await?;
     assert_eq!(code(&listed), Some("FORBIDDEN"), "{listed}");
     // The secret is in the create answer only; rotation returns a new one once.
-    let created = app.gql(Some(&owner), CREATE, input("https://example.com/ok")).await?;
-    let secret = created["data"]["createWebhookEndpoint"]["secret"].as_str().unwrap_or_default().to_owned();
+    let created = app
+        .gql(Some(&owner), CREATE, input("https://example.com/ok"))
+        .await?;
+    let secret = created["data"]["createWebhookEndpoint"]["secret"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let id = created["data"]["createWebhookEndpoint"]["endpoint"]["id"].clone();
-    const ROTATE: &str = "mutation($id: ID!) { rotateWebhookSecret(id: $id) { secret endpoint { id } } }";
+    const ROTATE: &str =
+        "mutation($id: ID!) { rotateWebhookSecret(id: $id) { secret endpoint { id } } }";
     let rotated = app.gql(Some(&owner), ROTATE, json!({ "id": id })).await?;
-    let new_secret = rotated["data"]["rotateWebhookSecret"]["secret"].as_str().unwrap_or_default().to_owned();
-    assert!(new_secret.starts_with("whsec_") && new_secret != secret, "{rotated}");
-    assert_eq!(code(&app.gql(Some(&member), ROTATE, json!({ "id": id })).await?), Some("FORBIDDEN"));
-    let read = app.gql(Some(&owner), DELIVERIES, json!({ "a": f.account_id.to_string() })).await?;
+    let new_secret = rotated["data"]["rotateWebhookSecret"]["secret"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        new_secret.starts_with("whsec_") && new_secret != secret,
+        "{rotated}"
+    );
+    assert_eq!(
+        code(&app.gql(Some(&member), ROTATE, json!({ "id": id })).await?),
+        Some("FORBIDDEN")
+    );
+    let read = app
+        .gql(
+            Some(&owner),
+            DELIVERIES,
+            json!({ "a": f.account_id.to_string() }),
+        )
+        .await?;
     assert!(read["errors"].is_null(), "{read}");
     assert!(!read.to_string().contains(&secret) && !read.to_string().contains(&new_secret));
     // Disable, enable, delete.
     const ENABLE: &str = "mutation($id: ID!, $on: Boolean!) { setWebhookEndpointEnabled(id: $id, enabled: $on) { enabled } }";
-    let off = app.gql(Some(&owner), ENABLE, json!({ "id": id, "on": false })).await?;
-    assert_eq!(off["data"]["setWebhookEndpointEnabled"]["enabled"], false, "{off}");
-    let on = app.gql(Some(&owner), ENABLE, json!({ "id": id, "on": true })).await?;
+    let off = app
+        .gql(Some(&owner), ENABLE, json!({ "id": id, "on": false }))
+        .await?;
+    assert_eq!(
+        off["data"]["setWebhookEndpointEnabled"]["enabled"], false,
+        "{off}"
+    );
+    let on = app
+        .gql(Some(&owner), ENABLE, json!({ "id": id, "on": true }))
+        .await?;
     assert_eq!(on["data"]["setWebhookEndpointEnabled"]["enabled"], true);
     const DELETE: &str = "mutation($id: ID!) { deleteWebhookEndpoint(id: $id) }";
-    assert_eq!(code(&app.gql(Some(&member), DELETE, json!({ "id": id })).await?), Some("FORBIDDEN"));
+    assert_eq!(
+        code(&app.gql(Some(&member), DELETE, json!({ "id": id })).await?),
+        Some("FORBIDDEN")
+    );
     let deleted = app.gql(Some(&owner), DELETE, json!({ "id": id })).await?;
     assert_eq!(deleted["data"]["deleteWebhookEndpoint"], id, "{deleted}");
     app.stop().await;
+    t.finish().await
+}
+
+/// The domain's business flows, as the API and the worker drive them, each writing
+/// its events: an alert crossing and its recovery, three declined auto-reloads (the
+/// last turning auto-reload off), a purchase paid by invoice and the invoice paid.
+/// Dated in the past, so every delivery is due at once; the worker delivers them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_type_comes_from_a_business_flow() -> anyhow::Result<()> {
+    use billing::accounts::auth::Principal;
+    use billing::payments::purchases::{PurchaseCreditsRequest, PurchaseItem};
+    use billing::payments::{ChargeOutcome, ChargeRequest};
+    use billing::policies::alert_thresholds::AlertThresholdInput;
+    use billing::policies::auto_reload;
+    use billing::webhooks::WebhookEventType as E;
+    use billing::webhooks::endpoints::{NewEndpoint, UrlPolicy};
+    use chrono::{Duration as Td, TimeZone, Utc};
+
+    let t = TestDb::new().await?;
+    let t0 = Utc
+        .with_ymd_and_hms(2026, 11, 16, 12, 0, 0)
+        .single()
+        .ok_or_else(|| anyhow::anyhow!("time"))?;
+    let f = Fixture::new(&t.db, t0).await?;
+    let server = receiver(0).await;
+    let created = billing::webhooks::endpoints::create_endpoint(
+        &t.db,
+        &Principal::PlatformAdmin,
+        UrlPolicy { allow_http: true },
+        NewEndpoint {
+            account_id: f.account_id,
+            url: format!("{}/hooks", server.uri()),
+            events: E::ALL.to_vec(),
+        },
+        t0,
+    )
+    .await?;
+    let secret = created.secret;
+    let debit = |id: &'static str, credits: &'static str, at| {
+        let db = t.db.clone();
+        let ws = f.ws_a;
+        async move {
+            let tokens = billing::Credits::parse(credits)?.nanos() / 1_000;
+            billing::debits::usage::record_usage(
+                &db,
+                reservoir_tests::usage_req(ws, id, tokens),
+                at,
+            )
+            .await?;
+            anyhow::Ok(())
+        }
+    };
+
+    // Alerts: 10 → 4 crosses 5 (balance.low); funding back to 9 re-arms it.
+    reservoir_tests::fund(&t.db, f.ws_a, "10", t0).await?;
+    billing::policies::alert_thresholds::set_alert_thresholds(
+        &t.db,
+        f.ws_a,
+        vec![AlertThresholdInput {
+            amount: billing::Credits::parse("5")?,
+            severity: billing::entity::enums::AlertSeverity::Warning,
+            recipient_ids: vec![],
+        }],
+        t0,
+    )
+    .await?;
+    debit("a-1", "6", t0).await?;
+    reservoir_tests::fund(&t.db, f.ws_a, "5", t0).await?;
+
+    // Auto-reload on a declining card: three failed reloads, the third turns it off.
+    let gateway = SandboxGateway::new();
+    let declining = billing::payments::cards::add_payment_method(
+        &t.db,
+        &gateway,
+        f.account_id,
+        "tok_chargeDeclined",
+        true,
+        t0,
+    )
+    .await?;
+    billing::policies::auto_reload_settings::configure_auto_reload(
+        &t.db,
+        billing::policies::auto_reload_settings::AutoReloadInput {
+            workspace_id: f.ws_a,
+            enabled: true,
+            threshold: billing::Credits::parse("8")?,
+            amount: billing::Credits::parse("20")?,
+            payment_method_id: Some(declining.id),
+            max_reloads_per_day: 24,
+        },
+        t0,
+    )
+    .await?;
+    let card = billing::payments::cards::load_payment_method(&t.db, declining.id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no card"))?;
+    let mut at = t0;
+    for (n, wait) in [(1, 0), (2, 61), (3, 121)] {
+        at += Td::seconds(wait);
+        // 9 → 7.5 crosses the reload threshold of 8; then it stays below.
+        let amount = if n == 1 { "1.5" } else { "0.1" };
+        debit(["r-1", "r-2", "r-3"][n - 1], amount, at).await?;
+        let reload = billing::entity::purchases::Entity::find()
+            .all(&t.db)
+            .await?
+            .into_iter()
+            .filter(|p| p.source == billing::entity::enums::PurchaseSource::AutoReload)
+            .filter(|p| p.status == billing::entity::enums::PurchaseStatus::Pending)
+            .next_back()
+            .ok_or_else(|| anyhow::anyhow!("reload {n} not started"))?;
+        let ChargeOutcome::Declined { reason } = gateway
+            .charge(ChargeRequest::for_purchase(&reload, &card)?)
+            .await?
+        else {
+            anyhow::bail!("the declining card was charged");
+        };
+        auto_reload::reload_failed(&t.db, reload.id, &reason, true, at).await?;
+        // A replayed failure writes no second event.
+        auto_reload::reload_failed(&t.db, reload.id, &reason, true, at).await?;
+    }
+
+    // Paid by invoice (a verified account), then the invoice paid.
+    let account = billing::entity::accounts::Entity::find_by_id(f.account_id)
+        .one(&t.db)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no account"))?;
+    let mut active: billing::entity::accounts::ActiveModel = account.into();
+    active.verified = Set(true);
+    billing::sea_orm::ActiveModelTrait::update(active, &t.db).await?;
+    let bought = billing::payments::purchases::purchase_credits(
+        &t.db,
+        PurchaseCreditsRequest {
+            workspace_id: f.ws_b,
+            item: PurchaseItem::Package("pkg_100".into()),
+            payment_method_id: None,
+            pay_by_invoice: true,
+            idempotency_key: "inv-1".into(),
+            created_by_user_id: None,
+        },
+        at,
+    )
+    .await?;
+    let invoice_id = bought
+        .purchase
+        .invoice_id
+        .ok_or_else(|| anyhow::anyhow!("no invoice"))?;
+    billing::payments::purchases::mark_invoice_paid(&t.db, invoice_id, at).await?;
+    billing::payments::purchases::mark_invoice_paid(&t.db, invoice_id, at).await?;
+
+    // The worker delivers all of it (its sweep finds the due deliveries).
+    let system = System::start(&t, short_policy(5)).await?;
+    let want: Vec<&str> = E::ALL.iter().map(|e| e.as_str()).collect();
+    let bodies = wait_for_types(&server, &secret, &want).await;
+    let count = |ty: &str| bodies.iter().filter(|b| b["type"] == ty).count();
+    assert_eq!(count("balance.low"), 1, "{bodies:?}");
+    assert!(count("balance.recovered") >= 1, "{bodies:?}");
+    assert_eq!(count("auto_reload.failed"), 3, "{bodies:?}");
+    assert_eq!(count("auto_reload.disabled"), 1, "{bodies:?}");
+    assert_eq!(count("purchase.failed"), 3, "{bodies:?}");
+    assert_eq!(count("invoice.paid"), 1, "{bodies:?}");
+    assert_eq!(count("invoice.created"), 1, "{bodies:?}");
+    // Manual fundings and the invoice purchase.
+    assert_eq!(count("purchase.succeeded"), 3, "{bodies:?}");
+    let ids: std::collections::BTreeSet<&str> =
+        bodies.iter().filter_map(|b| b["id"].as_str()).collect();
+    assert_eq!(ids.len(), bodies.len(), "each event delivered once");
+    let paid = bodies
+        .iter()
+        .find(|b| b["type"] == "invoice.paid")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(paid["data"]["invoiceId"], invoice_id.to_string());
+    assert_eq!(paid["workspaceId"], f.ws_b.to_string());
+    system.stop().await;
     t.finish().await
 }

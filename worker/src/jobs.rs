@@ -86,7 +86,10 @@ pub async fn deliver_notification(
     }
 }
 
-pub async fn deliver_webhook(job: DeliverWebhook, deps: Data<Arc<Deps>>) -> Result<(), BoxDynError> {
+pub async fn deliver_webhook(
+    job: DeliverWebhook,
+    deps: Data<Arc<Deps>>,
+) -> Result<(), BoxDynError> {
     let id = job.delivery_id;
     if let Some(delay) = crate::webhooks::attempt(&deps.db, &deps.webhooks, id).await? {
         // The retry is durable twice: this delayed job, and the row's next_attempt_at,

@@ -6,8 +6,8 @@ use apalis::prelude::*;
 use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use billing::jobs::{
-    CAPTURE_QUEUE, CapturePurchase, DELIVERY_QUEUE, DeliverNotification, DeliverWebhook,
-    JobSink, PushFuture, WEBHOOK_QUEUE,
+    CAPTURE_QUEUE, CapturePurchase, DELIVERY_QUEUE, DeliverNotification, DeliverWebhook, JobSink,
+    PushFuture, WEBHOOK_QUEUE,
 };
 use billing::sea_orm::sqlx;
 use std::str::FromStr;

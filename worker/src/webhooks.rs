@@ -37,7 +37,13 @@ impl Sender {
     }
 
     /// One POST: the outcome as the domain reads it.
-    pub async fn post(&self, url: &str, secret: &str, event_id: Uuid, body: String) -> AttemptOutcome {
+    pub async fn post(
+        &self,
+        url: &str,
+        secret: &str,
+        event_id: Uuid,
+        body: String,
+    ) -> AttemptOutcome {
         let header = signing::header_value(secret, Utc::now().timestamp(), body.as_bytes());
         let sent = self
             .http
@@ -102,7 +108,12 @@ pub async fn attempt(
         return Ok(None);
     };
     let outcome = sender
-        .post(&attempt.url, &attempt.secret, attempt.event_id, attempt.body)
+        .post(
+            &attempt.url,
+            &attempt.secret,
+            attempt.event_id,
+            attempt.body,
+        )
         .await;
     match delivery::record(db, delivery_id, &outcome, &sender.policy, Utc::now()).await? {
         Next::RetryAfter(delay) => Ok(Some(delay)),

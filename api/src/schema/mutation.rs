@@ -5,7 +5,6 @@ use super::webhooks::{
     CreateWebhookEndpointInput, WebhookDelivery, WebhookEndpoint, WebhookEndpointSecretPayload,
     events_of,
 };
-use billing::webhooks::endpoints::{self, NewEndpoint, UrlPolicy};
 use super::{caller, db, parse_id};
 use crate::error::GqlResult;
 use crate::scalars::{CreditsScalar, DecimalScalar};
@@ -16,6 +15,7 @@ use billing::debits::writer::DebitWriter;
 use billing::debits::{self, ReserveCall, UsageCall};
 use billing::payments::PaymentGateway;
 use billing::payments::purchases::{PurchaseCreditsRequest, PurchaseItem};
+use billing::webhooks::endpoints::{self, NewEndpoint, UrlPolicy};
 use billing::{BillingError, ErrorCode, accounts, transfers};
 use chrono::Utc;
 use std::sync::Arc;
@@ -773,10 +773,9 @@ impl MutationRoot {
             events: events_of(input.events),
         };
         let policy = ctx.data_opt::<UrlPolicy>().copied().unwrap_or_default();
-        let created =
-            endpoints::create_endpoint(db(ctx), &caller(ctx)?, policy, new, Utc::now())
-                .await
-                .gql(ctx)?;
+        let created = endpoints::create_endpoint(db(ctx), &caller(ctx)?, policy, new, Utc::now())
+            .await
+            .gql(ctx)?;
         Ok(WebhookEndpointSecretPayload {
             endpoint: created.endpoint.into(),
             secret: created.secret,

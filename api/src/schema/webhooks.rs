@@ -131,7 +131,6 @@ pub(crate) fn events_of(events: Vec<WebhookEventType>) -> Vec<Domain> {
     events.into_iter().map(Into::into).collect()
 }
 
-
 #[async_graphql::ComplexObject]
 impl WebhookEndpoint {
     /// Deliveries to this endpoint, newest first.
@@ -143,11 +142,17 @@ impl WebhookEndpoint {
     ) -> async_graphql::Result<WebhookDeliveryConnection> {
         use crate::error::GqlResult;
         let endpoint_id = super::parse_id(ctx, &self.id, "webhook endpoint")?;
-        let page = billing::reports::history::PageRequest::new(first.unwrap_or(20), after).gql(ctx)?;
+        let page =
+            billing::reports::history::PageRequest::new(first.unwrap_or(20), after).gql(ctx)?;
         let caller = super::caller(ctx)?;
-        let page = billing::webhooks::delivery::deliveries_page(super::db(ctx), &caller, endpoint_id, &page)
-            .await
-            .gql(ctx)?;
+        let page = billing::webhooks::delivery::deliveries_page(
+            super::db(ctx),
+            &caller,
+            endpoint_id,
+            &page,
+        )
+        .await
+        .gql(ctx)?;
         Ok(WebhookDeliveryConnection {
             page_info: PageInfo {
                 has_next_page: page.has_next_page,
@@ -156,7 +161,10 @@ impl WebhookEndpoint {
             edges: page
                 .rows
                 .into_iter()
-                .map(|(cursor, d)| WebhookDeliveryEdge { cursor, node: d.into() })
+                .map(|(cursor, d)| WebhookDeliveryEdge {
+                    cursor,
+                    node: d.into(),
+                })
                 .collect(),
         })
     }

@@ -77,8 +77,14 @@ pub(crate) async fn after_balance_change_with<C: ConnectionTrait>(
                 .await?;
             if disarmed.rows_affected == 1 {
                 crossings.webhook_deliveries.extend(
-                    webhooks::threshold_crossed(c, ws, threshold, WebhookEventType::BalanceLow, now)
-                        .await?,
+                    webhooks::threshold_crossed(
+                        c,
+                        ws,
+                        threshold,
+                        WebhookEventType::BalanceLow,
+                        now,
+                    )
+                    .await?,
                 );
                 if let Some(id) = fire(c, ws, threshold, now).await? {
                     crossings.notifications.push(id);

@@ -134,7 +134,9 @@ pub fn body_of(event: &webhook_events::Model) -> Result<String> {
     serde_json::to_string(&Body {
         id: event.id,
         event_type: &event.event_type,
-        created_at: event.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        created_at: event
+            .created_at
+            .to_rfc3339_opts(SecondsFormat::Millis, true),
         account_id: event.account_id,
         workspace_id: event.workspace_id,
         data,
@@ -173,7 +175,10 @@ pub async fn claim(
 ) -> Result<Option<Attempt>> {
     use webhook_deliveries::Column as D;
     let claimed = webhook_deliveries::Entity::update_many()
-        .col_expr(D::LockedUntil, Expr::value(now + TimeDelta::seconds(LEASE_SECS)))
+        .col_expr(
+            D::LockedUntil,
+            Expr::value(now + TimeDelta::seconds(LEASE_SECS)),
+        )
         .filter(D::Id.eq(delivery_id))
         .filter(attemptable(now))
         .exec_with_returning(db)
@@ -226,17 +231,27 @@ pub async fn record(
         }
         AttemptOutcome::Answered { status, error } => (
             Some(i32::from(*status)),
-            Some(clip(error.as_deref().unwrap_or("the receiver answered with an error status"))),
+            Some(clip(
+                error
+                    .as_deref()
+                    .unwrap_or("the receiver answered with an error status"),
+            )),
         ),
         AttemptOutcome::NoAnswer { error } => (None, Some(clip(error))),
     };
     let (status, next_attempt_at, next) = match &error {
         None => (WebhookDeliveryStatus::Delivered, None, Next::Delivered),
-        Some(_) if attempts >= policy.attempts_max => (WebhookDeliveryStatus::Dead, None, Next::Dead),
+        Some(_) if attempts >= policy.attempts_max => {
+            (WebhookDeliveryStatus::Dead, None, Next::Dead)
+        }
         Some(_) => {
             let delay = policy.delay(attempts);
             let at = now + TimeDelta::from_std(delay).unwrap_or(TimeDelta::MAX);
-            (WebhookDeliveryStatus::Pending, Some(at), Next::RetryAfter(delay))
+            (
+                WebhookDeliveryStatus::Pending,
+                Some(at),
+                Next::RetryAfter(delay),
+            )
         }
     };
     let updated = webhook_deliveries::Entity::update_many()
@@ -259,8 +274,12 @@ pub async fn record(
         return Ok(Next::Gone);
     }
     match next {
-        Next::Dead => tracing::warn!(%delivery_id, attempts, error = error.as_deref().unwrap_or(""), "webhook delivery dead"),
-        Next::RetryAfter(d) => tracing::info!(%delivery_id, attempts, delay_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX), error = error.as_deref().unwrap_or(""), "webhook attempt failed; retrying"),
+        Next::Dead => {
+            tracing::warn!(%delivery_id, attempts, error = error.as_deref().unwrap_or(""), "webhook delivery dead")
+        }
+        Next::RetryAfter(d) => {
+            tracing::info!(%delivery_id, attempts, delay_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX), error = error.as_deref().unwrap_or(""), "webhook attempt failed; retrying")
+        }
         Next::Delivered | Next::Gone => {}
     }
     Ok(next)
@@ -400,7 +419,10 @@ pub async fn retry_dead(
             other => other,
         })?;
     let revived = webhook_deliveries::Entity::update_many()
-        .col_expr(D::Status, Expr::value(WebhookDeliveryStatus::Pending.as_str()))
+        .col_expr(
+            D::Status,
+            Expr::value(WebhookDeliveryStatus::Pending.as_str()),
+        )
         .col_expr(D::Attempts, Expr::value(0))
         .col_expr(D::NextAttemptAt, Expr::value(now))
         .col_expr(D::LockedUntil, Expr::value(Option::<DateTime<Utc>>::None))
@@ -430,7 +452,11 @@ mod tests {
     #[test]
     fn the_default_schedule_retries_for_a_day() {
         let p = RetryPolicy::default();
-        assert!(p.min_span() >= Duration::from_secs(24 * 3_600), "{:?}", p.min_span());
+        assert!(
+            p.min_span() >= Duration::from_secs(24 * 3_600),
+            "{:?}",
+            p.min_span()
+        );
         assert_eq!(p.base_delay(1), Duration::from_secs(10));
         assert_eq!(p.base_delay(2), Duration::from_secs(20));
         assert_eq!(p.base_delay(30), Duration::from_secs(3_600));

@@ -6,8 +6,8 @@
 
 use super::WebhookEventType;
 use super::signing::new_secret;
-use crate::accounts::auth::Principal;
 use crate::accounts::access::require_account_admin;
+use crate::accounts::auth::Principal;
 use crate::error::{BillingError, Result};
 use crate::ids::new_id;
 use chrono::{DateTime, Utc};
@@ -96,7 +96,9 @@ pub fn validate_url(url: &str, http_allowed: bool) -> Result<String> {
         )));
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(BillingError::invalid("url must not contain spaces or control characters"));
+        return Err(BillingError::invalid(
+            "url must not contain spaces or control characters",
+        ));
     }
     let (scheme, rest) = url
         .split_once("://")
@@ -109,11 +111,17 @@ pub fn validate_url(url: &str, http_allowed: bool) -> Result<String> {
                 "url must be https:// (http:// needs RESERVOIR_WEBHOOKS_ALLOW_HTTP=true)",
             ));
         }
-        _ => return Err(BillingError::invalid("url must start with https:// or http://")),
+        _ => {
+            return Err(BillingError::invalid(
+                "url must start with https:// or http://",
+            ));
+        }
     }
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if authority.contains('@') {
-        return Err(BillingError::invalid("url must not contain a user name or password"));
+        return Err(BillingError::invalid(
+            "url must not contain a user name or password",
+        ));
     }
     let host = match authority.rsplit_once(':') {
         // An IPv6 literal keeps its colons inside brackets.
@@ -135,7 +143,9 @@ pub fn validate_url(url: &str, http_allowed: bool) -> Result<String> {
 pub fn validate_events(events: &[WebhookEventType]) -> Result<Vec<WebhookEventType>> {
     let set: BTreeSet<WebhookEventType> = events.iter().copied().collect();
     if set.is_empty() {
-        return Err(BillingError::invalid("events must name at least one event type"));
+        return Err(BillingError::invalid(
+            "events must name at least one event type",
+        ));
     }
     Ok(set.into_iter().collect())
 }
@@ -241,7 +251,9 @@ pub async fn endpoint(
     principal: &Principal,
     endpoint_id: Uuid,
 ) -> Result<Endpoint> {
-    Ok(Endpoint::of(&admin_endpoint_of(db, principal, endpoint_id).await?))
+    Ok(Endpoint::of(
+        &admin_endpoint_of(db, principal, endpoint_id).await?,
+    ))
 }
 
 /// Disables or enables an endpoint. A disabled endpoint gets no deliveries for events
@@ -295,7 +307,10 @@ pub async fn rotate_secret(
     let mut row = admin_endpoint_of(db, principal, endpoint_id).await?;
     let secret = new_secret();
     webhook_endpoints::Entity::update_many()
-        .col_expr(webhook_endpoints::Column::Secret, Expr::value(secret.clone()))
+        .col_expr(
+            webhook_endpoints::Column::Secret,
+            Expr::value(secret.clone()),
+        )
         .col_expr(webhook_endpoints::Column::UpdatedAt, Expr::value(now))
         .filter(webhook_endpoints::Column::Id.eq(endpoint_id))
         .exec(db)

@@ -72,7 +72,13 @@ mod tests {
         let header = header_value(&secret, 1_700_000_000, b"{\"a\":1}");
         assert!(verify(&secret, &header, b"{\"a\":1}", 1_700_000_010, 300));
         assert!(!verify(&secret, &header, b"{\"a\":2}", 1_700_000_010, 300));
-        assert!(!verify("whsec_other", &header, b"{\"a\":1}", 1_700_000_010, 300));
+        assert!(!verify(
+            "whsec_other",
+            &header,
+            b"{\"a\":1}",
+            1_700_000_010,
+            300
+        ));
         assert!(!verify(&secret, &header, b"{\"a\":1}", 1_700_000_400, 300));
     }
 
