@@ -36,109 +36,123 @@ fn index(table: &'static str, name: &'static str, cols: &[&'static str]) -> Inde
     index.to_owned()
 }
 
+async fn create_endpoints(m: &SchemaManager<'_>) -> Result<(), DbErr> {
+    m.create_table(
+        Table::create()
+            .table("webhook_endpoints")
+            .col(uuid("id").primary_key())
+            .col(uuid("account_id"))
+            .col(text("url"))
+            // Comma-separated event types the endpoint is subscribed to.
+            .col(text("events"))
+            // Kept to sign every delivery; never returned after it was shown once.
+            .col(string("secret"))
+            .col(boolean("enabled").default(true))
+            .col(timestamp_with_time_zone("created_at"))
+            .col(timestamp_with_time_zone("updated_at"))
+            .foreign_key(&mut fk(
+                "webhook_endpoints",
+                "account_id",
+                "accounts",
+                ForeignKeyAction::Restrict,
+            ))
+            .to_owned(),
+    )
+    .await?;
+    m.create_index(index(
+        "webhook_endpoints",
+        "ix_webhook_endpoints_account",
+        &["account_id", "created_at"],
+    ))
+    .await?;
+
+    Ok(())
+}
+
+async fn create_events(m: &SchemaManager<'_>) -> Result<(), DbErr> {
+    m.create_table(
+        Table::create()
+            .table("webhook_events")
+            .col(uuid("id").primary_key())
+            .col(string("event_type"))
+            .col(uuid("account_id"))
+            .col(uuid_null("workspace_id"))
+            // The event's `data`, as JSON.
+            .col(text("data"))
+            // The business event that caused it: a replayed call writes no second event.
+            .col(string_uniq("dedupe_key"))
+            .col(timestamp_with_time_zone("created_at"))
+            .to_owned(),
+    )
+    .await?;
+
+    Ok(())
+}
+
+async fn create_deliveries(m: &SchemaManager<'_>) -> Result<(), DbErr> {
+    m.create_table(
+        Table::create()
+            .table("webhook_deliveries")
+            .col(uuid("id").primary_key())
+            .col(uuid("event_id"))
+            .col(uuid("endpoint_id"))
+            .col(string("status").default("PENDING"))
+            .col(integer("attempts").default(0))
+            .col(integer_null("last_response_code"))
+            .col(string_null("last_error"))
+            // When the next attempt is due (PENDING only).
+            .col(timestamp_with_time_zone_null("next_attempt_at"))
+            // A claim in progress: no other worker attempts it before this.
+            .col(timestamp_with_time_zone_null("locked_until"))
+            .col(timestamp_with_time_zone("created_at"))
+            .col(timestamp_with_time_zone_null("delivered_at"))
+            .foreign_key(&mut fk(
+                "webhook_deliveries",
+                "event_id",
+                "webhook_events",
+                ForeignKeyAction::Cascade,
+            ))
+            .foreign_key(&mut fk(
+                "webhook_deliveries",
+                "endpoint_id",
+                "webhook_endpoints",
+                ForeignKeyAction::Cascade,
+            ))
+            .check(Expr::cust("status IN ('PENDING', 'DELIVERED', 'DEAD')"))
+            .to_owned(),
+    )
+    .await?;
+    m.create_index(
+        index(
+            "webhook_deliveries",
+            "ux_webhook_deliveries_event_endpoint",
+            &["event_id", "endpoint_id"],
+        )
+        .unique()
+        .to_owned(),
+    )
+    .await?;
+    m.create_index(index(
+        "webhook_deliveries",
+        "ix_webhook_deliveries_due",
+        &["status", "next_attempt_at"],
+    ))
+    .await?;
+    m.create_index(index(
+        "webhook_deliveries",
+        "ix_webhook_deliveries_endpoint",
+        &["endpoint_id", "id"],
+    ))
+    .await?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        m.create_table(
-            Table::create()
-                .table("webhook_endpoints")
-                .col(uuid("id").primary_key())
-                .col(uuid("account_id"))
-                .col(text("url"))
-                // Comma-separated event types the endpoint is subscribed to.
-                .col(text("events"))
-                // Kept to sign every delivery; never returned after it was shown once.
-                .col(string("secret"))
-                .col(boolean("enabled").default(true))
-                .col(timestamp_with_time_zone("created_at"))
-                .col(timestamp_with_time_zone("updated_at"))
-                .foreign_key(&mut fk(
-                    "webhook_endpoints",
-                    "account_id",
-                    "accounts",
-                    ForeignKeyAction::Restrict,
-                ))
-                .to_owned(),
-        )
-        .await?;
-        m.create_index(index(
-            "webhook_endpoints",
-            "ix_webhook_endpoints_account",
-            &["account_id", "created_at"],
-        ))
-        .await?;
-
-        m.create_table(
-            Table::create()
-                .table("webhook_events")
-                .col(uuid("id").primary_key())
-                .col(string("event_type"))
-                .col(uuid("account_id"))
-                .col(uuid_null("workspace_id"))
-                // The event's `data`, as JSON.
-                .col(text("data"))
-                // The business event that caused it: a replayed call writes no second event.
-                .col(string_uniq("dedupe_key"))
-                .col(timestamp_with_time_zone("created_at"))
-                .to_owned(),
-        )
-        .await?;
-
-        m.create_table(
-            Table::create()
-                .table("webhook_deliveries")
-                .col(uuid("id").primary_key())
-                .col(uuid("event_id"))
-                .col(uuid("endpoint_id"))
-                .col(string("status").default("PENDING"))
-                .col(integer("attempts").default(0))
-                .col(integer_null("last_response_code"))
-                .col(string_null("last_error"))
-                // When the next attempt is due (PENDING only).
-                .col(timestamp_with_time_zone_null("next_attempt_at"))
-                // A claim in progress: no other worker attempts it before this.
-                .col(timestamp_with_time_zone_null("locked_until"))
-                .col(timestamp_with_time_zone("created_at"))
-                .col(timestamp_with_time_zone_null("delivered_at"))
-                .foreign_key(&mut fk(
-                    "webhook_deliveries",
-                    "event_id",
-                    "webhook_events",
-                    ForeignKeyAction::Cascade,
-                ))
-                .foreign_key(&mut fk(
-                    "webhook_deliveries",
-                    "endpoint_id",
-                    "webhook_endpoints",
-                    ForeignKeyAction::Cascade,
-                ))
-                .check(Expr::cust("status IN ('PENDING', 'DELIVERED', 'DEAD')"))
-                .to_owned(),
-        )
-        .await?;
-        m.create_index(
-            index(
-                "webhook_deliveries",
-                "ux_webhook_deliveries_event_endpoint",
-                &["event_id", "endpoint_id"],
-            )
-            .unique()
-            .to_owned(),
-        )
-        .await?;
-        m.create_index(index(
-            "webhook_deliveries",
-            "ix_webhook_deliveries_due",
-            &["status", "next_attempt_at"],
-        ))
-        .await?;
-        m.create_index(index(
-            "webhook_deliveries",
-            "ix_webhook_deliveries_endpoint",
-            &["endpoint_id", "id"],
-        ))
-        .await?;
-        Ok(())
+        create_endpoints(m).await?;
+        create_events(m).await?;
+        create_deliveries(m).await
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {

@@ -673,8 +673,7 @@ async fn every_event_type_comes_from_a_business_flow() -> anyhow::Result<()> {
             .await?
             .into_iter()
             .filter(|p| p.source == billing::entity::enums::PurchaseSource::AutoReload)
-            .filter(|p| p.status == billing::entity::enums::PurchaseStatus::Pending)
-            .next_back()
+            .rfind(|p| p.status == billing::entity::enums::PurchaseStatus::Pending)
             .ok_or_else(|| anyhow::anyhow!("reload {n} not started"))?;
         let ChargeOutcome::Declined { reason } = gateway
             .charge(ChargeRequest::for_purchase(&reload, &card)?)

@@ -282,8 +282,7 @@ pub async fn run(
         charge_timeout: Duration::from_millis(config.charge_timeout_ms),
         mailer,
         email_from,
-        webhooks: webhooks::Sender::new(config.webhook_retry)
-            .map_err(|e| anyhow_free::Error(format!("webhook client: {e}")))?,
+        webhooks: webhooks::Sender::new(config.webhook_retry)?,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeps = tokio::spawn(sweep_loop(deps.clone(), config.clone(), stop_rx));

@@ -23,16 +23,17 @@ pub struct Sender {
 }
 
 impl Sender {
-    pub fn new(policy: RetryPolicy) -> Result<Self, String> {
+    pub fn new(policy: RetryPolicy) -> crate::anyhow_free::Result<Self> {
+        let failed = |e: String| crate::anyhow_free::Error(format!("webhook client: {e}"));
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config()?)
+            .tls_backend_preconfigured(tls_config().map_err(failed)?)
             .user_agent(USER_AGENT)
             .timeout(ATTEMPT_TIMEOUT)
             .connect_timeout(ATTEMPT_TIMEOUT)
             // A redirect is an answer that is not 2xx: the receiver must fix its URL.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(e.to_string()))?;
         Ok(Self { http, policy })
     }
 
