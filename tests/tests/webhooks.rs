@@ -717,7 +717,15 @@ async fn every_event_type_comes_from_a_business_flow() -> anyhow::Result<()> {
     // The worker delivers all of it (its sweep finds the due deliveries).
     let system = System::start(&t, short_policy(5)).await?;
     let want: Vec<&str> = E::ALL.iter().map(|e| e.as_str()).collect();
-    let bodies = wait_for_types(&server, &secret, &want).await;
+    let mut bodies = wait_for_types(&server, &secret, &want).await;
+    // 3 purchase.succeeded, 3 purchase.failed, 3 auto_reload.failed and one of each other.
+    for _ in 0..200 {
+        if bodies.len() >= 14 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        bodies = received(&server, &secret).await;
+    }
     let count = |ty: &str| bodies.iter().filter(|b| b["type"] == ty).count();
     assert_eq!(count("balance.low"), 1, "{bodies:?}");
     assert!(count("balance.recovered") >= 1, "{bodies:?}");
