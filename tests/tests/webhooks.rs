@@ -24,15 +24,20 @@ use std::time::Duration;
 use uuid::Uuid;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers};
 
-/// Answers 500 to the first `fail_first` requests, then 200.
+/// Answers 500 to the first `fail_first` requests (or, with `hang`, answers them only
+/// after the 10 s attempt timeout), then 200.
 struct Flaky {
     seen: AtomicUsize,
     fail_first: usize,
+    hang: bool,
 }
 
 impl Respond for Flaky {
     fn respond(&self, _request: &Request) -> ResponseTemplate {
         if self.seen.fetch_add(1, Ordering::SeqCst) < self.fail_first {
+            if self.hang {
+                return ResponseTemplate::new(200).set_delay(Duration::from_secs(12));
+            }
             ResponseTemplate::new(500).set_body_string("receiver down")
         } else {
             ResponseTemplate::new(200)
@@ -41,11 +46,16 @@ impl Respond for Flaky {
 }
 
 async fn receiver(fail_first: usize) -> MockServer {
+    receiver_with(fail_first, false).await
+}
+
+async fn receiver_with(fail_first: usize, hang: bool) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(matchers::method("POST"))
         .respond_with(Flaky {
             seen: AtomicUsize::new(0),
             fail_first,
+            hang,
         })
         .mount(&server)
         .await;
@@ -746,6 +756,60 @@ async fn every_event_type_comes_from_a_business_flow() -> anyhow::Result<()> {
         .unwrap_or_default();
     assert_eq!(paid["data"]["invoiceId"], invoice_id.to_string());
     assert_eq!(paid["workspaceId"], f.ws_b.to_string());
+    system.stop().await;
+    t.finish().await
+}
+
+/// A receiver that does not answer within 10 s: the attempt fails ("no answer") and is
+/// retried with the same event id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_receiver_that_times_out_is_retried() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    let token = billing::accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
+    let system = System::start(&t, short_policy(5)).await?;
+    let server = receiver_with(1, true).await;
+    let (_, secret) = create_endpoint(
+        &system,
+        &token,
+        f.account_id,
+        &format!("{}/hooks", server.uri()),
+    )
+    .await?;
+    // Only invoice.paid events: one delivery, its first attempt timing out.
+    let deliveries = billing::webhooks::events::invoice_event(
+        &t.db,
+        &billing::entity::invoices::Model {
+            id: Uuid::now_v7(),
+            account_id: f.account_id,
+            sequence: 1,
+            number: "INV-000001".into(),
+            purchase_id: None,
+            total_nanos: 0,
+            status: billing::entity::enums::InvoiceStatus::Paid,
+            issued_at: now,
+            due_at: None,
+            paid_at: Some(now),
+        },
+        None,
+        billing::webhooks::WebhookEventType::InvoicePaid,
+        now,
+    )
+    .await?;
+    assert_eq!(deliveries.len(), 1);
+    let mut done = Vec::new();
+    for _ in 0..20 {
+        done = wait_for_status(&system, &token, f.account_id, "DELIVERED", 1).await?;
+        if !done.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(done.len(), 1, "never delivered");
+    assert_eq!(done[0]["node"]["attempts"], 2, "{:?}", done[0]);
+    let bodies = received(&server, &secret).await;
+    assert_eq!(bodies.len(), 2);
+    assert_eq!(bodies[0]["id"], bodies[1]["id"]);
     system.stop().await;
     t.finish().await
 }
