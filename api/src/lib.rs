@@ -50,6 +50,8 @@ pub struct ApiConfig {
     pub introspection: bool,
     /// Usage events per credential and failed authentications per client address.
     pub rate_limits: rate_limit::RateLimits,
+    /// Whether `http://` webhook endpoints are accepted on PostgreSQL.
+    pub webhook_urls: billing::webhooks::endpoints::UrlPolicy,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -64,6 +66,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("credential_cache_ttl_ms", &self.credential_cache_ttl_ms)
             .field("introspection", &self.introspection)
             .field("rate_limits", &self.rate_limits)
+            .field("webhook_urls", &self.webhook_urls)
             .finish_non_exhaustive()
     }
 }
@@ -82,6 +85,7 @@ impl Default for ApiConfig {
             credential_cache_ttl_ms: 2_000,
             introspection: true,
             rate_limits: rate_limit::RateLimits::default(),
+            webhook_urls: billing::webhooks::endpoints::UrlPolicy::default(),
         }
     }
 }
@@ -446,7 +450,8 @@ fn schema_of(
         .data(hub.clone())
         .data(writer.clone())
         .data(credentials.clone())
-        .data(config.jobs.clone());
+        .data(config.jobs.clone())
+        .data(config.webhook_urls);
     match config.introspection {
         true => builder,
         false => builder

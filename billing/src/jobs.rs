@@ -16,6 +16,7 @@ use uuid::Uuid;
 /// strand queued jobs.
 pub const CAPTURE_QUEUE: &str = "reservoir.capture_purchase.v1";
 pub const DELIVERY_QUEUE: &str = "reservoir.deliver_notification.v1";
+pub const WEBHOOK_QUEUE: &str = "reservoir.deliver_webhook.v1";
 
 /// Capture the payment of a PENDING purchase and credit it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +30,12 @@ pub struct DeliverNotification {
     pub notification_id: Uuid,
 }
 
+/// Make one attempt of a webhook delivery (the row says when it is due).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliverWebhook {
+    pub delivery_id: Uuid,
+}
+
 pub type PushFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
 /// Where jobs are pushed. Errors are strings: the caller only logs them (the sweep
@@ -36,6 +43,10 @@ pub type PushFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send
 pub trait JobSink: Send + Sync {
     fn capture(&self, job: CapturePurchase) -> PushFuture<'_>;
     fn deliver(&self, job: DeliverNotification) -> PushFuture<'_>;
+    /// Pushes nothing unless implemented: the sweep enqueues due deliveries.
+    fn deliver_webhook(&self, _job: DeliverWebhook) -> PushFuture<'_> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// A sink that pushes nothing: the sweep does all the enqueueing (tests, tools).

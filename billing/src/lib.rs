@@ -16,6 +16,7 @@ pub mod pricing;
 pub mod reports;
 pub mod seed;
 pub mod transfers;
+pub mod webhooks;
 
 pub use entity;
 pub use error::{BillingError, ErrorCode, Result};

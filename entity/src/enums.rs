@@ -314,6 +314,29 @@ impl NotificationStatus {
     }
 }
 
+/// A webhook delivery: PENDING (due at `next_attempt_at`), DELIVERED (a 2xx answer) or
+/// DEAD (its attempts ran out; retried only on request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum WebhookDeliveryStatus {
+    #[sea_orm(string_value = "PENDING")]
+    Pending,
+    #[sea_orm(string_value = "DELIVERED")]
+    Delivered,
+    #[sea_orm(string_value = "DEAD")]
+    Dead,
+}
+
+impl WebhookDeliveryStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Delivered => "DELIVERED",
+            Self::Dead => "DEAD",
+        }
+    }
+}
+
 /// Reads each of these from its stored spelling (as `row_to_json` writes it), so a row
 /// read as JSON (the debit engine's fused reads on PostgreSQL) decodes like one read
 /// column by column.

@@ -26,5 +26,8 @@ pub mod usage_daily_by;
 pub mod usage_events;
 pub mod user_tokens;
 pub mod users;
+pub mod webhook_deliveries;
+pub mod webhook_endpoints;
+pub mod webhook_events;
 pub mod workspace_members;
 pub mod workspaces;

@@ -69,6 +69,8 @@ pub struct Config {
     /// Answer introspection queries (GraphiQL, code generators); off in production if
     /// the schema is not to be browsable.
     pub introspection: bool,
+    /// Accept `http://` webhook endpoints on PostgreSQL too (always accepted on SQLite).
+    pub webhooks_allow_http: bool,
     /// Usage events per second per credential (0: no limit).
     pub rate_limit_usage_per_second: u32,
     /// Failed authentications per minute per client address (0: no limit).
@@ -96,6 +98,7 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_STRIPE_WEBHOOK_SECRET",
     "RESERVOIR_DEMO_SEED",
     "RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES",
+    "RESERVOIR_WEBHOOKS_ALLOW_HTTP",
     "RESERVOIR_DB_CONNECTIONS_MAX",
     "RESERVOIR_LOG_FORMAT",
     "RESERVOIR_LOG",
@@ -172,6 +175,10 @@ impl Config {
             .map(|v| parse_bool("RESERVOIR_INTROSPECTION", &v))
             .transpose()?
             .unwrap_or(true);
+        let webhooks_allow_http = get("RESERVOIR_WEBHOOKS_ALLOW_HTTP")
+            .map(|v| parse_bool("RESERVOIR_WEBHOOKS_ALLOW_HTTP", &v))
+            .transpose()?
+            .unwrap_or(false);
         let rate_limit_usage_per_second =
             number(get, "RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND", 1_000_000)?.map_or(5_000, as_u32);
         let rate_limit_auth_failures_per_minute = number(
@@ -198,6 +205,7 @@ impl Config {
             writer_window_us,
             credential_cache_ttl_ms,
             introspection,
+            webhooks_allow_http,
             rate_limit_usage_per_second,
             rate_limit_auth_failures_per_minute,
         })

@@ -229,6 +229,9 @@ fn api_config(
         writer: Some(writer),
         credential_cache_ttl_ms: config.credential_cache_ttl_ms,
         introspection: config.introspection,
+        webhook_urls: billing::webhooks::endpoints::UrlPolicy {
+            allow_http: config.webhooks_allow_http,
+        },
         rate_limits: api::rate_limit::RateLimits {
             usage_per_second: config.rate_limit_usage_per_second,
             auth_failures_per_minute: config.rate_limit_auth_failures_per_minute,

@@ -3,7 +3,7 @@
 
 use crate::queue::Queue;
 use apalis::prelude::{BoxDynError, Data};
-use billing::jobs::{CapturePurchase, DeliverNotification};
+use billing::jobs::{CapturePurchase, DeliverNotification, DeliverWebhook};
 use billing::payments::capture::{self, Next, Verdict};
 use billing::payments::{GatewayError, PaymentGateway};
 use billing::policies::notifications;
@@ -25,6 +25,7 @@ pub struct Deps {
     pub mailer: crate::email::Mailer,
     /// The From: of every e-mail.
     pub email_from: String,
+    pub webhooks: crate::webhooks::Sender,
 }
 
 /// One capture attempt: charge through the gateway (bounded by the charge timeout) and
@@ -85,6 +86,9 @@ pub async fn capture_purchase(
         tracing::warn!(purchase_id = %job.purchase_id, delay_ms = delay.as_millis() as u64, "charge failed transiently; retrying");
         deps.queue.push_capture(job, Some(delay)).await?;
     }
+    // The capture's transaction wrote webhook events (purchase, invoice, reload);
+    // push their deliveries now rather than wait for the sweep.
+    billing::webhooks::delivery::push_due(&deps.db, &deps.queue, Utc::now()).await;
     Ok(())
 }
 
@@ -106,4 +110,17 @@ pub async fn deliver_notification(
             Err(apalis::prelude::AbortError::new(e).into())
         }
     }
+}
+
+pub async fn deliver_webhook(
+    job: DeliverWebhook,
+    deps: Data<Arc<Deps>>,
+) -> Result<(), BoxDynError> {
+    let id = job.delivery_id;
+    if let Some(delay) = crate::webhooks::attempt(&deps.db, &deps.webhooks, id).await? {
+        // The retry is durable twice: this delayed job, and the row's next_attempt_at,
+        // which the sweep reads if the job is lost.
+        deps.queue.push_webhook(job, Some(delay)).await?;
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 pub mod email;
 pub mod jobs;
 pub mod queue;
+pub mod webhooks;
 
 use apalis::prelude::*;
 use billing::jobs::{CapturePurchase, JobSink};
@@ -33,6 +34,11 @@ pub struct WorkerConfig {
     /// A purchase still PENDING this long after it was written is captured by the sweep
     /// itself (at most one attempt per purchase per this interval), not only re-enqueued.
     pub direct_capture_after_ms: u64,
+    /// A webhook delivery still due this long after its time is attempted by the
+    /// sweep's own task, not only re-enqueued.
+    pub direct_webhook_after_ms: u64,
+    /// When failed webhook attempts are retried, and how many are made.
+    pub webhook_retry: billing::webhooks::delivery::RetryPolicy,
 }
 
 impl Default for WorkerConfig {
@@ -48,6 +54,8 @@ impl Default for WorkerConfig {
             shutdown_timeout_ms: 10_000,
             direct_delivery_after_ms: 30_000,
             direct_capture_after_ms: 60_000,
+            direct_webhook_after_ms: 30_000,
+            webhook_retry: billing::webhooks::delivery::RetryPolicy::default(),
         }
     }
 }
@@ -64,6 +72,7 @@ pub struct SweepReport {
     /// Capture attempts made by the sweep itself (the fallback for purchases the queue left).
     pub purchases_captured_directly: u64,
     pub reloads_repaired: u64,
+    pub webhooks_requeued: u64,
 }
 
 /// Delivers notifications left unsent past `direct_delivery_after_ms`: e-mail must not
@@ -135,7 +144,9 @@ pub async fn sweep(
             }
         }
     }
+    let webhooks_requeued = requeue_webhooks(db, sink, now - grace).await?;
     Ok(SweepReport {
+        webhooks_requeued,
         notifications_delivered: 0,
         purchases_captured_directly: 0,
         reservations_expired: billing::debits::reservations::expire_due(db, now).await?,
@@ -144,6 +155,19 @@ pub async fn sweep(
         notifications_requeued,
         reloads_repaired: billing::policies::auto_reload::repair_stuck_reloads(db, now).await?,
     })
+}
+
+/// Re-enqueues webhook deliveries due since before `before` that no job picked up
+/// (a lost push, a crashed worker's lapsed claim).
+async fn requeue_webhooks(
+    db: &DatabaseConnection,
+    sink: &dyn JobSink,
+    before: chrono::DateTime<chrono::Utc>,
+) -> billing::Result<u64> {
+    let due = billing::webhooks::delivery::due(db, before, REQUEUE_BATCH_MAX).await?;
+    let count = due.len() as u64;
+    billing::webhooks::delivery::push(sink, due).await;
+    Ok(count)
 }
 
 /// Captures purchases left PENDING past `direct_capture_after_ms`: payments must not
@@ -186,6 +210,7 @@ async fn sweep_loop(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tried = std::collections::HashMap::new();
+    let webhooks_running = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (db, sink) = (deps.db.clone(), deps.queue.clone());
     let mut ticker =
         tokio::time::interval(Duration::from_millis(config.sweep_interval_ms.max(100)));
@@ -199,6 +224,12 @@ async fn sweep_loop(
                         Ok(n) => report.purchases_captured_directly = n,
                         Err(e) => tracing::error!(error = %e, code = %e.code(), "overdue capture failed"),
                     }
+                    webhooks::spawn_overdue(
+                        db.clone(),
+                        deps.webhooks.clone(),
+                        Duration::from_millis(config.direct_webhook_after_ms),
+                        webhooks_running.clone(),
+                    );
                     match deliver_overdue(&deps, &config).await {
                         Ok(n) => report.notifications_delivered = n,
                         Err(e) => tracing::error!(error = %e, code = %e.code(), "overdue delivery failed"),
@@ -212,6 +243,7 @@ async fn sweep_loop(
                             notifications_delivered = report.notifications_delivered,
                             purchases_captured_directly = report.purchases_captured_directly,
                             reloads_repaired = report.reloads_repaired,
+                            webhooks_requeued = report.webhooks_requeued,
                             "sweep"
                         );
                     }
@@ -297,11 +329,11 @@ async fn until(stop: tokio::sync::watch::Receiver<bool>) -> Result<(), WorkerErr
 /// The capture and e-mail workers on one queue backend (whose storage types differ,
 /// hence a macro), each under [`supervise`]; their join handles.
 macro_rules! spawn_workers {
-    ($capture:expr, $delivery:expr, $deps:expr, $config:expr, $stop:expr) => {{
-        let (capture, delivery) = ($capture, $delivery);
+    ($capture:expr, $delivery:expr, $webhook:expr, $deps:expr, $config:expr, $stop:expr) => {{
+        let (capture, delivery, webhook) = ($capture.clone(), $delivery.clone(), $webhook.clone());
         let poll = Duration::from_millis($config.poll_interval_ms.max(10));
         let concurrency = $config.concurrency.max(1);
-        let (d1, d2) = ($deps.clone(), $deps.clone());
+        let (d1, d2, d3) = ($deps.clone(), $deps.clone(), $deps.clone());
         let capture_worker = move |name: String, stop| {
             WorkerBuilder::new(name)
                 .backend(capture.clone().poll_with_interval(poll))
@@ -320,9 +352,19 @@ macro_rules! spawn_workers {
                 .build(jobs::deliver_notification)
                 .run_until(until(stop))
         };
+        let webhook_worker = move |name: String, stop| {
+            WorkerBuilder::new(name)
+                .backend(webhook.clone().poll_with_interval(poll))
+                .data(d3.clone())
+                .concurrency(concurrency)
+                .enable_tracing()
+                .build(jobs::deliver_webhook)
+                .run_until(until(stop))
+        };
         vec![
             tokio::spawn(supervise("capture", $stop.clone(), capture_worker)),
             tokio::spawn(supervise("email", $stop.clone(), delivery_worker)),
+            tokio::spawn(supervise("webhook", $stop.clone(), webhook_worker)),
         ]
     }};
 }
@@ -345,16 +387,21 @@ pub async fn run(
         charge_timeout: Duration::from_millis(config.charge_timeout_ms),
         mailer,
         email_from,
+        webhooks: webhooks::Sender::new(config.webhook_retry)?,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeps = tokio::spawn(sweep_loop(deps.clone(), config.clone(), stop_rx.clone()));
     let workers = match &queue {
-        Queue::Sqlite { capture, delivery } => {
-            spawn_workers!(capture.clone(), delivery.clone(), deps, config, stop_rx)
-        }
-        Queue::Postgres { capture, delivery } => {
-            spawn_workers!(capture.clone(), delivery.clone(), deps, config, stop_rx)
-        }
+        Queue::Sqlite {
+            capture,
+            delivery,
+            webhook,
+        } => spawn_workers!(capture, delivery, webhook, deps, config, stop_rx),
+        Queue::Postgres {
+            capture,
+            delivery,
+            webhook,
+        } => spawn_workers!(capture, delivery, webhook, deps, config, stop_rx),
     };
     shutdown.await;
     let _ = stop_tx.send(true);

@@ -6,7 +6,8 @@ use apalis::prelude::*;
 use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use billing::jobs::{
-    CAPTURE_QUEUE, CapturePurchase, DELIVERY_QUEUE, DeliverNotification, JobSink, PushFuture,
+    CAPTURE_QUEUE, CapturePurchase, DELIVERY_QUEUE, DeliverNotification, DeliverWebhook, JobSink,
+    PushFuture, WEBHOOK_QUEUE,
 };
 use billing::sea_orm::sqlx;
 use std::str::FromStr;
@@ -21,10 +22,12 @@ pub enum Queue {
     Sqlite {
         capture: SqliteStorage<CapturePurchase>,
         delivery: SqliteStorage<DeliverNotification>,
+        webhook: SqliteStorage<DeliverWebhook>,
     },
     Postgres {
         capture: PostgresStorage<CapturePurchase>,
         delivery: PostgresStorage<DeliverNotification>,
+        webhook: PostgresStorage<DeliverWebhook>,
     },
 }
 
@@ -60,6 +63,8 @@ impl Queue {
                     .with_config(apalis_sqlite::Config::default().queue(CAPTURE_QUEUE)),
                 delivery: SqliteStorage::new(&pool)
                     .with_config(apalis_sqlite::Config::default().queue(DELIVERY_QUEUE)),
+                webhook: SqliteStorage::new(&pool)
+                    .with_config(apalis_sqlite::Config::default().queue(WEBHOOK_QUEUE)),
             })
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = sqlx::postgres::PgPoolOptions::new()
@@ -74,6 +79,8 @@ impl Queue {
                     .with_config(apalis_postgres::Config::default().queue(CAPTURE_QUEUE)),
                 delivery: PostgresStorage::new(&pool)
                     .with_config(apalis_postgres::Config::default().queue(DELIVERY_QUEUE)),
+                webhook: PostgresStorage::new(&pool)
+                    .with_config(apalis_postgres::Config::default().queue(WEBHOOK_QUEUE)),
             })
         } else {
             Err(QueueError::Url(
@@ -124,6 +131,29 @@ impl Queue {
     }
 }
 
+impl Queue {
+    /// Pushes a webhook attempt, optionally delayed (the retry schedule's wait).
+    pub async fn push_webhook(
+        &self,
+        job: DeliverWebhook,
+        delay: Option<Duration>,
+    ) -> Result<(), String> {
+        let task = build(job, delay);
+        match self {
+            Self::Sqlite { webhook, .. } => webhook
+                .clone()
+                .push_task(task)
+                .await
+                .map_err(|e| e.to_string()),
+            Self::Postgres { webhook, .. } => webhook
+                .clone()
+                .push_task(task)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
 fn build<T>(job: T, delay: Option<Duration>) -> Task<T> {
     let builder = TaskBuilder::new(job).max_attempts(JOB_ATTEMPTS_MAX);
     match delay {
@@ -138,5 +168,8 @@ impl JobSink for Queue {
     }
     fn deliver(&self, job: DeliverNotification) -> PushFuture<'_> {
         Box::pin(self.push_delivery(job, None))
+    }
+    fn deliver_webhook(&self, job: DeliverWebhook) -> PushFuture<'_> {
+        Box::pin(self.push_webhook(job, None))
     }
 }

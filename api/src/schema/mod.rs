@@ -7,6 +7,7 @@ mod purchase_feed;
 mod query;
 mod subscription;
 mod types;
+mod webhooks;
 
 use crate::error::GqlResult;
 use crate::scalars::CreditsScalar;

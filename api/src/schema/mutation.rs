@@ -1,6 +1,10 @@
 //! Mutations: parse, authorize, call one `billing` function, shape the result.
 
 use super::types::*;
+use super::webhooks::{
+    CreateWebhookEndpointInput, WebhookDelivery, WebhookEndpoint, WebhookEndpointSecretPayload,
+    events_of,
+};
 use super::{caller, db, parse_id};
 use crate::error::GqlResult;
 use crate::scalars::{CreditsScalar, DecimalScalar};
@@ -11,6 +15,7 @@ use billing::debits::writer::DebitWriter;
 use billing::debits::{self, ReserveCall, UsageCall};
 use billing::payments::PaymentGateway;
 use billing::payments::purchases::{PurchaseCreditsRequest, PurchaseItem};
+use billing::webhooks::endpoints::{self, NewEndpoint, UrlPolicy};
 use billing::{BillingError, ErrorCode, accounts, transfers};
 use chrono::Utc;
 use std::sync::Arc;
@@ -770,11 +775,95 @@ impl MutationRoot {
     async fn mark_invoice_paid(&self, ctx: &Context<'_>, id: ID) -> Result<Invoice> {
         access::require_platform_admin(&caller(ctx)?).gql(ctx)?;
         let invoice_id = parse_id(ctx, &id, "invoice")?;
+        let jobs = ctx.data_opt::<Arc<dyn billing::jobs::JobSink>>();
         Ok(Invoice(
-            billing::payments::purchases::mark_invoice_paid(db(ctx), invoice_id, Utc::now())
-                .await
-                .gql(ctx)?,
+            billing::payments::purchases::pay_invoice(
+                db(ctx),
+                jobs.map(|j| j.as_ref()),
+                invoice_id,
+                Utc::now(),
+            )
+            .await
+            .gql(ctx)?,
         ))
+    }
+
+    /// Account OWNER/ADMIN: registers a webhook endpoint; its signing secret is in
+    /// this answer only.
+    async fn create_webhook_endpoint(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateWebhookEndpointInput,
+    ) -> Result<WebhookEndpointSecretPayload> {
+        let new = NewEndpoint {
+            account_id: parse_id(ctx, &input.account_id, "account")?,
+            url: input.url,
+            events: events_of(input.events),
+        };
+        let policy = ctx.data_opt::<UrlPolicy>().copied().unwrap_or_default();
+        let created = endpoints::create_endpoint(db(ctx), &caller(ctx)?, policy, new, Utc::now())
+            .await
+            .gql(ctx)?;
+        Ok(WebhookEndpointSecretPayload {
+            endpoint: created.endpoint.into(),
+            secret: created.secret,
+        })
+    }
+
+    /// Account OWNER/ADMIN: stops (`false`) or resumes (`true`) deliveries to an endpoint.
+    async fn set_webhook_endpoint_enabled(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        enabled: bool,
+    ) -> Result<WebhookEndpoint> {
+        let id = parse_id(ctx, &id, "webhook endpoint")?;
+        let endpoint = endpoints::set_enabled(db(ctx), &caller(ctx)?, id, enabled, Utc::now())
+            .await
+            .gql(ctx)?;
+        Ok(endpoint.into())
+    }
+
+    /// Account OWNER/ADMIN: deletes an endpoint and its deliveries; returns its id.
+    async fn delete_webhook_endpoint(&self, ctx: &Context<'_>, id: ID) -> Result<ID> {
+        let id = parse_id(ctx, &id, "webhook endpoint")?;
+        let deleted = endpoints::delete_endpoint(db(ctx), &caller(ctx)?, id)
+            .await
+            .gql(ctx)?;
+        Ok(ID(deleted.to_string()))
+    }
+
+    /// Account OWNER/ADMIN: replaces an endpoint's signing secret at once; the new
+    /// secret is in this answer only.
+    async fn rotate_webhook_secret(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> Result<WebhookEndpointSecretPayload> {
+        let id = parse_id(ctx, &id, "webhook endpoint")?;
+        let rotated = endpoints::rotate_secret(db(ctx), &caller(ctx)?, id, Utc::now())
+            .await
+            .gql(ctx)?;
+        Ok(WebhookEndpointSecretPayload {
+            endpoint: rotated.endpoint.into(),
+            secret: rotated.secret,
+        })
+    }
+
+    /// Account OWNER/ADMIN: attempts a DEAD delivery again, with a fresh attempt budget.
+    async fn retry_webhook_delivery(&self, ctx: &Context<'_>, id: ID) -> Result<WebhookDelivery> {
+        let id = parse_id(ctx, &id, "webhook delivery")?;
+        let jobs = ctx.data_opt::<Arc<dyn billing::jobs::JobSink>>();
+        let delivery = billing::webhooks::delivery::retry_dead(
+            db(ctx),
+            jobs.map(|j| j.as_ref()),
+            &caller(ctx)?,
+            id,
+            Utc::now(),
+        )
+        .await
+        .gql(ctx)?;
+        Ok(delivery.into())
     }
 
     /// Platform admin only: adds or changes a model of the catalog; `active: false` retires it (its history stays).

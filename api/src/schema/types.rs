@@ -368,6 +368,17 @@ impl Account {
             .gql(ctx)?;
         Ok(rows.into_values().flatten().map(PaymentMethod).collect())
     }
+    /// Webhook endpoints, oldest first (OWNER/ADMIN); never with their secrets.
+    async fn webhook_endpoints(
+        &self,
+        ctx: &Context<'_>,
+    ) -> Result<Vec<super::webhooks::WebhookEndpoint>> {
+        let endpoints =
+            billing::webhooks::endpoints::list_endpoints(db(ctx), &caller(ctx)?, self.0.id)
+                .await
+                .gql(ctx)?;
+        Ok(endpoints.into_iter().map(Into::into).collect())
+    }
     /// Invoices, newest first (OWNER/ADMIN).
     async fn invoices(
         &self,

@@ -11,6 +11,7 @@ use crate::ids::{IdempotencyKey, new_id, opt_uuid_str, request_hash};
 use crate::ledger::{self, EntrySpec, Guard, LedgerAccount, PostingRefs, system_account};
 use crate::money::Credits;
 use crate::payments;
+use crate::webhooks::events as webhooks;
 use chrono::{DateTime, TimeDelta, Utc};
 use entity::enums::{
     BalanceChangeCause, InvoiceStatus, LedgerEntryKind, PurchaseSource, PurchaseStatus,
@@ -361,10 +362,11 @@ pub async fn credit_purchase(
         tx.rollback().await?;
         return already_resolved(db, purchase_id).await;
     };
-    post_purchase_credit(&tx, &purchase, now).await?;
+    let ws = post_purchase_credit(&tx, &purchase, now).await?;
     if purchase.source == PurchaseSource::AutoReload {
         crate::policies::reload_state::on_reload_captured(&tx, &purchase, now).await?;
     }
+    webhooks::purchase_settled(&tx, &purchase, ws.account_id, now).await?;
     tx.commit().await?;
     Ok(purchase)
 }
@@ -410,6 +412,9 @@ pub(crate) async fn capture_succeeded_in(
     }
     // The receipt is written in the same transaction: credited and receipted together.
     crate::policies::notifications::receipt_for_purchase(tx, purchase.id, now).await?;
+    // And the platform's webhooks (`purchase.succeeded`, `invoice.created`/`invoice.paid`).
+    webhooks::purchase_settled(tx, &purchase, ws.account_id, now).await?;
+    webhooks::invoice_issued(tx, &invoice, Some(ws.id), now).await?;
     Ok(Some(purchase))
 }
 
@@ -475,10 +480,12 @@ pub(crate) async fn fail_in(
         .exec_with_returning(tx)
         .await?
         .pop();
-    if let Some(p) = &failed
-        && p.source == PurchaseSource::AutoReload
-    {
-        crate::policies::reload_state::on_reload_failed(tx, p, permanent, now).await?;
+    if let Some(p) = &failed {
+        if p.source == PurchaseSource::AutoReload {
+            crate::policies::reload_state::on_reload_failed(tx, p, permanent, now).await?;
+        }
+        let ws = ledger::load_workspace(tx, p.workspace_id).await?;
+        webhooks::purchase_settled(tx, p, ws.account_id, now).await?;
     }
     Ok(failed)
 }
@@ -526,6 +533,9 @@ pub(crate) async fn require_action_in(
     if purchase.source == PurchaseSource::AutoReload {
         crate::policies::reload_state::on_reload_needs_action(tx, &purchase, now).await?;
     }
+    // For the platform it is a failed purchase (`purchase.failed`, its status in the data).
+    let ws = ledger::load_workspace(tx, purchase.workspace_id).await?;
+    webhooks::purchase_settled(tx, &purchase, ws.account_id, now).await?;
     tracing::warn!(%purchase_id, reason, "purchase needs the cardholder to authenticate");
     Ok(Some(purchase))
 }
@@ -724,6 +734,8 @@ async fn purchase_by_invoice(
     purchase.invoice_id = Some(invoice.id);
     // The OPEN invoice goes out by e-mail like a card receipt, in the same transaction.
     crate::policies::notifications::receipt_for_purchase(&tx, purchase.id, now).await?;
+    webhooks::purchase_settled(&tx, &purchase, ws.account_id, now).await?;
+    webhooks::invoice_issued(&tx, &invoice, Some(ws.id), now).await?;
     tx.commit().await?;
     Ok(Purchased {
         purchase,
@@ -894,6 +906,7 @@ pub async fn mark_invoice_paid(
     invoice_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<invoices::Model> {
+    let tx = begin_write(db).await?;
     let paid = invoices::Entity::update_many()
         .col_expr(
             invoices::Column::Status,
@@ -902,12 +915,23 @@ pub async fn mark_invoice_paid(
         .col_expr(invoices::Column::PaidAt, Expr::value(now))
         .filter(invoices::Column::Id.eq(invoice_id))
         .filter(invoices::Column::Status.eq(InvoiceStatus::Open))
-        .exec_with_returning(db)
+        .exec_with_returning(&tx)
         .await?
         .pop();
     if let Some(invoice) = paid {
+        let workspace_id = match invoice.purchase_id {
+            Some(id) => purchases::Entity::find_by_id(id)
+                .one(&tx)
+                .await?
+                .map(|p| p.workspace_id),
+            None => None,
+        };
+        let event = crate::webhooks::WebhookEventType::InvoicePaid;
+        webhooks::invoice_event(&tx, &invoice, workspace_id, event, now).await?;
+        tx.commit().await?;
         return Ok(invoice);
     }
+    tx.rollback().await?;
     let invoice = load_invoice(db, invoice_id).await?;
     match invoice.status {
         InvoiceStatus::Paid => Ok(invoice),
@@ -917,6 +941,21 @@ pub async fn mark_invoice_paid(
             invoice.status.as_str()
         ))),
     }
+}
+
+/// `markInvoicePaid`: [`mark_invoice_paid`], then its `invoice.paid` deliveries
+/// pushed to the queue (`jobs`; None: the worker's sweep finds them).
+pub async fn pay_invoice(
+    db: &DatabaseConnection,
+    jobs: Option<&dyn crate::jobs::JobSink>,
+    invoice_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<invoices::Model> {
+    let invoice = mark_invoice_paid(db, invoice_id, now).await?;
+    if let Some(jobs) = jobs {
+        crate::webhooks::delivery::push_due(db, jobs, now).await;
+    }
+    Ok(invoice)
 }
 
 pub async fn load_invoice(db: &DatabaseConnection, id: Uuid) -> Result<invoices::Model> {
@@ -1008,6 +1047,13 @@ pub async fn buy_credits(
         if let Err(e) = jobs.capture(job).await {
             tracing::warn!(%purchase_id, error = %e, "capture job not pushed");
         }
+    }
+    // Paid by invoice: settled at once, its webhook events are written already.
+    if purchased.purchase.status == PurchaseStatus::Succeeded
+        && !purchased.replayed
+        && let Some(jobs) = jobs
+    {
+        crate::webhooks::delivery::push_due(db, jobs, now).await;
     }
     Ok(purchased)
 }

@@ -12,6 +12,8 @@ use crate::error::Result;
 use crate::money::Credits;
 use crate::policies::notifications::{self, LowBalanceAlert, NotificationPayload};
 use crate::reports::analytics;
+use crate::webhooks::WebhookEventType;
+use crate::webhooks::events as webhooks;
 use chrono::{DateTime, Utc};
 use entity::{alert_recipients, alert_thresholds, users, workspaces};
 use sea_orm::sea_query::{Expr, Query};
@@ -31,8 +33,9 @@ pub fn alert_dedupe_key(threshold_id: Uuid, balance_sequence: i64) -> String {
 /// Checks the workspace's thresholds against its balance as `ws` shows it (the row
 /// as the caller's change left it), inside the caller's transaction: fires (and
 /// disarms) armed thresholds above the balance, re-arms fired ones at or below it.
-/// Returns the ids of the notifications written, for the caller to enqueue after
-/// commit (the worker's sweep finds them otherwise).
+/// Also writes the `balance.low` / `balance.recovered` webhook events. Returns the
+/// ids of the notifications and webhook deliveries written, for the caller to
+/// enqueue after commit (the worker's sweep finds them otherwise).
 ///
 /// Cost: one indexed SELECT of the workspace's thresholds (a handful of rows); writes
 /// only on a crossing.
@@ -40,7 +43,7 @@ pub async fn after_balance_change<C: ConnectionTrait>(
     c: &C,
     ws: &workspaces::Model,
     now: DateTime<Utc>,
-) -> Result<Vec<Uuid>> {
+) -> Result<Crossings> {
     use alert_thresholds::Column as T;
     let thresholds = alert_thresholds::Entity::find()
         .filter(T::WorkspaceId.eq(ws.id))
@@ -59,9 +62,9 @@ pub(crate) async fn after_balance_change_with<C: ConnectionTrait>(
     ws: &workspaces::Model,
     thresholds: &[alert_thresholds::Model],
     now: DateTime<Utc>,
-) -> Result<Vec<Uuid>> {
+) -> Result<Crossings> {
     use alert_thresholds::Column as T;
-    let mut notified = Vec::new();
+    let mut crossings = Crossings::default();
     for threshold in thresholds {
         let below = ws.balance_nanos < threshold.amount_nanos;
         if threshold.armed && below {
@@ -72,21 +75,50 @@ pub(crate) async fn after_balance_change_with<C: ConnectionTrait>(
                 .filter(T::Armed.eq(true))
                 .exec(c)
                 .await?;
-            if disarmed.rows_affected == 1
-                && let Some(id) = fire(c, ws, threshold, now).await?
-            {
-                notified.push(id);
+            if disarmed.rows_affected == 1 {
+                crossings.webhook_deliveries.extend(
+                    webhooks::threshold_crossed(
+                        c,
+                        ws,
+                        threshold,
+                        WebhookEventType::BalanceLow,
+                        now,
+                    )
+                    .await?,
+                );
+                if let Some(id) = fire(c, ws, threshold, now).await? {
+                    crossings.notifications.push(id);
+                }
             }
         } else if !threshold.armed && !below {
-            alert_thresholds::Entity::update_many()
+            let rearmed = alert_thresholds::Entity::update_many()
                 .col_expr(T::Armed, Expr::value(true))
                 .filter(T::Id.eq(threshold.id))
                 .filter(T::Armed.eq(false))
                 .exec(c)
                 .await?;
+            if rearmed.rows_affected == 1 {
+                crossings.webhook_deliveries.extend(
+                    webhooks::threshold_crossed(
+                        c,
+                        ws,
+                        threshold,
+                        WebhookEventType::BalanceRecovered,
+                        now,
+                    )
+                    .await?,
+                );
+            }
         }
     }
-    Ok(notified)
+    Ok(crossings)
+}
+
+/// What a balance change's threshold checks wrote, to push after the commit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Crossings {
+    pub notifications: Vec<Uuid>,
+    pub webhook_deliveries: Vec<Uuid>,
 }
 
 /// The e-mail addresses of a threshold's recipients, sorted.

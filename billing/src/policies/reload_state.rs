@@ -212,6 +212,15 @@ async fn notify_failure<C: ConnectionTrait>(
         )
         .await?;
     }
+    // The platform hears of every failed reload, the 3-D Secure one included.
+    let event = crate::webhooks::events::ReloadFailure {
+        purchase,
+        reason: &failure.reason,
+        consecutive_failures: failure.failures,
+        next_attempt_at: (!failure.disabled).then_some(failure.next_attempt_at),
+        turned_off: failure.turned_off,
+    };
+    crate::webhooks::events::reload_failed(c, &ws, &event, now).await?;
     if failure.turned_off {
         let disabled = NotificationPayload::AutoReloadDisabled(AutoReloadDisabled {
             workspace_id: ws.id,

@@ -3,7 +3,7 @@
 //! pages stay stable while new rows arrive at the top.
 
 use crate::error::{BillingError, Result};
-use entity::{invoices, ledger_entries, purchases, transfers};
+use entity::{invoices, ledger_entries, purchases, transfers, webhook_deliveries};
 use sea_orm::sea_query::Condition;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
@@ -144,6 +144,25 @@ pub async fn transfers_page<C: ConnectionTrait>(
     }
     let rows = query
         .order_by_desc(transfers::Column::Id)
+        .limit(page.first + 1)
+        .all(c)
+        .await?;
+    Ok(page_of(rows, page.first, |r| r.id.to_string()))
+}
+
+/// A webhook endpoint's deliveries, newest first (ids are time-ordered UUIDv7).
+pub async fn webhook_deliveries_page<C: ConnectionTrait>(
+    c: &C,
+    endpoint_id: Uuid,
+    page: &PageRequest,
+) -> Result<Page<webhook_deliveries::Model>> {
+    use webhook_deliveries::Column as D;
+    let mut query = webhook_deliveries::Entity::find().filter(D::EndpointId.eq(endpoint_id));
+    if let Some(id) = uuid_key(page.after_key()?)? {
+        query = query.filter(D::Id.lt(id));
+    }
+    let rows = query
+        .order_by_desc(D::Id)
         .limit(page.first + 1)
         .all(c)
         .await?;

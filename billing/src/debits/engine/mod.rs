@@ -188,6 +188,7 @@ fn add_us(counter: &AtomicU64, since: std::time::Instant) -> std::time::Instant 
 pub(crate) struct FollowUp {
     pub purchases: Vec<Uuid>,
     pub notifications: Vec<Uuid>,
+    pub webhook_deliveries: Vec<Uuid>,
 }
 
 impl FollowUp {
@@ -204,6 +205,7 @@ impl FollowUp {
                 tracing::warn!(%notification_id, error = %e, "delivery job not pushed");
             }
         }
+        crate::webhooks::delivery::push(jobs, self.webhook_deliveries).await;
     }
 }
 

@@ -97,7 +97,10 @@ async fn run_policies(
         follow_up.purchases.push(purchase.id);
     }
     let alerts = alerts::after_balance_change_with(tx, &ws.row, thresholds, now).await?;
-    follow_up.notifications.extend(alerts);
+    follow_up.notifications.extend(alerts.notifications);
+    follow_up
+        .webhook_deliveries
+        .extend(alerts.webhook_deliveries);
     Ok(())
 }
 
