@@ -3,6 +3,7 @@
 pub mod credentials;
 pub mod error;
 pub mod events;
+pub mod health;
 pub mod metrics;
 pub mod scalars;
 pub mod schema;
@@ -89,6 +90,8 @@ struct AppState {
     writer: billing::debits::writer::DebitWriter,
     /// Shutdown, as every open WebSocket connection sees it.
     closing: websocket::Closing,
+    /// The database's last known health, for `/readyz`.
+    health: Arc<health::Health>,
 }
 
 /// Exports the schema in SDL (what `reservoir export-schema` prints and what
@@ -304,14 +307,15 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().body("ok")
 }
 
-/// The database answers.
+/// The database answered the last health ping, and recently: read from the cached
+/// state, so this answers at once even while the database hangs.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    match billing::db::ping(&state.db).await {
-        Ok(_) => HttpResponse::Ok().body("ready"),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness check failed");
-            HttpResponse::ServiceUnavailable().body("database unreachable")
-        }
+    if state.health.is_ready() {
+        HttpResponse::Ok().body("ready")
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header((actix_web::http::header::RETRY_AFTER, "1"))
+            .body("database unreachable")
     }
 }
 
@@ -343,6 +347,7 @@ pub fn build_server(
     let credentials = Arc::new(credentials::CredentialCache::new(
         config.credential_cache_ttl_ms,
     ));
+    let health = health::Health::start(db.clone());
     let state = AppState {
         schema: schema::schema_builder(db.clone(), config.gateway.clone(), Some(metrics.clone()))
             .data(hub.clone())
@@ -358,6 +363,7 @@ pub fn build_server(
         credentials,
         writer,
         closing,
+        health,
     };
     let mut server = HttpServer::new(move || {
         App::new()

@@ -16,6 +16,9 @@ pub enum ErrorCode {
     IdempotencyConflict,
     PaymentFailed,
     LimitExceeded,
+    /// The database cannot be reached right now (pool timed out, connection refused
+    /// or terminated): nothing was decided, and the same request may be sent again.
+    Unavailable,
     Internal,
 }
 
@@ -31,8 +34,16 @@ impl ErrorCode {
             Self::IdempotencyConflict => "IDEMPOTENCY_CONFLICT",
             Self::PaymentFailed => "PAYMENT_FAILED",
             Self::LimitExceeded => "LIMIT_EXCEEDED",
+            Self::Unavailable => "UNAVAILABLE",
             Self::Internal => "INTERNAL",
         }
+    }
+
+    /// Whether sending the same request again later can succeed (the GraphQL
+    /// `extensions.retryable`). A retried debit is safe: its request id or idempotency
+    /// key makes it a replay if the first attempt did commit.
+    pub const fn is_retryable(self) -> bool {
+        matches!(self, Self::Unavailable)
     }
 }
 
@@ -63,6 +74,9 @@ pub enum BillingError {
     PaymentFailed(String),
     #[error("{0}")]
     LimitExceeded(String),
+    /// The database could not be reached (the cause, for the log).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     #[error("database error: {0}")]
     Database(#[from] DbErr),
     /// A broken internal assumption (an invariant); never shown to callers verbatim.
@@ -84,6 +98,8 @@ impl BillingError {
             Self::IdempotencyConflict => ErrorCode::IdempotencyConflict,
             Self::PaymentFailed(_) => ErrorCode::PaymentFailed,
             Self::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Database(e) if is_unavailable(e) => ErrorCode::Unavailable,
             Self::Database(_) | Self::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -102,6 +118,11 @@ impl BillingError {
         Self::InvalidInput(message.into())
     }
 
+    /// True when the database could not be reached ([`ErrorCode::Unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        self.code() == ErrorCode::Unavailable
+    }
+
     /// True when the database refused a row because a unique key already exists.
     pub fn is_unique_violation(&self) -> bool {
         matches!(self, Self::Database(e) if is_unique_violation(e))
@@ -113,6 +134,45 @@ pub fn is_unique_violation(e: &DbErr) -> bool {
         e.sql_err(),
         Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
     )
+}
+
+/// Whether a database error means the database cannot be reached, rather than that it
+/// refused this statement: the pool found no live connection within its acquire
+/// timeout, the socket failed or was closed, the server is shutting down or starting
+/// (PostgreSQL class 08 and 57P01-57P03, 53300 too many connections), or SQLite could
+/// not open its file or take its lock within the busy timeout.
+pub fn is_unavailable(e: &DbErr) -> bool {
+    match e {
+        DbErr::ConnectionAcquire(_) => true,
+        DbErr::Conn(runtime) | DbErr::Exec(runtime) | DbErr::Query(runtime) => {
+            matches!(runtime, sea_orm::RuntimeErr::SqlxError(e) if sqlx_unavailable(e))
+        }
+        _ => false,
+    }
+}
+
+fn sqlx_unavailable(e: &sea_orm::sqlx::Error) -> bool {
+    use sea_orm::sqlx::Error;
+    match e {
+        Error::PoolTimedOut
+        | Error::PoolClosed
+        | Error::Io(_)
+        | Error::Tls(_)
+        | Error::WorkerCrashed => true,
+        Error::Database(db) => db.code().is_some_and(|code| unavailable_code(&code)),
+        _ => false,
+    }
+}
+
+/// PostgreSQL SQLSTATEs and SQLite result codes (extended codes are the primary code
+/// in the low byte) that say "not reachable now" rather than "refused".
+fn unavailable_code(code: &str) -> bool {
+    const SQLITE_BUSY: i64 = 5;
+    const SQLITE_CANTOPEN: i64 = 14;
+    if let Ok(sqlite) = code.parse::<i64>() {
+        return matches!(sqlite & 0xff, SQLITE_BUSY | SQLITE_CANTOPEN);
+    }
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
 }
 
 impl From<MoneyError> for BillingError {
