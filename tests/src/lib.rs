@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 
 pub mod app;
+pub mod load;
+pub mod scratch_pg;
 
 use billing::Credits;
 use billing::db::{self, PoolLimits};
