@@ -159,20 +159,36 @@ fn sqlx_unavailable(e: &sea_orm::sqlx::Error) -> bool {
         | Error::Io(_)
         | Error::Tls(_)
         | Error::WorkerCrashed => true,
-        Error::Database(db) => db.code().is_some_and(|code| unavailable_code(&code)),
+        Error::Database(db) => {
+            let Some(code) = db.code() else {
+                return false;
+            };
+            if db
+                .try_downcast_ref::<sea_orm::sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                pg_unavailable(&code)
+            } else {
+                sqlite_unavailable(&code)
+            }
+        }
         _ => false,
     }
 }
 
-/// PostgreSQL SQLSTATEs and SQLite result codes (extended codes are the primary code
-/// in the low byte) that say "not reachable now" rather than "refused".
-fn unavailable_code(code: &str) -> bool {
+/// SQLSTATEs that say "not reachable now" rather than "refused": connection
+/// exceptions, the server shutting down, crashed or starting, too many connections.
+fn pg_unavailable(sqlstate: &str) -> bool {
+    sqlstate.starts_with("08") || matches!(sqlstate, "57P01" | "57P02" | "57P03" | "53300")
+}
+
+/// SQLite result codes (an extended code carries its primary code in the low byte):
+/// BUSY (the lock not had within the busy timeout) and CANTOPEN (the file).
+fn sqlite_unavailable(code: &str) -> bool {
     const SQLITE_BUSY: i64 = 5;
     const SQLITE_CANTOPEN: i64 = 14;
-    if let Ok(sqlite) = code.parse::<i64>() {
-        return matches!(sqlite & 0xff, SQLITE_BUSY | SQLITE_CANTOPEN);
-    }
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+    code.parse::<i64>()
+        .is_ok_and(|code| matches!(code & 0xff, SQLITE_BUSY | SQLITE_CANTOPEN))
 }
 
 impl From<MoneyError> for BillingError {
@@ -190,6 +206,48 @@ impl From<PricingError> for BillingError {
             PricingError::TokensOutOfRange { .. } => Self::InvalidInput(e.to_string()),
             PricingError::NegativePrice => Self::Internal(e.to_string()),
             PricingError::Overflow => Self::LimitExceeded(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_failures_are_unavailable_and_retryable() {
+        let timeout = DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout);
+        let e = BillingError::Database(timeout);
+        assert_eq!(e.code(), ErrorCode::Unavailable);
+        assert!(e.code().is_retryable());
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let io = DbErr::Exec(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(
+            sea_orm::sqlx::Error::Io(refused),
+        )));
+        assert!(is_unavailable(&io));
+        assert_eq!(
+            BillingError::Unavailable("x".into()).code().as_str(),
+            "UNAVAILABLE"
+        );
+        assert!(!ErrorCode::Internal.is_retryable());
+        let other = BillingError::Database(DbErr::Custom("bad".into()));
+        assert_eq!(other.code(), ErrorCode::Internal);
+    }
+
+    #[test]
+    fn codes_of_an_unreachable_database() {
+        for sqlstate in ["08006", "08001", "57P01", "57P02", "57P03", "53300"] {
+            assert!(pg_unavailable(sqlstate), "{sqlstate}");
+        }
+        for sqlstate in ["23505", "22021", "40001", "42P01"] {
+            assert!(!pg_unavailable(sqlstate), "{sqlstate}");
+        }
+        // BUSY, BUSY_SNAPSHOT (517), CANTOPEN; not CONSTRAINT_UNIQUE (2067) or FULL (13).
+        for code in ["5", "517", "14"] {
+            assert!(sqlite_unavailable(code), "{code}");
+        }
+        for code in ["2067", "13", "1"] {
+            assert!(!sqlite_unavailable(code), "{code}");
         }
     }
 }

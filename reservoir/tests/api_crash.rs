@@ -176,7 +176,10 @@ async fn an_api_killed_under_load_loses_and_doubles_nothing() -> anyhow::Result<
         admitted.insert(debit.request_id.clone(), (debit, usage_id));
     }
     for debit in unanswered {
-        match load::record(&client, &base, &key.secret, &debit).await.outcome {
+        match load::record(&client, &base, &key.secret, &debit)
+            .await
+            .outcome
+        {
             Outcome::Acknowledged(usage_id) => {
                 admitted.insert(debit.request_id.clone(), (debit, usage_id));
             }
@@ -185,7 +188,9 @@ async fn an_api_killed_under_load_loses_and_doubles_nothing() -> anyhow::Result<
     }
     // Acknowledged debits sent again are replays: the same usage event.
     for (debit, usage_id) in admitted.values().take(CLIENTS) {
-        let again = load::record(&client, &base, &key.secret, debit).await.outcome;
+        let again = load::record(&client, &base, &key.secret, debit)
+            .await
+            .outcome;
         assert_eq!(again, Outcome::Acknowledged(usage_id.clone()), "{debit:?}");
     }
     second.kill()?;

@@ -27,7 +27,10 @@ impl ScratchPg {
         let as_postgres = running_as_root()?;
         let dir = tempfile::Builder::new().prefix("scratch-pg-").tempdir()?;
         if as_postgres {
-            run(Command::new("chown").arg("-R").arg("postgres").arg(dir.path()))?;
+            run(Command::new("chown")
+                .arg("-R")
+                .arg("postgres")
+                .arg(dir.path()))?;
         }
         let port = free_port()?;
         let mut pg = Self {
@@ -140,9 +143,7 @@ impl Drop for ScratchPg {
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let output = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let output = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     anyhow::ensure!(
         output.status.success(),
         "{cmd:?} exited with {}:\n{}{}",

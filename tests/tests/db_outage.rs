@@ -45,7 +45,13 @@ struct Record {
     stop: AtomicBool,
 }
 
-async fn debit_loop(client: reqwest::Client, base: String, token: String, id: usize, rec: Arc<Record>) {
+async fn debit_loop(
+    client: reqwest::Client,
+    base: String,
+    token: String,
+    id: usize,
+    rec: Arc<Record>,
+) {
     let mut n = 0_i64;
     while !rec.stop.load(Ordering::Relaxed) {
         let debit = Debit {
@@ -97,10 +103,19 @@ struct OutageFigures {
     first_debit_after: Duration,
 }
 
-async fn outage(pg: &Arc<Mutex<ScratchPg>>, rec: &Record, length: Duration) -> anyhow::Result<OutageFigures> {
+async fn outage(
+    pg: &Arc<Mutex<ScratchPg>>,
+    rec: &Record,
+    length: Duration,
+) -> anyhow::Result<OutageFigures> {
     let pg_stop = pg.clone();
-    tokio::task::spawn_blocking(move || pg_stop.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.stop())
-        .await??;
+    tokio::task::spawn_blocking(move || {
+        pg_stop
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .stop()
+    })
+    .await??;
     let down = Instant::now();
     tokio::time::sleep(length).await;
     let pg_start = pg.clone();
@@ -120,12 +135,18 @@ async fn outage(pg: &Arc<Mutex<ScratchPg>>, rec: &Record, length: Duration) -> a
         if let (Some(r), Some(d)) = (ready, debit) {
             break (r, d);
         }
-        anyhow::ensure!(Instant::now() < deadline, "not recovered 20 s after the restart");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not recovered 20 s after the restart"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let not_ready = first_probe(rec, down, |s| s == 503)
         .ok_or_else(|| anyhow::anyhow!("/readyz never said not ready"))?;
-    anyhow::ensure!(not_ready.at < up, "/readyz said not ready only after the outage");
+    anyhow::ensure!(
+        not_ready.at < up,
+        "/readyz said not ready only after the outage"
+    );
     // The probe that saw 503 was asked at `at`; the state had turned by then.
     let not_ready_after = not_ready.at.saturating_duration_since(down);
 
@@ -135,7 +156,10 @@ async fn outage(pg: &Arc<Mutex<ScratchPg>>, rec: &Record, length: Duration) -> a
         .iter()
         .filter(|s| s.started >= down && s.started + s.took <= up)
         .collect();
-    anyhow::ensure!(!during.is_empty(), "no request was answered during the outage");
+    anyhow::ensure!(
+        !during.is_empty(),
+        "no request was answered during the outage"
+    );
     let mut slowest_refusal = Duration::ZERO;
     for s in &during {
         match &s.outcome {
@@ -162,7 +186,10 @@ async fn outage(pg: &Arc<Mutex<ScratchPg>>, rec: &Record, length: Duration) -> a
 
 fn first_probe(rec: &Record, after: Instant, pred: impl Fn(u16) -> bool) -> Option<Probe> {
     let probes = rec.probes.lock().ok()?;
-    probes.iter().find(|p| p.at >= after && pred(p.status)).copied()
+    probes
+        .iter()
+        .find(|p| p.at >= after && pred(p.status))
+        .copied()
 }
 
 fn first_ack_started_after(rec: &Record, after: Instant) -> Option<Duration> {
@@ -226,14 +253,27 @@ async fn a_stopped_database_fails_fast_and_recovers_without_a_restart() -> anyho
             figures.slowest_refusal <= Duration::from_millis(ACQUIRE_TIMEOUT_MS_DEFAULT) + SLACK,
             "{figures:?}"
         );
-        assert!(figures.ready_again_after <= Duration::from_secs(5), "{figures:?}");
-        assert!(figures.first_debit_after <= Duration::from_secs(5), "{figures:?}");
+        assert!(
+            figures.ready_again_after <= Duration::from_secs(5),
+            "{figures:?}"
+        );
+        assert!(
+            figures.first_debit_after <= Duration::from_secs(5),
+            "{figures:?}"
+        );
     }
 
     let sent = std::mem::take(&mut *rec.sent.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
-    let probes = rec.probes.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let probes = rec
+        .probes
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
     let slowest_probe = probes.iter().map(|p| p.took).max().unwrap_or_default();
-    eprintln!("{} /readyz answers, the slowest in {slowest_probe:?}", probes.len());
+    eprintln!(
+        "{} /readyz answers, the slowest in {slowest_probe:?}",
+        probes.len()
+    );
     assert!(
         slowest_probe < READY_WITHIN,
         "/readyz took {slowest_probe:?} to answer"
@@ -248,9 +288,15 @@ async fn a_stopped_database_fails_fast_and_recovers_without_a_restart() -> anyho
     for s in sent {
         let id = match s.outcome {
             Outcome::Acknowledged(id) => id,
-            Outcome::Refused { code, retryable: true } if code == "UNAVAILABLE" => {
+            Outcome::Refused {
+                code,
+                retryable: true,
+            } if code == "UNAVAILABLE" => {
                 retried += 1;
-                match load::record(&client, &app.base, &key.secret, &s.debit).await.outcome {
+                match load::record(&client, &app.base, &key.secret, &s.debit)
+                    .await
+                    .outcome
+                {
                     Outcome::Acknowledged(id) => id,
                     other => anyhow::bail!("retry of {:?}: {other:?}", s.debit),
                 }
@@ -268,7 +314,11 @@ async fn a_stopped_database_fails_fast_and_recovers_without_a_restart() -> anyho
         .filter(usage_events::Column::WorkspaceId.eq(f.ws_a))
         .all(&setup)
         .await?;
-    assert_eq!(events.len(), admitted.len(), "one usage event per admitted debit");
+    assert_eq!(
+        events.len(),
+        admitted.len(),
+        "one usage event per admitted debit"
+    );
     for event in &events {
         let (debit, id) = admitted
             .get(&event.request_id)
@@ -277,9 +327,16 @@ async fn a_stopped_database_fails_fast_and_recovers_without_a_restart() -> anyho
         assert_eq!(event.cost_nanos, debit.cost_nanos(), "{}", event.request_id);
     }
     let spent: i64 = admitted.values().map(|(d, _)| d.cost_nanos()).sum();
-    assert_eq!(workspace(&setup, f.ws_a).await?.balance_nanos, initial - spent);
+    assert_eq!(
+        workspace(&setup, f.ws_a).await?.balance_nanos,
+        initial - spent
+    );
     let report = billing::ledger::invariants::check(&setup).await?;
-    assert!(report.is_ok(), "invariants violated: {:#?}", report.violations);
+    assert!(
+        report.is_ok(),
+        "invariants violated: {:#?}",
+        report.violations
+    );
     app.stop().await;
     Ok(())
 }
