@@ -54,7 +54,10 @@ trap stop_server EXIT
 start_server() {
     data_dir=$(mktemp -d "$out_dir/server.XXXXXX")
     local env=(RESERVOIR_DATA_DIR="$data_dir" RESERVOIR_LISTEN="127.0.0.1:$port"
-        RESERVOIR_DEMO_SEED=false RESERVOIR_LOG="${RESERVOIR_LOG:-warn}")
+        RESERVOIR_DEMO_SEED=false RESERVOIR_LOG="${RESERVOIR_LOG:-warn}"
+        # The load generator is one credential at full speed: measure the engine, not
+        # the per-key limit.
+        RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND="${RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND:-0}")
     if [[ $backend == postgres ]]; then
         local name="reservoir_bench_run"
         psql "$pg_base/postgres" -qc "DROP DATABASE IF EXISTS $name WITH (FORCE)" >/dev/null

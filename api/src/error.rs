@@ -41,6 +41,9 @@ pub fn to_gql(e: impl Borrow<BillingError>, http_request_id: Option<&RequestId>)
         if let Some(available) = e.available() {
             ext.set("available", available.to_string());
         }
+        if let BillingError::RateLimited { retry_after_ms } = e {
+            ext.set("retryAfterMs", *retry_after_ms);
+        }
         if code == ErrorCode::Internal
             && let Some(id) = http_request_id
         {
@@ -80,12 +83,16 @@ impl async_graphql::extensions::ExtensionFactory for ErrorCodes {
 
 struct ErrorCodesExtension;
 
+/// Errors kept in one response (one more says how many were left out).
+pub const ERRORS_MAX: usize = 20;
+
 /// Messages of async-graphql's own limit checks.
 const LIMIT_MESSAGES: &[&str] = &[
     "Query is too complex",
     "Query is nested too deep",
     "recursion depth",
     "too many directives",
+    "number of directives",
 ];
 
 #[async_graphql::async_trait::async_trait]
@@ -96,6 +103,18 @@ impl async_graphql::extensions::Extension for ErrorCodesExtension {
         next: async_graphql::extensions::NextRequest<'_>,
     ) -> async_graphql::Response {
         let mut response = next.run(ctx).await;
+        if response.errors.len() > ERRORS_MAX {
+            // A document can produce an error per field or directive; the first few
+            // say what is wrong, the rest only make the response large.
+            let omitted = response.errors.len().saturating_sub(ERRORS_MAX);
+            response.errors.truncate(ERRORS_MAX);
+            let mut more =
+                async_graphql::ServerError::new(format!("{omitted} more errors omitted"), None);
+            more.extensions
+                .get_or_insert_with(Default::default)
+                .set("code", ErrorCode::LimitExceeded.as_str());
+            response.errors.push(more);
+        }
         for error in &mut response.errors {
             let has_code = error
                 .extensions

@@ -1,17 +1,19 @@
 #![doc = include_str!("../README.md")]
 
 pub mod credentials;
+pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod limits;
 pub mod metrics;
+pub mod rate_limit;
 pub mod scalars;
 pub mod schema;
 pub mod websocket;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, guard, web};
-use async_graphql::http::GraphiQLSource;
 use billing::sea_orm::DatabaseConnection;
 use error::RequestId;
 use schema::{Caller, ReservoirSchema};
@@ -45,6 +47,10 @@ pub struct ApiConfig {
     /// How long an authenticated token is trusted without a lookup (0: never cached).
     /// A key revoked through another process keeps working at most this long.
     pub credential_cache_ttl_ms: u64,
+    /// Whether `__schema`/`__type` queries are answered (GraphiQL, code generators).
+    pub introspection: bool,
+    /// Usage events per credential and failed authentications per client address.
+    pub rate_limits: rate_limit::RateLimits,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -57,6 +63,8 @@ impl std::fmt::Debug for ApiConfig {
             .field("balance_hub", &self.balance_hub)
             .field("writer", &self.writer)
             .field("credential_cache_ttl_ms", &self.credential_cache_ttl_ms)
+            .field("introspection", &self.introspection)
+            .field("rate_limits", &self.rate_limits)
             .finish_non_exhaustive()
     }
 }
@@ -73,6 +81,8 @@ impl Default for ApiConfig {
             balance_hub: events::HubConfig::default(),
             writer: None,
             credential_cache_ttl_ms: 2_000,
+            introspection: true,
+            rate_limits: rate_limit::RateLimits::default(),
         }
     }
 }
@@ -92,6 +102,7 @@ struct AppState {
     closing: websocket::Closing,
     /// The database's last known health, for `/readyz`.
     health: Arc<health::Health>,
+    rate_limiter: Arc<rate_limit::RateLimiter>,
 }
 
 /// Exports the schema in SDL (what `reservoir export-schema` prints and what
@@ -164,6 +175,12 @@ async fn graphql(state: web::Data<AppState>, http: HttpRequest, body: web::Bytes
     };
     let mut request = request.data(http_request_id.clone());
     if let Some(token) = bearer(&http) {
+        // Behind a proxy this is the proxy's address: the limit then applies to all
+        // its clients together, which is the safe side.
+        let address = http.peer_addr().map(|a| a.ip());
+        if let Err(e) = state.rate_limiter.check_address(address) {
+            return refusal(e, &http_request_id);
+        }
         match state
             .credentials
             .authenticate(&state.db, token, state.config.admin_token.as_deref())
@@ -174,7 +191,12 @@ async fn graphql(state: web::Data<AppState>, http: HttpRequest, body: web::Bytes
                     schema::loaders::Loaders::new(&state.db, &principal, chrono::Utc::now());
                 request = request.data(Arc::new(loaders)).data(Caller(principal));
             }
-            Err(e) => return refusal(e, &http_request_id),
+            Err(e) => {
+                if e.code() == billing::ErrorCode::Unauthenticated {
+                    state.rate_limiter.auth_failed(address);
+                }
+                return refusal(e, &http_request_id);
+            }
         }
     }
     let response = state.schema.execute(request).await;
@@ -194,17 +216,6 @@ async fn graphql(state: web::Data<AppState>, http: HttpRequest, body: web::Bytes
         tracing::debug!(http_request_id = %http_request_id.0, "graphql request");
     }
     respond(&response)
-}
-
-async fn graphiql() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(
-            GraphiQLSource::build()
-                .endpoint("/graphql")
-                .subscription_endpoint("/graphql")
-                .finish(),
-        )
 }
 
 /// One open WebSocket connection, counted until dropped.
@@ -302,6 +313,41 @@ async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
         .body(body)
 }
 
+/// `POST /webhooks/stripe`: the payment gateway's signed events. Verification and
+/// effects are `billing::payments::webhooks::receive`; a refused request (bad or stale
+/// signature, unreadable body, webhooks not configured) is 400 and writes nothing, a
+/// database failure is 500 so that Stripe delivers the event again.
+async fn stripe_webhook(
+    state: web::Data<AppState>,
+    http: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let signature = http
+        .headers()
+        .get("Stripe-Signature")
+        .and_then(|v| v.to_str().ok());
+    let received = billing::payments::webhooks::receive(
+        &state.db,
+        state.config.gateway.as_ref(),
+        &body,
+        signature,
+        chrono::Utc::now(),
+    )
+    .await;
+    match received {
+        Ok(_) => HttpResponse::Ok().json(serde_json::json!({ "received": true })),
+        Err(e) if e.code() == billing::ErrorCode::InvalidInput => {
+            tracing::warn!(error = %e, "stripe webhook refused");
+            HttpResponse::BadRequest().json(serde_json::json!({ "error": e.to_string() }))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "stripe webhook failed; Stripe will retry");
+            HttpResponse::InternalServerError()
+                .json(serde_json::json!({ "error": "internal error" }))
+        }
+    }
+}
+
 /// The process is up.
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().body("ok")
@@ -332,6 +378,7 @@ pub fn build_server(
 ) -> std::io::Result<(Server, SocketAddr, websocket::CloseAll)> {
     let addr = listener.local_addr()?;
     let (close_all, closing) = websocket::closing();
+    let rate_limiter = Arc::new(rate_limit::RateLimiter::new(config.rate_limits));
     // One tailer per process; it stops when the last schema clone is dropped.
     let hub = events::BalanceHub::start(db.clone(), config.balance_hub.clone());
     let metrics = metrics::Metrics::new().map_err(std::io::Error::other)?;
@@ -349,11 +396,8 @@ pub fn build_server(
     ));
     let health = health::Health::start(db.clone());
     let state = AppState {
-        schema: schema::schema_builder(db.clone(), config.gateway.clone(), Some(metrics.clone()))
-            .data(hub.clone())
-            .data(writer.clone())
-            .data(credentials.clone())
-            .data(config.jobs.clone())
+        schema: schema_of(&db, &config, &metrics, &hub, &writer, &credentials)
+            .data(rate_limiter.clone())
             .finish(),
         hub,
         metrics,
@@ -364,13 +408,14 @@ pub fn build_server(
         writer,
         closing,
         health,
+        rate_limiter,
     };
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
             .app_data(web::PayloadConfig::new(state.config.body_bytes_max))
             .app_data(web::JsonConfig::default().limit(state.config.body_bytes_max))
-            .route("/", web::get().to(graphiql))
+            .configure(dashboard::routes)
             .route("/graphql", web::post().to(graphql))
             .route(
                 "/graphql",
@@ -378,6 +423,7 @@ pub fn build_server(
                     .guard(guard::Header("upgrade", "websocket"))
                     .to(graphql_ws),
             )
+            .route("/webhooks/stripe", web::post().to(stripe_webhook))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_endpoint))
@@ -389,6 +435,30 @@ pub fn build_server(
         server = server.workers(config.workers);
     }
     Ok((server.run(), addr, close_all))
+}
+
+/// The schema with the process's shared data (before `finish`); introspection as
+/// configured.
+fn schema_of(
+    db: &DatabaseConnection,
+    config: &ApiConfig,
+    metrics: &metrics::Metrics,
+    hub: &Arc<events::BalanceHub>,
+    writer: &billing::debits::writer::DebitWriter,
+    credentials: &Arc<credentials::CredentialCache>,
+) -> async_graphql::SchemaBuilder<schema::QueryRoot, schema::MutationRoot, schema::SubscriptionRoot>
+{
+    let builder = schema::schema_builder(db.clone(), config.gateway.clone(), Some(metrics.clone()))
+        .data(hub.clone())
+        .data(writer.clone())
+        .data(credentials.clone())
+        .data(config.jobs.clone());
+    match config.introspection {
+        true => builder,
+        false => builder
+            .disable_introspection()
+            .extension(limits::IntrospectionOff),
+    }
 }
 
 /// Stops a running API: WebSocket connections first (each gets its close frame; a

@@ -87,9 +87,48 @@ where
     let graphql = WebSocket::new(executor, from_client, protocol).on_connection_init(on_init);
     actix_web::rt::spawn(async move {
         let _guard = guard;
-        run(session, messages, to_graphql, graphql, closing).await;
+        run(session, messages, to_graphql, graphql, protocol, closing).await;
     });
     Ok(response)
+}
+
+/// Where a `graphql-transport-ws` connection is in its handshake. The protocol's close
+/// codes are decided here, before a message reaches async-graphql (which would treat a
+/// malformed init as anonymous and a subscribe before init as an internal error).
+#[derive(Default)]
+struct Handshake {
+    init_seen: bool,
+    acked: bool,
+}
+
+/// The close code and reason for a client message the protocol forbids; None when the
+/// message may go on. See the graphql-transport-ws spec (PROTOCOL.md, "Connection init"
+/// and "Subscribe").
+fn refuse(handshake: &mut Handshake, bytes: &[u8]) -> Option<(CloseCode, &'static str)> {
+    let invalid = (CloseCode::Other(4400), "Invalid message received");
+    let Ok(message) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Some(invalid);
+    };
+    match message.get("type").and_then(serde_json::Value::as_str) {
+        Some("connection_init") => {
+            if handshake.init_seen {
+                return Some((CloseCode::Other(4429), "Too many initialisation requests"));
+            }
+            handshake.init_seen = true;
+            let payload_ok = match message.get("payload") {
+                None | Some(serde_json::Value::Null) => true,
+                Some(serde_json::Value::Object(fields)) => ["authorization", "Authorization"]
+                    .iter()
+                    .filter_map(|key| fields.get(*key))
+                    .all(serde_json::Value::is_string),
+                Some(_) => false,
+            };
+            (!payload_ok).then_some(invalid)
+        }
+        Some("subscribe") if !handshake.acked => Some((CloseCode::Other(4401), "Unauthorized")),
+        Some(_) => None,
+        None => Some(invalid),
+    }
 }
 
 /// What ended a connection, and the close frame it gets.
@@ -105,9 +144,13 @@ async fn run(
     mut messages: actix_ws::AggregatedMessageStream,
     mut to_graphql: futures::channel::mpsc::Sender<Vec<u8>>,
     graphql: impl futures::Stream<Item = WsMessage>,
+    protocol: WebSocketProtocols,
     mut closing: Closing,
 ) {
     let mut graphql = std::pin::pin!(graphql);
+    // Only the current protocol's handshake is policed; the legacy one keeps
+    // async-graphql's behaviour.
+    let mut handshake = (protocol == WebSocketProtocols::GraphQLWS).then(Handshake::default);
     let first_beat = tokio::time::Instant::now() + HEARTBEAT_INTERVAL;
     let mut heartbeat = tokio::time::interval_at(first_beat, HEARTBEAT_INTERVAL);
     let mut last_heard = Instant::now();
@@ -132,15 +175,26 @@ async fn run(
                     Some(Err(e)) => break close_reason(CloseCode::Protocol, &e.to_string()),
                     None => return,
                 };
+                if let Some((code, why)) = handshake.as_mut().and_then(|h| refuse(h, &bytes)) {
+                    break close_reason(code, why);
+                }
                 if to_graphql.send(bytes).await.is_err() {
                     break None;
                 }
             }
             to_client = graphql.next() => match to_client {
                 Some(WsMessage::Text(text)) => {
+                    if let Some(h) = handshake.as_mut().filter(|h| !h.acked) {
+                        h.acked = text.contains("\"connection_ack\"");
+                    }
                     if session.text(text).await.is_err() {
                         return;
                     }
+                }
+                // async-graphql answers a refused connection_init with 1002; the
+                // protocol says 4403 Forbidden.
+                Some(WsMessage::Close(1002, why)) if handshake.as_ref().is_some_and(|h| !h.acked) => {
+                    break close_reason(CloseCode::Other(4403), &format!("Forbidden: {why}"));
                 }
                 Some(WsMessage::Close(code, why)) => break close_reason(code.into(), &why),
                 None => break None,

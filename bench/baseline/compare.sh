@@ -213,6 +213,7 @@ measure_reservoir() {
             RESERVOIR_ADMIN_TOKEN="$admin_token" \
             RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES=true \
             RESERVOIR_LISTEN="127.0.0.1:$port" \
+            RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND="${RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND:-0}" \
             RESERVOIR_DATA_DIR="$data_dir" \
             "$reservoir_bin" serve
     ) >"$server_log" 2>&1 &

@@ -19,6 +19,8 @@ pub enum ErrorCode {
     /// The database cannot be reached right now (pool timed out, connection refused
     /// or terminated): nothing was decided, and the same request may be sent again.
     Unavailable,
+    /// Too many requests from one credential or address; retry after a wait.
+    RateLimited,
     Internal,
 }
 
@@ -35,6 +37,7 @@ impl ErrorCode {
             Self::PaymentFailed => "PAYMENT_FAILED",
             Self::LimitExceeded => "LIMIT_EXCEEDED",
             Self::Unavailable => "UNAVAILABLE",
+            Self::RateLimited => "RATE_LIMITED",
             Self::Internal => "INTERNAL",
         }
     }
@@ -77,6 +80,8 @@ pub enum BillingError {
     /// The database could not be reached (the cause, for the log).
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    #[error("too many requests; retry in {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
     #[error("database error: {0}")]
     Database(#[from] DbErr),
     /// A broken internal assumption (an invariant); never shown to callers verbatim.
@@ -100,6 +105,7 @@ impl BillingError {
             Self::LimitExceeded(_) => ErrorCode::LimitExceeded,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Database(e) if is_unavailable(e) => ErrorCode::Unavailable,
+            Self::RateLimited { .. } => ErrorCode::RateLimited,
             Self::Database(_) | Self::Internal(_) => ErrorCode::Internal,
         }
     }

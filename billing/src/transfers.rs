@@ -141,6 +141,16 @@ fn checked_memo(req: &TransferRequest) -> Result<Option<String>> {
             "memo is longer than {MEMO_LEN_MAX} characters"
         )));
     }
+    // Line breaks and tabs are text; NUL and the other control characters are not
+    // (PostgreSQL refuses NUL outright, SQLite would store it: the backends must agree).
+    if memo
+        .as_ref()
+        .is_some_and(|m| m.chars().any(|c| c.is_control() && c != '\n' && c != '\t'))
+    {
+        return Err(BillingError::invalid(
+            "memo must not contain control characters (other than line breaks and tabs)",
+        ));
+    }
     Ok(memo)
 }
 

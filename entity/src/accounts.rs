@@ -12,6 +12,8 @@ pub struct Model {
     pub volume_discount_bps: i32,
     pub payment_terms_days: i32,
     pub invoice_sequence: i64,
+    /// The account's Customer at the payment gateway (`cus_…`), created once.
+    pub gateway_customer_id: Option<String>,
     pub created_at: DateTimeUtc,
 }
 

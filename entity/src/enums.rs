@@ -126,6 +126,10 @@ pub enum PurchaseStatus {
     Succeeded,
     #[sea_orm(string_value = "FAILED")]
     Failed,
+    /// The bank wants the cardholder to authenticate (3-D Secure) and nobody was
+    /// there: never credited, never retried; the admins are told what to do.
+    #[sea_orm(string_value = "REQUIRES_ACTION")]
+    RequiresAction,
 }
 
 impl PurchaseStatus {
@@ -134,6 +138,7 @@ impl PurchaseStatus {
             Self::Pending => "PENDING",
             Self::Succeeded => "SUCCEEDED",
             Self::Failed => "FAILED",
+            Self::RequiresAction => "REQUIRES_ACTION",
         }
     }
 }

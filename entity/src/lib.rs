@@ -9,6 +9,7 @@ pub mod auto_reload_settings;
 pub mod balance_events;
 pub mod credit_packages;
 pub mod enums;
+pub mod gateway_events;
 pub mod invoice_lines;
 pub mod invoices;
 pub mod ledger_entries;

@@ -17,6 +17,8 @@ pub struct Model {
     pub is_default: bool,
     pub created_at: DateTimeUtc,
     pub removed_at: Option<DateTimeUtc>,
+    /// The gateway's fingerprint of the card number: one card, one fingerprint.
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -25,6 +25,9 @@ pub struct Model {
     pub created_by_user_id: Option<Uuid>,
     pub created_at: DateTimeUtc,
     pub completed_at: Option<DateTimeUtc>,
+    /// When the cardholder disputed the charge (a chargeback), and why.
+    pub disputed_at: Option<DateTimeUtc>,
+    pub dispute_reason: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

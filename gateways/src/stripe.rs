@@ -1,28 +1,38 @@
 //! The Stripe adapter: [`StripeGateway`] implements [`PaymentGateway`] over Stripe's
 //! form-encoded REST API.
 //!
-//! - `attach(client_token)`: `POST /v1/payment_methods` with `type=card` and
-//!   `card[token]=tok_…` turns a one-time client token into a PaymentMethod; its id is
-//!   the stored `gateway_token`. Attaching the PaymentMethod to a Stripe Customer is out
-//!   of scope here. Stripe lets a PaymentMethod that belongs to no Customer be used for
-//!   one PaymentIntent only, so charging one stored card repeatedly (auto-reload) needs
-//!   a Customer first: that comes later, along with webhooks.
+//! - `create_customer(req)`: `POST /v1/customers` with `name` and
+//!   `metadata[account_id]`, `Idempotency-Key: customer:<account id>`. One per account.
+//! - `attach(customer, token)`: a PaymentMethod id (`pm_…`, what Stripe.js and
+//!   Elements produce) is read (`GET /v1/payment_methods/{id}`); a legacy token
+//!   (`tok_…`) is first turned into a PaymentMethod (`POST /v1/payment_methods` with
+//!   `type=card`, `card[token]`). Unless it already belongs to the Customer, it is then
+//!   attached (`POST /v1/payment_methods/{id}/attach`, `customer`): Stripe lets a
+//!   PaymentMethod that belongs to no Customer pay one PaymentIntent only. The id
+//!   becomes the stored `gateway_token`, with brand, last4, expiry and fingerprint. A
+//!   card of another Customer is refused.
+//! - `detach(token)`: `POST /v1/payment_methods/{id}/detach`.
+//! - `start_card_setup(customer)`: `POST /v1/setup_intents` with `customer`,
+//!   `usage=off_session`, `payment_method_types[0]=card`; the client secret goes to
+//!   Stripe.js (`confirmCardSetup`), which authenticates the card once.
 //! - `charge(req)`: `POST /v1/payment_intents` with `amount` (cents), `currency`,
-//!   `payment_method`, `payment_method_types[0]=card` (so Stripe never asks for a
-//!   `return_url`), `confirm=true`, `off_session=true`, `description`, and the
-//!   `Idempotency-Key` header set to `req.idempotency_key` (the purchase id).
+//!   `customer`, `payment_method`, `payment_method_types[0]=card` (so Stripe never asks
+//!   for a `return_url`), `confirm=true`, `off_session=true`, `description`,
+//!   `metadata[reservoir_idempotency_key]`, and the `Idempotency-Key` header set to
+//!   `req.idempotency_key` (the purchase id).
+//! - `verify_event`: the `Stripe-Signature` of a webhook request (`stripe_webhook`).
 //!
 //! How Stripe's answers map onto the port:
 //!
 //! | Stripe answer | result |
 //! |---|---|
 //! | 200, PaymentIntent `succeeded` | `Succeeded { charge_id: <PaymentIntent id> }` |
-//! | 200, `requires_payment_method` | `Declined` (`last_payment_error`'s decline code or code, else the status) |
-//! | 200, `requires_action` | `Declined { "authentication_required" }`: nobody is present to complete 3-D Secure |
+//! | 200, `requires_payment_method` | `Declined` (`last_payment_error`'s decline code or code, else the status); `RequiresAction` when that is `authentication_required` |
+//! | 200, `requires_action` | `RequiresAction { "authentication_required" }`: nobody is present to complete 3-D Secure |
 //! | 200, `requires_confirmation`, `canceled` | `Declined` with the status |
 //! | 200, `processing` | the PaymentIntent is read again once (`GET`); still `processing` → `Transient` |
 //! | 200, `requires_capture` or unknown status, or an unreadable 200 body | `Transient` (never a success without proof, never a decline that may have been charged) |
-//! | 402 (or any `card_error`) | `Declined` with `decline_code`, else `code` (`card_declined`, `expired_card`, …) |
+//! | 402 (or any `card_error`) | `Declined` with `decline_code`, else `code` (`card_declined`, `expired_card`, …); `RequiresAction` for `authentication_required` (Stripe's answer to an off-session charge that needs 3-D Secure) |
 //! | `card_error` with code `processing_error` | `Transient` (as the sandbox's `tok_processingError`) |
 //! | 409 (`idempotency_error`: a request with the same key is still running; or a lock timeout) | `Transient`: retry with the same key later gets the first request's outcome |
 //! | 429, 5xx, timeouts, connection errors | `Transient` |
@@ -41,11 +51,13 @@
 //! The secret key travels only in the `Authorization` header, marked sensitive; it is
 //! never logged and [`StripeGateway`]'s `Debug` leaves it out.
 
+use crate::stripe_webhook::AUTHENTICATION_REQUIRED;
 use billing::entity::enums::CardBrand;
 use billing::payments::{
-    AttachedCard, CURRENCY, ChargeOutcome, ChargeRequest, GatewayError, GatewayFuture,
-    GatewayResult, PaymentGateway,
+    AttachedCard, CURRENCY, CardSetup, ChargeOutcome, ChargeRequest, CustomerRequest, GatewayError,
+    GatewayEvent, GatewayFuture, GatewayResult, PaymentGateway, WebhookError,
 };
+use chrono::{DateTime, Utc};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
@@ -66,6 +78,12 @@ pub const CONNECT_TIMEOUT_MAX_MS: u64 = 10_000;
 const USER_AGENT: &str = concat!("reservoir-gateways/", env!("CARGO_PKG_VERSION"));
 /// Longest Stripe message copied into an error (they are short; this is a guard).
 const MESSAGE_LEN_MAX: usize = 300;
+/// The PaymentIntent metadata key that carries the charge's idempotency key (the
+/// purchase id), so a webhook can name the purchase even when the synchronous answer
+/// was lost.
+pub(crate) const IDEMPOTENCY_KEY_METADATA: &str = "reservoir_idempotency_key";
+/// [`IDEMPOTENCY_KEY_METADATA`] as a form field.
+const IDEMPOTENCY_KEY_METADATA_FORM: &str = "metadata[reservoir_idempotency_key]";
 
 /// Why a [`StripeGateway`] could not be built (a configuration problem).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +107,8 @@ pub struct StripeGateway {
     /// `…/v1`, without a trailing slash.
     api: String,
     timeout: Duration,
+    /// The webhook endpoint's signing secret (`whsec_…`); None refuses every webhook.
+    webhook_secret: Option<String>,
 }
 
 impl fmt::Debug for StripeGateway {
@@ -97,6 +117,10 @@ impl fmt::Debug for StripeGateway {
             .field("api", &self.api)
             .field("timeout", &self.timeout)
             .field("secret_key", &"<redacted>")
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -141,7 +165,22 @@ impl StripeGateway {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| StripeSetupError::Client(e.to_string()))?;
-        Ok(Self { http, api, timeout })
+        Ok(Self {
+            http,
+            api,
+            timeout,
+            webhook_secret: None,
+        })
+    }
+
+    /// The same gateway, verifying webhooks with the endpoint's signing secret
+    /// (`RESERVOIR_STRIPE_WEBHOOK_SECRET`, `whsec_…`). An empty secret leaves webhooks
+    /// refused.
+    #[must_use]
+    pub fn with_webhook_secret(mut self, secret: &str) -> Self {
+        let secret = secret.trim();
+        self.webhook_secret = (!secret.is_empty()).then(|| secret.to_owned());
+        self
     }
 
     /// The request timeout in force.
@@ -149,61 +188,115 @@ impl StripeGateway {
         self.timeout
     }
 
-    async fn attach_now(&self, client_token: &str) -> GatewayResult<AttachedCard> {
-        if client_token.is_empty() {
-            return Err(GatewayError::Invalid("no such token".into()));
-        }
-        let form = [("type", "card"), ("card[token]", client_token)];
+    async fn create_customer_now(&self, req: &CustomerRequest) -> GatewayResult<String> {
+        let account_id = req.account_id.to_string();
+        let form = [
+            ("name", req.name.as_str()),
+            ("metadata[account_id]", account_id.as_str()),
+        ];
         let request = self
             .http
-            .post(format!("{}/payment_methods", self.api))
+            .post(format!("{}/customers", self.api))
+            .header("Idempotency-Key", req.idempotency_key.as_str())
             .form(&form);
-        let reply = send(request, "attach").await?;
+        let reply = send(request, "customer").await?;
         if !reply.status.is_success() {
-            return Err(match refusal(&reply, "attach") {
-                Refusal::Card(reason) => GatewayError::Invalid(reason),
-                Refusal::Error(e) => e,
-            });
+            return Err(refusal(&reply, "customer").into_error());
         }
-        let method: PaymentMethod = reply.parse("attach")?;
+        let customer: Created = reply.parse("customer")?;
+        tracing::info!(
+            gateway_customer_id = %customer.id,
+            %account_id,
+            stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or(""),
+            "stripe: customer created"
+        );
+        Ok(customer.id)
+    }
+
+    async fn attach_now(&self, customer: &str, client_token: &str) -> GatewayResult<AttachedCard> {
+        if client_token.is_empty() || customer.is_empty() {
+            return Err(GatewayError::Invalid("no such token".into()));
+        }
+        let method = if client_token.starts_with("tok_") {
+            let form = [("type", "card"), ("card[token]", client_token)];
+            let request = self
+                .http
+                .post(format!("{}/payment_methods", self.api))
+                .form(&form);
+            method_call(request, "attach").await?
+        } else {
+            let id = path_id(client_token)?;
+            let request = self.http.get(format!("{}/payment_methods/{id}", self.api));
+            method_call(request, "attach").await?
+        };
+        let method = match method.customer.as_deref() {
+            Some(owner) if owner == customer => method,
+            Some(_) => {
+                return Err(GatewayError::Invalid(
+                    "the card belongs to another Stripe customer".into(),
+                ));
+            }
+            None => {
+                let request = self
+                    .http
+                    .post(format!(
+                        "{}/payment_methods/{}/attach",
+                        self.api,
+                        path_id(&method.id)?
+                    ))
+                    .form(&[("customer", customer)]);
+                method_call(request, "attach").await?
+            }
+        };
         let card = method.card.ok_or_else(|| {
             GatewayError::Invalid(format!("payment method {} is not a card", method.id))
         })?;
-        tracing::info!(
-            payment_method = %method.id,
-            brand = %card.brand,
-            stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or(""),
-            "stripe: payment method created"
-        );
+        tracing::info!(payment_method = %method.id, gateway_customer_id = %customer, brand = %card.brand, "stripe: card attached");
         Ok(AttachedCard {
             gateway_token: method.id,
             brand: card_brand(&card.brand),
             last4: card.last4,
             exp_month: card.exp_month,
             exp_year: card.exp_year,
+            fingerprint: card.fingerprint.filter(|f| !f.is_empty()),
+        })
+    }
+
+    async fn detach_now(&self, gateway_token: &str) -> GatewayResult<()> {
+        let id = path_id(gateway_token)?;
+        let request = self
+            .http
+            .post(format!("{}/payment_methods/{id}/detach", self.api));
+        method_call(request, "detach").await?;
+        tracing::info!(payment_method = %id, "stripe: card detached");
+        Ok(())
+    }
+
+    async fn start_card_setup_now(&self, customer: &str) -> GatewayResult<CardSetup> {
+        let form = [
+            ("customer", customer),
+            ("usage", "off_session"),
+            ("payment_method_types[0]", "card"),
+        ];
+        let request = self
+            .http
+            .post(format!("{}/setup_intents", self.api))
+            .form(&form);
+        let reply = send(request, "card setup").await?;
+        if !reply.status.is_success() {
+            return Err(refusal(&reply, "card setup").into_error());
+        }
+        let intent: SetupIntent = reply.parse("card setup")?;
+        Ok(CardSetup {
+            setup_intent_id: intent.id,
+            client_secret: intent.client_secret,
         })
     }
 
     async fn charge_now(&self, req: ChargeRequest) -> GatewayResult<ChargeOutcome> {
-        if req.idempotency_key.is_empty() {
-            return Err(GatewayError::Invalid(
-                "an idempotency key is required".into(),
-            ));
-        }
-        if req.amount_cents <= 0 {
-            return Err(GatewayError::Invalid("amount must be positive".into()));
-        }
-        if req.currency != CURRENCY {
-            return Err(GatewayError::Invalid(format!(
-                "unsupported currency {}",
-                req.currency
-            )));
-        }
-        if req.gateway_token.is_empty() {
-            return Err(GatewayError::Invalid("no such payment method".into()));
-        }
+        check_charge(&req)?;
         let amount = req.amount_cents.to_string();
-        let form = [
+        let mut form = vec![
             ("amount", amount.as_str()),
             ("currency", req.currency.as_str()),
             ("payment_method", req.gateway_token.as_str()),
@@ -211,11 +304,11 @@ impl StripeGateway {
             ("confirm", "true"),
             ("off_session", "true"),
             ("description", req.description.as_str()),
-            (
-                "metadata[reservoir_idempotency_key]",
-                req.idempotency_key.as_str(),
-            ),
+            (IDEMPOTENCY_KEY_METADATA_FORM, req.idempotency_key.as_str()),
         ];
+        if let Some(customer) = &req.gateway_customer_id {
+            form.push(("customer", customer.as_str()));
+        }
         let request = self
             .http
             .post(format!("{}/payment_intents", self.api))
@@ -223,18 +316,7 @@ impl StripeGateway {
             .form(&form);
         let reply = send(request, "charge").await?;
         if !reply.status.is_success() {
-            return match refusal(&reply, "charge") {
-                Refusal::Card(reason) => {
-                    tracing::info!(
-                        idempotency_key = %req.idempotency_key,
-                        reason = %reason,
-                        stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or(""),
-                        "stripe: charge declined"
-                    );
-                    Ok(ChargeOutcome::Declined { reason })
-                }
-                Refusal::Error(e) => Err(e),
-            };
+            return charge_refused(&reply, &req.idempotency_key);
         }
         let intent: PaymentIntent = reply.parse("charge")?;
         let intent = if intent.status == "processing" {
@@ -271,7 +353,7 @@ impl StripeGateway {
         let reply = send(request, "charge status").await?;
         if !reply.status.is_success() {
             return Err(match refusal(&reply, "charge status") {
-                Refusal::Card(reason) => GatewayError::Transient(reason),
+                Refusal::Card { reason, .. } => GatewayError::Transient(reason),
                 Refusal::Error(GatewayError::Invalid(m)) => GatewayError::Transient(m),
                 Refusal::Error(e) => e,
             });
@@ -280,14 +362,119 @@ impl StripeGateway {
     }
 }
 
+/// Refuses what Stripe would refuse anyway, without a request.
+fn check_charge(req: &ChargeRequest) -> GatewayResult<()> {
+    if req.idempotency_key.is_empty() {
+        return Err(GatewayError::Invalid(
+            "an idempotency key is required".into(),
+        ));
+    }
+    if req.amount_cents <= 0 {
+        return Err(GatewayError::Invalid("amount must be positive".into()));
+    }
+    if req.currency != CURRENCY {
+        return Err(GatewayError::Invalid(format!(
+            "unsupported currency {}",
+            req.currency
+        )));
+    }
+    if req.gateway_token.is_empty() {
+        return Err(GatewayError::Invalid("no such payment method".into()));
+    }
+    Ok(())
+}
+
+/// A charge's non-2xx answer: a decline, 3-D Secure needed, or an error.
+fn charge_refused(reply: &Reply, idempotency_key: &str) -> GatewayResult<ChargeOutcome> {
+    let stripe_request_id = reply.stripe_request_id.as_deref().unwrap_or("");
+    match refusal(reply, "charge") {
+        Refusal::Card {
+            reason,
+            payment_intent,
+        } if reason == AUTHENTICATION_REQUIRED => {
+            tracing::info!(
+                idempotency_key,
+                stripe_request_id,
+                "stripe: charge needs 3-D Secure"
+            );
+            Ok(ChargeOutcome::RequiresAction {
+                charge_id: payment_intent,
+                reason,
+            })
+        }
+        Refusal::Card { reason, .. } => {
+            tracing::info!(
+                idempotency_key,
+                reason = %reason,
+                stripe_request_id,
+                "stripe: charge declined"
+            );
+            Ok(ChargeOutcome::Declined { reason })
+        }
+        Refusal::Error(e) => Err(e),
+    }
+}
+
 impl PaymentGateway for StripeGateway {
-    fn attach<'a>(&'a self, client_token: &'a str) -> GatewayFuture<'a, AttachedCard> {
-        Box::pin(self.attach_now(client_token))
+    fn create_customer<'a>(&'a self, req: &'a CustomerRequest) -> GatewayFuture<'a, String> {
+        Box::pin(self.create_customer_now(req))
+    }
+
+    fn attach<'a>(
+        &'a self,
+        gateway_customer_id: &'a str,
+        client_token: &'a str,
+    ) -> GatewayFuture<'a, AttachedCard> {
+        Box::pin(self.attach_now(gateway_customer_id, client_token))
+    }
+
+    fn detach<'a>(&'a self, gateway_token: &'a str) -> GatewayFuture<'a, ()> {
+        Box::pin(self.detach_now(gateway_token))
+    }
+
+    fn start_card_setup<'a>(
+        &'a self,
+        gateway_customer_id: &'a str,
+    ) -> GatewayFuture<'a, CardSetup> {
+        Box::pin(self.start_card_setup_now(gateway_customer_id))
     }
 
     fn charge(&self, req: ChargeRequest) -> GatewayFuture<'_, ChargeOutcome> {
         Box::pin(self.charge_now(req))
     }
+
+    fn verify_event(
+        &self,
+        payload: &[u8],
+        signature: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<GatewayEvent, WebhookError> {
+        let secret = self
+            .webhook_secret
+            .as_deref()
+            .ok_or(WebhookError::NotConfigured)?;
+        crate::stripe_webhook::verify(secret, payload, signature, now)
+    }
+}
+
+/// An id that is safe inside a URL path (Stripe's ids are `[A-Za-z0-9_]`); anything
+/// else cannot be a card of ours.
+fn path_id(id: &str) -> GatewayResult<&str> {
+    if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        Ok(id)
+    } else {
+        Err(GatewayError::Invalid("no such payment method".into()))
+    }
+}
+
+/// A PaymentMethod call: its answer, or the refusal (a card error is Invalid here:
+/// attaching and detaching have no decline outcome).
+async fn method_call(request: reqwest::RequestBuilder, op: &str) -> GatewayResult<PaymentMethod> {
+    let reply = send(request, op).await?;
+    if !reply.status.is_success() {
+        return Err(refusal(&reply, op).into_error());
+    }
+    reply.parse(op)
 }
 
 // --- transport -------------------------------------------------------------------------
@@ -389,6 +576,9 @@ struct ErrorBody {
 
 #[derive(Debug, Default, Deserialize)]
 struct ApiError {
+    /// The PaymentIntent a card error concerns.
+    #[serde(default)]
+    payment_intent: Option<Created>,
     #[serde(rename = "type", default)]
     kind: Option<String>,
     #[serde(default)]
@@ -401,8 +591,21 @@ struct ApiError {
 
 enum Refusal {
     /// The card was refused: a decline for a charge.
-    Card(String),
+    Card {
+        reason: String,
+        payment_intent: Option<String>,
+    },
     Error(GatewayError),
+}
+
+impl Refusal {
+    /// Where a refusal has no decline outcome (attach, customers, setup).
+    fn into_error(self) -> GatewayError {
+        match self {
+            Self::Card { reason, .. } => GatewayError::Invalid(reason),
+            Self::Error(e) => e,
+        }
+    }
 }
 
 /// Classifies a non-2xx answer (see the table in the module documentation).
@@ -433,12 +636,16 @@ fn refusal(reply: &Reply, op: &str) -> Refusal {
         return Refusal::Error(GatewayError::Transient(summary));
     }
     if status == StatusCode::PAYMENT_REQUIRED || kind == "card_error" {
+        let payment_intent = error.payment_intent.map(|pi| pi.id);
         let reason = error
             .decline_code
             .or(error.code)
             .filter(|r| !r.is_empty())
             .unwrap_or_else(|| "card_declined".to_owned());
-        return Refusal::Card(reason);
+        return Refusal::Card {
+            reason,
+            payment_intent,
+        };
     }
     if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
         // Stripe's message would echo part of the key: keep it out.
@@ -486,9 +693,23 @@ fn summary(status: StatusCode, error: &ApiError) -> String {
 
 // --- resources -------------------------------------------------------------------------
 
+/// Any created object, by its id (a Customer, the PaymentIntent of an error).
+#[derive(Debug, Default, Deserialize)]
+struct Created {
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct SetupIntent {
+    id: String,
+    client_secret: String,
+}
+
 #[derive(Debug, Deserialize)]
 struct PaymentMethod {
     id: String,
+    #[serde(default)]
+    customer: Option<String>,
     #[serde(default)]
     card: Option<Card>,
 }
@@ -499,6 +720,8 @@ struct Card {
     last4: String,
     exp_month: i32,
     exp_year: i32,
+    #[serde(default)]
+    fingerprint: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -537,10 +760,19 @@ fn intent_outcome(intent: PaymentIntent) -> GatewayResult<ChargeOutcome> {
                 .and_then(|e| e.decline_code.or(e.code))
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| intent.status.clone());
+            if reason == AUTHENTICATION_REQUIRED {
+                return Ok(ChargeOutcome::RequiresAction {
+                    charge_id: Some(intent.id),
+                    reason,
+                });
+            }
             declined(&reason)
         }
         // Off-session: nobody is there to complete 3-D Secure.
-        "requires_action" => declined("authentication_required"),
+        "requires_action" => Ok(ChargeOutcome::RequiresAction {
+            charge_id: Some(intent.id),
+            reason: AUTHENTICATION_REQUIRED.to_owned(),
+        }),
         "requires_confirmation" | "canceled" => declined(&intent.status),
         "processing" => Err(GatewayError::Transient(format!(
             "payment {} is still processing",

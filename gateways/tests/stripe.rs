@@ -9,10 +9,11 @@ use billing::payments::{AttachedCard, ChargeOutcome, ChargeRequest, GatewayError
 use gateways::{STRIPE_API_VERSION, StripeGateway};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
-use wiremock::matchers::{body_string_contains, header, method, path};
+use wiremock::matchers::{body_string_contains, header, method, path, path_regex};
 use wiremock::{Match, Mock, MockServer, Request, ResponseTemplate};
 
 const KEY: &str = "sk_test_51Reservoir0000secret";
+const CUSTOMER: &str = "cus_QFakeAccount";
 const PURCHASE_ID: &str = "0192f3a4-5b6c-7d8e-9f00-112233445566";
 /// Short, so that the timeout test is quick.
 const TIMEOUT_MS: u64 = 300;
@@ -26,6 +27,7 @@ fn charge_request() -> ChargeRequest {
         amount_cents: 2_500,
         currency: "usd".into(),
         gateway_token: "pm_1QFakeVisa4242".into(),
+        gateway_customer_id: Some(CUSTOMER.into()),
         idempotency_key: PURCHASE_ID.into(),
         description: format!("Reservoir credits: 25 (purchase {PURCHASE_ID})"),
     }
@@ -148,6 +150,23 @@ fn card_declined(decline_code: &str, message: &str) -> Value {
     })
 }
 
+/// The PaymentMethod as Stripe answers after attaching it to [`CUSTOMER`].
+fn attached(mut method: Value) -> Value {
+    method["customer"] = json!(CUSTOMER);
+    method
+}
+
+/// Mounts Stripe's attach endpoint, answering `method` attached to [`CUSTOMER`].
+async fn mount_attach(server: &MockServer, method_json: Value) {
+    authenticated(Mock::given(method("POST")).and(path_regex(r"^/v1/payment_methods/\w+/attach$")))
+        .and(FormHas(vec![("customer", CUSTOMER.into())]))
+        .respond_with(ResponseTemplate::new(200).set_body_json(attached(method_json)))
+        .expect(1)
+        .named("attach payment method")
+        .mount(server)
+        .await;
+}
+
 async fn charge_answered(template: ResponseTemplate) -> Result<ChargeOutcome, GatewayError> {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
@@ -179,7 +198,15 @@ async fn attach_creates_a_payment_method_from_the_token() {
         .named("create payment method")
         .mount(&server)
         .await;
-    let card = gateway(&server).attach("tok_visa").await.expect("attached");
+    mount_attach(
+        &server,
+        payment_method_card("pm_1QFakeVisa4242", "visa", "4242"),
+    )
+    .await;
+    let card = gateway(&server)
+        .attach(CUSTOMER, "tok_visa")
+        .await
+        .expect("attached");
     assert_eq!(
         card,
         AttachedCard {
@@ -188,6 +215,7 @@ async fn attach_creates_a_payment_method_from_the_token() {
             last4: "4242".into(),
             exp_month: 8,
             exp_year: 2031,
+            fingerprint: Some("Xt5EWLLDS7FJjR1c".into()),
         }
     );
     let requests = server.received_requests().await.expect("recording");
@@ -226,7 +254,11 @@ async fn attach_maps_brands() {
             .expect(1)
             .mount(&server)
             .await;
-        let card = gateway(&server).attach("tok_x").await.expect("attached");
+        mount_attach(&server, payment_method_card("pm_x", brand, "0005")).await;
+        let card = gateway(&server)
+            .attach(CUSTOMER, "tok_x")
+            .await
+            .expect("attached");
         assert_eq!(card.brand, expected, "{brand}");
         assert_eq!(card.last4, "0005");
     }
@@ -249,7 +281,7 @@ async fn attach_with_an_unknown_token_is_invalid() {
         .expect(1)
         .mount(&server)
         .await;
-    match gateway(&server).attach("tok_bogus").await {
+    match gateway(&server).attach(CUSTOMER, "tok_bogus").await {
         Err(GatewayError::Invalid(m)) => assert!(m.contains("resource_missing"), "{m}"),
         other => panic!("expected Invalid, got {other:?}"),
     }
@@ -287,7 +319,7 @@ async fn attach_failures_by_kind() {
             .expect(1)
             .mount(&server)
             .await;
-        let got = gateway(&server).attach("tok_x").await;
+        let got = gateway(&server).attach(CUSTOMER, "tok_x").await;
         let kind = match &got {
             Err(GatewayError::Invalid(_)) => "invalid",
             Err(GatewayError::Transient(_)) => "transient",
@@ -311,6 +343,7 @@ async fn charge_success_sends_a_confirmed_off_session_payment_intent() {
             ("payment_method", "pm_1QFakeVisa4242".into()),
             ("confirm", "true".into()),
             ("off_session", "true".into()),
+            ("customer", CUSTOMER.into()),
             (
                 "description",
                 format!("Reservoir credits: 25 (purchase {PURCHASE_ID})"),
@@ -521,12 +554,12 @@ async fn a_connection_refused_is_transient() {
         .expect("gateway");
     let got = g.charge(charge_request()).await;
     assert!(matches!(got, Err(GatewayError::Transient(_))), "{got:?}");
-    let got = g.attach("tok_visa").await;
+    let got = g.attach(CUSTOMER, "tok_visa").await;
     assert!(matches!(got, Err(GatewayError::Transient(_))), "{got:?}");
 }
 
 #[tokio::test]
-async fn requires_action_is_a_decline() {
+async fn requires_action_needs_the_cardholder() {
     let got = charge_answered(ResponseTemplate::new(200).set_body_json(payment_intent(
         "pi_3QFake3ds",
         "requires_action",
@@ -535,10 +568,143 @@ async fn requires_action_is_a_decline() {
     .await;
     assert_eq!(
         got,
-        Ok(ChargeOutcome::Declined {
+        Ok(ChargeOutcome::RequiresAction {
+            charge_id: Some("pi_3QFake3ds".into()),
             reason: "authentication_required".into()
         })
     );
+}
+
+/// Stripe's real answer to an off-session charge of a card that needs 3-D Secure:
+/// 402 `authentication_required`, with the PaymentIntent in the error.
+#[tokio::test]
+async fn a_402_authentication_required_needs_the_cardholder() {
+    let mut body = card_declined(
+        "authentication_required",
+        "Your card was declined. This transaction requires authentication.",
+    );
+    body["error"]["code"] = json!("authentication_required");
+    body["error"]["payment_intent"]["id"] = json!("pi_3QFakeAuth");
+    let got = charge_answered(ResponseTemplate::new(402).set_body_json(body)).await;
+    assert_eq!(
+        got,
+        Ok(ChargeOutcome::RequiresAction {
+            charge_id: Some("pi_3QFakeAuth".into()),
+            reason: "authentication_required".into()
+        })
+    );
+}
+
+// --- customers, PaymentMethod ids, setup, detach -------------------------------------
+
+#[tokio::test]
+async fn a_customer_is_created_with_its_own_idempotency_key() {
+    let server = MockServer::start().await;
+    authenticated(Mock::given(method("POST")).and(path("/v1/customers")))
+        .and(header("Idempotency-Key", "customer:acct-1"))
+        .and(FormHas(vec![("name", "Acme".into())]))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": CUSTOMER, "object": "customer", "name": "Acme"})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let req = billing::payments::CustomerRequest {
+        account_id: uuid::Uuid::nil(),
+        name: "Acme".into(),
+        idempotency_key: "customer:acct-1".into(),
+    };
+    assert_eq!(
+        gateway(&server).create_customer(&req).await.as_deref(),
+        Ok(CUSTOMER)
+    );
+}
+
+#[tokio::test]
+async fn a_payment_method_id_is_read_then_attached_unless_already_ours() {
+    let server = MockServer::start().await;
+    authenticated(Mock::given(method("GET")).and(path("/v1/payment_methods/pm_1QFromElements")))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(payment_method_card(
+                "pm_1QFromElements",
+                "visa",
+                "4242",
+            )),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    mount_attach(
+        &server,
+        payment_method_card("pm_1QFromElements", "visa", "4242"),
+    )
+    .await;
+    let card = gateway(&server)
+        .attach(CUSTOMER, "pm_1QFromElements")
+        .await
+        .expect("attached");
+    assert_eq!(card.gateway_token, "pm_1QFromElements");
+
+    // Already attached to this Customer (a SetupIntent did it): no second attach.
+    let server = MockServer::start().await;
+    authenticated(Mock::given(method("GET")).and(path("/v1/payment_methods/pm_1QSetUp")))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(attached(payment_method_card(
+                "pm_1QSetUp",
+                "mastercard",
+                "4444",
+            ))),
+        )
+        // Once here, once more for the other Customer below.
+        .expect(2)
+        .mount(&server)
+        .await;
+    let card = gateway(&server)
+        .attach(CUSTOMER, "pm_1QSetUp")
+        .await
+        .expect("attached");
+    assert_eq!(card.brand, CardBrand::Mastercard);
+    assert_eq!(server.received_requests().await.map(|r| r.len()), Some(1));
+
+    // Another Customer's card, or an id that cannot be one, is refused.
+    let g = gateway(&server);
+    let got = g.attach("cus_QSomeoneElse", "pm_1QSetUp").await;
+    assert!(matches!(got, Err(GatewayError::Invalid(_))), "{got:?}");
+    let got = g.attach(CUSTOMER, "pm_../../v1/customers").await;
+    assert!(matches!(got, Err(GatewayError::Invalid(_))), "{got:?}");
+}
+
+#[tokio::test]
+async fn card_setup_and_detach() {
+    let server = MockServer::start().await;
+    authenticated(Mock::given(method("POST")).and(path("/v1/setup_intents")))
+        .and(FormHas(vec![
+            ("customer", CUSTOMER.into()),
+            ("usage", "off_session".into()),
+            ("payment_method_types[0]", "card".into()),
+        ]))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "id": "seti_1QFake", "object": "setup_intent",
+            "client_secret": "seti_1QFake_secret_abc", "status": "requires_payment_method",
+            "usage": "off_session", "customer": CUSTOMER
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    authenticated(Mock::given(method("POST")).and(path("/v1/payment_methods/pm_1QOld/detach")))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(payment_method_card("pm_1QOld", "visa", "4242")),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let g = gateway(&server);
+    let setup = g.start_card_setup(CUSTOMER).await.expect("setup");
+    assert_eq!(setup.setup_intent_id, "seti_1QFake");
+    assert_eq!(setup.client_secret, "seti_1QFake_secret_abc");
+    assert_eq!(g.detach("pm_1QOld").await, Ok(()));
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ mod m20261126_000001_initial;
 mod m20261126_000002_seed_catalog;
 mod m20261126_000003_transfer_indexes;
 mod m20261126_000004_usage_daily_by;
+mod m20261202_000005_stripe_cards;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000002_seed_catalog::Migration),
             Box::new(m20261126_000003_transfer_indexes::Migration),
             Box::new(m20261126_000004_usage_daily_by::Migration),
+            Box::new(m20261202_000005_stripe_cards::Migration),
         ]
     }
 }

@@ -33,6 +33,9 @@ pub enum PaymentGateway {
     Stripe {
         secret_key: String,
         base_url: String,
+        /// The webhook endpoint's signing secret (`whsec_…`); None: every webhook is
+        /// refused (a start-up warning says so).
+        webhook_secret: Option<String>,
     },
 }
 
@@ -64,6 +67,13 @@ pub struct Config {
     pub writer_batch_ops_max: Option<usize>,
     pub writer_window_us: Option<u64>,
     pub credential_cache_ttl_ms: u64,
+    /// Answer introspection queries (GraphiQL, code generators); off in production if
+    /// the schema is not to be browsable.
+    pub introspection: bool,
+    /// Usage events per second per credential (0: no limit).
+    pub rate_limit_usage_per_second: u32,
+    /// Failed authentications per minute per client address (0: no limit).
+    pub rate_limit_auth_failures_per_minute: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +94,7 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_PAYMENT_GATEWAY",
     "RESERVOIR_STRIPE_SECRET_KEY",
     "RESERVOIR_STRIPE_BASE_URL",
+    "RESERVOIR_STRIPE_WEBHOOK_SECRET",
     "RESERVOIR_DEMO_SEED",
     "RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES",
     "RESERVOIR_DB_CONNECTIONS_MAX",
@@ -94,6 +105,9 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_WRITER_BATCH_OPS_MAX",
     "RESERVOIR_WRITER_WINDOW_US",
     "RESERVOIR_CREDENTIAL_CACHE_TTL_MS",
+    "RESERVOIR_INTROSPECTION",
+    "RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND",
+    "RESERVOIR_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE",
 ];
 
 /// Bounds of `RESERVOIR_DB_ACQUIRE_TIMEOUT_MS`: below 100 ms a healthy but busy
@@ -162,6 +176,18 @@ impl Config {
         let writer_window_us = number(get, "RESERVOIR_WRITER_WINDOW_US", 100_000)?;
         let credential_cache_ttl_ms =
             number(get, "RESERVOIR_CREDENTIAL_CACHE_TTL_MS", 60_000)?.unwrap_or(2_000);
+        let introspection = get("RESERVOIR_INTROSPECTION")
+            .map(|v| parse_bool("RESERVOIR_INTROSPECTION", &v))
+            .transpose()?
+            .unwrap_or(true);
+        let rate_limit_usage_per_second =
+            number(get, "RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND", 1_000_000)?.map_or(5_000, as_u32);
+        let rate_limit_auth_failures_per_minute = number(
+            get,
+            "RESERVOIR_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE",
+            100_000,
+        )?
+        .map_or(60, as_u32);
         Ok(Self {
             data_dir,
             database_url,
@@ -180,6 +206,9 @@ impl Config {
             writer_batch_ops_max,
             writer_window_us,
             credential_cache_ttl_ms,
+            introspection,
+            rate_limit_usage_per_second,
+            rate_limit_auth_failures_per_minute,
         })
     }
 
@@ -394,7 +423,8 @@ fn stripe(get: Lookup<'_>) -> Result<PaymentGateway, ConfigError> {
     let secret_key = get("RESERVOIR_STRIPE_SECRET_KEY").ok_or_else(|| {
         invalid(
             "RESERVOIR_STRIPE_SECRET_KEY",
-            "is required with the stripe gateway",
+            "is required with RESERVOIR_PAYMENT_GATEWAY=stripe: set it to the secret API key \
+             from the Stripe dashboard (Developers > API keys: sk_live_…, or a restricted rk_live_…)",
         )
     })?;
     if !(secret_key.starts_with("sk_") || secret_key.starts_with("rk_")) {
@@ -411,9 +441,21 @@ fn stripe(get: Lookup<'_>) -> Result<PaymentGateway, ConfigError> {
             "must be https (plain http only to localhost or 127.0.0.1, for tests)",
         ));
     }
+    let webhook_secret = get("RESERVOIR_STRIPE_WEBHOOK_SECRET");
+    if webhook_secret
+        .as_deref()
+        .is_some_and(|s| !s.starts_with("whsec_"))
+    {
+        return Err(invalid(
+            "RESERVOIR_STRIPE_WEBHOOK_SECRET",
+            "must be the webhook endpoint's signing secret (whsec_…), shown by Stripe for the \
+             endpoint https://<your API host>/webhooks/stripe",
+        ));
+    }
     Ok(PaymentGateway::Stripe {
         secret_key,
         base_url,
+        webhook_secret,
     })
 }
 
@@ -456,6 +498,11 @@ fn demo_seed(get: Lookup<'_>, backend: &Backend, allow_sandbox: bool) -> Result<
         ));
     }
     Ok(demo_seed)
+}
+
+/// A number [`number`] bounded to at most a million, as u32.
+fn as_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// An optional number from 0 to `max` (the writer and cache tuning knobs).
@@ -570,7 +617,8 @@ mod tests {
             stripe.payment_gateway,
             PaymentGateway::Stripe {
                 secret_key: "sk_live_x".into(),
-                base_url: "https://api.stripe.com".into()
+                base_url: "https://api.stripe.com".into(),
+                webhook_secret: None,
             }
         );
     }
@@ -626,6 +674,14 @@ mod tests {
             (
                 vec![("RESERVOIR_QUEUE_URL", "postgresfoo://x")],
                 "RESERVOIR_QUEUE_URL",
+            ),
+            (
+                vec![
+                    ("RESERVOIR_PAYMENT_GATEWAY", "stripe"),
+                    ("RESERVOIR_STRIPE_SECRET_KEY", "sk_test_x"),
+                    ("RESERVOIR_STRIPE_WEBHOOK_SECRET", "sk_test_x"),
+                ],
+                "RESERVOIR_STRIPE_WEBHOOK_SECRET",
             ),
         ] {
             match config(&vars) {

@@ -83,14 +83,24 @@ pub fn gateway(config: &Config) -> anyhow::Result<Arc<dyn PaymentGateway>> {
         config::PaymentGateway::Stripe {
             secret_key,
             base_url,
-        } => Arc::new(
-            gateways::StripeGateway::new(
-                secret_key.clone(),
-                base_url.clone(),
-                gateways::DEFAULT_TIMEOUT_MS,
+            webhook_secret,
+        } => {
+            if webhook_secret.is_none() {
+                tracing::warn!(
+                    "RESERVOIR_STRIPE_WEBHOOK_SECRET is not set: POST /webhooks/stripe refuses \
+                     every event, so a charge whose answer was lost waits for the capture retries"
+                );
+            }
+            Arc::new(
+                gateways::StripeGateway::new(
+                    secret_key.clone(),
+                    base_url.clone(),
+                    gateways::DEFAULT_TIMEOUT_MS,
+                )
+                .context("configuring the Stripe gateway")?
+                .with_webhook_secret(webhook_secret.as_deref().unwrap_or_default()),
             )
-            .context("configuring the Stripe gateway")?,
-        ),
+        }
     })
 }
 
@@ -218,6 +228,11 @@ fn api_config(
         jobs: Arc::new(queue.clone()),
         writer: Some(writer),
         credential_cache_ttl_ms: config.credential_cache_ttl_ms,
+        introspection: config.introspection,
+        rate_limits: api::rate_limit::RateLimits {
+            usage_per_second: config.rate_limit_usage_per_second,
+            auth_failures_per_minute: config.rate_limit_auth_failures_per_minute,
+        },
         ..Default::default()
     })
 }
@@ -236,6 +251,7 @@ async fn print_banner(
     println!("Reservoir is running.");
     println!("  GraphiQL:  http://{addr}/");
     println!("  GraphQL:   http://{addr}/graphql");
+    println!("  Dashboard: http://{addr}/dashboard");
     println!("  Database:  {}", redact(&config.database_url));
     if config.admin_token.generated {
         println!(
@@ -244,7 +260,7 @@ async fn print_banner(
         );
     }
     if config.demo_seed {
-        print_demo(config, db, gateway, rotate_demo_token).await?;
+        print_demo(config, db, gateway, addr, rotate_demo_token).await?;
     }
     Ok(())
 }
@@ -261,6 +277,7 @@ async fn print_demo(
     config: &Config,
     db: &DatabaseConnection,
     gateway: &dyn PaymentGateway,
+    addr: std::net::SocketAddr,
     rotate: bool,
 ) -> anyhow::Result<()> {
     let path = demo_token_path(config);
@@ -300,6 +317,10 @@ async fn print_demo(
     };
     println!("  Demo token ({kept_note}; `--rotate-demo-token` for a new one):");
     println!("    {}", demo.token);
+    println!(
+        "  Open the dashboard signed in:  http://{addr}/dashboard#token={}",
+        demo.token
+    );
     println!(
         "  Try it in GraphiQL with the header  {{\"Authorization\": \"Bearer {}\"}}",
         demo.token

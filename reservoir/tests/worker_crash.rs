@@ -66,6 +66,7 @@ async fn a_worker_killed_mid_charge_completes_the_purchase_exactly_once() -> any
         is_default: Set(true),
         created_at: Set(now),
         removed_at: Set(None),
+        fingerprint: Set(None),
     })
     .exec(&t.db)
     .await?

@@ -20,11 +20,30 @@ impl App {
 
     /// Starts the app on a given pool (one the test instruments).
     pub async fn start_with(db: &billing::sea_orm::DatabaseConnection) -> anyhow::Result<Self> {
+        Self::start_with_config(db, api::ApiConfig::default()).await
+    }
+
+    /// Starts the app with the test defaults changed by `adjust` (limits, switches).
+    pub async fn start_configured(
+        db: &billing::sea_orm::DatabaseConnection,
+        adjust: impl FnOnce(&mut api::ApiConfig),
+    ) -> anyhow::Result<Self> {
+        let mut config = api::ApiConfig::default();
+        adjust(&mut config);
+        Self::start_with_config(db, config).await
+    }
+
+    /// Starts the app with a configuration of the test's (a gateway, a queue); the
+    /// admin token and one worker thread are set here.
+    pub async fn start_with_config(
+        db: &billing::sea_orm::DatabaseConnection,
+        config: api::ApiConfig,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let config = api::ApiConfig {
             admin_token: Some(ADMIN_TOKEN.into()),
             workers: 1,
-            ..Default::default()
+            ..config
         };
         let (handle, addr, _join) = api::spawn(listener, db.clone(), config)?;
         let app = Self {

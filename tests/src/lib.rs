@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod load;
+pub mod localstripe;
 pub mod scratch_pg;
 
 use billing::Credits;

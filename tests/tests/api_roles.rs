@@ -770,7 +770,13 @@ impl Roles {
                 .transpose()?,
         };
         if let Some(card) = card {
-            payments::cards::remove_payment_method(&self.t.db, card, Utc::now()).await?;
+            payments::cards::remove_payment_method(
+                &self.t.db,
+                &billing::payments::SandboxGateway::new(),
+                card,
+                Utc::now(),
+            )
+            .await?;
         }
         Ok(())
     }

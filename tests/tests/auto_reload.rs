@@ -113,7 +113,7 @@ async fn charge(
         .await?
         .ok_or_else(|| anyhow::anyhow!("no card {card_id}"))?;
     Ok(gateway
-        .charge(ChargeRequest::for_purchase(purchase, &card)?)
+        .charge(ChargeRequest::for_purchase(purchase, &card, None)?)
         .await?)
 }
 
@@ -131,6 +131,10 @@ async fn capture(
         ChargeOutcome::Declined { reason } => {
             auto_reload::reload_failed(db, purchase.id, &format!("declined: {reason}"), true, now)
                 .await?
+        }
+        outcome @ ChargeOutcome::RequiresAction { .. } => {
+            payments::capture::settle(db, purchase.id, &outcome, now).await?;
+            payments::purchases::load_purchase(db, purchase.id).await?
         }
     })
 }

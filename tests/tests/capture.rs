@@ -118,7 +118,13 @@ async fn a_card_removed_before_the_charge_fails_the_purchase_without_charging() 
         .await?
         .payment_method_id
         .expect("card");
-    billing::payments::cards::remove_payment_method(&t.db, card, chrono::Utc::now()).await?;
+    billing::payments::cards::remove_payment_method(
+        &t.db,
+        &billing::payments::SandboxGateway::new(),
+        card,
+        chrono::Utc::now(),
+    )
+    .await?;
     assert!(matches!(
         capture::prepare(&t.db, id, chrono::Utc::now()).await?,
         Next::Done

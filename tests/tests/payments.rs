@@ -11,8 +11,8 @@ use billing::entity::enums::{
 use billing::entity::{accounts, auto_reload_settings, invoices, ledger_entries, payment_methods};
 use billing::payments::purchases::{self, PurchaseCreditsRequest, PurchaseItem, Purchased};
 use billing::payments::{
-    self, AttachedCard, ChargeOutcome, ChargeRequest, GatewayError, GatewayFuture, PaymentGateway,
-    SandboxGateway, SandboxScenario,
+    self, AttachedCard, CardSetup, ChargeOutcome, ChargeRequest, CustomerRequest, GatewayError,
+    GatewayEvent, GatewayFuture, PaymentGateway, SandboxGateway, SandboxScenario, WebhookError,
 };
 use billing::sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait,
@@ -31,6 +31,7 @@ fn charge_req(token: &str, key: &str, cents: i64) -> ChargeRequest {
         amount_cents: cents,
         currency: "usd".into(),
         gateway_token: token.into(),
+        gateway_customer_id: None,
         idempotency_key: key.into(),
         description: "test".into(),
     }
@@ -90,11 +91,32 @@ async fn payment_row_counts(db: &DatabaseConnection) -> anyhow::Result<Vec<(Stri
 struct DownGateway;
 
 impl PaymentGateway for DownGateway {
-    fn attach<'a>(&'a self, _client_token: &'a str) -> GatewayFuture<'a, AttachedCard> {
+    fn create_customer<'a>(&'a self, _req: &'a CustomerRequest) -> GatewayFuture<'a, String> {
+        Box::pin(async { Ok("cus_down".into()) })
+    }
+    fn attach<'a>(
+        &'a self,
+        _gateway_customer_id: &'a str,
+        _client_token: &'a str,
+    ) -> GatewayFuture<'a, AttachedCard> {
+        Box::pin(async { Err(GatewayError::Transient("connection reset".into())) })
+    }
+    fn detach<'a>(&'a self, _gateway_token: &'a str) -> GatewayFuture<'a, ()> {
+        Box::pin(async { Err(GatewayError::Transient("connection reset".into())) })
+    }
+    fn start_card_setup<'a>(&'a self, _customer: &'a str) -> GatewayFuture<'a, CardSetup> {
         Box::pin(async { Err(GatewayError::Transient("connection reset".into())) })
     }
     fn charge(&self, _req: ChargeRequest) -> GatewayFuture<'_, ChargeOutcome> {
         Box::pin(async { Err(GatewayError::Transient("connection reset".into())) })
+    }
+    fn verify_event(
+        &self,
+        _payload: &[u8],
+        _signature: Option<&str>,
+        _now: DateTime<Utc>,
+    ) -> Result<GatewayEvent, WebhookError> {
+        Err(WebhookError::NotConfigured)
     }
 }
 
@@ -108,7 +130,7 @@ async fn sandbox_tokens_are_deterministic_and_charges_idempotent() -> anyhow::Re
         ("tok_amex", CardBrand::Amex, "8431"),
     ];
     for (token, brand, last4) in expected {
-        let card = gateway.attach(token).await?;
+        let card = gateway.attach("cus_test", token).await?;
         assert_eq!((card.brand, card.last4.as_str()), (brand, last4), "{token}");
         assert!(card.gateway_token.starts_with("pm_sandbox_"), "{card:?}");
         assert!(card.exp_year >= 2030 && (1..=12).contains(&card.exp_month));
@@ -125,15 +147,15 @@ async fn sandbox_tokens_are_deterministic_and_charges_idempotent() -> anyhow::Re
         );
     }
     // Two attachments of one token are two cards.
-    let a = gateway.attach("tok_visa").await?;
-    let b = gateway.attach("tok_visa").await?;
+    let a = gateway.attach("cus_test", "tok_visa").await?;
+    let b = gateway.attach("cus_test", "tok_visa").await?;
     assert_ne!(a.gateway_token, b.gateway_token);
 
     for (token, reason) in [
         ("tok_chargeDeclined", "card_declined"),
         ("tok_chargeDeclinedInsufficientFunds", "insufficient_funds"),
     ] {
-        let card = gateway.attach(token).await?;
+        let card = gateway.attach("cus_test", token).await?;
         let outcome = gateway
             .charge(charge_req(&card.gateway_token, &format!("k-{token}"), 500))
             .await?;
@@ -144,7 +166,7 @@ async fn sandbox_tokens_are_deterministic_and_charges_idempotent() -> anyhow::Re
             }
         );
     }
-    let failing = gateway.attach("tok_processingError").await?;
+    let failing = gateway.attach("cus_test", "tok_processingError").await?;
     let err = gateway
         .charge(charge_req(&failing.gateway_token, "k-err", 500))
         .await
@@ -156,7 +178,7 @@ async fn sandbox_tokens_are_deterministic_and_charges_idempotent() -> anyhow::Re
         .await;
     assert!(matches!(again, Err(GatewayError::Transient(_))));
 
-    let hang = gateway.attach("tok_hang").await?;
+    let hang = gateway.attach("cus_test", "tok_hang").await?;
     let started = Instant::now();
     let err = gateway
         .charge(charge_req(&hang.gateway_token, "k-hang", 500))
@@ -176,7 +198,7 @@ async fn sandbox_tokens_are_deterministic_and_charges_idempotent() -> anyhow::Re
     // Unknown tokens: refused at attach; a charge to an unknown card is Invalid.
     for bad in ["tok_unknown", "", "pm_sandbox_visa_0123"] {
         assert!(matches!(
-            gateway.attach(bad).await,
+            gateway.attach("cus_test", bad).await,
             Err(GatewayError::Invalid(_))
         ));
     }
@@ -287,9 +309,21 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
     assert_eq!(defaults[0].id, visa.id);
 
     // Removing the default leaves no default.
-    let removed = payments::cards::remove_payment_method(&t.db, visa.id, now).await?;
+    let removed = payments::cards::remove_payment_method(
+        &t.db,
+        &billing::payments::SandboxGateway::new(),
+        visa.id,
+        now,
+    )
+    .await?;
     assert!(removed.removed_at.is_some() && !removed.is_default);
-    let again = payments::cards::remove_payment_method(&t.db, visa.id, now).await?;
+    let again = payments::cards::remove_payment_method(
+        &t.db,
+        &billing::payments::SandboxGateway::new(),
+        visa.id,
+        now,
+    )
+    .await?;
     assert_eq!(
         again.removed_at, removed.removed_at,
         "removal is idempotent"
@@ -326,9 +360,14 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
     }
     .insert(&t.db)
     .await?;
-    let err = payments::cards::remove_payment_method(&t.db, mc.id, now)
-        .await
-        .expect_err("used by auto-reload");
+    let err = payments::cards::remove_payment_method(
+        &t.db,
+        &billing::payments::SandboxGateway::new(),
+        mc.id,
+        now,
+    )
+    .await
+    .expect_err("used by auto-reload");
     assert_eq!(err.code(), ErrorCode::InvalidInput, "{err}");
     let still = payments::cards::load_payment_method(&t.db, mc.id)
         .await?
@@ -341,7 +380,13 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
     let mut off = settings.into_active_model();
     off.enabled = Set(false);
     off.update(&t.db).await?;
-    payments::cards::remove_payment_method(&t.db, mc.id, now).await?;
+    payments::cards::remove_payment_method(
+        &t.db,
+        &billing::payments::SandboxGateway::new(),
+        mc.id,
+        now,
+    )
+    .await?;
 
     // A new card on an account without a default becomes the default.
     let mc2 =
@@ -356,10 +401,15 @@ async fn payment_methods_add_default_and_remove() -> anyhow::Result<()> {
     let by_id = payments::cards::payment_methods_by_ids(&t.db, &[visa.id, mc2.id]).await?;
     assert_eq!(by_id.len(), 2, "removed cards are still loadable by id");
     assert_eq!(
-        payments::cards::remove_payment_method(&t.db, Uuid::now_v7(), now)
-            .await
-            .expect_err("unknown")
-            .code(),
+        payments::cards::remove_payment_method(
+            &t.db,
+            &billing::payments::SandboxGateway::new(),
+            Uuid::now_v7(),
+            now
+        )
+        .await
+        .expect_err("unknown")
+        .code(),
         ErrorCode::NotFound
     );
     t.finish().await
@@ -455,7 +505,13 @@ async fn a_card_purchase_resolves_the_default_method() -> anyhow::Result<()> {
     assert_eq!(p3.purchase.payment_method_id, Some(visa.id));
     assert_eq!(p3.purchase.price_nanos, 12_340_000_000);
     // A removed card is not found.
-    payments::cards::remove_payment_method(&t.db, visa.id, now).await?;
+    payments::cards::remove_payment_method(
+        &t.db,
+        &billing::payments::SandboxGateway::new(),
+        visa.id,
+        now,
+    )
+    .await?;
     let err = purchases::purchase_credits(&t.db, card_req(f.ws_b, "buy-4", Some(visa.id)), now)
         .await
         .expect_err("removed card");
@@ -475,7 +531,7 @@ async fn a_captured_card_purchase_is_credited_and_invoiced_once() -> anyhow::Res
     let p = purchases::purchase_credits(&t.db, card_req(f.ws_a, "buy-1", None), now).await?;
 
     // The worker's capture: charge with the purchase id as the key (twice: once).
-    let charge = ChargeRequest::for_purchase(&p.purchase, &visa)?;
+    let charge = ChargeRequest::for_purchase(&p.purchase, &visa, None)?;
     assert_eq!(charge.amount_cents, 10_000);
     assert_eq!(charge.idempotency_key, p.purchase.id.to_string());
     let first = gw.charge(charge.clone()).await?;
@@ -818,5 +874,65 @@ async fn invoice_due_dates_follow_the_account_terms() -> anyhow::Result<()> {
     let inv = invoice(&t.db, &p).await?;
     assert_eq!(inv.due_at, Some(now));
     assert_eq!(inv.total_nanos, 10 * CREDIT);
+    t.finish().await
+}
+
+#[tokio::test]
+async fn the_sandbox_takes_stripe_style_payment_method_ids_and_3ds_cards() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    let gw = SandboxGateway::new();
+    // The same frontend code as for Stripe: a SetupIntent, then a PaymentMethod id.
+    let setup = payments::cards::start_card_setup(&t.db, &gw, f.account_id).await?;
+    assert!(setup.setup_intent_id.starts_with("seti_"), "{setup:?}");
+    assert!(setup.client_secret.starts_with(&setup.setup_intent_id));
+    let customer = payments::cards::ensure_customer(&t.db, &gw, f.account_id).await?;
+    assert!(customer.starts_with("cus_sandbox_"), "{customer}");
+    let visa =
+        payments::cards::add_payment_method(&t.db, &gw, f.account_id, "pm_card_visa", true, now)
+            .await?;
+    assert_eq!((visa.brand, visa.last4.as_str()), (CardBrand::Visa, "4242"));
+    assert_eq!(
+        payments::cards::ensure_customer(&t.db, &gw, f.account_id).await?,
+        customer,
+        "one Customer per account"
+    );
+
+    // A card that needs 3-D Secure: REQUIRES_ACTION, nothing credited, never retried.
+    let secure = payments::cards::add_payment_method(
+        &t.db,
+        &gw,
+        f.account_id,
+        "tok_authenticationRequired",
+        true,
+        now,
+    )
+    .await?;
+    let p = purchases::purchase_credits(&t.db, card_req(f.ws_a, "3ds", Some(secure.id)), now)
+        .await?
+        .purchase;
+    let payments::capture::Next::Charge(request) =
+        payments::capture::prepare(&t.db, p.id, now).await?
+    else {
+        anyhow::bail!("nothing to charge");
+    };
+    assert_eq!(
+        request.gateway_customer_id.as_deref(),
+        Some(customer.as_str())
+    );
+    let outcome = gw.charge(request).await;
+    assert!(
+        matches!(outcome, Ok(ChargeOutcome::RequiresAction { .. })),
+        "{outcome:?}"
+    );
+    payments::capture::apply(&t.db, p.id, outcome, now).await?;
+    let p = purchases::load_purchase(&t.db, p.id).await?;
+    assert_eq!(p.status, PurchaseStatus::RequiresAction);
+    assert_eq!(workspace(&t.db, f.ws_a).await?.balance_nanos, 0);
+    assert!(matches!(
+        payments::capture::prepare(&t.db, p.id, now).await?,
+        payments::capture::Next::Done
+    ));
     t.finish().await
 }

@@ -90,6 +90,7 @@ async fn add_card(
         is_default: Set(is_default),
         created_at: Set(t0()),
         removed_at: Set(removed.then(t0)),
+        fingerprint: Set(None),
     })
     .exec_without_returning(db)
     .await?;

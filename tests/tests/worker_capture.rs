@@ -28,6 +28,7 @@ impl System {
         t: &TestDb,
         gateway: Arc<SandboxGateway>,
         outbox: &std::path::Path,
+        worker_config: worker::WorkerConfig,
     ) -> anyhow::Result<Self> {
         let queue = worker::queue::Queue::connect(&t.queue_url()).await?;
         let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -40,15 +41,6 @@ impl System {
         };
         let (handle, addr, _join) = api::spawn(listener, t.second_pool().await?, config)?;
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        // Sweep often and at once, so the receipt (written with the credit) goes out quickly.
-        let worker_config = worker::WorkerConfig {
-            poll_interval_ms: 50,
-            sweep_interval_ms: 200,
-            stale_after_ms: 0,
-            direct_delivery_after_ms: 0,
-            direct_capture_after_ms: 500,
-            ..Default::default()
-        };
         let mailer = worker::email::Mailer::outbox(outbox);
         let db = t.second_pool().await?;
         let gw: Arc<dyn PaymentGateway> = gateway;
@@ -118,7 +110,16 @@ async fn a_card_purchase_is_captured_and_credited_once() -> anyhow::Result<()> {
         .with_test_writer()
         .try_init();
     let outbox = tempfile::tempdir()?;
-    let system = System::start(&t, gateway.clone(), outbox.path()).await?;
+    // Sweep often and at once: this test is about the capture, not the push.
+    let worker_config = worker::WorkerConfig {
+        poll_interval_ms: 50,
+        sweep_interval_ms: 200,
+        stale_after_ms: 0,
+        direct_delivery_after_ms: 0,
+        direct_capture_after_ms: 500,
+        ..Default::default()
+    };
+    let system = System::start(&t, gateway.clone(), outbox.path(), worker_config).await?;
 
     let card = system
         .gql(
@@ -213,6 +214,46 @@ async fn a_card_purchase_is_captured_and_credited_once() -> anyhow::Result<()> {
     assert!(
         mail.contains("INV-000001") && mail.contains("owner@test.example"),
         "{mail}"
+    );
+    system.stop().await;
+    t.finish().await
+}
+
+/// E-mails within seconds, with the worker's production settings: the capture job
+/// pushes the receipt it just wrote instead of leaving it for the sweep, which only
+/// re-enqueues notifications 30 s old (the receipt once took 35 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_receipt_is_pushed_right_after_the_capture() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    let token = billing::accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
+    let outbox = tempfile::tempdir()?;
+    let defaults = worker::WorkerConfig::default();
+    let system =
+        System::start(&t, Arc::new(SandboxGateway::new()), outbox.path(), defaults).await?;
+    let card = json!({ "input": { "accountId": f.account_id.to_string(), "token": "tok_visa" } });
+    assert!(system.gql(&token, ADD_CARD, card).await?["errors"].is_null());
+    let buy = json!({ "input": { "workspaceId": f.ws_a.to_string(), "packageId": "pkg_10", "idempotencyKey": "push-1" } });
+    let bought = system.gql(&token, BUY, buy).await?;
+    assert!(bought["errors"].is_null(), "{bought}");
+    let started = std::time::Instant::now();
+    let mut sent = false;
+    // The sweep's own re-enqueue would come after `stale_after_ms` = 30 s: a receipt
+    // well before that was pushed.
+    while started.elapsed() < Duration::from_secs(15) {
+        sent = std::fs::read_dir(outbox.path())?
+            .filter_map(Result::ok)
+            .any(|e| e.path().extension().is_some_and(|x| x == "eml"));
+        if sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sent, "no receipt within 15 s");
+    eprintln!(
+        "receipt in the outbox {:?} after purchaseCredits",
+        started.elapsed()
     );
     system.stop().await;
     t.finish().await

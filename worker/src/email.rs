@@ -23,7 +23,7 @@ use billing::entity::enums::NotificationStatus;
 use billing::entity::notifications as rows;
 use billing::policies::notifications::{
     self as notes, AutoReloadDisabled, DELIVERY_ATTEMPTS_MAX, LowBalanceAlert, NotificationKind,
-    NotificationPayload, PurchaseReceipt, ReloadFailed,
+    NotificationPayload, PaymentActionRequired, PurchaseReceipt, ReloadFailed,
 };
 use billing::sea_orm::DatabaseConnection;
 use billing::{BillingError, Credits, ErrorCode};
@@ -94,6 +94,7 @@ fn templates(kind: NotificationKind) -> Templates {
         NotificationKind::PurchaseReceipt => templates!("purchase_receipt"),
         NotificationKind::ReloadFailed => templates!("reload_failed"),
         NotificationKind::AutoReloadDisabled => templates!("auto_reload_disabled"),
+        NotificationKind::PaymentActionRequired => templates!("payment_action_required"),
     }
 }
 
@@ -298,6 +299,31 @@ fn auto_reload_disabled_vars(p: &AutoReloadDisabled) -> Vars {
     v
 }
 
+fn payment_action_required_vars(p: &PaymentActionRequired) -> Vars {
+    let mut v = Vars::default();
+    v.set(
+        "workspace",
+        workspace_label(&p.workspace_name, p.workspace_id),
+    )
+    .set("workspace_id", p.workspace_id.to_string())
+    .set("purchase_id", p.purchase_id.to_string())
+    .set("amount", format_credits(p.amount))
+    .set(
+        "card",
+        format!("{} card ending in {}", p.card_brand, p.card_last4),
+    )
+    .set(
+        "what",
+        if p.auto_reload {
+            "an automatic reload"
+        } else {
+            "a credit purchase"
+        },
+    )
+    .set("reason", p.reason.clone());
+    v
+}
+
 /// Renders a notification's subject, plain text and HTML.
 pub fn render(payload: &NotificationPayload) -> Result<RenderedEmail, EmailError> {
     let vars = match payload {
@@ -305,6 +331,7 @@ pub fn render(payload: &NotificationPayload) -> Result<RenderedEmail, EmailError
         NotificationPayload::PurchaseReceipt(p) => receipt_vars(p),
         NotificationPayload::ReloadFailed(p) => reload_failed_vars(p),
         NotificationPayload::AutoReloadDisabled(p) => auto_reload_disabled_vars(p),
+        NotificationPayload::PaymentActionRequired(p) => payment_action_required_vars(p),
     };
     let t = templates(payload.kind());
     // A header must be one line: control characters (from names or reasons) become
@@ -824,6 +851,30 @@ mod tests {
                 .html
                 .contains("<td align=\"right\">100 credits</td>")
         );
+    }
+
+    #[test]
+    fn the_payment_action_email_names_the_card_and_what_to_do() {
+        let r = render(&NotificationPayload::PaymentActionRequired(
+            PaymentActionRequired {
+                workspace_id: ws(),
+                workspace_name: "Prod".into(),
+                purchase_id: ws(),
+                amount: Credits::from_nanos(50_000_000_000),
+                card_brand: "VISA".into(),
+                card_last4: "3184".into(),
+                auto_reload: true,
+                reason: "authentication_required".into(),
+            },
+        ))
+        .expect("renders");
+        assert_eq!(
+            r.subject,
+            "Action needed: your VISA card ending in 3184 must be confirmed for Prod"
+        );
+        assert!(r.text.contains("an automatic reload"), "{}", r.text);
+        assert!(r.text.contains("add the card again"), "{}", r.text);
+        assert!(!r.html.contains("{{"), "{}", r.html);
     }
 
     #[test]

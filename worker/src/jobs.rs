@@ -6,6 +6,7 @@ use apalis::prelude::{BoxDynError, Data};
 use billing::jobs::{CapturePurchase, DeliverNotification};
 use billing::payments::capture::{self, Next, Verdict};
 use billing::payments::{GatewayError, PaymentGateway};
+use billing::policies::notifications;
 use billing::sea_orm::DatabaseConnection;
 use chrono::Utc;
 use std::sync::Arc;
@@ -45,10 +46,35 @@ pub async fn capture_once(
         };
     Ok(
         match capture::apply(&deps.db, purchase_id, outcome, Utc::now()).await? {
-            Verdict::Done => None,
+            Verdict::Done => {
+                push_notifications(deps, purchase_id).await;
+                None
+            }
             Verdict::RetryAfter(delay) => Some(delay),
         },
     )
+}
+
+/// Pushes the e-mails a settled purchase wrote (receipt, reload failure) to the queue
+/// right after the settlement committed. A failed push is only logged: the sweep
+/// re-enqueues PENDING notifications, so the e-mail is late, never lost.
+async fn push_notifications(deps: &Deps, purchase_id: uuid::Uuid) {
+    let ids = match notifications::pending_for_purchase(&deps.db, purchase_id).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::warn!(%purchase_id, error = %e, "could not list the purchase's e-mails; the sweep will send them");
+            return;
+        }
+    };
+    for notification_id in ids {
+        if let Err(e) = deps
+            .queue
+            .push_delivery(DeliverNotification { notification_id }, None)
+            .await
+        {
+            tracing::warn!(%notification_id, error = %e, "push failed; the sweep will send it");
+        }
+    }
 }
 
 pub async fn capture_purchase(

@@ -223,13 +223,108 @@ async fn sweep_loop(
     }
 }
 
-/// A worker name unique per process (apalis refuses a name still registered).
-fn worker_name(kind: &str) -> String {
+/// A worker name unique per process and per restart (apalis refuses a name that is
+/// still registered, and a worker that died may still be).
+fn worker_name(kind: &str, restarts: u32) -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "host".into());
-    format!("reservoir-{kind}-{host}-{}", std::process::id())
+    format!("reservoir-{kind}-{host}-{}-{restarts}", std::process::id())
+}
+
+/// First and longest wait before a job worker that failed is started again.
+pub const RESTART_BACKOFF_MS_MIN: u64 = 250;
+pub const RESTART_BACKOFF_MS_MAX: u64 = 30_000;
+
+/// The wait before restart number `restarts` (1, 2, …): doubling from the minimum,
+/// capped, so a database that is down is not hammered and one that is back is used
+/// again within half a minute at most.
+pub fn restart_backoff(restarts: u32) -> Duration {
+    let doublings = restarts.saturating_sub(1).min(16);
+    let ms = RESTART_BACKOFF_MS_MIN
+        .saturating_mul(1u64 << doublings)
+        .min(RESTART_BACKOFF_MS_MAX);
+    Duration::from_millis(ms)
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Runs one kind of job worker until `stop`, starting a new one whenever it ends with
+/// an error: a backend error (the database stopped, a connection killed, the pool
+/// timed out) ends an apalis worker for good, which once left the queue unserved
+/// until the process was restarted. Each failure is logged here, once.
+async fn supervise<W, Fut>(kind: &'static str, stop: tokio::sync::watch::Receiver<bool>, start: W)
+where
+    W: Fn(String, tokio::sync::watch::Receiver<bool>) -> Fut,
+    Fut: Future<Output = Result<(), WorkerError>>,
+{
+    let mut restarts: u32 = 0;
+    loop {
+        let outcome = start(worker_name(kind, restarts), stop.clone()).await;
+        if *stop.borrow() {
+            return;
+        }
+        restarts = restarts.saturating_add(1);
+        let wait = restart_backoff(restarts);
+        match outcome {
+            Ok(()) => tracing::warn!(
+                kind,
+                restarts,
+                wait_ms = wait.as_millis() as u64,
+                "job worker stopped unasked; restarting"
+            ),
+            Err(e) => {
+                tracing::error!(kind, restarts, wait_ms = wait.as_millis() as u64, error = %e, "job worker failed; restarting")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stopped(stop.clone()) => return,
+        }
+    }
+}
+
+/// The signal a worker's `run_until` waits for.
+async fn until(stop: tokio::sync::watch::Receiver<bool>) -> Result<(), WorkerError> {
+    stopped(stop).await;
+    Ok(())
+}
+
+/// The capture and e-mail workers on one queue backend (whose storage types differ,
+/// hence a macro), each under [`supervise`]; their join handles.
+macro_rules! spawn_workers {
+    ($capture:expr, $delivery:expr, $deps:expr, $config:expr, $stop:expr) => {{
+        let (capture, delivery) = ($capture, $delivery);
+        let poll = Duration::from_millis($config.poll_interval_ms.max(10));
+        let concurrency = $config.concurrency.max(1);
+        let (d1, d2) = ($deps.clone(), $deps.clone());
+        let capture_worker = move |name: String, stop| {
+            WorkerBuilder::new(name)
+                .backend(capture.clone().poll_with_interval(poll))
+                .data(d1.clone())
+                .concurrency(concurrency)
+                .enable_tracing()
+                .build(jobs::capture_purchase)
+                .run_until(until(stop))
+        };
+        let delivery_worker = move |name: String, stop| {
+            WorkerBuilder::new(name)
+                .backend(delivery.clone().poll_with_interval(poll))
+                .data(d2.clone())
+                .concurrency(concurrency)
+                .enable_tracing()
+                .build(jobs::deliver_notification)
+                .run_until(until(stop))
+        };
+        vec![
+            tokio::spawn(supervise("capture", $stop.clone(), capture_worker)),
+            tokio::spawn(supervise("email", $stop.clone(), delivery_worker)),
+        ]
+    }};
 }
 
 /// Runs the job workers and the sweeps until `shutdown` resolves; running jobs get
@@ -252,48 +347,29 @@ pub async fn run(
         email_from,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sweeps = tokio::spawn(sweep_loop(deps.clone(), config.clone(), stop_rx));
-    let poll = Duration::from_millis(config.poll_interval_ms.max(10));
-    let concurrency = config.concurrency.max(1);
-    let monitor =
-        Monitor::new().shutdown_timeout(Duration::from_millis(config.shutdown_timeout_ms));
-    macro_rules! workers {
-        ($capture:expr, $delivery:expr) => {{
-            let (capture, delivery) = ($capture, $delivery);
-            let (d1, d2) = (deps.clone(), deps.clone());
-            monitor
-                .register(move |_| {
-                    WorkerBuilder::new(worker_name("capture"))
-                        .backend(capture.clone().poll_with_interval(poll))
-                        .data(d1.clone())
-                        .concurrency(concurrency)
-                        .enable_tracing()
-                        .build(jobs::capture_purchase)
-                })
-                .register(move |_| {
-                    WorkerBuilder::new(worker_name("email"))
-                        .backend(delivery.clone().poll_with_interval(poll))
-                        .data(d2.clone())
-                        .concurrency(concurrency)
-                        .enable_tracing()
-                        .build(jobs::deliver_notification)
-                })
-        }};
-    }
-    let monitor = match &queue {
-        Queue::Sqlite { capture, delivery } => workers!(capture.clone(), delivery.clone()),
-        Queue::Postgres { capture, delivery } => workers!(capture.clone(), delivery.clone()),
+    let sweeps = tokio::spawn(sweep_loop(deps.clone(), config.clone(), stop_rx.clone()));
+    let workers = match &queue {
+        Queue::Sqlite { capture, delivery } => {
+            spawn_workers!(capture.clone(), delivery.clone(), deps, config, stop_rx)
+        }
+        Queue::Postgres { capture, delivery } => {
+            spawn_workers!(capture.clone(), delivery.clone(), deps, config, stop_rx)
+        }
     };
-    let result = monitor
-        .run_with_signal(async move {
-            shutdown.await;
-            Ok(())
-        })
-        .await;
+    shutdown.await;
     let _ = stop_tx.send(true);
+    let grace = Duration::from_millis(config.shutdown_timeout_ms);
+    for worker in workers {
+        if tokio::time::timeout(grace, worker).await.is_err() {
+            tracing::warn!(
+                timeout_ms = config.shutdown_timeout_ms,
+                "a job worker did not stop in time"
+            );
+        }
+    }
     let _ = sweeps.await;
     tracing::info!("worker stopped");
-    result.map_err(|e| anyhow_free::Error(e.to_string()))
+    Ok(())
 }
 
 /// The worker's own error type (no anyhow in libraries).
@@ -302,4 +378,63 @@ pub mod anyhow_free {
     #[error("worker: {0}")]
     pub struct Error(pub String);
     pub type Result<T> = std::result::Result<T, Error>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn restart_backoff_doubles_and_is_capped() {
+        assert_eq!(restart_backoff(1), Duration::from_millis(250));
+        assert_eq!(restart_backoff(2), Duration::from_millis(500));
+        assert_eq!(restart_backoff(5), Duration::from_millis(4_000));
+        assert_eq!(
+            restart_backoff(100),
+            Duration::from_millis(RESTART_BACKOFF_MS_MAX)
+        );
+    }
+
+    /// A worker that fails (as apalis's does when its backend errors) is started
+    /// again, under a new name, until the stop; the stop ends the supervisor at once.
+    #[tokio::test]
+    async fn a_failed_worker_is_started_again_until_the_stop() {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let starts = Arc::new(AtomicU32::new(0));
+        let names = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, n) = (starts.clone(), names.clone());
+        let supervisor = tokio::spawn(supervise("test", stop_rx, move |name, stop| {
+            let (s, n) = (s.clone(), n.clone());
+            async move {
+                n.lock().map(|mut n| n.push(name)).ok();
+                if s.fetch_add(1, Ordering::SeqCst) < 3 {
+                    let lost = std::io::Error::other("connection to the queue lost");
+                    return Err(WorkerError::BackendError(Box::new(lost)));
+                }
+                stopped(stop).await;
+                Ok(())
+            }
+        }));
+        // Backoffs of 250, 500 and 1 000 ms: the fourth start is at 1.75 s.
+        for _ in 0..100 {
+            if starts.load(Ordering::SeqCst) >= 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            4,
+            "three failures, three restarts"
+        );
+        let names = names.lock().map(|n| n.clone()).unwrap_or_default();
+        let unique: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "a new name each time: {names:?}");
+        let _ = stop_tx.send(true);
+        tokio::time::timeout(Duration::from_secs(1), supervisor)
+            .await
+            .expect("the stop ends the supervisor")
+            .expect("no panic");
+    }
 }

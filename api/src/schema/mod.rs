@@ -24,10 +24,10 @@ use uuid::Uuid;
 
 pub type ReservoirSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
-/// Query depth and complexity limits: the deepest legitimate dashboard query
-/// (account → workspaces → projects → usage → rows → project) is about 8 deep.
-pub const QUERY_DEPTH_MAX: usize = 12;
+/// The complexity limit; depth, aliases and money fields are limited per document in
+/// `crate::limits` (which leaves introspection out of the depth).
 pub const QUERY_COMPLEXITY_MAX: usize = 5_000;
+pub use crate::limits::QUERY_DEPTH_MAX;
 
 /// The authenticated caller of one request (absent: unauthenticated).
 #[derive(Clone, Debug)]
@@ -67,8 +67,10 @@ pub fn schema_builder(
     let mut builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(db)
         .data(gateway)
-        .limit_depth(QUERY_DEPTH_MAX)
-        .limit_complexity(QUERY_COMPLEXITY_MAX);
+        .limit_depth(crate::limits::SCHEMA_DEPTH_MAX)
+        .limit_directives(crate::limits::DIRECTIVES_PER_FIELD_MAX)
+        .limit_complexity(QUERY_COMPLEXITY_MAX)
+        .extension(crate::limits::DocumentLimits);
     // Registered before ErrorCodes, so that it wraps it and counts every refusal
     // (parse, validation, limits) under its final code.
     if let Some(metrics) = metrics {

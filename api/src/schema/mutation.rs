@@ -84,10 +84,21 @@ pub struct CreateApiKeyPayload {
     pub secret: String,
 }
 
+/// What a frontend needs to collect a card with Stripe.js: confirm `clientSecret`
+/// with `stripe.confirmCardSetup`, then pass the resulting PaymentMethod id to
+/// `addPaymentMethod`.
+#[derive(SimpleObject)]
+pub struct CardSetup {
+    /// The SetupIntent (`seti_…`, usage off_session, on the account's Customer).
+    pub setup_intent_id: String,
+    /// For Stripe.js only; it confirms this one SetupIntent and nothing else.
+    pub client_secret: String,
+}
+
 #[derive(InputObject)]
 pub struct AddPaymentMethodInput {
     pub account_id: ID,
-    /// A token from the payment gateway's client-side card form (e.g. "tok_visa"); card numbers never reach this server.
+    /// A PaymentMethod id from the gateway's client-side card form (Stripe.js: "pm_…", e.g. from a confirmed startCardSetup) or a legacy token ("tok_visa"); card numbers never reach this server.
     pub token: String,
     #[graphql(default_with = "Some(false)")]
     pub make_default: Option<bool>,
@@ -246,6 +257,14 @@ fn opt_id(ctx: &Context<'_>, id: &Option<ID>, kind: &'static str) -> Result<Opti
 /// The process's group-commit writer (absent only in a schema built without a server).
 fn writer<'a>(ctx: &Context<'a>) -> Option<&'a DebitWriter> {
     ctx.data_opt::<DebitWriter>()
+}
+
+/// Charges `events` usage events to the caller's rate limit (when the server has one).
+fn rate_limit(ctx: &Context<'_>, principal: &Principal, events: usize) -> Result<()> {
+    match ctx.data_opt::<std::sync::Arc<crate::rate_limit::RateLimiter>>() {
+        Some(limiter) => limiter.usage(principal, events).gql(ctx),
+        None => Ok(()),
+    }
 }
 
 /// Counts a usage debit in the process metrics: admitted, or the refusal's code.
@@ -451,10 +470,27 @@ impl MutationRoot {
         Ok(PaymentMethod(method))
     }
 
+    /// Starts saving a card for later off-session charges: a SetupIntent on the account's payment-gateway Customer. Confirm its clientSecret with Stripe.js, then call addPaymentMethod with the PaymentMethod id.
+    async fn start_card_setup(&self, ctx: &Context<'_>, account_id: ID) -> Result<CardSetup> {
+        let account_id = parse_id(ctx, &account_id, "account")?;
+        access::require_account_admin(db(ctx), &caller(ctx)?, account_id)
+            .await
+            .gql(ctx)?;
+        let setup =
+            billing::payments::cards::start_card_setup(db(ctx), gateway(ctx).as_ref(), account_id)
+                .await
+                .gql(ctx)?;
+        Ok(CardSetup {
+            setup_intent_id: setup.setup_intent_id,
+            client_secret: setup.client_secret,
+        })
+    }
+
     async fn remove_payment_method(&self, ctx: &Context<'_>, id: ID) -> Result<ID> {
         let method_id = parse_id(ctx, &id, "payment method")?;
         billing::payments::cards::remove_payment_method_as(
             db(ctx),
+            gateway(ctx).as_ref(),
             &caller(ctx)?,
             method_id,
             Utc::now(),
@@ -503,6 +539,7 @@ impl MutationRoot {
     /// Debits the usage cost now; INSUFFICIENT_CREDITS or BUDGET_EXCEEDED and nothing recorded when it does not fit.
     async fn record_usage(&self, ctx: &Context<'_>, input: RecordUsageInput) -> Result<UsageEvent> {
         let principal = caller(ctx)?;
+        rate_limit(ctx, &principal, 1)?;
         let recorded =
             debits::record_usage(db(ctx), writer(ctx), &principal, input.call(), Utc::now())
                 .await
@@ -518,6 +555,7 @@ impl MutationRoot {
         inputs: Vec<RecordUsageInput>,
     ) -> Result<Vec<RecordUsageResult>> {
         let principal = caller(ctx)?;
+        rate_limit(ctx, &principal, inputs.len())?;
         let calls = inputs.into_iter().map(RecordUsageInput::call).collect();
         let answers =
             debits::record_usage_batch(db(ctx), writer(ctx), &principal, calls, Utc::now())
@@ -540,6 +578,7 @@ impl MutationRoot {
         input: ReserveCreditsInput,
     ) -> Result<Reservation> {
         let principal = caller(ctx)?;
+        rate_limit(ctx, &principal, 1)?;
         let call = ReserveCall {
             request_id: input.request_id,
             ttl_seconds: i64::from(input.ttl_seconds.unwrap_or(600)),
@@ -562,6 +601,7 @@ impl MutationRoot {
         input: SettleReservationInput,
     ) -> Result<UsageEvent> {
         let principal = caller(ctx)?;
+        rate_limit(ctx, &principal, 1)?;
         let id = parse_id(ctx, &input.reservation_id, "reservation")?;
         let settled = debits::settle(
             db(ctx),

@@ -68,6 +68,8 @@ pub enum PurchaseStatus {
     Pending,
     Succeeded,
     Failed,
+    /// The card's bank asked the cardholder to authenticate (3-D Secure) and nobody was there: nothing charged or credited, never retried; the admins were e-mailed what to do (see failureReason).
+    RequiresAction,
 }
 
 #[derive(Enum, Clone, Copy, PartialEq, Eq)]
@@ -834,6 +836,23 @@ impl Purchase {
     }
     async fn completed_at(&self) -> Option<DateTime<Utc>> {
         self.0.completed_at
+    }
+    /// When the cardholder disputed the charge (a chargeback), if they did. Account OWNER/ADMIN only.
+    async fn disputed_at(&self, ctx: &Context<'_>) -> Result<Option<DateTime<Utc>>> {
+        self.require_account_admin(ctx).await?;
+        Ok(self.0.disputed_at)
+    }
+    /// The card network's reason for the dispute (e.g. "fraudulent"). Account OWNER/ADMIN only.
+    async fn dispute_reason(&self, ctx: &Context<'_>) -> Result<Option<&str>> {
+        self.require_account_admin(ctx).await?;
+        Ok(self.0.dispute_reason.as_deref())
+    }
+}
+
+impl Purchase {
+    async fn require_account_admin(&self, ctx: &Context<'_>) -> Result<()> {
+        let ws = workspace_by_id(ctx, self.0.workspace_id).await?;
+        require_account_admin(ctx, ws.0.account_id).await
     }
 }
 

@@ -168,6 +168,7 @@ pub async fn create_account(
         volume_discount_bps: 0,
         payment_terms_days: 30,
         invoice_sequence: 0,
+        gateway_customer_id: None,
         created_at: now,
     };
     accounts::Entity::insert(account.clone().into_active_model().reset_all())

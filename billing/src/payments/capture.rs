@@ -4,6 +4,7 @@
 //! sweep re-enqueue, a restart after a crash) charges once (the gateway's idempotency
 //! key is the purchase id) and credits once (the purchase's status guards it).
 
+use crate::db::begin_write;
 use crate::error::{BillingError, Result};
 use crate::payments::purchases;
 use crate::payments::{self, ChargeOutcome, ChargeRequest, GatewayError};
@@ -11,7 +12,7 @@ use chrono::{DateTime, Duration, Utc};
 use entity::enums::PurchaseStatus;
 use entity::purchases as purchase_rows;
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use sea_orm::{ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait, QueryFilter};
 use uuid::Uuid;
 
 /// Charge attempts before a purchase whose gateway keeps failing transiently is FAILED.
@@ -53,8 +54,15 @@ pub async fn prepare(
         .await?;
         return Ok(Next::Done);
     };
+    // Charged on the account's Customer: Stripe only lets a card that belongs to a
+    // Customer be charged off-session more than once.
+    let ws = crate::ledger::load_workspace(db, purchase.workspace_id).await?;
+    let customer = entity::accounts::Entity::find_by_id(ws.account_id)
+        .one(db)
+        .await?
+        .and_then(|a| a.gateway_customer_id);
     Ok(Next::Charge(ChargeRequest::for_purchase(
-        &purchase, &method,
+        &purchase, &method, customer,
     )?))
 }
 
@@ -68,8 +76,8 @@ pub enum Verdict {
 }
 
 /// Applies the gateway's answer: credit (SUCCEEDED, PAID invoice, receipt), fail with
-/// the decline reason, or count a transient failure and ask for a retry with backoff
-/// (FAILED once the attempts are used up).
+/// the decline reason, end REQUIRES_ACTION (3-D Secure needed), or count a transient
+/// failure and ask for a retry with backoff (FAILED once the attempts are used up).
 pub async fn apply(
     db: &DatabaseConnection,
     purchase_id: Uuid,
@@ -81,12 +89,8 @@ pub async fn apply(
         return Ok(Verdict::Done);
     }
     match outcome {
-        Ok(ChargeOutcome::Succeeded { charge_id }) => {
-            succeed(db, &purchase, &charge_id, now).await?;
-            Ok(Verdict::Done)
-        }
-        Ok(ChargeOutcome::Declined { reason }) => {
-            fail(db, &purchase, &format!("declined: {reason}"), now).await?;
+        Ok(outcome) => {
+            settle(db, purchase_id, &outcome, now).await?;
             Ok(Verdict::Done)
         }
         Err(GatewayError::Invalid(reason)) => {
@@ -122,14 +126,40 @@ pub async fn apply(
     }
 }
 
-async fn succeed(
+/// Applies a charge's outcome in one transaction. The capture job and the gateway's
+/// webhooks both come here, so a purchase is settled by the same code whichever
+/// answer arrives first; the other finds it settled and changes nothing.
+pub async fn settle(
     db: &DatabaseConnection,
-    purchase: &purchase_rows::Model,
-    charge_id: &str,
+    purchase_id: Uuid,
+    outcome: &ChargeOutcome,
     now: DateTime<Utc>,
-) -> Result<()> {
-    purchases::capture_succeeded(db, purchase.id, charge_id, now).await?;
-    Ok(())
+) -> Result<Option<purchase_rows::Model>> {
+    let tx = begin_write(db).await?;
+    let settled = settle_in(&tx, purchase_id, outcome, now).await?;
+    tx.commit().await?;
+    Ok(settled)
+}
+
+/// [`settle`] inside the caller's transaction. None when the purchase was no longer
+/// PENDING (nothing written).
+pub(crate) async fn settle_in(
+    tx: &DatabaseTransaction,
+    purchase_id: Uuid,
+    outcome: &ChargeOutcome,
+    now: DateTime<Utc>,
+) -> Result<Option<purchase_rows::Model>> {
+    match outcome {
+        ChargeOutcome::Succeeded { charge_id } => {
+            purchases::capture_succeeded_in(tx, purchase_id, charge_id, now).await
+        }
+        ChargeOutcome::Declined { reason } => {
+            purchases::fail_in(tx, purchase_id, &format!("declined: {reason}"), true, now).await
+        }
+        ChargeOutcome::RequiresAction { charge_id, reason } => {
+            purchases::require_action_in(tx, purchase_id, charge_id.as_deref(), reason, now).await
+        }
+    }
 }
 
 async fn fail(

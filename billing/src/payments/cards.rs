@@ -1,12 +1,13 @@
-//! The account's stored payment methods: add (through the gateway), default, remove,
-//! resolve.
+//! The account's stored payment methods: the account's gateway Customer, card setup
+//! (SetupIntent), add (attached to the Customer through the gateway), default, remove
+//! (detached at the gateway), resolve.
 //!
 //! Lock order: the account row (a no-op UPDATE that serialises default changes per
 //! account) → payment-method rows. Whoever points an auto-reload at a card must take
 //! that card's row lock in its transaction ([`lock_active_payment_method`]), so that a
 //! removal cannot slip in between.
 
-use super::{AttachedCard, PaymentGateway};
+use super::{AttachedCard, CardSetup, CustomerRequest, PaymentGateway};
 use crate::db::begin_write;
 use crate::error::{BillingError, Result};
 use crate::ids::new_id;
@@ -98,14 +99,85 @@ fn too_many_methods() -> BillingError {
     ))
 }
 
-/// Stores a card: the client token is exchanged at the gateway (outside any
-/// transaction), then the method is written. It becomes the default when asked, or
-/// when the account has no default yet (so the first card is the default); making it
-/// the default clears the others in the same transaction.
+/// Longest gateway Customer id stored.
+pub const GATEWAY_CUSTOMER_ID_LEN_MAX: usize = 255;
+
+/// The idempotency key of an account's Customer at the gateway.
+pub fn customer_key(account_id: Uuid) -> String {
+    format!("customer:{account_id}")
+}
+
+/// The account's Customer at the gateway, created the first time it is needed. The
+/// creation has its own idempotency key (`customer:<account id>`), so racing requests
+/// get one Customer; only the first stored id is kept (a conditional UPDATE), and that
+/// is the one returned. NOT_FOUND when there is no such account; PAYMENT_FAILED when
+/// the gateway is unavailable (try again).
+pub async fn ensure_customer(
+    db: &DatabaseConnection,
+    gateway: &dyn PaymentGateway,
+    account_id: Uuid,
+) -> Result<String> {
+    let account = accounts::Entity::find_by_id(account_id)
+        .one(db)
+        .await?
+        .ok_or(BillingError::NotFound("account"))?;
+    if let Some(id) = account.gateway_customer_id {
+        return Ok(id);
+    }
+    let req = CustomerRequest {
+        account_id,
+        name: account.name,
+        idempotency_key: customer_key(account_id),
+    };
+    let id = gateway.create_customer(&req).await?;
+    if id.is_empty() || id.len() > GATEWAY_CUSTOMER_ID_LEN_MAX {
+        return Err(BillingError::Internal(format!(
+            "the payment gateway returned an unusable customer id {id:?}"
+        )));
+    }
+    accounts::Entity::update_many()
+        .col_expr(accounts::Column::GatewayCustomerId, Expr::value(id.clone()))
+        .filter(accounts::Column::Id.eq(account_id))
+        .filter(accounts::Column::GatewayCustomerId.is_null())
+        .exec(db)
+        .await?;
+    accounts::Entity::find_by_id(account_id)
+        .one(db)
+        .await?
+        .and_then(|a| a.gateway_customer_id)
+        .ok_or(BillingError::NotFound("account"))
+}
+
+/// Starts collecting a card the way the gateway recommends for charging it later
+/// without the cardholder (a SetupIntent, `usage=off_session`, on the account's
+/// Customer): the frontend confirms it with the gateway's form (Stripe.js
+/// `confirmCardSetup`), which authenticates the card once (3-D Secure), then hands the
+/// resulting PaymentMethod id to [`add_payment_method`]. Writes nothing but the
+/// account's Customer id.
+pub async fn start_card_setup(
+    db: &DatabaseConnection,
+    gateway: &dyn PaymentGateway,
+    account_id: Uuid,
+) -> Result<CardSetup> {
+    if active_count(db, account_id).await? >= PAYMENT_METHODS_PER_ACCOUNT_MAX {
+        return Err(too_many_methods());
+    }
+    let customer = ensure_customer(db, gateway, account_id).await?;
+    Ok(gateway.start_card_setup(&customer).await?)
+}
+
+/// Stores a card: the client token (a PaymentMethod id `pm_…`, or a legacy `tok_…`)
+/// is attached to the account's Customer at the gateway (outside any transaction),
+/// then the method is written. The same card added again (same fingerprint) is the
+/// card already stored: it is returned (made the default if asked) and the new copy is
+/// detached at the gateway. A new card becomes the default when asked, or when the
+/// account has no default yet (so the first card is the default); making it the
+/// default clears the others in the same transaction.
 ///
-/// Refusals: INVALID_INPUT (malformed token, or the gateway refuses it), PAYMENT_FAILED
-/// (gateway unavailable: try again), NOT_FOUND (account), LIMIT_EXCEEDED (too many
-/// cards). A refusal writes nothing.
+/// Refusals: INVALID_INPUT (malformed token, or the gateway refuses it, e.g. declined
+/// when attached), PAYMENT_FAILED (gateway unavailable: try again), NOT_FOUND
+/// (account), LIMIT_EXCEEDED (too many cards). A refusal writes nothing but the
+/// account's Customer id.
 pub async fn add_payment_method(
     db: &DatabaseConnection,
     gateway: &dyn PaymentGateway,
@@ -122,11 +194,73 @@ pub async fn add_payment_method(
     if active_count(db, account_id).await? >= PAYMENT_METHODS_PER_ACCOUNT_MAX {
         return Err(too_many_methods());
     }
-    let card = gateway.attach(client_token).await?;
+    let customer = ensure_customer(db, gateway, account_id).await?;
+    let card = gateway.attach(&customer, client_token).await?;
     check_attached(&card)?;
+    let new_token = card.gateway_token.clone();
+    let stored = match store_card(db, account_id, card, make_default, now).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            // Attached at the gateway but not stored here: take it back, unless a
+            // stored card already is this very PaymentMethod.
+            if !is_stored(db, &new_token).await? {
+                detach_quietly(gateway, &new_token).await;
+            }
+            return Err(e);
+        }
+    };
+    match stored {
+        Stored::New(method) => Ok(method),
+        Stored::Duplicate(existing) => {
+            if existing.gateway_token != new_token {
+                detach_quietly(gateway, &new_token).await;
+            }
+            if make_default && !existing.is_default {
+                return set_default_payment_method(db, existing.id, now).await;
+            }
+            Ok(existing)
+        }
+    }
+}
 
+/// Whether an active stored card is this gateway PaymentMethod.
+async fn is_stored(db: &DatabaseConnection, gateway_token: &str) -> Result<bool> {
+    Ok(payment_methods::Entity::find()
+        .filter(payment_methods::Column::GatewayToken.eq(gateway_token))
+        .filter(payment_methods::Column::RemovedAt.is_null())
+        .count(db)
+        .await?
+        > 0)
+}
+
+enum Stored {
+    New(payment_methods::Model),
+    /// An active card of the account has the same fingerprint: this one.
+    Duplicate(payment_methods::Model),
+}
+
+/// Writes an attached card in one transaction (see [`add_payment_method`]).
+async fn store_card(
+    db: &DatabaseConnection,
+    account_id: Uuid,
+    card: AttachedCard,
+    make_default: bool,
+    now: DateTime<Utc>,
+) -> Result<Stored> {
     let tx = begin_write(db).await?;
     lock_account(&tx, account_id).await?;
+    if let Some(fingerprint) = &card.fingerprint {
+        let existing = payment_methods::Entity::find()
+            .filter(payment_methods::Column::AccountId.eq(account_id))
+            .filter(payment_methods::Column::RemovedAt.is_null())
+            .filter(payment_methods::Column::Fingerprint.eq(fingerprint.as_str()))
+            .one(&tx)
+            .await?;
+        if let Some(existing) = existing {
+            tx.rollback().await?;
+            return Ok(Stored::Duplicate(existing));
+        }
+    }
     if active_count(&tx, account_id).await? >= PAYMENT_METHODS_PER_ACCOUNT_MAX {
         tx.rollback().await?;
         return Err(too_many_methods());
@@ -153,12 +287,22 @@ pub async fn add_payment_method(
         is_default,
         created_at: now,
         removed_at: None,
+        fingerprint: card.fingerprint,
     };
     payment_methods::Entity::insert(method.clone().into_active_model().reset_all())
         .exec_without_returning(&tx)
         .await?;
     tx.commit().await?;
-    Ok(method)
+    Ok(Stored::New(method))
+}
+
+/// Detaches a card at the gateway after it was removed here. A failure is only
+/// logged: the card is never charged by Reservoir again either way, and Stripe lets a
+/// detached card be detached again, so nothing is left inconsistent here.
+async fn detach_quietly(gateway: &dyn PaymentGateway, gateway_token: &str) {
+    if let Err(e) = gateway.detach(gateway_token).await {
+        tracing::warn!(gateway_token, error = %e, "card not detached at the gateway");
+    }
 }
 
 async fn clear_default<C: ConnectionTrait>(c: &C, account_id: Uuid) -> Result<()> {
@@ -203,11 +347,30 @@ pub async fn set_default_payment_method(
     Ok(updated)
 }
 
-/// Removes a card (soft: `removed_at` is set, purchases keep pointing at it). A
-/// default that is removed leaves the account without a default: no other card is
-/// charged without being chosen. Refused with INVALID_INPUT while an enabled
-/// auto-reload pays with it. Removing a removed method returns it unchanged.
+/// Removes a card (soft: `removed_at` is set, purchases keep pointing at it), then
+/// detaches it from the Customer at the gateway. A default that is removed leaves the
+/// account without a default: no other card is charged without being chosen. Refused
+/// with INVALID_INPUT while an enabled auto-reload pays with it. Removing a removed
+/// method returns it unchanged.
 pub async fn remove_payment_method(
+    db: &DatabaseConnection,
+    gateway: &dyn PaymentGateway,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<payment_methods::Model> {
+    let method = load_payment_method(db, id)
+        .await?
+        .ok_or(BillingError::NotFound("payment method"))?;
+    if method.removed_at.is_some() {
+        return Ok(method);
+    }
+    let removed = remove_stored(db, id, now).await?;
+    detach_quietly(gateway, &removed.gateway_token).await;
+    Ok(removed)
+}
+
+/// The removal's transaction (see [`remove_payment_method`]).
+async fn remove_stored(
     db: &DatabaseConnection,
     id: Uuid,
     now: DateTime<Utc>,
@@ -378,6 +541,7 @@ pub async fn payment_methods_by_ids(
 /// account. A card the caller cannot see is NOT_FOUND, exactly as an unknown one.
 pub async fn remove_payment_method_as(
     db: &DatabaseConnection,
+    gateway: &dyn PaymentGateway,
     principal: &crate::accounts::auth::Principal,
     id: Uuid,
     now: DateTime<Utc>,
@@ -388,5 +552,5 @@ pub async fn remove_payment_method_as(
     };
     let admin = access::require_account_admin(db, principal, card.account_id).await;
     access::hidden_as("payment method", admin)?;
-    remove_payment_method(db, id, now).await
+    remove_payment_method(db, gateway, id, now).await
 }

@@ -193,6 +193,8 @@ fn pending_row(
         created_by_user_id: req.created_by_user_id,
         created_at: now,
         completed_at: None,
+        disputed_at: None,
+        dispute_reason: None,
     }
 }
 
@@ -225,7 +227,10 @@ pub async fn load_purchase(db: &DatabaseConnection, id: Uuid) -> Result<purchase
 }
 
 /// Claims a PENDING purchase for crediting: PENDING → SUCCEEDED (the purchase row's
-/// lock, first in the lock order). None when it is not PENDING (any more).
+/// lock, first in the lock order). None when it is not PENDING (any more). A
+/// REQUIRES_ACTION purchase can be claimed too: only the gateway's word that the money
+/// was captured after all (the cardholder authenticated) leads here, and captured
+/// money is always credited.
 async fn claim_pending(
     tx: &DatabaseTransaction,
     purchase_id: Uuid,
@@ -243,7 +248,10 @@ async fn claim_pending(
             Expr::value(gateway_charge_id),
         )
         .filter(purchases::Column::Id.eq(purchase_id))
-        .filter(purchases::Column::Status.eq(PurchaseStatus::Pending))
+        .filter(
+            purchases::Column::Status
+                .is_in([PurchaseStatus::Pending, PurchaseStatus::RequiresAction]),
+        )
         .exec_with_returning(tx)
         .await?
         .pop())
@@ -373,21 +381,36 @@ pub async fn capture_succeeded(
     now: DateTime<Utc>,
 ) -> Result<purchases::Model> {
     let tx = begin_write(db).await?;
-    let claimed = claim_pending(&tx, purchase_id, Some(gateway_charge_id.to_owned()), now).await?;
-    let Some(mut purchase) = claimed else {
+    let Some(purchase) = capture_succeeded_in(&tx, purchase_id, gateway_charge_id, now).await?
+    else {
         tx.rollback().await?;
         return already_resolved(db, purchase_id).await;
     };
-    let ws = post_purchase_credit(&tx, &purchase, now).await?;
-    let invoice = issue_invoice(&tx, &purchase, ws.account_id, InvoiceStatus::Paid, now).await?;
-    purchase.invoice_id = Some(invoice.id);
-    if purchase.source == PurchaseSource::AutoReload {
-        crate::policies::reload_state::on_reload_captured(&tx, &purchase, now).await?;
-    }
-    // The receipt is written in the same transaction: credited and receipted together.
-    crate::policies::notifications::receipt_for_purchase(&tx, purchase.id, now).await?;
     tx.commit().await?;
     Ok(purchase)
+}
+
+/// [`capture_succeeded`] inside the caller's transaction (the capture job's and the
+/// webhooks' common path). None when the purchase was not PENDING: nothing written.
+pub(crate) async fn capture_succeeded_in(
+    tx: &DatabaseTransaction,
+    purchase_id: Uuid,
+    gateway_charge_id: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<purchases::Model>> {
+    let claimed = claim_pending(tx, purchase_id, Some(gateway_charge_id.to_owned()), now).await?;
+    let Some(mut purchase) = claimed else {
+        return Ok(None);
+    };
+    let ws = post_purchase_credit(tx, &purchase, now).await?;
+    let invoice = issue_invoice(tx, &purchase, ws.account_id, InvoiceStatus::Paid, now).await?;
+    purchase.invoice_id = Some(invoice.id);
+    if purchase.source == PurchaseSource::AutoReload {
+        crate::policies::reload_state::on_reload_captured(tx, &purchase, now).await?;
+    }
+    // The receipt is written in the same transaction: credited and receipted together.
+    crate::policies::notifications::receipt_for_purchase(tx, purchase.id, now).await?;
+    Ok(Some(purchase))
 }
 
 /// Marks a PENDING purchase FAILED with the gateway's reason; nothing is credited.
@@ -410,25 +433,9 @@ pub(crate) async fn fail_purchase_with(
     permanent: bool,
     now: DateTime<Utc>,
 ) -> Result<purchases::Model> {
-    let reason: String = reason.chars().take(FAILURE_REASON_LEN_MAX).collect();
     let tx = begin_write(db).await?;
-    let failed = purchases::Entity::update_many()
-        .col_expr(
-            purchases::Column::Status,
-            Expr::value(PurchaseStatus::Failed.as_str()),
-        )
-        .col_expr(purchases::Column::FailureReason, Expr::value(reason))
-        .col_expr(purchases::Column::CompletedAt, Expr::value(now))
-        .filter(purchases::Column::Id.eq(purchase_id))
-        .filter(purchases::Column::Status.eq(PurchaseStatus::Pending))
-        .exec_with_returning(&tx)
-        .await?
-        .pop();
-    match failed {
+    match fail_in(&tx, purchase_id, reason, permanent, now).await? {
         Some(p) => {
-            if p.source == PurchaseSource::AutoReload {
-                crate::policies::reload_state::on_reload_failed(&tx, &p, permanent, now).await?;
-            }
             tx.commit().await?;
             Ok(p)
         }
@@ -444,6 +451,125 @@ pub(crate) async fn fail_purchase_with(
             }
         }
     }
+}
+
+/// [`fail_purchase_with`] inside the caller's transaction: PENDING → FAILED with the
+/// reason (and the reload bookkeeping). None when it was not PENDING: nothing written.
+pub(crate) async fn fail_in(
+    tx: &DatabaseTransaction,
+    purchase_id: Uuid,
+    reason: &str,
+    permanent: bool,
+    now: DateTime<Utc>,
+) -> Result<Option<purchases::Model>> {
+    let reason: String = reason.chars().take(FAILURE_REASON_LEN_MAX).collect();
+    let failed = purchases::Entity::update_many()
+        .col_expr(
+            purchases::Column::Status,
+            Expr::value(PurchaseStatus::Failed.as_str()),
+        )
+        .col_expr(purchases::Column::FailureReason, Expr::value(reason))
+        .col_expr(purchases::Column::CompletedAt, Expr::value(now))
+        .filter(purchases::Column::Id.eq(purchase_id))
+        .filter(purchases::Column::Status.eq(PurchaseStatus::Pending))
+        .exec_with_returning(tx)
+        .await?
+        .pop();
+    if let Some(p) = &failed
+        && p.source == PurchaseSource::AutoReload
+    {
+        crate::policies::reload_state::on_reload_failed(tx, p, permanent, now).await?;
+    }
+    Ok(failed)
+}
+
+/// A PENDING purchase whose charge needs the cardholder to authenticate (3-D Secure)
+/// while nobody is there: REQUIRES_ACTION with the reason (and the gateway's payment
+/// id when there is one), never credited and never retried. In the same transaction
+/// the admins get an e-mail naming the card and what to do, and an AUTO_RELOAD
+/// purchase counts as a failed reload (backoff; switched off after repeated
+/// failures). None when it was not PENDING: nothing written.
+pub(crate) async fn require_action_in(
+    tx: &DatabaseTransaction,
+    purchase_id: Uuid,
+    gateway_charge_id: Option<&str>,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<purchases::Model>> {
+    let failure_reason: String = format!("requires action: {reason}")
+        .chars()
+        .take(FAILURE_REASON_LEN_MAX)
+        .collect();
+    let mut update = purchases::Entity::update_many()
+        .col_expr(
+            purchases::Column::Status,
+            Expr::value(PurchaseStatus::RequiresAction.as_str()),
+        )
+        .col_expr(
+            purchases::Column::FailureReason,
+            Expr::value(failure_reason),
+        )
+        .col_expr(purchases::Column::CompletedAt, Expr::value(now))
+        .filter(purchases::Column::Id.eq(purchase_id))
+        .filter(purchases::Column::Status.eq(PurchaseStatus::Pending));
+    if let Some(charge_id) = gateway_charge_id {
+        update = update.col_expr(
+            purchases::Column::GatewayChargeId,
+            Expr::value(charge_id.to_owned()),
+        );
+    }
+    let Some(purchase) = update.exec_with_returning(tx).await?.pop() else {
+        return Ok(None);
+    };
+    crate::policies::notifications::action_required_for_purchase(tx, &purchase, reason, now)
+        .await?;
+    if purchase.source == PurchaseSource::AutoReload {
+        crate::policies::reload_state::on_reload_needs_action(tx, &purchase, now).await?;
+    }
+    tracing::warn!(%purchase_id, reason, "purchase needs the cardholder to authenticate");
+    Ok(Some(purchase))
+}
+
+/// Records a dispute (chargeback) on the purchase paid by this gateway charge, once:
+/// `disputed_at` and the reason. None when no purchase has that charge, or it was
+/// already recorded. Nothing is posted: the credits stay until someone decides.
+pub(crate) async fn record_dispute_in(
+    tx: &DatabaseTransaction,
+    gateway_charge_id: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<purchases::Model>> {
+    let reason: String = reason.chars().take(FAILURE_REASON_LEN_MAX).collect();
+    let disputed = purchases::Entity::update_many()
+        .col_expr(purchases::Column::DisputedAt, Expr::value(now))
+        .col_expr(purchases::Column::DisputeReason, Expr::value(reason))
+        .filter(purchases::Column::GatewayChargeId.eq(gateway_charge_id))
+        .filter(purchases::Column::DisputedAt.is_null())
+        .exec_with_returning(tx)
+        .await?
+        .pop();
+    if let Some(p) = &disputed {
+        tracing::warn!(purchase_id = %p.id, gateway_charge_id, "purchase disputed");
+    }
+    Ok(disputed)
+}
+
+/// The purchase a gateway charge paid for: by its idempotency key (the purchase id,
+/// carried in the payment's metadata), else by the charge id stored on it.
+pub async fn purchase_for_charge<C: ConnectionTrait>(
+    c: &C,
+    idempotency_key: Option<&str>,
+    gateway_charge_id: &str,
+) -> Result<Option<purchases::Model>> {
+    if let Some(id) = idempotency_key.and_then(|k| Uuid::parse_str(k).ok())
+        && let Some(p) = purchases::Entity::find_by_id(id).one(c).await?
+    {
+        return Ok(Some(p));
+    }
+    Ok(purchases::Entity::find()
+        .filter(purchases::Column::GatewayChargeId.eq(gateway_charge_id))
+        .one(c)
+        .await?)
 }
 
 // --- buying credits the way the API does -------------------------------------------
@@ -575,6 +701,8 @@ async fn purchase_by_invoice(
         created_by_user_id: req.created_by_user_id,
         created_at: now,
         completed_at: Some(now),
+        disputed_at: None,
+        dispute_reason: None,
     };
     // Lock order: the new purchase row → the workspace (credit) → the account
     // (invoice number), as in capture_succeeded.

@@ -1,5 +1,10 @@
 //! The sandbox gateway: deterministic test cards by client token, charges kept in
 //! memory. The embedded default and the tests use it; it never charges anyone.
+//!
+//! Each test card has a legacy token (`tok_visa`) and a Stripe-style PaymentMethod id
+//! (`pm_card_visa`), so frontend code written for Stripe runs against the sandbox too.
+//! Customers and SetupIntents are made up (nothing is stored); the sandbox has no
+//! webhooks.
 
 use super::*;
 use entity::enums::CardBrand;
@@ -33,10 +38,13 @@ pub enum SandboxScenario {
     /// `tok_hang`: attaches; a charge stalls (see [`SandboxGateway::with_hang`]), then
     /// fails transiently.
     Hang,
+    /// `tok_authenticationRequired`: attaches; an off-session charge needs 3-D Secure
+    /// (`RequiresAction`).
+    AuthenticationRequired,
 }
 
 impl SandboxScenario {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Visa,
         Self::Mastercard,
         Self::Amex,
@@ -44,6 +52,7 @@ impl SandboxScenario {
         Self::InsufficientFunds,
         Self::ProcessingError,
         Self::Hang,
+        Self::AuthenticationRequired,
     ];
 
     /// The client token that selects this scenario.
@@ -56,7 +65,13 @@ impl SandboxScenario {
             Self::InsufficientFunds => "tok_chargeDeclinedInsufficientFunds",
             Self::ProcessingError => "tok_processingError",
             Self::Hang => "tok_hang",
+            Self::AuthenticationRequired => "tok_authenticationRequired",
         }
+    }
+
+    /// The Stripe-style PaymentMethod id of this test card (`pm_card_<scenario>`).
+    pub fn payment_method_id(self) -> String {
+        format!("pm_card_{}", self.slug())
     }
 
     /// The scenario's name inside a gateway token (no underscore).
@@ -69,6 +84,7 @@ impl SandboxScenario {
             Self::InsufficientFunds => "chargeDeclinedInsufficientFunds",
             Self::ProcessingError => "processingError",
             Self::Hang => "hang",
+            Self::AuthenticationRequired => "authenticationRequired",
         }
     }
 
@@ -81,11 +97,15 @@ impl SandboxScenario {
             Self::InsufficientFunds => (CardBrand::Visa, "9995"),
             Self::ProcessingError => (CardBrand::Visa, "0119"),
             Self::Hang => (CardBrand::Visa, "0077"),
+            Self::AuthenticationRequired => (CardBrand::Visa, "3184"),
         }
     }
 
+    /// The scenario of a legacy token (`tok_visa`) or a PaymentMethod id (`pm_card_visa`).
     pub fn from_client_token(token: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.client_token() == token)
+        Self::ALL
+            .into_iter()
+            .find(|s| s.client_token() == token || s.payment_method_id() == token)
     }
 
     /// The scenario a sandbox gateway token (`pm_sandbox_<scenario>_<random>`) encodes.
@@ -179,6 +199,8 @@ impl SandboxGateway {
             last4: last4.to_owned(),
             exp_month: SANDBOX_EXP_MONTH,
             exp_year: SANDBOX_EXP_YEAR,
+            // No card numbers here, so no fingerprint: each token is a card of its own.
+            fingerprint: None,
         })
     }
 
@@ -219,6 +241,10 @@ impl SandboxGateway {
                 tokio::time::sleep(self.hang).await;
                 return Err(GatewayError::Transient("gateway timed out".into()));
             }
+            SandboxScenario::AuthenticationRequired => ChargeOutcome::RequiresAction {
+                charge_id: Some(format!("pi_sandbox_{:016x}", rand::random::<u64>())),
+                reason: "authentication_required".into(),
+            },
         };
         // Decide under the lock, so that concurrent repeats of a key see one outcome.
         let mut state = self.state();
@@ -250,11 +276,48 @@ impl SandboxGateway {
 }
 
 impl PaymentGateway for SandboxGateway {
-    fn attach<'a>(&'a self, client_token: &'a str) -> GatewayFuture<'a, AttachedCard> {
+    fn create_customer<'a>(&'a self, req: &'a CustomerRequest) -> GatewayFuture<'a, String> {
+        // Derived from the account, so a repeat gives the same Customer.
+        let id = format!("cus_sandbox_{}", req.account_id.simple());
+        Box::pin(async move { Ok(id) })
+    }
+
+    fn attach<'a>(
+        &'a self,
+        _gateway_customer_id: &'a str,
+        client_token: &'a str,
+    ) -> GatewayFuture<'a, AttachedCard> {
         Box::pin(async move { Self::attach_now(client_token) })
+    }
+
+    fn detach<'a>(&'a self, _gateway_token: &'a str) -> GatewayFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn start_card_setup<'a>(
+        &'a self,
+        _gateway_customer_id: &'a str,
+    ) -> GatewayFuture<'a, CardSetup> {
+        let id = format!("seti_sandbox_{:016x}", rand::random::<u64>());
+        let client_secret = format!("{id}_secret_{:016x}", rand::random::<u64>());
+        Box::pin(async move {
+            Ok(CardSetup {
+                setup_intent_id: id,
+                client_secret,
+            })
+        })
     }
 
     fn charge(&self, req: ChargeRequest) -> GatewayFuture<'_, ChargeOutcome> {
         Box::pin(self.charge_now(req))
+    }
+
+    fn verify_event(
+        &self,
+        _payload: &[u8],
+        _signature: Option<&str>,
+        _now: DateTime<Utc>,
+    ) -> std::result::Result<GatewayEvent, WebhookError> {
+        Err(WebhookError::NotConfigured)
     }
 }

@@ -263,7 +263,12 @@ async fn repair_one(
         Some(p) if p.status == PurchaseStatus::Succeeded => {
             mark_reloaded(&tx, workspace_id, p.completed_at.unwrap_or(now), now).await?;
         }
-        Some(p) if p.status == PurchaseStatus::Failed => {
+        Some(p)
+            if matches!(
+                p.status,
+                PurchaseStatus::Failed | PurchaseStatus::RequiresAction
+            ) =>
+        {
             on_reload_failed(&tx, &p, true, now).await?;
         }
         _ => {

@@ -25,11 +25,11 @@ use crate::ids::new_id;
 use crate::money::Credits;
 use chrono::{DateTime, TimeDelta, Utc};
 use entity::enums::{
-    AccountRole, AlertSeverity, NotificationStatus, PurchaseStatus, WorkspaceRole,
+    AccountRole, AlertSeverity, NotificationStatus, PurchaseSource, PurchaseStatus, WorkspaceRole,
 };
 use entity::{
-    account_members, invoice_lines, invoices, notifications, purchases, users, workspace_members,
-    workspaces,
+    account_members, invoice_lines, invoices, notifications, payment_methods, purchases, users,
+    workspace_members, workspaces,
 };
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
@@ -70,14 +70,16 @@ pub enum NotificationKind {
     PurchaseReceipt,
     ReloadFailed,
     AutoReloadDisabled,
+    PaymentActionRequired,
 }
 
 impl NotificationKind {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::LowBalanceAlert,
         Self::PurchaseReceipt,
         Self::ReloadFailed,
         Self::AutoReloadDisabled,
+        Self::PaymentActionRequired,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -86,6 +88,7 @@ impl NotificationKind {
             Self::PurchaseReceipt => "PURCHASE_RECEIPT",
             Self::ReloadFailed => "RELOAD_FAILED",
             Self::AutoReloadDisabled => "AUTO_RELOAD_DISABLED",
+            Self::PaymentActionRequired => "PAYMENT_ACTION_REQUIRED",
         }
     }
 }
@@ -208,6 +211,25 @@ pub struct AutoReloadDisabled {
     pub balance: Option<Credits>,
 }
 
+/// A card charge needs the cardholder to authenticate (3-D Secure) and nobody was
+/// there: the purchase ended REQUIRES_ACTION, nothing was charged or credited.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentActionRequired {
+    pub workspace_id: Uuid,
+    #[serde(default)]
+    pub workspace_name: String,
+    pub purchase_id: Uuid,
+    /// The credits the purchase tried to buy.
+    pub amount: Credits,
+    /// The card, as the admins know it: brand and last four digits.
+    pub card_brand: String,
+    pub card_last4: String,
+    /// Whether an auto-reload made the purchase (it counts as a failed reload).
+    #[serde(default)]
+    pub auto_reload: bool,
+    pub reason: String,
+}
+
 /// A notification's content: the kind and its typed payload in one value, so they
 /// cannot disagree. Stored as the kind's name plus the payload's JSON.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,6 +238,7 @@ pub enum NotificationPayload {
     PurchaseReceipt(PurchaseReceipt),
     ReloadFailed(ReloadFailed),
     AutoReloadDisabled(AutoReloadDisabled),
+    PaymentActionRequired(PaymentActionRequired),
 }
 
 impl NotificationPayload {
@@ -225,6 +248,7 @@ impl NotificationPayload {
             Self::PurchaseReceipt(_) => NotificationKind::PurchaseReceipt,
             Self::ReloadFailed(_) => NotificationKind::ReloadFailed,
             Self::AutoReloadDisabled(_) => NotificationKind::AutoReloadDisabled,
+            Self::PaymentActionRequired(_) => NotificationKind::PaymentActionRequired,
         }
     }
 
@@ -235,6 +259,7 @@ impl NotificationPayload {
             Self::PurchaseReceipt(p) => serde_json::to_string(p),
             Self::ReloadFailed(p) => serde_json::to_string(p),
             Self::AutoReloadDisabled(p) => serde_json::to_string(p),
+            Self::PaymentActionRequired(p) => serde_json::to_string(p),
         };
         json.map_err(|e| BillingError::Internal(format!("notification payload: {e}")))
     }
@@ -250,6 +275,7 @@ impl NotificationPayload {
             NotificationKind::PurchaseReceipt => Self::PurchaseReceipt(parse(json)?),
             NotificationKind::ReloadFailed => Self::ReloadFailed(parse(json)?),
             NotificationKind::AutoReloadDisabled => Self::AutoReloadDisabled(parse(json)?),
+            NotificationKind::PaymentActionRequired => Self::PaymentActionRequired(parse(json)?),
         })
     }
 }
@@ -287,6 +313,11 @@ pub mod dedupe {
     /// Auto-reload turned off by the failure of this reload purchase.
     pub fn auto_reload_disabled(purchase_id: Uuid) -> String {
         format!("auto_reload_disabled:{purchase_id}")
+    }
+
+    /// A purchase that needs the cardholder to authenticate.
+    pub fn payment_action_required(purchase_id: Uuid) -> String {
+        format!("payment_action_required:{purchase_id}")
     }
 }
 
@@ -509,6 +540,48 @@ pub async fn receipt_for_purchase<C: ConnectionTrait>(
     .await
 }
 
+/// Tells the workspace's admins (and the account's owners and admins) that a
+/// purchase needs the cardholder to authenticate the card: which card, and what to do.
+/// Deduped per purchase. Runs in the transaction that recorded REQUIRES_ACTION.
+pub async fn action_required_for_purchase<C: ConnectionTrait>(
+    c: &C,
+    purchase: &purchases::Model,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<Uuid>> {
+    let ws = workspaces::Entity::find_by_id(purchase.workspace_id)
+        .one(c)
+        .await?
+        .ok_or(BillingError::NotFound("workspace"))?;
+    let card = match purchase.payment_method_id {
+        Some(id) => payment_methods::Entity::find_by_id(id).one(c).await?,
+        None => None,
+    };
+    let payload = NotificationPayload::PaymentActionRequired(PaymentActionRequired {
+        workspace_id: ws.id,
+        workspace_name: ws.name.clone(),
+        purchase_id: purchase.id,
+        amount: Credits::from_nanos(purchase.amount_nanos),
+        card_brand: card
+            .as_ref()
+            .map_or_else(|| "card".to_owned(), |m| m.brand.as_str().to_owned()),
+        card_last4: card.map_or_else(|| "????".to_owned(), |m| m.last4),
+        auto_reload: purchase.source == PurchaseSource::AutoReload,
+        reason: reason.to_owned(),
+    });
+    let recipients = workspace_admin_emails(c, ws.id).await?;
+    enqueue_notification(
+        c,
+        Some(ws.account_id),
+        Some(ws.id),
+        &recipients,
+        &payload,
+        &dedupe::payment_action_required(purchase.id),
+        now,
+    )
+    .await
+}
+
 // --- delivery ------------------------------------------------------------------------
 
 pub async fn load_notification<C: ConnectionTrait>(
@@ -596,6 +669,29 @@ pub async fn record_failure<C: ConnectionTrait>(
         .exec_with_returning(c)
         .await?
         .pop())
+}
+
+/// The PENDING notifications a purchase's settlement wrote (its receipt, or the
+/// failure notices of an auto-reload purchase): what the capture job pushes to the
+/// queue right after the settlement commits, so they go out at once rather than at
+/// the next sweep.
+pub async fn pending_for_purchase<C: ConnectionTrait>(
+    c: &C,
+    purchase_id: Uuid,
+) -> Result<Vec<Uuid>> {
+    let keys = [
+        dedupe::receipt(purchase_id),
+        dedupe::reload_failed(purchase_id),
+        dedupe::auto_reload_disabled(purchase_id),
+    ];
+    Ok(notifications::Entity::find()
+        .select_only()
+        .column(notifications::Column::Id)
+        .filter(notifications::Column::DedupeKey.is_in(keys))
+        .filter(notifications::Column::Status.eq(NotificationStatus::Pending))
+        .into_tuple::<Uuid>()
+        .all(c)
+        .await?)
 }
 
 /// PENDING notifications created at or before `older_than`, oldest first, at most

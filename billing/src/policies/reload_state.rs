@@ -82,6 +82,28 @@ pub(crate) async fn on_reload_failed<C: ConnectionTrait>(
     permanent: bool,
     now: DateTime<Utc>,
 ) -> Result<()> {
+    on_failure(c, purchase, permanent, true, now).await
+}
+
+/// After a reload purchase ended REQUIRES_ACTION (3-D Secure needed, nobody there),
+/// inside that transaction: a failed attempt like a decline (backoff, switched off
+/// after repeated failures), but the admins already get the e-mail that says what to
+/// do with the card, so no second "reload failed" e-mail.
+pub(crate) async fn on_reload_needs_action<C: ConnectionTrait>(
+    c: &C,
+    purchase: &purchase_rows::Model,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    on_failure(c, purchase, true, false, now).await
+}
+
+async fn on_failure<C: ConnectionTrait>(
+    c: &C,
+    purchase: &purchase_rows::Model,
+    permanent: bool,
+    tell_failure: bool,
+    now: DateTime<Utc>,
+) -> Result<()> {
     let Some(settings) = auto_reload_settings::Entity::find_by_id(purchase.workspace_id)
         .lock_exclusive()
         .one(c)
@@ -98,7 +120,7 @@ pub(crate) async fn on_reload_failed<C: ConnectionTrait>(
         "auto-reload failed: {}",
         failure.reason
     );
-    notify_failure(c, purchase, &failure, now).await
+    notify_failure(c, purchase, &failure, tell_failure, now).await
 }
 
 /// A failed reload as recorded on the workspace's reload settings.
@@ -162,6 +184,7 @@ async fn notify_failure<C: ConnectionTrait>(
     c: &C,
     purchase: &purchase_rows::Model,
     failure: &RecordedFailure,
+    tell_failure: bool,
     now: DateTime<Utc>,
 ) -> Result<()> {
     let ws = ledger::load_workspace(c, purchase.workspace_id).await?;
@@ -177,16 +200,18 @@ async fn notify_failure<C: ConnectionTrait>(
         next_attempt_at: (!failure.disabled).then_some(failure.next_attempt_at),
         balance,
     });
-    notifications::enqueue_notification(
-        c,
-        Some(ws.account_id),
-        Some(ws.id),
-        &admins,
-        &failed,
-        &dedupe::reload_failed(purchase.id),
-        now,
-    )
-    .await?;
+    if tell_failure {
+        notifications::enqueue_notification(
+            c,
+            Some(ws.account_id),
+            Some(ws.id),
+            &admins,
+            &failed,
+            &dedupe::reload_failed(purchase.id),
+            now,
+        )
+        .await?;
+    }
     if failure.turned_off {
         let disabled = NotificationPayload::AutoReloadDisabled(AutoReloadDisabled {
             workspace_id: ws.id,
