@@ -118,6 +118,10 @@ async fn outage(
     .await??;
     let down = Instant::now();
     tokio::time::sleep(length).await;
+    // A request waiting for a connection may get one as soon as the server listens
+    // again, before `pg_ctl start` returns: only what ended before the restart began
+    // must have been refused.
+    let restarting = Instant::now();
     let pg_start = pg.clone();
     tokio::task::spawn_blocking(move || {
         pg_start
@@ -154,7 +158,7 @@ async fn outage(
     let sent = rec.sent.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     let during: Vec<&Sent> = sent
         .iter()
-        .filter(|s| s.started >= down && s.started + s.took <= up)
+        .filter(|s| s.started >= down && s.started + s.took <= restarting)
         .collect();
     anyhow::ensure!(
         !during.is_empty(),
