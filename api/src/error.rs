@@ -1,5 +1,6 @@
 //! Domain errors as GraphQL errors: `extensions.code` always set, `available` on the
-//! two refusals, and INTERNAL errors reduced to a request id (the detail is logged).
+//! two refusals, `retryable: true` on UNAVAILABLE, and INTERNAL errors reduced to a
+//! request id (the detail is logged, as is an UNAVAILABLE error's cause).
 
 use async_graphql::{Error, ErrorExtensions};
 use billing::{BillingError, ErrorCode};
@@ -9,6 +10,9 @@ use std::borrow::Borrow;
 /// of an INTERNAL error, and the `http_request_id` log field. Not a usage `requestId`.
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
+
+/// What a caller is told when the database cannot be reached.
+pub const UNAVAILABLE_MESSAGE: &str = "the database is unavailable; try again";
 
 /// The GraphQL error for a domain error, owned or shared: a DataLoader hands the same
 /// error (an `Arc`) to every key of a failed batch, and each keeps the error's code.
@@ -21,10 +25,19 @@ pub fn to_gql(e: impl Borrow<BillingError>, http_request_id: Option<&RequestId>)
             let id = http_request_id.map(|r| r.0.as_str()).unwrap_or("-");
             format!("internal error; quote request id {id}")
         }
+        ErrorCode::Unavailable => {
+            // The cause (host, driver detail) is for the operator, not the caller.
+            let id = http_request_id.map(|r| r.0.as_str()).unwrap_or("-");
+            tracing::warn!(http_request_id = id, error = %e, "database unavailable");
+            UNAVAILABLE_MESSAGE.to_owned()
+        }
         _ => e.to_string(),
     };
     Error::new(message).extend_with(|_, ext| {
         ext.set("code", code.as_str());
+        if code.is_retryable() {
+            ext.set("retryable", true);
+        }
         if let Some(available) = e.available() {
             ext.set("available", available.to_string());
         }

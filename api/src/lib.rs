@@ -4,6 +4,7 @@ pub mod credentials;
 pub mod dashboard;
 pub mod error;
 pub mod events;
+pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod rate_limit;
@@ -103,6 +104,8 @@ struct AppState {
     writer: billing::debits::writer::DebitWriter,
     /// Shutdown, as every open WebSocket connection sees it.
     closing: websocket::Closing,
+    /// The database's last known health, for `/readyz`.
+    health: Arc<health::Health>,
     rate_limiter: Arc<rate_limit::RateLimiter>,
 }
 
@@ -354,14 +357,15 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().body("ok")
 }
 
-/// The database answers.
+/// The database answered the last health ping, and recently: read from the cached
+/// state, so this answers at once even while the database hangs.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    match billing::db::ping(&state.db).await {
-        Ok(_) => HttpResponse::Ok().body("ready"),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness check failed");
-            HttpResponse::ServiceUnavailable().body("database unreachable")
-        }
+    if state.health.is_ready() {
+        HttpResponse::Ok().body("ready")
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header((actix_web::http::header::RETRY_AFTER, "1"))
+            .body("database unreachable")
     }
 }
 
@@ -394,6 +398,7 @@ pub fn build_server(
     let credentials = Arc::new(credentials::CredentialCache::new(
         config.credential_cache_ttl_ms,
     ));
+    let health = health::Health::start(db.clone());
     let state = AppState {
         schema: schema_of(&db, &config, &metrics, &hub, &writer, &credentials)
             .data(rate_limiter.clone())
@@ -406,6 +411,7 @@ pub fn build_server(
         credentials,
         writer,
         closing,
+        health,
         rate_limiter,
     };
     let mut server = HttpServer::new(move || {

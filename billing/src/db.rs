@@ -15,14 +15,21 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug)]
 pub struct PoolLimits {
     pub connections_max: u32,
+    /// How long a request waits for a live connection (which, while the server is
+    /// down, includes retrying the connect) before it fails with UNAVAILABLE.
     pub acquire_timeout_ms: u64,
 }
+
+/// The default acquire timeout: short, so that during a database outage a caller
+/// learns it within a couple of seconds (and may retry elsewhere) instead of holding
+/// its connection and a server task for the whole outage.
+pub const ACQUIRE_TIMEOUT_MS_DEFAULT: u64 = 1_500;
 
 impl Default for PoolLimits {
     fn default() -> Self {
         Self {
             connections_max: 16,
-            acquire_timeout_ms: 10_000,
+            acquire_timeout_ms: ACQUIRE_TIMEOUT_MS_DEFAULT,
         }
     }
 }
@@ -93,6 +100,18 @@ pub async fn ping(db: &DatabaseConnection) -> Result<()> {
     use sea_orm::ConnectionTrait;
     db.execute_unprepared("SELECT 1").await?;
     Ok(())
+}
+
+/// [`ping`] bounded by `timeout`, whatever the pool's acquire timeout: a health check
+/// must answer on its own schedule. Running out of time is UNAVAILABLE.
+pub async fn ping_within(db: &DatabaseConnection, timeout: Duration) -> Result<()> {
+    match tokio::time::timeout(timeout, ping(db)).await {
+        Ok(answer) => answer,
+        Err(_) => Err(BillingError::Unavailable(format!(
+            "no answer to a ping within {} ms",
+            timeout.as_millis()
+        ))),
+    }
 }
 
 /// Opens a transaction that will write. On SQLite it is `BEGIN IMMEDIATE`: the write

@@ -60,6 +60,7 @@ pub struct Config {
     pub payment_gateway: PaymentGateway,
     pub demo_seed: bool,
     pub db_connections_max: u32,
+    pub db_acquire_timeout_ms: u64,
     pub log_format: LogFormat,
     /// Group-commit writer overrides (None: the backend's defaults).
     pub writer_lanes: Option<usize>,
@@ -100,6 +101,7 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES",
     "RESERVOIR_WEBHOOKS_ALLOW_HTTP",
     "RESERVOIR_DB_CONNECTIONS_MAX",
+    "RESERVOIR_DB_ACQUIRE_TIMEOUT_MS",
     "RESERVOIR_LOG_FORMAT",
     "RESERVOIR_LOG",
     "RESERVOIR_WRITER_LANES",
@@ -110,6 +112,11 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND",
     "RESERVOIR_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE",
 ];
+
+/// Bounds of `RESERVOIR_DB_ACQUIRE_TIMEOUT_MS`: below 100 ms a healthy but busy
+/// database would be reported unavailable; above a minute callers hang through outages.
+pub const ACQUIRE_TIMEOUT_MS_MIN: u64 = 100;
+pub const ACQUIRE_TIMEOUT_MS_MAX: u64 = 60_000;
 
 /// The shortest admin token accepted: it is the key to every account.
 pub const ADMIN_TOKEN_LEN_MIN: usize = 32;
@@ -155,6 +162,7 @@ impl Config {
             database_url,
             backend,
             db_connections_max,
+            db_acquire_timeout_ms,
         } = DatabaseConfig::from_lookup(get)?;
         let queue_url = queue_url(get, &backend, &data_dir, &database_url)?;
         let listen =
@@ -199,6 +207,7 @@ impl Config {
             payment_gateway,
             demo_seed,
             db_connections_max,
+            db_acquire_timeout_ms,
             log_format,
             writer_lanes,
             writer_batch_ops_max,
@@ -218,6 +227,7 @@ impl Config {
             database_url: self.database_url.clone(),
             backend: self.backend.clone(),
             db_connections_max: self.db_connections_max,
+            db_acquire_timeout_ms: self.db_acquire_timeout_ms,
         }
     }
 }
@@ -230,6 +240,8 @@ pub struct DatabaseConfig {
     pub database_url: String,
     pub backend: Backend,
     pub db_connections_max: u32,
+    /// How long a request waits for a database connection before UNAVAILABLE.
+    pub db_acquire_timeout_ms: u64,
 }
 
 impl DatabaseConfig {
@@ -250,11 +262,25 @@ impl DatabaseConfig {
                 .ok_or_else(|| invalid("RESERVOIR_DB_CONNECTIONS_MAX", "must be 1 to 1000"))?,
             None => 16,
         };
+        let db_acquire_timeout_ms = match get("RESERVOIR_DB_ACQUIRE_TIMEOUT_MS") {
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (ACQUIRE_TIMEOUT_MS_MIN..=ACQUIRE_TIMEOUT_MS_MAX).contains(n))
+                .ok_or_else(|| {
+                    invalid(
+                        "RESERVOIR_DB_ACQUIRE_TIMEOUT_MS",
+                        format!("must be {ACQUIRE_TIMEOUT_MS_MIN} to {ACQUIRE_TIMEOUT_MS_MAX}"),
+                    )
+                })?,
+            None => billing::db::ACQUIRE_TIMEOUT_MS_DEFAULT,
+        };
         Ok(Self {
             data_dir,
             database_url,
             backend,
             db_connections_max,
+            db_acquire_timeout_ms,
         })
     }
 }
@@ -557,6 +583,9 @@ mod tests {
         assert_eq!(c.payment_gateway, PaymentGateway::Sandbox);
         assert!(c.demo_seed);
         assert_eq!(c.smtp_url, None);
+        assert_eq!(c.db_acquire_timeout_ms, 1_500);
+        let short = config(&[("RESERVOIR_DB_ACQUIRE_TIMEOUT_MS", "250")]).expect("250 ms");
+        assert_eq!(short.database().db_acquire_timeout_ms, 250);
     }
 
     #[test]
@@ -633,6 +662,14 @@ mod tests {
             (
                 vec![("RESERVOIR_DB_CONNECTIONS_MAX", "0")],
                 "RESERVOIR_DB_CONNECTIONS_MAX",
+            ),
+            (
+                vec![("RESERVOIR_DB_ACQUIRE_TIMEOUT_MS", "99")],
+                "RESERVOIR_DB_ACQUIRE_TIMEOUT_MS",
+            ),
+            (
+                vec![("RESERVOIR_DB_ACQUIRE_TIMEOUT_MS", "1.5s")],
+                "RESERVOIR_DB_ACQUIRE_TIMEOUT_MS",
             ),
             (
                 vec![

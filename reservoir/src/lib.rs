@@ -32,7 +32,7 @@ pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<DatabaseConnecti
     }
     let limits = PoolLimits {
         connections_max: config.db_connections_max,
-        ..Default::default()
+        acquire_timeout_ms: config.db_acquire_timeout_ms,
     };
     db::connect(&config.database_url, limits)
         .await

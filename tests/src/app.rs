@@ -46,11 +46,34 @@ impl App {
             ..config
         };
         let (handle, addr, _join) = api::spawn(listener, db.clone(), config)?;
-        Ok(Self {
+        let app = Self {
             base: format!("http://{addr}"),
             client: http_client(),
             handle,
-        })
+        };
+        app.wait_ready().await?;
+        Ok(app)
+    }
+
+    /// Waits for `/readyz` to say ready: a new process is not ready until its first
+    /// health ping has answered (a few milliseconds).
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        loop {
+            let answer = self
+                .client
+                .get(format!("{}/readyz", self.base))
+                .send()
+                .await;
+            if answer.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "the app was not ready within 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn gql(

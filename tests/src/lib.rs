@@ -1,7 +1,9 @@
 #![doc = include_str!("../README.md")]
 
 pub mod app;
+pub mod load;
 pub mod localstripe;
+pub mod scratch_pg;
 
 use billing::Credits;
 use billing::db::{self, PoolLimits};
@@ -22,6 +24,20 @@ pub struct TestDb {
     pg: Option<(String, String)>,
 }
 
+/// The pools the harness opens wait this long for a connection, not the production
+/// default (`billing::db::ACQUIRE_TIMEOUT_MS_DEFAULT`, 1.5 s): the suites run hundreds
+/// of concurrent transactions on one hot row on a shared machine, and a saturated pool
+/// is not what they test. The fault tests (`db_outage`, the binary's `api_crash`) use the
+/// production default.
+pub const HARNESS_ACQUIRE_TIMEOUT_MS: u64 = 30_000;
+
+fn harness_limits() -> PoolLimits {
+    PoolLimits {
+        acquire_timeout_ms: HARNESS_ACQUIRE_TIMEOUT_MS,
+        ..PoolLimits::default()
+    }
+}
+
 pub fn backend_name() -> &'static str {
     if std::env::var("TEST_DATABASE_URL").is_ok_and(|u| u.starts_with("postgres")) {
         "postgres"
@@ -39,7 +55,7 @@ impl TestDb {
                     &server,
                     PoolLimits {
                         connections_max: 1,
-                        ..Default::default()
+                        ..harness_limits()
                     },
                 )
                 .await?;
@@ -48,7 +64,7 @@ impl TestDb {
                     .await?;
                 admin.close().await?;
                 let url = replace_db_name(&server, &name);
-                let db = db::connect(&url, PoolLimits::default()).await?;
+                let db = db::connect(&url, harness_limits()).await?;
                 db::migrate(&db).await?;
                 Ok(Self {
                     db,
@@ -60,7 +76,7 @@ impl TestDb {
             _ => {
                 let dir = tempfile::tempdir()?;
                 let url = format!("sqlite://{}/reservoir.db", dir.path().display());
-                let db = db::connect(&url, PoolLimits::default()).await?;
+                let db = db::connect(&url, harness_limits()).await?;
                 db::migrate(&db).await?;
                 Ok(Self {
                     db,
@@ -84,7 +100,7 @@ impl TestDb {
     /// A second, independent connection pool to the same database (as a second
     /// process would have).
     pub async fn second_pool(&self) -> anyhow::Result<DatabaseConnection> {
-        Ok(db::connect(&self.url, PoolLimits::default()).await?)
+        Ok(db::connect(&self.url, harness_limits()).await?)
     }
 
     /// Asserts every ledger invariant, then drops the per-test PostgreSQL database.
@@ -101,7 +117,7 @@ impl TestDb {
                 &server,
                 PoolLimits {
                     connections_max: 1,
-                    ..Default::default()
+                    ..harness_limits()
                 },
             )
             .await?;

@@ -654,7 +654,7 @@ impl DeliveryError {
             Self::Config(_) => false,
             Self::Failed { gave_up, .. } => !gave_up,
             Self::NotMarked { .. } => true,
-            Self::Billing(e) => e.code() == ErrorCode::Internal,
+            Self::Billing(e) => matches!(e.code(), ErrorCode::Internal | ErrorCode::Unavailable),
         }
     }
 }

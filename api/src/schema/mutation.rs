@@ -314,6 +314,7 @@ impl RecordUsageResult {
                         crate::error::log_internal(&e, ctx.data_opt());
                         "internal error".to_owned()
                     }
+                    ErrorCode::Unavailable => crate::error::UNAVAILABLE_MESSAGE.to_owned(),
                     _ => e.to_string(),
                 };
                 Self {
