@@ -34,10 +34,27 @@ pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<DatabaseConnecti
         connections_max: config.db_connections_max,
         acquire_timeout_ms: config.db_acquire_timeout_ms,
     };
-    db::connect(&config.database_url, limits)
-        .await
-        .with_context(|| format!("connecting to the database {url}"))
+    // Requests fail fast on an unreachable database (the acquire timeout), but a
+    // process started alongside its database server, or on a busy machine, waits for it.
+    let started = std::time::Instant::now();
+    loop {
+        match db::connect(&config.database_url, limits).await {
+            // A SQLite file opens or it does not: only a server is waited for.
+            Err(e)
+                if config.backend == Backend::Postgres
+                    && e.code() == billing::ErrorCode::Unavailable
+                    && started.elapsed() < Duration::from_millis(STARTUP_DATABASE_WAIT_MS) =>
+            {
+                tracing::warn!(database = %url, error = %e, "the database is not reachable yet; waiting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            result => return result.with_context(|| format!("connecting to the database {url}")),
+        }
+    }
 }
+
+/// How long a starting process waits for its database before giving up.
+pub const STARTUP_DATABASE_WAIT_MS: u64 = 30_000;
 
 /// The folder of a SQLite database file named by a `sqlite:` URL (None for an
 /// in-memory database or a bare file name).

@@ -207,6 +207,10 @@ async fn a_worker_killed_mid_charge_completes_the_purchase_exactly_once() -> any
             std::fs::read_to_string(&log).unwrap_or_default()
         );
     };
-    assert!(code.success(), "exit status {code}");
+    assert!(
+        code.success(),
+        "exit status {code}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     t.finish().await
 }
