@@ -77,6 +77,16 @@ fn serve(data_dir: &std::path::Path, args: &[&str]) -> anyhow::Result<Served> {
     })
 }
 
+/// A test that fails half-way must not leave its server running.
+impl Drop for Served {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn sigterm(child: &Child) -> anyhow::Result<()> {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
