@@ -462,7 +462,7 @@ fn schema_of(
         true => builder,
         false => builder
             .disable_introspection()
-            .extension(limits::IntrospectionOff),
+            .data(limits::IntrospectionOff),
     }
 }
 

@@ -220,37 +220,9 @@ fn limit_error(why: String, code: billing::ErrorCode) -> ServerError {
     error
 }
 
-/// With introspection switched off: a document that asks for the schema is refused
-/// with a word, rather than answered with a silent null.
+/// Schema data that switches introspection off: a document that asks for the schema
+/// is then refused with a word (FORBIDDEN), rather than answered with a silent null.
 pub struct IntrospectionOff;
-
-impl async_graphql::extensions::ExtensionFactory for IntrospectionOff {
-    fn create(&self) -> std::sync::Arc<dyn async_graphql::extensions::Extension> {
-        std::sync::Arc::new(IntrospectionOffExtension)
-    }
-}
-
-struct IntrospectionOffExtension;
-
-#[async_graphql::async_trait::async_trait]
-impl async_graphql::extensions::Extension for IntrospectionOffExtension {
-    async fn parse_query(
-        &self,
-        ctx: &async_graphql::extensions::ExtensionContext<'_>,
-        query: &str,
-        variables: &Variables,
-        next: async_graphql::extensions::NextParseQuery<'_>,
-    ) -> ServerResult<ExecutableDocument> {
-        let doc = next.run(ctx, query, variables).await?;
-        match shape_of(&doc).introspection {
-            0 => Ok(doc),
-            _ => Err(limit_error(
-                "introspection is turned off on this server".into(),
-                billing::ErrorCode::Forbidden,
-            )),
-        }
-    }
-}
 
 #[async_graphql::async_trait::async_trait]
 impl async_graphql::extensions::Extension for DocumentLimitsExtension {
@@ -262,7 +234,14 @@ impl async_graphql::extensions::Extension for DocumentLimitsExtension {
         next: async_graphql::extensions::NextParseQuery<'_>,
     ) -> ServerResult<ExecutableDocument> {
         let doc = next.run(ctx, query, variables).await?;
-        match check(&shape_of(&doc)) {
+        let shape = shape_of(&doc);
+        if shape.introspection > 0 && ctx.data_opt::<IntrospectionOff>().is_some() {
+            return Err(limit_error(
+                "introspection is turned off on this server".into(),
+                billing::ErrorCode::Forbidden,
+            ));
+        }
+        match check(&shape) {
             None => Ok(doc),
             Some(why) => Err(limit_error(why, billing::ErrorCode::LimitExceeded)),
         }
