@@ -2,6 +2,7 @@
 
 pub mod credentials;
 pub mod dashboard;
+pub mod document_cache;
 pub mod error;
 pub mod events;
 pub mod health;

@@ -79,5 +79,8 @@ pub fn schema_builder(
             .data(metrics.clone())
             .extension(crate::metrics::RequestMetrics(metrics));
     }
-    builder.extension(crate::error::ErrorCodes)
+    // Innermost parse hook: the extensions above see every document, cached or not.
+    builder
+        .extension(crate::error::ErrorCodes)
+        .extension(crate::document_cache::DocumentCache::default())
 }

@@ -221,11 +221,11 @@ pub const BALANCE_EVENTS_CHANNEL: &str = "reservoir_balance_events";
 
 /// Sums of one rollup row.
 #[derive(Clone, Copy, Default)]
-struct Sums {
-    requests: i64,
-    prompt_tokens: i64,
-    completion_tokens: i64,
-    cost_nanos: i64,
+pub(crate) struct Sums {
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_nanos: i64,
 }
 
 impl Sums {
@@ -263,42 +263,23 @@ pub(crate) async fn add_to_rollups<C: ConnectionTrait>(
 }
 
 /// A `usage_daily` row's key: workspace, day, project, member, key, model.
-type DailyKey = (Uuid, chrono::NaiveDate, Uuid, Uuid, Uuid, String);
+pub(crate) type DailyKey = (Uuid, chrono::NaiveDate, Uuid, Uuid, Uuid, String);
 /// A `usage_daily_by` row's key: workspace, dimension, day, and the dimension's value
 /// (a UUID, or for "model" the model id with the nil UUID).
-type DailyByKey = (Uuid, &'static str, chrono::NaiveDate, Uuid, String);
+pub(crate) type DailyByKey = (Uuid, &'static str, chrono::NaiveDate, Uuid, String);
 
-/// The rollup rows of a batch's events as JSON records (column name → value), in the
-/// fixed upsert order, for the debit engine's one-statement write on PostgreSQL:
-/// `usage_daily` rows, then `usage_daily_by` rows.
-pub(crate) fn rollup_records(
-    events: &[usage_events::Model],
-) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+/// The rollup rows of a batch's events, summed per row and in the fixed upsert order,
+/// for the debit engine's one-statement write on PostgreSQL: `usage_daily` rows, then
+/// `usage_daily_by` rows.
+pub(crate) fn rollup_rows(events: &[usage_events::Model]) -> (Vec<DailyRow>, Vec<DailyByRow>) {
     let (daily, daily_by) = sum_per_row(events);
-    let daily = daily
-        .into_iter()
-        .map(|((ws, day, project, user, key, model), s)| {
-            serde_json::json!({
-                "workspace_id": ws, "day": day, "project_id": project, "user_id": user,
-                "api_key_id": key, "model_id": model, "requests": s.requests,
-                "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-                "cost_nanos": s.cost_nanos,
-            })
-        })
-        .collect();
-    let daily_by = daily_by
-        .into_iter()
-        .map(|((ws, dimension, day, dim_uuid, dim_model), s)| {
-            serde_json::json!({
-                "workspace_id": ws, "dimension": dimension, "day": day,
-                "dim_uuid": dim_uuid, "dim_model": dim_model, "requests": s.requests,
-                "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-                "cost_nanos": s.cost_nanos,
-            })
-        })
-        .collect();
-    (daily, daily_by)
+    (daily.into_iter().collect(), daily_by.into_iter().collect())
 }
+
+/// A `usage_daily` row: its key and its sums.
+pub(crate) type DailyRow = (DailyKey, Sums);
+/// A `usage_daily_by` row: its key and its sums.
+pub(crate) type DailyByRow = (DailyByKey, Sums);
 
 /// The events summed per rollup row, each event counted once in `usage_daily` and once
 /// per dimension in `usage_daily_by`.

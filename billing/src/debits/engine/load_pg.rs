@@ -1,15 +1,25 @@
-//! Step 1 on PostgreSQL: the batch's reads in two statements instead of up to ten.
+//! Step 1 on PostgreSQL: the batch's reads in one statement.
 //!
-//! 1. The locks: reservation rows, then workspace rows, then project rows, each
-//!    `ORDER BY id FOR UPDATE` in CTEs of one statement (its output is built in that
-//!    order, so every batch takes them in the global lock order), returned as JSON.
-//! 2. Everything else, read after the locks are held (a new statement, so a new
-//!    snapshot: a batch of another process that used one of our request ids has
-//!    committed and is seen): prices, discounts, memberships, request ids already
-//!    used, and the policy rows, as one JSON document.
+//! The locks come first, in CTEs evaluated in the global lock order (reservation rows,
+//! then workspace rows, then project rows, each `ORDER BY id FOR UPDATE`; the output
+//! object is built in that order, so each CTE is materialized, and its rows locked,
+//! before the next); then, in the same statement, everything else the batch needs:
+//! prices, discounts, memberships, request ids already used and the policy rows. The
+//! result is one JSON document; the arguments are typed arrays (`uuid[]`, `text[]`)
+//! bound in binary, one plan for every batch size, `= ANY(...)` so the planner uses
+//! the indexes.
 //!
-//! The arguments travel as one JSON document too (`= ANY(ARRAY(...))` over its
-//! arrays, which the planner turns into index scans): one plan for every batch.
+//! One statement means one snapshot, taken before the locks were granted. The locked
+//! rows are read at their latest committed version (PostgreSQL re-reads a row it
+//! waited for), so balances, budgets and holds are exact. What else is read may be
+//! older than a batch of another process that committed while this one waited for
+//! the workspace lock. Of that, only the request ids already used matter for money,
+//! and the unique keys on `(workspace_id, request_id)` guard them: a request id that
+//! batch used makes this batch's INSERT fail, the batch fails as a whole and every
+//! operation is re-run alone, in a new statement that sees the committed row and
+//! answers the replay (`engine::run_one`). The policy rows are changed only by
+//! conditional UPDATEs (an alert fires only if still armed, a reload starts only from
+//! IDLE), which see the latest version.
 
 use super::load::Named;
 use super::rules::{ProjectState, State, WorkspaceState};
@@ -21,64 +31,44 @@ use entity::{
 };
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement};
 use serde::Deserialize;
-use serde_json::json;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use uuid::Uuid;
 
-const LOCK_SQL: &str = r#"
+const LOAD_SQL: &str = r#"
 WITH r AS (
-  SELECT * FROM reservations
-  WHERE id = ANY(ARRAY(SELECT x::uuid FROM jsonb_array_elements_text($1::jsonb->'reservations') x))
-  ORDER BY id FOR UPDATE),
+  SELECT * FROM reservations WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE),
 w AS (
   SELECT * FROM workspaces
-  WHERE id = ANY(ARRAY(SELECT x::uuid FROM jsonb_array_elements_text($1::jsonb->'workspaces') x))
-     OR id IN (SELECT workspace_id FROM r)
+  WHERE id = ANY($2::uuid[]) OR id = ANY(ARRAY(SELECT workspace_id FROM r))
   ORDER BY id FOR UPDATE),
 p AS (
   SELECT * FROM projects
-  WHERE id = ANY(ARRAY(SELECT x::uuid FROM jsonb_array_elements_text($1::jsonb->'projects') x))
-     OR id IN (SELECT project_id FROM r)
-     OR (workspace_id IN (SELECT id FROM w)
-         AND tag = ANY(ARRAY(SELECT x FROM jsonb_array_elements_text($1::jsonb->'tags') x)))
+  WHERE id = ANY($3::uuid[]) OR id = ANY(ARRAY(SELECT project_id FROM r))
+     OR (workspace_id = ANY(ARRAY(SELECT id FROM w)) AND tag = ANY($4::text[]))
   ORDER BY id FOR UPDATE)
 SELECT json_build_object(
   'reservations', (SELECT coalesce(json_agg(r), '[]'::json) FROM r),
   'workspaces', (SELECT coalesce(json_agg(w), '[]'::json) FROM w),
-  'projects', (SELECT coalesce(json_agg(p), '[]'::json) FROM p))::text AS doc
-"#;
-
-const READ_SQL: &str = r#"
-SELECT json_build_object(
+  'projects', (SELECT coalesce(json_agg(p), '[]'::json) FROM p),
   'models', (SELECT coalesce(json_agg(m), '[]'::json) FROM models m
-    WHERE m.id = ANY(ARRAY(SELECT x FROM jsonb_array_elements_text($1::jsonb->'models') x))),
+    WHERE m.id = ANY($5::text[] || ARRAY(SELECT model_id::text FROM r))),
   'accounts', (SELECT coalesce(json_agg(json_build_object('id', a.id,
       'volume_discount_bps', a.volume_discount_bps)), '[]'::json) FROM accounts a
-    WHERE a.id = ANY(ARRAY(SELECT x::uuid FROM jsonb_array_elements_text($1::jsonb->'accounts') x))),
+    WHERE a.id = ANY(ARRAY(SELECT account_id FROM w))),
   'members', (SELECT coalesce(json_agg(json_build_object('account_id', m.account_id,
       'user_id', m.user_id)), '[]'::json) FROM account_members m
-    WHERE m.account_id = ANY(ARRAY(SELECT x::uuid FROM jsonb_array_elements_text($1::jsonb->'accounts') x))
-      AND m.user_id = ANY(ARRAY(SELECT x::uuid FROM jsonb_array_elements_text($1::jsonb->'users') x))),
+    WHERE m.account_id = ANY(ARRAY(SELECT account_id FROM w)) AND m.user_id = ANY($6::uuid[])),
   'used_usage', (SELECT coalesce(json_agg(e), '[]'::json) FROM usage_events e
-    WHERE e.workspace_id = ANY(ARRAY(SELECT x::uuid FROM jsonb_array_elements_text($1::jsonb->'workspaces') x))
-      AND e.request_id = ANY(ARRAY(SELECT x FROM jsonb_array_elements_text($1::jsonb->'usage_keys') x))),
-  'used_reserve', (SELECT coalesce(json_agg(r), '[]'::json) FROM reservations r
-    WHERE r.workspace_id = ANY(ARRAY(SELECT x::uuid FROM jsonb_array_elements_text($1::jsonb->'workspaces') x))
-      AND r.request_id = ANY(ARRAY(SELECT x FROM jsonb_array_elements_text($1::jsonb->'reserve_keys') x))),
+    WHERE e.workspace_id = ANY(ARRAY(SELECT id FROM w))
+      AND e.request_id = ANY($7::text[] || ARRAY(SELECT request_id::text FROM r))),
+  'used_reserve', (SELECT coalesce(json_agg(x), '[]'::json) FROM reservations x
+    WHERE x.workspace_id = ANY(ARRAY(SELECT id FROM w)) AND x.request_id = ANY($8::text[])),
   'settings', (SELECT coalesce(json_agg(s), '[]'::json) FROM auto_reload_settings s
-    WHERE s.workspace_id = ANY(ARRAY(SELECT x::uuid FROM jsonb_array_elements_text($1::jsonb->'workspaces') x))),
+    WHERE s.workspace_id = ANY(ARRAY(SELECT id FROM w))),
   'thresholds', (SELECT coalesce(json_agg(t ORDER BY t.amount_nanos DESC), '[]'::json)
-    FROM alert_thresholds t
-    WHERE t.workspace_id = ANY(ARRAY(SELECT x::uuid FROM jsonb_array_elements_text($1::jsonb->'workspaces') x)))
+    FROM alert_thresholds t WHERE t.workspace_id = ANY(ARRAY(SELECT id FROM w)))
 )::text AS doc
 "#;
-
-#[derive(Deserialize)]
-struct Locked {
-    reservations: Vec<reservation_rows::Model>,
-    workspaces: Vec<workspaces::Model>,
-    projects: Vec<projects::Model>,
-}
 
 #[derive(Deserialize)]
 struct AccountDiscount {
@@ -94,6 +84,9 @@ struct Member {
 
 #[derive(Deserialize)]
 struct Read {
+    reservations: Vec<reservation_rows::Model>,
+    workspaces: Vec<workspaces::Model>,
+    projects: Vec<projects::Model>,
     models: Vec<models::Model>,
     accounts: Vec<AccountDiscount>,
     members: Vec<Member>,
@@ -103,48 +96,46 @@ struct Read {
     thresholds: Vec<alert_thresholds::Model>,
 }
 
-async fn query_doc(tx: &DatabaseTransaction, sql: &str, args: serde_json::Value) -> Result<String> {
-    let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql, [args.into()]);
-    let row = tx
-        .query_one_raw(stmt)
-        .await?
-        .ok_or_else(|| BillingError::Internal("a batch read returned no row".into()))?;
-    Ok(row.try_get::<String>("", "doc")?)
-}
-
 fn decode<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T> {
     serde_json::from_str(doc).map_err(|e| BillingError::Internal(format!("batch read: {e}")))
 }
 
-pub(super) async fn load(tx: &DatabaseTransaction, named: &Named<'_>) -> Result<State> {
-    let lock_args = json!({
-        "reservations": named.reservations, "workspaces": named.workspaces,
-        "projects": named.projects, "tags": named.tags,
-    });
-    let locked: Locked = decode(&query_doc(tx, LOCK_SQL, lock_args).await?)?;
-    let reservations: HashMap<Uuid, reservation_rows::Model> =
-        locked.reservations.into_iter().map(|r| (r.id, r)).collect();
-    let mut models = named.models.clone();
-    models.extend(reservations.values().map(|r| r.model_id.as_str()));
-    let mut usage_keys = named.usage_keys.clone();
-    usage_keys.extend(reservations.values().map(|r| r.request_id.as_str()));
-    let workspace_ids: BTreeSet<Uuid> = locked.workspaces.iter().map(|w| w.id).collect();
-    let account_ids: BTreeSet<Uuid> = locked.workspaces.iter().map(|w| w.account_id).collect();
-    let read_args = json!({
-        "models": models, "accounts": account_ids, "users": named.users,
-        "workspaces": workspace_ids, "usage_keys": usage_keys,
-        "reserve_keys": named.reserve_keys,
-    });
-    let read: Read = decode(&query_doc(tx, READ_SQL, read_args).await?)?;
-    state(locked.workspaces, locked.projects, reservations, read)
+fn uuids(ids: &std::collections::BTreeSet<Uuid>) -> sea_orm::Value {
+    ids.iter().copied().collect::<Vec<Uuid>>().into()
 }
 
-fn state(
-    workspaces: Vec<workspaces::Model>,
-    projects: Vec<projects::Model>,
-    reservations: HashMap<Uuid, reservation_rows::Model>,
-    read: Read,
-) -> Result<State> {
+fn texts(values: &std::collections::BTreeSet<&str>) -> sea_orm::Value {
+    values
+        .iter()
+        .map(|v| (*v).to_owned())
+        .collect::<Vec<String>>()
+        .into()
+}
+
+pub(super) async fn load(tx: &DatabaseTransaction, named: &Named<'_>) -> Result<State> {
+    let args = [
+        uuids(&named.reservations),
+        uuids(&named.workspaces),
+        uuids(&named.projects),
+        texts(&named.tags),
+        texts(&named.models),
+        uuids(&named.users),
+        texts(&named.usage_keys),
+        texts(&named.reserve_keys),
+    ];
+    let stmt = Statement::from_sql_and_values(DbBackend::Postgres, LOAD_SQL, args);
+    let row = tx
+        .query_one_raw(stmt)
+        .await?
+        .ok_or_else(|| BillingError::Internal("the batch read returned no row".into()))?;
+    let read: Read = decode(&row.try_get::<String>("", "doc")?)?;
+    state(read)
+}
+
+fn state(read: Read) -> Result<State> {
+    let (workspaces, projects) = (read.workspaces, read.projects);
+    let reservations: HashMap<Uuid, reservation_rows::Model> =
+        read.reservations.into_iter().map(|r| (r.id, r)).collect();
     let mut discounts = HashMap::new();
     for a in read.accounts {
         let discount = DiscountBps::new(a.volume_discount_bps)

@@ -241,10 +241,25 @@ pub(crate) async fn apply_batch(
 /// One operation as a batch of its own, for callers without a writer (and for the
 /// writer's retries of a failed batch). Follow-up jobs are not pushed here: the rows
 /// they name are durable and the worker's sweep enqueues them.
+///
+/// A unique-key violation means another process committed the same request id while
+/// this batch waited for its locks (its read came from an earlier snapshot, see
+/// `load_pg`): the next attempt sees that row and answers the replay.
 pub(crate) async fn run_one(db: &DatabaseConnection, op: Op, now: DateTime<Utc>) -> Result<Reply> {
     let batch = [(op, now)];
-    let (mut replies, _follow_up) = apply_batch(db, &batch, &WriterStats::default()).await?;
+    let mut attempts = 0_u32;
+    let (mut replies, _follow_up) = loop {
+        match apply_batch(db, &batch, &WriterStats::default()).await {
+            Err(e) if e.is_unique_violation() && attempts < RACE_RETRIES_MAX => {
+                attempts = attempts.saturating_add(1);
+            }
+            other => break other?,
+        }
+    };
     replies
         .pop()
         .ok_or_else(|| BillingError::Internal("debit engine gave no answer".into()))
 }
+
+/// Attempts after a lost race on a request id (each sees what the previous lost to).
+const RACE_RETRIES_MAX: u32 = 2;

@@ -1,63 +1,72 @@
 //! Step 3 on PostgreSQL: the batch's money rows in one statement.
 //!
 //! Usage events, ledger transactions and their entries, both daily rollups, the
-//! project and workspace counters and the balance events go in as one JSON document
-//! (one text argument per table, `$1`..`$8`) unpacked by `json_to_recordset` in data-modifying CTEs, with `pg_notify` in
-//! the same statement. One bind and one plan whatever the batch size (a VALUES list
-//! has one bind per column per row, and a new statement text for every size), and
-//! one round trip instead of a dozen. The UPDATEs stay conditional on what the batch
+//! project and workspace counters and the balance events go in as typed arrays, one
+//! per column (`$1`..`$62`), unpacked by `unnest` in data-modifying CTEs, with
+//! `pg_notify` in the same statement. One plan whatever the batch size, one round trip
+//! instead of a dozen, and every value bound in binary: a `uuid[]` or `int8[]`
+//! argument reaches the executor without a text parser (the JSON document this
+//! replaced sent every field through `uuid_in`, `int8in`, `timestamptz_in`, and cost
+//! the server a document to build). The UPDATEs stay conditional on what the batch
 //! locked; the counts they return are checked, so a row that moved under its lock
 //! fails the batch. Foreign keys are checked at the end of the statement, so rows of
 //! one CTE may reference rows of another.
+//!
+//! Array elements cannot be NULL through the driver's array binds, so optional
+//! columns travel with a sentinel that no row can hold and `NULLIF` turns back into
+//! NULL: the nil UUID (ids are v7/v4, never nil), the empty string (a system account
+//! is never empty) and `i64::MIN` (a balance is never negative: CHECK constraint).
 
 #![deny(clippy::arithmetic_side_effects)]
 
 use super::rules::{Posting, State, WorkspaceState};
 use crate::error::{BillingError, Result};
 use crate::ledger::{self, BALANCE_EVENTS_CHANNEL};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use entity::{ledger_entries, usage_events};
 use sea_orm::ActiveValue;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement};
-use serde_json::{Value, json};
+use uuid::Uuid;
 
 const WRITE_SQL: &str = r#"
 WITH ev AS (
   INSERT INTO usage_events (id, workspace_id, project_id, user_id, api_key_id, model_id,
     prompt_tokens, completion_tokens, cost_nanos, shortfall_nanos, request_id, request_hash,
     reservation_id, created_at)
-  SELECT x.id, x.workspace_id, x.project_id, x.user_id, x.api_key_id, x.model_id,
+  SELECT x.id, x.workspace_id, NULLIF(x.project_id, '00000000-0000-0000-0000-000000000000'),
+    NULLIF(x.user_id, '00000000-0000-0000-0000-000000000000'),
+    NULLIF(x.api_key_id, '00000000-0000-0000-0000-000000000000'), x.model_id,
     x.prompt_tokens, x.completion_tokens, x.cost_nanos, x.shortfall_nanos, x.request_id,
-    x.request_hash, x.reservation_id, x.created_at
-  FROM json_to_recordset($1::json) AS x(id uuid, workspace_id uuid,
-    project_id uuid, user_id uuid, api_key_id uuid, model_id text, prompt_tokens bigint,
-    completion_tokens bigint, cost_nanos bigint, shortfall_nanos bigint, request_id text,
-    request_hash text, reservation_id uuid, created_at timestamptz)
+    x.request_hash, NULLIF(x.reservation_id, '00000000-0000-0000-0000-000000000000'),
+    x.created_at
+  FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[],
+    $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[], $13::uuid[],
+    $14::timestamptz[]) AS x(id, workspace_id, project_id, user_id, api_key_id, model_id,
+    prompt_tokens, completion_tokens, cost_nanos, shortfall_nanos, request_id, request_hash,
+    reservation_id, created_at)
   RETURNING 1),
 tx AS (
   INSERT INTO ledger_transactions (kind, idempotency_key, usage_event_id, created_at)
   SELECT 'USAGE', x.idempotency_key, x.usage_event_id, x.created_at
-  FROM json_to_recordset($2::json) AS x(idempotency_key text,
-    usage_event_id uuid, created_at timestamptz)
+  FROM unnest($15::text[], $16::uuid[], $17::timestamptz[])
+    AS x(idempotency_key, usage_event_id, created_at)
   RETURNING id, usage_event_id),
 en AS (
   INSERT INTO ledger_entries (transaction_id, workspace_id, system_account, kind,
     amount_nanos, balance_after_nanos, description, created_at)
-  SELECT tx.id, x.workspace_id, x.system_account, x.kind, x.amount_nanos,
-    x.balance_after_nanos, x.description, x.created_at
-  FROM json_to_recordset($3::json) AS x(usage_event_id uuid,
-    workspace_id uuid, system_account text, kind text, amount_nanos bigint,
-    balance_after_nanos bigint, description text, created_at timestamptz)
+  SELECT tx.id, NULLIF(x.workspace_id, '00000000-0000-0000-0000-000000000000'),
+    NULLIF(x.system_account, ''), x.kind, x.amount_nanos,
+    NULLIF(x.balance_after_nanos, -9223372036854775808), x.description, x.created_at
+  FROM unnest($18::uuid[], $19::uuid[], $20::text[], $21::text[], $22::int8[], $23::int8[],
+    $24::text[], $25::timestamptz[]) AS x(usage_event_id, workspace_id, system_account,
+    kind, amount_nanos, balance_after_nanos, description, created_at)
   JOIN tx ON tx.usage_event_id = x.usage_event_id
   RETURNING 1),
 daily AS (
   INSERT INTO usage_daily AS d (workspace_id, day, project_id, user_id, api_key_id, model_id,
     requests, prompt_tokens, completion_tokens, cost_nanos)
-  SELECT x.workspace_id, x.day, x.project_id, x.user_id, x.api_key_id, x.model_id,
-    x.requests, x.prompt_tokens, x.completion_tokens, x.cost_nanos
-  FROM json_to_recordset($4::json) AS x(workspace_id uuid, day date,
-    project_id uuid, user_id uuid, api_key_id uuid, model_id text, requests bigint,
-    prompt_tokens bigint, completion_tokens bigint, cost_nanos bigint)
+  SELECT * FROM unnest($26::uuid[], $27::date[], $28::uuid[], $29::uuid[], $30::uuid[],
+    $31::text[], $32::int8[], $33::int8[], $34::int8[], $35::int8[])
   ON CONFLICT (workspace_id, day, project_id, user_id, api_key_id, model_id) DO UPDATE SET
     requests = d.requests + EXCLUDED.requests,
     prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,
@@ -67,11 +76,8 @@ daily AS (
 daily_by AS (
   INSERT INTO usage_daily_by AS d (workspace_id, dimension, day, dim_uuid, dim_model,
     requests, prompt_tokens, completion_tokens, cost_nanos)
-  SELECT x.workspace_id, x.dimension, x.day, x.dim_uuid, x.dim_model, x.requests,
-    x.prompt_tokens, x.completion_tokens, x.cost_nanos
-  FROM json_to_recordset($5::json) AS x(workspace_id uuid, dimension text,
-    day date, dim_uuid uuid, dim_model text, requests bigint, prompt_tokens bigint,
-    completion_tokens bigint, cost_nanos bigint)
+  SELECT * FROM unnest($36::uuid[], $37::text[], $38::date[], $39::uuid[], $40::text[],
+    $41::int8[], $42::int8[], $43::int8[], $44::int8[])
   ON CONFLICT (workspace_id, dimension, day, dim_uuid, dim_model) DO UPDATE SET
     requests = d.requests + EXCLUDED.requests,
     prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,
@@ -81,9 +87,9 @@ daily_by AS (
 pr AS (
   UPDATE projects AS p SET budget_spent_nanos = x.spent_after,
     budget_reserved_nanos = x.reserved_after, budget_period_start = x.period_start_after
-  FROM json_to_recordset($6::json) AS x(id uuid, spent_before bigint,
-    reserved_before bigint, period_start_before timestamptz, spent_after bigint,
-    reserved_after bigint, period_start_after timestamptz)
+  FROM unnest($45::uuid[], $46::int8[], $47::int8[], $48::timestamptz[], $49::int8[],
+    $50::int8[], $51::timestamptz[]) AS x(id, spent_before, reserved_before,
+    period_start_before, spent_after, reserved_after, period_start_after)
   WHERE p.id = x.id AND p.budget_spent_nanos = x.spent_before
     AND p.budget_reserved_nanos = x.reserved_before
     AND p.budget_period_start = x.period_start_before
@@ -91,23 +97,40 @@ pr AS (
 ws AS (
   UPDATE workspaces AS w SET balance_nanos = w.balance_nanos + x.balance_delta,
     reserved_nanos = w.reserved_nanos + x.reserved_delta, balance_sequence = x.sequence_after
-  FROM json_to_recordset($7::json) AS x(id uuid, balance_delta bigint,
-    reserved_delta bigint, sequence_before bigint, sequence_after bigint)
+  FROM unnest($52::uuid[], $53::int8[], $54::int8[], $55::int8[], $56::int8[])
+    AS x(id, balance_delta, reserved_delta, sequence_before, sequence_after)
   WHERE w.id = x.id AND w.balance_sequence = x.sequence_before
   RETURNING 1),
 be AS (
   INSERT INTO balance_events (workspace_id, sequence, balance_nanos, reserved_nanos, cause,
     created_at)
-  SELECT x.workspace_id, x.sequence, x.balance_nanos, x.reserved_nanos, x.cause, x.created_at
-  FROM json_to_recordset($8::json) AS x(workspace_id uuid,
-    sequence bigint, balance_nanos bigint, reserved_nanos bigint, cause text,
-    created_at timestamptz)
+  SELECT * FROM unnest($57::uuid[], $58::int8[], $59::int8[], $60::int8[], $61::text[],
+    $62::timestamptz[])
   RETURNING 1)
 SELECT (SELECT count(*) FROM ev) AS events, (SELECT count(*) FROM en) AS entries,
   (SELECT count(*) FROM pr) AS projects, (SELECT count(*) FROM ws) AS workspaces,
   (SELECT count(*) FROM be) AS balance_events,
-  CASE WHEN (SELECT count(*) FROM be) > 0 THEN pg_notify($9, '') END::text AS notified
+  CASE WHEN (SELECT count(*) FROM be) > 0 THEN pg_notify($63, '') END::text AS notified
 "#;
+
+/// The statement's arguments, column by column in parameter order.
+#[derive(Default)]
+struct Args(Vec<sea_orm::Value>);
+
+impl Args {
+    fn col<T>(&mut self, values: Vec<T>) -> &mut Self
+    where
+        Vec<T>: Into<sea_orm::Value>,
+    {
+        self.0.push(values.into());
+        self
+    }
+}
+
+/// The nil UUID for "none" (see the module docs).
+fn or_nil(id: Option<Uuid>) -> Uuid {
+    id.unwrap_or(Uuid::nil())
+}
 
 fn set<T: Clone + Into<sea_orm::Value>>(v: &ActiveValue<T>) -> Option<T> {
     match v {
@@ -116,60 +139,217 @@ fn set<T: Clone + Into<sea_orm::Value>>(v: &ActiveValue<T>) -> Option<T> {
     }
 }
 
-fn entry_record(usage_event_id: uuid::Uuid, e: &ledger_entries::ActiveModel) -> Value {
-    json!({
-        "usage_event_id": usage_event_id,
-        "workspace_id": set(&e.workspace_id).flatten(),
-        "system_account": set(&e.system_account).flatten(),
-        "kind": set(&e.kind).map(|k| k.as_str().to_owned()),
-        "amount_nanos": set(&e.amount_nanos),
-        "balance_after_nanos": set(&e.balance_after_nanos).flatten(),
-        "description": set(&e.description),
-        "created_at": set(&e.created_at),
-    })
+/// `usage_events`: `$1`..`$14`.
+fn event_columns(args: &mut Args, events: &[usage_events::Model]) {
+    let each = |f: fn(&usage_events::Model) -> Uuid| events.iter().map(f).collect::<Vec<_>>();
+    let ints = |f: fn(&usage_events::Model) -> i64| events.iter().map(f).collect::<Vec<_>>();
+    let texts =
+        |f: fn(&usage_events::Model) -> &str| events.iter().map(|e| f(e).to_owned()).collect();
+    args.col(each(|e| e.id))
+        .col(each(|e| e.workspace_id))
+        .col(each(|e| or_nil(e.project_id)))
+        .col(each(|e| or_nil(e.user_id)))
+        .col(each(|e| or_nil(e.api_key_id)))
+        .col::<String>(texts(|e| &e.model_id))
+        .col(ints(|e| e.prompt_tokens))
+        .col(ints(|e| e.completion_tokens))
+        .col(ints(|e| e.cost_nanos))
+        .col(ints(|e| e.shortfall_nanos))
+        .col::<String>(texts(|e| &e.request_id))
+        .col::<String>(texts(|e| &e.request_hash))
+        .col(each(|e| or_nil(e.reservation_id)))
+        .col(events.iter().map(|e| e.created_at).collect::<Vec<_>>());
 }
 
-fn ledger_records(postings: &[Posting]) -> (Vec<Value>, Vec<Value>) {
-    let transactions = postings
+/// `ledger_transactions` (`$15`..`$17`) and `ledger_entries` (`$18`..`$25`).
+fn ledger_columns(args: &mut Args, postings: &[Posting]) {
+    args.col(
+        postings
+            .iter()
+            .map(|p| p.idempotency_key.clone())
+            .collect::<Vec<_>>(),
+    )
+    .col(
+        postings
+            .iter()
+            .map(|p| p.usage_event_id)
+            .collect::<Vec<_>>(),
+    )
+    .col(postings.iter().map(|p| p.now).collect::<Vec<_>>());
+    let entries: Vec<(Uuid, &ledger_entries::ActiveModel)> = postings
         .iter()
-        .map(|p| {
-            json!({"idempotency_key": p.idempotency_key, "usage_event_id": p.usage_event_id,
-                "created_at": p.now})
-        })
+        .flat_map(|p| p.entries.iter().map(move |e| (p.usage_event_id, e)))
         .collect();
-    let entries = postings
+    let col = |f: &dyn Fn(&ledger_entries::ActiveModel) -> Option<String>| -> Vec<String> {
+        entries
+            .iter()
+            .map(|(_, e)| f(e).unwrap_or_default())
+            .collect()
+    };
+    let (system, kind, description) = (
+        col(&|e| set(&e.system_account).flatten()),
+        col(&|e| set(&e.kind).map(|k| k.as_str().to_owned())),
+        col(&|e| set(&e.description)),
+    );
+    args.col(entries.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .col(
+            entries
+                .iter()
+                .map(|(_, e)| or_nil(set(&e.workspace_id).flatten()))
+                .collect::<Vec<_>>(),
+        )
+        .col(system)
+        .col(kind)
+        .col(
+            entries
+                .iter()
+                .map(|(_, e)| set(&e.amount_nanos).unwrap_or_default())
+                .collect::<Vec<_>>(),
+        )
+        .col(
+            entries
+                .iter()
+                .map(|(_, e)| set(&e.balance_after_nanos).flatten().unwrap_or(i64::MIN))
+                .collect::<Vec<_>>(),
+        )
+        .col(description)
+        .col(
+            entries
+                .iter()
+                .map(|(_, e)| set(&e.created_at).unwrap_or_default())
+                .collect::<Vec<_>>(),
+        );
+}
+
+/// `usage_daily` (`$26`..`$35`) and `usage_daily_by` (`$36`..`$44`).
+fn rollup_columns(args: &mut Args, events: &[usage_events::Model]) {
+    let (daily, daily_by) = ledger::rollup_rows(events);
+    let uuids = |f: fn(&ledger::DailyRow) -> Uuid| daily.iter().map(f).collect::<Vec<_>>();
+    args.col(uuids(|r| r.0.0))
+        .col(daily.iter().map(|r| r.0.1).collect::<Vec<NaiveDate>>())
+        .col(uuids(|r| r.0.2))
+        .col(uuids(|r| r.0.3))
+        .col(uuids(|r| r.0.4))
+        .col(daily.iter().map(|r| r.0.5.clone()).collect::<Vec<_>>());
+    sums(args, &daily.iter().map(|r| r.1).collect::<Vec<_>>());
+    args.col(daily_by.iter().map(|r| r.0.0).collect::<Vec<_>>())
+        .col(
+            daily_by
+                .iter()
+                .map(|r| r.0.1.to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .col(daily_by.iter().map(|r| r.0.2).collect::<Vec<NaiveDate>>())
+        .col(daily_by.iter().map(|r| r.0.3).collect::<Vec<_>>())
+        .col(daily_by.iter().map(|r| r.0.4.clone()).collect::<Vec<_>>());
+    sums(args, &daily_by.iter().map(|r| r.1).collect::<Vec<_>>());
+}
+
+/// A rollup's four sums, as four columns.
+fn sums(args: &mut Args, rows: &[ledger::Sums]) {
+    let col = |f: fn(&ledger::Sums) -> i64| rows.iter().map(f).collect::<Vec<_>>();
+    args.col(col(|s| s.requests))
+        .col(col(|s| s.prompt_tokens))
+        .col(col(|s| s.completion_tokens))
+        .col(col(|s| s.cost_nanos));
+}
+
+/// The changed projects (`$45`..`$51`): before (the condition) and after.
+fn project_columns(args: &mut Args, state: &State) {
+    let changed: Vec<_> = state
+        .projects
+        .values()
+        .filter(|p| p.row != p.before)
+        .collect();
+    let ints = |f: &dyn Fn(&super::rules::ProjectState) -> i64| {
+        changed.iter().map(|p| f(p)).collect::<Vec<_>>()
+    };
+    let times = |f: &dyn Fn(&super::rules::ProjectState) -> DateTime<Utc>| {
+        changed.iter().map(|p| f(p)).collect::<Vec<_>>()
+    };
+    args.col(changed.iter().map(|p| p.row.id).collect::<Vec<_>>())
+        .col(ints(&|p| p.before.budget_spent_nanos))
+        .col(ints(&|p| p.before.budget_reserved_nanos))
+        .col(times(&|p| p.before.budget_period_start))
+        .col(ints(&|p| p.row.budget_spent_nanos))
+        .col(ints(&|p| p.row.budget_reserved_nanos))
+        .col(times(&|p| p.row.budget_period_start));
+}
+
+/// The changed workspaces (`$52`..`$56`) and their balance events (`$57`..`$62`).
+fn workspace_columns(args: &mut Args, changed: &[&WorkspaceState]) -> Result<()> {
+    let mut deltas = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ws in changed {
+        deltas.0.push(ws.balance_delta()?);
+        deltas.1.push(ws.reserved_delta()?);
+        deltas.2.push(ws.before.balance_sequence);
+        deltas.3.push(sequence_after(ws)?);
+    }
+    let ids: Vec<Uuid> = changed.iter().map(|w| w.row.id).collect();
+    let sequences = deltas.3.clone();
+    args.col(ids.clone())
+        .col(deltas.0)
+        .col(deltas.1)
+        .col(deltas.2)
+        .col(deltas.3);
+    // Balance events stamped as late as possible: `at` is when the batch went to
+    // commit, which is what a subscriber measures its delivery delay from.
+    let at = Utc::now();
+    let causes = changed
         .iter()
-        .flat_map(|p| p.entries.iter().map(|e| entry_record(p.usage_event_id, e)))
+        .map(|w| w.cause.map(|c| c.as_str().to_owned()).unwrap_or_default());
+    args.col(ids)
+        .col(sequences)
+        .col(
+            changed
+                .iter()
+                .map(|w| w.row.balance_nanos)
+                .collect::<Vec<_>>(),
+        )
+        .col(
+            changed
+                .iter()
+                .map(|w| w.row.reserved_nanos)
+                .collect::<Vec<_>>(),
+        )
+        .col(causes.collect::<Vec<_>>())
+        .col(vec![at; changed.len()]);
+    Ok(())
+}
+
+/// The statement's arguments and the counts it must report back.
+fn arguments(
+    state: &State,
+    events: &[usage_events::Model],
+    postings: &[Posting],
+) -> Result<(Vec<sea_orm::Value>, [i64; 4])> {
+    let mut args = Args::default();
+    event_columns(&mut args, events);
+    ledger_columns(&mut args, postings);
+    rollup_columns(&mut args, events);
+    project_columns(&mut args, state);
+    let mut changed: Vec<&WorkspaceState> = state
+        .workspaces
+        .values()
+        .filter(|w| w.cause.is_some())
         .collect();
-    (transactions, entries)
-}
-
-fn event_record(e: &usage_events::Model) -> Value {
-    json!({
-        "id": e.id, "workspace_id": e.workspace_id, "project_id": e.project_id,
-        "user_id": e.user_id, "api_key_id": e.api_key_id, "model_id": e.model_id,
-        "prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens,
-        "cost_nanos": e.cost_nanos, "shortfall_nanos": e.shortfall_nanos,
-        "request_id": e.request_id, "request_hash": e.request_hash,
-        "reservation_id": e.reservation_id, "created_at": e.created_at,
-    })
-}
-
-fn workspace_record(ws: &WorkspaceState, at: DateTime<Utc>) -> Result<(Value, Value)> {
-    let sequence_after = sequence_after(ws)?;
-    let update = json!({
-        "id": ws.row.id,
-        "balance_delta": ws.balance_delta()?,
-        "reserved_delta": ws.reserved_delta()?,
-        "sequence_before": ws.before.balance_sequence,
-        "sequence_after": sequence_after,
-    });
-    let event = json!({
-        "workspace_id": ws.row.id, "sequence": sequence_after,
-        "balance_nanos": ws.row.balance_nanos, "reserved_nanos": ws.row.reserved_nanos,
-        "cause": ws.cause.map(|c| c.as_str().to_owned()), "created_at": at,
-    });
-    Ok((update, event))
+    changed.sort_by_key(|w| w.row.id);
+    workspace_columns(&mut args, &changed)?;
+    args.0.push(BALANCE_EVENTS_CHANNEL.into());
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let entries: usize = postings.iter().map(|p| p.entries.len()).sum();
+    let projects = state
+        .projects
+        .values()
+        .filter(|p| p.row != p.before)
+        .count();
+    let expected = [
+        count(events.len()),
+        count(entries),
+        count(projects),
+        count(changed.len()),
+    ];
+    Ok((args.0, expected))
 }
 
 pub(super) fn sequence_after(ws: &WorkspaceState) -> Result<i64> {
@@ -177,62 +357,6 @@ pub(super) fn sequence_after(ws: &WorkspaceState) -> Result<i64> {
         .balance_sequence
         .checked_add(1)
         .ok_or_else(|| BillingError::Internal("balance sequence out of range".into()))
-}
-
-/// The JSON document of the statement and the counts it must report back.
-fn document(
-    state: &State,
-    events: &[usage_events::Model],
-    postings: &[Posting],
-) -> Result<([Vec<Value>; 8], [i64; 4])> {
-    let (transactions, entries) = ledger_records(postings);
-    let (daily, daily_by) = ledger::rollup_records(events);
-    let projects: Vec<Value> = state
-        .projects
-        .values()
-        .filter(|p| p.row != p.before)
-        .map(|p| {
-            json!({"id": p.row.id, "spent_before": p.before.budget_spent_nanos,
-                "reserved_before": p.before.budget_reserved_nanos,
-                "period_start_before": p.before.budget_period_start,
-                "spent_after": p.row.budget_spent_nanos,
-                "reserved_after": p.row.budget_reserved_nanos,
-                "period_start_after": p.row.budget_period_start})
-        })
-        .collect();
-    let mut changed: Vec<&WorkspaceState> = state
-        .workspaces
-        .values()
-        .filter(|w| w.cause.is_some())
-        .collect();
-    changed.sort_by_key(|w| w.row.id);
-    let at = Utc::now();
-    let (workspaces, balance_events): (Vec<Value>, Vec<Value>) = changed
-        .iter()
-        .map(|w| workspace_record(w, at))
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .unzip();
-    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-    let expected = [
-        count(events.len()),
-        count(entries.len()),
-        count(projects.len()),
-        count(workspaces.len()),
-    ];
-    let events: Vec<Value> = events.iter().map(event_record).collect();
-    // In the statement's parameter order ($1..$8).
-    let arrays = [
-        events,
-        transactions,
-        entries,
-        daily,
-        daily_by,
-        projects,
-        workspaces,
-        balance_events,
-    ];
-    Ok((arrays, expected))
 }
 
 /// Writes the batch's money rows in one statement and moves the changed workspace
@@ -243,15 +367,7 @@ pub(super) async fn write_money(
     events: &[usage_events::Model],
     postings: &[Posting],
 ) -> Result<()> {
-    let (arrays, expected) = document(state, events, postings)?;
-    // Bound as text and cast to `json` in the statement: parsed once, as it streams
-    // into the records (a `jsonb` argument would be parsed into a tree first).
-    let mut args: Vec<sea_orm::Value> = arrays
-        .iter()
-        .map(|a| serde_json::to_string(a).map(Into::into))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| BillingError::Internal(format!("batch write: {e}")))?;
-    args.push(BALANCE_EVENTS_CHANNEL.into());
+    let (args, expected) = arguments(state, events, postings)?;
     let stmt = Statement::from_sql_and_values(DbBackend::Postgres, WRITE_SQL, args);
     let row = tx
         .query_one_raw(stmt)
