@@ -66,6 +66,8 @@ pub struct Config {
     pub writer_lanes: Option<usize>,
     pub writer_batch_ops_max: Option<usize>,
     pub writer_window_us: Option<u64>,
+    /// Batches of one lane in flight at once (1–4; None: 2 on PostgreSQL, 1 on SQLite).
+    pub writer_in_flight: Option<usize>,
     pub credential_cache_ttl_ms: u64,
     /// Answer introspection queries (GraphiQL, code generators); off in production if
     /// the schema is not to be browsable.
@@ -107,6 +109,7 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_WRITER_LANES",
     "RESERVOIR_WRITER_BATCH_OPS_MAX",
     "RESERVOIR_WRITER_WINDOW_US",
+    "RESERVOIR_WRITER_IN_FLIGHT",
     "RESERVOIR_CREDENTIAL_CACHE_TTL_MS",
     "RESERVOIR_INTROSPECTION",
     "RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND",
@@ -177,6 +180,7 @@ impl Config {
         let writer_batch_ops_max =
             number(get, "RESERVOIR_WRITER_BATCH_OPS_MAX", 4_096)?.map(|n| n as usize);
         let writer_window_us = number(get, "RESERVOIR_WRITER_WINDOW_US", 100_000)?;
+        let writer_in_flight = number(get, "RESERVOIR_WRITER_IN_FLIGHT", 4)?.map(|n| n as usize);
         let credential_cache_ttl_ms =
             number(get, "RESERVOIR_CREDENTIAL_CACHE_TTL_MS", 60_000)?.unwrap_or(2_000);
         let introspection = get("RESERVOIR_INTROSPECTION")
@@ -212,6 +216,7 @@ impl Config {
             writer_lanes,
             writer_batch_ops_max,
             writer_window_us,
+            writer_in_flight,
             credential_cache_ttl_ms,
             introspection,
             webhooks_allow_http,

@@ -237,6 +237,7 @@ fn api_config(
             .unwrap_or(defaults.batch_ops_max),
         window_us: config.writer_window_us.unwrap_or(defaults.window_us),
         queue_ops_max: defaults.queue_ops_max,
+        in_flight: config.writer_in_flight.unwrap_or(defaults.in_flight),
     };
     writer.validate()?;
     Ok(api::ApiConfig {

@@ -43,7 +43,7 @@
 //! commit, with no gaps in `sequence`. Ledger entries keep one running
 //! `balance_after` per operation.
 
-use crate::debits::engine::{self, FollowUp, Op, Reply};
+use crate::debits::engine::{self, FollowUp, Locked, Op, Reply};
 use crate::debits::reservations::{ReserveRequest, Settled};
 use crate::debits::usage::{Recorded, UsageRequest};
 use crate::error::{BillingError, Result};
@@ -53,8 +53,8 @@ use entity::enums::ReservationStatus;
 use entity::reservations as reservation_rows;
 use sea_orm::{DatabaseConnection, DbBackend};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 pub use crate::debits::engine::{SettleRequest, WriterStats};
@@ -63,6 +63,7 @@ pub use crate::debits::engine::{SettleRequest, WriterStats};
 pub const LANES_MAX: usize = 64;
 pub const BATCH_OPS_MAX: usize = 4_096;
 pub const WINDOW_US_MAX: u64 = 100_000;
+pub const IN_FLIGHT_MAX: usize = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WriterConfig {
@@ -76,6 +77,12 @@ pub struct WriterConfig {
     pub window_us: u64,
     /// Operations waiting per lane before callers wait for room (backpressure).
     pub queue_ops_max: usize,
+    /// Batches of one lane in flight at once, each on its own connection. The next
+    /// batch starts once the previous one holds its locks, so it queues behind them
+    /// (operations are still judged in arrival order) while its BEGIN, its read and
+    /// the previous batch's answers overlap the previous batch's write and commit.
+    /// SQLite has one writer at a time: 1 there.
+    pub in_flight: usize,
 }
 
 impl WriterConfig {
@@ -87,6 +94,7 @@ impl WriterConfig {
             batch_ops_max: 1_024,
             window_us: 0,
             queue_ops_max: 16_384,
+            in_flight: if backend == DbBackend::Postgres { 2 } else { 1 },
         }
     }
 
@@ -104,6 +112,11 @@ impl WriterConfig {
         if self.window_us > WINDOW_US_MAX {
             return Err(BillingError::invalid(format!(
                 "window_us must be at most {WINDOW_US_MAX}"
+            )));
+        }
+        if !(1..=IN_FLIGHT_MAX).contains(&self.in_flight) {
+            return Err(BillingError::invalid(format!(
+                "in_flight must be between 1 and {IN_FLIGHT_MAX}"
             )));
         }
         if self.queue_ops_max < self.batch_ops_max {
@@ -241,6 +254,7 @@ impl DebitWriter {
     }
 }
 
+#[derive(Clone)]
 struct Lane {
     index: usize,
     db: DatabaseConnection,
@@ -251,16 +265,33 @@ struct Lane {
 
 impl Lane {
     async fn run(self, mut rx: mpsc::Receiver<Pending>) {
+        let slots = Arc::new(Semaphore::new(self.config.in_flight));
+        let unavailable = Arc::new(AtomicBool::new(false));
         let mut batch: Vec<Pending> = Vec::with_capacity(self.config.batch_ops_max);
         while let Some(first) = rx.recv().await {
+            // With every slot busy, operations keep queueing and join the next batch.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
             batch.push(first);
-            self.gather(&mut rx, &mut batch).await;
-            let size = batch.len();
-            let unavailable = self.run_batch(std::mem::take(&mut batch)).await;
-            tracing::trace!(lane = self.index, ops = size, "debit batch done");
-            if unavailable {
-                refuse_waiting(&mut rx, self.index);
+            if unavailable.swap(false, Ordering::AcqRel) {
+                refuse_waiting(&mut rx, std::mem::take(&mut batch), self.index);
+                continue;
             }
+            self.gather(&mut rx, &mut batch).await;
+            let (locked, holds_locks) = oneshot::channel();
+            let (lane, flag) = (self.clone(), unavailable.clone());
+            let ops = std::mem::take(&mut batch);
+            tokio::spawn(async move {
+                let size = ops.len();
+                if lane.run_batch(ops, Locked::new(locked)).await {
+                    flag.store(true, Ordering::Release);
+                }
+                tracing::trace!(lane = lane.index, ops = size, "debit batch done");
+                drop(slot);
+            });
+            // An error means the batch ended before taking its locks: go on as well.
+            let _ = holds_locks.await;
         }
     }
 
@@ -289,13 +320,13 @@ impl Lane {
 
     /// Runs one batch and answers its callers; true when it failed because the
     /// database cannot be reached.
-    async fn run_batch(&self, batch: Vec<Pending>) -> bool {
+    async fn run_batch(&self, batch: Vec<Pending>, locked: Locked) -> bool {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         let size = u64::try_from(batch.len()).unwrap_or(u64::MAX);
         self.stats.ops.fetch_add(size, Ordering::Relaxed);
         let (ops, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| ((p.op, p.now), p.reply)).unzip();
-        match engine::apply_batch(&self.db, &ops, &self.stats).await {
+        match engine::apply_batch_signalling(&self.db, &ops, &self.stats, locked).await {
             Ok((answers, follow_up)) => {
                 for (reply, answer) in replies.into_iter().zip(answers) {
                     // A caller that went away (timeout, disconnect) has nothing to
@@ -340,11 +371,16 @@ impl Lane {
 }
 
 /// Answers UNAVAILABLE to what queued up while a batch waited for the database that
-/// turned out to be unreachable: those callers have already waited about one acquire
-/// timeout, and another would double it. Nothing of theirs was tried.
-fn refuse_waiting(rx: &mut mpsc::Receiver<Pending>, lane: usize) {
+/// turned out to be unreachable (`taken`, and what is still queued): those callers
+/// have already waited about one acquire timeout, and another would double it.
+/// Nothing of theirs was tried.
+fn refuse_waiting(rx: &mut mpsc::Receiver<Pending>, taken: Vec<Pending>, lane: usize) {
     let mut refused = 0_usize;
+    let mut waiting = taken;
     while let Ok(p) = rx.try_recv() {
+        waiting.push(p);
+    }
+    for p in waiting {
         let e = BillingError::Unavailable("an earlier batch found the database unreachable".into());
         let _ = p.reply.send(Reply::refused(&p.op, e));
         refused += 1;

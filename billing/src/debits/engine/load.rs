@@ -77,6 +77,10 @@ pub(super) struct Named<'a> {
     /// Request ids of usage and holds (a hold's id may not be used by usage, and back).
     pub usage_keys: BTreeSet<&'a str>,
     pub reserve_keys: BTreeSet<&'a str>,
+    /// The same request ids with their workspace: the keys of the unique indexes that
+    /// PostgreSQL's read probes one by one.
+    pub usage_requests: BTreeSet<(Uuid, &'a str)>,
+    pub reserve_requests: BTreeSet<(Uuid, &'a str)>,
 }
 
 impl<'a> Named<'a> {
@@ -93,6 +97,8 @@ impl<'a> Named<'a> {
                 ),
                 Op::Reserve { req, .. } => {
                     n.reserve_keys.insert(&req.request_id);
+                    n.reserve_requests
+                        .insert((req.workspace_id, req.request_id.as_str()));
                     (
                         req.workspace_id,
                         &req.project,
@@ -123,6 +129,7 @@ impl<'a> Named<'a> {
             n.models.insert(model_id);
             n.users.extend(user_id);
             n.usage_keys.insert(request_id);
+            n.usage_requests.insert((workspace_id, request_id.as_str()));
         }
         n
     }

@@ -7,7 +7,10 @@
 //! prices, discounts, memberships, request ids already used and the policy rows. The
 //! result is one JSON document; the arguments are typed arrays (`uuid[]`, `text[]`)
 //! bound in binary, one plan for every batch size, `= ANY(...)` so the planner uses
-//! the indexes.
+//! the indexes. The request ids already used are probed key by key on the unique
+//! `(workspace_id, request_id)` indexes (a LATERAL lookup per key): a filter over the
+//! workspace's events instead would read every event of the workspace, and which of
+//! the two the planner picks must not depend on fresh statistics.
 //!
 //! One statement means one snapshot, taken before the locks were granted. The locked
 //! rows are read at their latest committed version (PostgreSQL re-reads a row it
@@ -31,7 +34,7 @@ use entity::{
 };
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement};
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use uuid::Uuid;
 
 const LOAD_SQL: &str = r#"
@@ -51,18 +54,22 @@ SELECT json_build_object(
   'workspaces', (SELECT coalesce(json_agg(w), '[]'::json) FROM w),
   'projects', (SELECT coalesce(json_agg(p), '[]'::json) FROM p),
   'models', (SELECT coalesce(json_agg(m), '[]'::json) FROM models m
-    WHERE m.id = ANY($5::text[] || ARRAY(SELECT model_id::text FROM r))),
+    WHERE m.id = ANY($5::text[]) OR m.id IN (SELECT model_id FROM r)),
   'accounts', (SELECT coalesce(json_agg(json_build_object('id', a.id,
       'volume_discount_bps', a.volume_discount_bps)), '[]'::json) FROM accounts a
     WHERE a.id = ANY(ARRAY(SELECT account_id FROM w))),
   'members', (SELECT coalesce(json_agg(json_build_object('account_id', m.account_id,
       'user_id', m.user_id)), '[]'::json) FROM account_members m
     WHERE m.account_id = ANY(ARRAY(SELECT account_id FROM w)) AND m.user_id = ANY($6::uuid[])),
-  'used_usage', (SELECT coalesce(json_agg(e), '[]'::json) FROM usage_events e
-    WHERE e.workspace_id = ANY(ARRAY(SELECT id FROM w))
-      AND e.request_id = ANY($7::text[] || ARRAY(SELECT request_id::text FROM r))),
-  'used_reserve', (SELECT coalesce(json_agg(x), '[]'::json) FROM reservations x
-    WHERE x.workspace_id = ANY(ARRAY(SELECT id FROM w)) AND x.request_id = ANY($8::text[])),
+  'used_usage', (SELECT coalesce(json_agg(e), '[]'::json)
+    FROM (SELECT * FROM unnest($7::uuid[], $8::text[]) AS k(workspace_id, request_id)
+          UNION SELECT workspace_id, request_id::text FROM r) k
+    CROSS JOIN LATERAL (SELECT * FROM usage_events e
+      WHERE e.workspace_id = k.workspace_id AND e.request_id = k.request_id) e),
+  'used_reserve', (SELECT coalesce(json_agg(x), '[]'::json)
+    FROM unnest($9::uuid[], $10::text[]) AS k(workspace_id, request_id)
+    CROSS JOIN LATERAL (SELECT * FROM reservations x
+      WHERE x.workspace_id = k.workspace_id AND x.request_id = k.request_id) x),
   'settings', (SELECT coalesce(json_agg(s), '[]'::json) FROM auto_reload_settings s
     WHERE s.workspace_id = ANY(ARRAY(SELECT id FROM w))),
   'thresholds', (SELECT coalesce(json_agg(t ORDER BY t.amount_nanos DESC), '[]'::json)
@@ -100,14 +107,27 @@ fn decode<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T> {
     serde_json::from_str(doc).map_err(|e| BillingError::Internal(format!("batch read: {e}")))
 }
 
-fn uuids(ids: &std::collections::BTreeSet<Uuid>) -> sea_orm::Value {
+fn uuids(ids: &BTreeSet<Uuid>) -> sea_orm::Value {
     ids.iter().copied().collect::<Vec<Uuid>>().into()
 }
 
-fn texts(values: &std::collections::BTreeSet<&str>) -> sea_orm::Value {
+fn texts(values: &BTreeSet<&str>) -> sea_orm::Value {
     values
         .iter()
         .map(|v| (*v).to_owned())
+        .collect::<Vec<String>>()
+        .into()
+}
+
+/// The workspace ids of (workspace, request id) keys, in the keys' order.
+fn uuids_of(keys: &BTreeSet<(Uuid, &str)>) -> sea_orm::Value {
+    keys.iter().map(|(id, _)| *id).collect::<Vec<Uuid>>().into()
+}
+
+/// The request ids of (workspace, request id) keys, in the keys' order.
+fn texts_of(keys: &BTreeSet<(Uuid, &str)>) -> sea_orm::Value {
+    keys.iter()
+        .map(|(_, key)| (*key).to_owned())
         .collect::<Vec<String>>()
         .into()
 }
@@ -120,8 +140,10 @@ pub(super) async fn load(tx: &DatabaseTransaction, named: &Named<'_>) -> Result<
         texts(&named.tags),
         texts(&named.models),
         uuids(&named.users),
-        texts(&named.usage_keys),
-        texts(&named.reserve_keys),
+        uuids_of(&named.usage_requests),
+        texts_of(&named.usage_requests),
+        uuids_of(&named.reserve_requests),
+        texts_of(&named.reserve_requests),
     ];
     let stmt = Statement::from_sql_and_values(DbBackend::Postgres, LOAD_SQL, args);
     let row = tx

@@ -218,9 +218,45 @@ pub(crate) async fn apply_batch(
     batch: &[(Op, DateTime<Utc>)],
     stats: &WriterStats,
 ) -> Result<(Vec<Reply>, FollowUp)> {
+    apply_batch_signalling(db, batch, stats, Locked::default()).await
+}
+
+/// Told once a batch holds its locks (or has failed before taking them): the writer
+/// starts the next batch of the lane then, so the next one queues behind these locks
+/// and operations are judged in arrival order.
+#[derive(Default)]
+pub(crate) struct Locked(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Locked {
+    pub(crate) fn new(signal: tokio::sync::oneshot::Sender<()>) -> Self {
+        Self(Some(signal))
+    }
+
+    fn tell(&mut self) {
+        if let Some(signal) = self.0.take() {
+            // The lane may have stopped waiting; nothing to tell then.
+            let _ = signal.send(());
+        }
+    }
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        self.tell();
+    }
+}
+
+/// [`apply_batch`], telling `locked` when the batch's rows are locked.
+pub(crate) async fn apply_batch_signalling(
+    db: &DatabaseConnection,
+    batch: &[(Op, DateTime<Utc>)],
+    stats: &WriterStats,
+    mut locked: Locked,
+) -> Result<(Vec<Reply>, FollowUp)> {
     let started = std::time::Instant::now();
     let tx = begin_write(db).await?;
     let mut state = load::load(&tx, batch.iter().map(|(op, _)| op)).await?;
+    locked.tell();
     let loaded_at = add_us(&stats.load_us, started);
     let mut writes = rules::Writes::default();
     let replies = batch
