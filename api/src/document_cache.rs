@@ -62,3 +62,52 @@ impl Extension for DocumentCacheExtension {
         Ok(doc)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_graphql::{EmptyMutation, EmptySubscription, Object, Schema};
+
+    struct Query;
+
+    #[Object]
+    impl Query {
+        async fn answer(&self, x: i32) -> i32 {
+            x + 1
+        }
+    }
+
+    fn schema(cache: DocumentCache) -> Schema<Query, EmptyMutation, EmptySubscription> {
+        Schema::build(Query, EmptyMutation, EmptySubscription)
+            .limit_depth(2)
+            .extension(cache)
+            .finish()
+    }
+
+    #[tokio::test]
+    async fn a_cached_document_is_validated_and_answered_as_a_fresh_one() {
+        let cache = DocumentCache::default();
+        let schema = schema(cache.clone());
+        let query = "query($x: Int!) { answer(x: $x) }";
+        for x in [1, 41] {
+            let request = async_graphql::Request::new(query)
+                .variables(Variables::from_json(serde_json::json!({ "x": x })));
+            let response = schema.execute(request).await;
+            assert!(response.errors.is_empty(), "{:?}", response.errors);
+            assert_eq!(
+                response.data.into_json().ok(),
+                Some(serde_json::json!({"answer": x + 1}))
+            );
+        }
+        assert_eq!(cache.0.lock().map(|m| m.len()).ok(), Some(1));
+        // Validation still runs on a hit: an unknown field is refused every time.
+        for _ in 0..2 {
+            let response = schema.execute("{ answer(x: 1) nope }").await;
+            assert_eq!(response.errors.len(), 1, "{:?}", response.errors);
+        }
+        // A document that does not parse is not kept.
+        let response = schema.execute("{ answer(x: ").await;
+        assert!(!response.errors.is_empty());
+        assert_eq!(cache.0.lock().map(|m| m.len()).ok(), Some(2));
+    }
+}

@@ -193,7 +193,7 @@ async fn graphql(state: web::Data<AppState>, http: HttpRequest, body: web::Bytes
         {
             Ok(principal) => {
                 let loaders =
-                    schema::loaders::Loaders::new(&state.db, &principal, chrono::Utc::now());
+                    schema::loaders::LazyLoaders::new(&state.db, &principal, chrono::Utc::now());
                 request = request.data(Arc::new(loaders)).data(Caller(principal));
             }
             Err(e) => {

@@ -5,6 +5,11 @@ use clap::{Parser, Subcommand};
 use reservoir::Process;
 use reservoir::config::{Config, DatabaseConfig, LogFormat};
 
+/// mimalloc instead of glibc's malloc: the request path allocates a lot (HTTP, GraphQL,
+/// JSON), and glibc's allocator was ~18 % of the server's CPU under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "reservoir",

@@ -1,7 +1,7 @@
 //! Output types: wrappers over domain rows that decide what the API shows, and who
 //! may see it. Relations go through the request's DataLoaders.
 
-use super::loaders::{LoadError, Loaders};
+use super::loaders::{LazyLoaders, LoadError, Loaders};
 use super::{caller, credits, db};
 use crate::error::{GqlResult, to_gql};
 use crate::scalars::{BigInt, CreditsScalar, DecimalScalar};
@@ -142,8 +142,8 @@ pub enum UsageDimension {
 
 /// The request's loaders; a subscription event (no per-request loaders) gets fresh ones.
 pub(crate) fn loaders(ctx: &Context<'_>) -> Result<Arc<Loaders>> {
-    if let Some(l) = ctx.data_opt::<Arc<Loaders>>() {
-        return Ok(l.clone());
+    if let Some(l) = ctx.data_opt::<Arc<LazyLoaders>>() {
+        return Ok(l.get());
     }
     // No per-request loaders (a subscription's event): fresh ones for this caller.
     // Without a caller, nothing: access never defaults to more than the caller has.
