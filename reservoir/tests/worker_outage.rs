@@ -99,22 +99,24 @@ impl Drop for Worker {
 /// A sandbox Visa card of the fixture's account (the token carries the scenario, so
 /// the worker's own sandbox charges it).
 async fn add_card(db: &DatabaseConnection, f: &Fixture) -> anyhow::Result<Uuid> {
-    Ok(payment_methods::Entity::insert(payment_methods::ActiveModel {
-        id: Set(Uuid::now_v7()),
-        account_id: Set(f.account_id),
-        gateway_token: Set("pm_sandbox_visa_0a1b2c3d".into()),
-        brand: Set(CardBrand::Visa),
-        last4: Set("4242".into()),
-        exp_month: Set(12),
-        exp_year: Set(2034),
-        is_default: Set(true),
-        created_at: Set(chrono::Utc::now()),
-        removed_at: Set(None),
-        fingerprint: Set(None),
-    })
-    .exec(db)
-    .await?
-    .last_insert_id)
+    Ok(
+        payment_methods::Entity::insert(payment_methods::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            account_id: Set(f.account_id),
+            gateway_token: Set("pm_sandbox_visa_0a1b2c3d".into()),
+            brand: Set(CardBrand::Visa),
+            last4: Set("4242".into()),
+            exp_month: Set(12),
+            exp_year: Set(2034),
+            is_default: Set(true),
+            created_at: Set(chrono::Utc::now()),
+            removed_at: Set(None),
+            fingerprint: Set(None),
+        })
+        .exec(db)
+        .await?
+        .last_insert_id,
+    )
 }
 
 /// Writes a PENDING card purchase and pushes its capture job, as `purchaseCredits`

@@ -26,6 +26,8 @@ pub struct Deps {
     /// The From: of every e-mail.
     pub email_from: String,
     pub webhooks: crate::webhooks::Sender,
+    /// When failed e-mail deliveries are retried, and how many attempts are made.
+    pub notification_retry: billing::retry::RetryPolicy,
 }
 
 /// One capture attempt: charge through the gateway (bounded by the charge timeout) and
@@ -92,18 +94,54 @@ pub async fn capture_purchase(
     Ok(())
 }
 
+/// One delivery attempt of a notification, as the job and the sweep's fallback make
+/// it; returns the wait before the next attempt when it failed and is to be retried.
+pub async fn deliver_once(
+    deps: &Deps,
+    id: uuid::Uuid,
+) -> Result<Option<Duration>, crate::email::DeliveryError> {
+    let now = Utc::now();
+    let outcome = crate::email::deliver_with(
+        &deps.db,
+        &deps.mailer,
+        id,
+        &deps.email_from,
+        &deps.notification_retry,
+        now,
+    )
+    .await;
+    match outcome {
+        // A job early for its row (a queue whose clock has whole seconds runs a
+        // delayed job up to a second early) waits out the rest: dropping it would
+        // leave the retry to the sweep.
+        Ok(crate::email::DeliveryOutcome::NotDue { due_at }) => {
+            Ok(Some((due_at - now).to_std().unwrap_or_default()))
+        }
+        Ok(outcome) => {
+            tracing::debug!(notification_id = %id, ?outcome, "notification handled");
+            Ok(None)
+        }
+        // Recorded on the row (attempts, last error, next attempt or DEAD).
+        Err(crate::email::DeliveryError::Failed { retry_after, .. }) => Ok(retry_after),
+        Err(e) => Err(e),
+    }
+}
+
 pub async fn deliver_notification(
     job: DeliverNotification,
     deps: Data<Arc<Deps>>,
 ) -> Result<(), BoxDynError> {
     let id = job.notification_id;
-    match crate::email::deliver(&deps.db, &deps.mailer, id, &deps.email_from, Utc::now()).await {
-        Ok(outcome) => {
-            tracing::debug!(notification_id = %id, ?outcome, "notification handled");
+    match deliver_once(&deps, id).await {
+        // The retry is durable twice: this delayed job, and the row's
+        // next_attempt_at, which the sweep reads if the job is lost.
+        Ok(Some(delay)) => {
+            deps.queue.push_delivery(job, Some(delay)).await?;
             Ok(())
         }
-        // The failure is recorded on the row; apalis retries the job, and the sweep
-        // re-enqueues the row if the job's attempts run out first.
+        Ok(None) => Ok(()),
+        // The database could not be reached: apalis tries the job again, and the
+        // sweep re-enqueues the row if the job's attempts run out first.
         Err(e) if e.is_retryable() => Err(e.into()),
         Err(e) => {
             tracing::error!(notification_id = %id, error = %e, "e-mail not deliverable");
