@@ -7,6 +7,8 @@
 //! waiting. So a failed push delays work, never loses it, and every handler is
 //! idempotent.
 
+pub mod ops;
+
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;

@@ -173,3 +173,118 @@ impl JobSink for Queue {
         Box::pin(self.push_webhook(job, None))
     }
 }
+
+/// How many of the queue's job rows of one queue are in one apalis state, and the
+/// earliest `run_at` among them (unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueCount {
+    pub queue: String,
+    pub status: String,
+    pub count: i64,
+    pub earliest_run_at: Option<i64>,
+}
+
+/// A job worker as the queue knows it: its name, its queue, and its last heartbeat
+/// (unix seconds; apalis beats every 30 s while the worker runs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerSeen {
+    pub name: String,
+    pub queue: String,
+    pub last_seen: i64,
+}
+
+impl Queue {
+    /// The queue's job rows counted by queue and apalis state (Pending, Queued,
+    /// Running, Done, Failed, Killed), with the earliest `run_at` of each.
+    pub async fn counts(&self) -> Result<Vec<QueueCount>, QueueError> {
+        let rows: Vec<(String, String, i64, Option<i64>)> = match self {
+            Self::Sqlite { capture, .. } => {
+                sqlx::query_as(
+                    "SELECT job_type, status, COUNT(*), MIN(run_at) FROM Jobs \
+                     GROUP BY job_type, status ORDER BY job_type, status",
+                )
+                .fetch_all(capture.pool())
+                .await?
+            }
+            Self::Postgres { capture, .. } => {
+                sqlx::query_as(
+                    "SELECT job_type, status, COUNT(*)::BIGINT, \
+                     EXTRACT(EPOCH FROM MIN(run_at))::BIGINT FROM apalis.jobs \
+                     GROUP BY job_type, status ORDER BY job_type, status",
+                )
+                .fetch_all(capture.pool())
+                .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(queue, status, count, earliest_run_at)| QueueCount {
+                queue,
+                status,
+                count,
+                earliest_run_at,
+            })
+            .collect())
+    }
+
+    /// The job workers the queue has heard from since `since` (unix seconds), the most
+    /// recently seen first.
+    pub async fn workers_seen(&self, since: i64) -> Result<Vec<WorkerSeen>, QueueError> {
+        let rows: Vec<(String, String, i64)> = match self {
+            Self::Sqlite { capture, .. } => {
+                sqlx::query_as(
+                    "SELECT id, worker_type, last_seen FROM Workers \
+                     WHERE last_seen >= ?1 ORDER BY last_seen DESC, id",
+                )
+                .bind(since)
+                .fetch_all(capture.pool())
+                .await?
+            }
+            Self::Postgres { capture, .. } => {
+                sqlx::query_as(
+                    "SELECT id, worker_type, EXTRACT(EPOCH FROM last_seen)::BIGINT \
+                     FROM apalis.workers WHERE last_seen >= to_timestamp($1) \
+                     ORDER BY last_seen DESC, id",
+                )
+                .bind(since)
+                .fetch_all(capture.pool())
+                .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(name, queue, last_seen)| WorkerSeen {
+                name,
+                queue,
+                last_seen,
+            })
+            .collect())
+    }
+
+    /// Deletes finished job rows (done, killed, or failed with no attempt left) that
+    /// finished before `before` (unix seconds); how many. The rows that needed the
+    /// work (purchases, notifications, deliveries) are untouched.
+    pub async fn purge_finished(&self, before: i64) -> Result<u64, QueueError> {
+        let done = match self {
+            Self::Sqlite { capture, .. } => sqlx::query(
+                "DELETE FROM Jobs WHERE (status IN ('Done', 'Killed') \
+                     OR (status = 'Failed' AND attempts >= max_attempts)) \
+                     AND done_at IS NOT NULL AND done_at < ?1",
+            )
+            .bind(before)
+            .execute(capture.pool())
+            .await?
+            .rows_affected(),
+            Self::Postgres { capture, .. } => sqlx::query(
+                "DELETE FROM apalis.jobs WHERE (status IN ('Done', 'Killed') \
+                     OR (status = 'Failed' AND attempts >= max_attempts)) \
+                     AND done_at IS NOT NULL AND done_at < to_timestamp($1)",
+            )
+            .bind(before)
+            .execute(capture.pool())
+            .await?
+            .rows_affected(),
+        };
+        Ok(done)
+    }
+}

@@ -376,7 +376,6 @@ pub async fn retry_dead(
     delivery_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<DeliveryView> {
-    use webhook_deliveries::Column as D;
     let row = webhook_deliveries::Entity::find_by_id(delivery_id)
         .one(db)
         .await?
@@ -387,6 +386,26 @@ pub async fn retry_dead(
             BillingError::NotFound(_) => BillingError::NotFound("webhook delivery"),
             other => other,
         })?;
+    let revived = revive(db, jobs, delivery_id, now).await?;
+    let types = event_types(db, [revived.event_id]).await?;
+    let t = types.get(&revived.event_id).copied().flatten();
+    Ok(DeliveryView::of(revived, t))
+}
+
+/// A DEAD delivery back to PENDING, due now, with a fresh attempt budget, and its job
+/// pushed; no access check (the mutation checks, an operator's CLI needs none).
+/// NOT_FOUND for an unknown id, INVALID_INPUT when it is not DEAD.
+pub async fn revive(
+    db: &DatabaseConnection,
+    jobs: Option<&dyn JobSink>,
+    delivery_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<webhook_deliveries::Model> {
+    use webhook_deliveries::Column as D;
+    let row = webhook_deliveries::Entity::find_by_id(delivery_id)
+        .one(db)
+        .await?
+        .ok_or(BillingError::NotFound("webhook delivery"))?;
     let revived = webhook_deliveries::Entity::update_many()
         .col_expr(
             D::Status,
@@ -409,7 +428,5 @@ pub async fn retry_dead(
     if let Some(jobs) = jobs {
         push(jobs, [delivery_id]).await;
     }
-    let types = event_types(db, [revived.event_id]).await?;
-    let t = types.get(&revived.event_id).copied().flatten();
-    Ok(DeliveryView::of(revived, t))
+    Ok(revived)
 }
