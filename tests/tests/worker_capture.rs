@@ -215,6 +215,27 @@ async fn a_card_purchase_is_captured_and_credited_once() -> anyhow::Result<()> {
         mail.contains("INV-000001") && mail.contains("owner@test.example"),
         "{mail}"
     );
+    // The worker's runs show on the process's /metrics (tests share the counters, so
+    // at least these).
+    let metrics = system
+        .client
+        .get(format!("{}/metrics", system.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for (kind, at_least) in [("capture", 2.0), ("email", 1.0)] {
+        let runs = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "reservoir_job_runs_total{{kind=\"{kind}\",outcome=\"done\"}}"
+                ))
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(runs >= at_least, "{kind}: {metrics}");
+    }
     system.stop().await;
     t.finish().await
 }

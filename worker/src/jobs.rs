@@ -3,6 +3,7 @@
 
 use crate::queue::Queue;
 use apalis::prelude::{BoxDynError, Data};
+use billing::jobs::ops::{JOB_STATS, JobOutcome, WorkKind};
 use billing::jobs::{CapturePurchase, DeliverNotification, DeliverWebhook};
 use billing::payments::capture::{self, Next, Verdict};
 use billing::payments::{GatewayError, PaymentGateway};
@@ -10,7 +11,7 @@ use billing::policies::notifications;
 use billing::sea_orm::DatabaseConnection;
 use chrono::Utc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest a charge may take before it counts as a transient failure (retried with
 /// the same idempotency key, so a charge that did go through is not made twice).
@@ -80,11 +81,24 @@ async fn push_notifications(deps: &Deps, purchase_id: uuid::Uuid) {
     }
 }
 
+/// Counts a job run in this process's `JOB_STATS` (shown on `/metrics`).
+fn record<T, E>(kind: WorkKind, started: Instant, result: &Result<Option<T>, E>) {
+    let outcome = match result {
+        Ok(None) => JobOutcome::Done,
+        Ok(Some(_)) => JobOutcome::Retry,
+        Err(_) => JobOutcome::Error,
+    };
+    JOB_STATS.record(kind, outcome, started.elapsed());
+}
+
 pub async fn capture_purchase(
     job: CapturePurchase,
     deps: Data<Arc<Deps>>,
 ) -> Result<(), BoxDynError> {
-    if let Some(delay) = capture_once(&deps, job.purchase_id).await? {
+    let started = Instant::now();
+    let result = capture_once(&deps, job.purchase_id).await;
+    record(WorkKind::Capture, started, &result);
+    if let Some(delay) = result? {
         tracing::warn!(purchase_id = %job.purchase_id, delay_ms = delay.as_millis() as u64, "charge failed transiently; retrying");
         deps.queue.push_capture(job, Some(delay)).await?;
     }
@@ -132,7 +146,10 @@ pub async fn deliver_notification(
     deps: Data<Arc<Deps>>,
 ) -> Result<(), BoxDynError> {
     let id = job.notification_id;
-    match deliver_once(&deps, id).await {
+    let started = Instant::now();
+    let result = deliver_once(&deps, id).await;
+    record(WorkKind::Email, started, &result);
+    match result {
         // The retry is durable twice: this delayed job, and the row's
         // next_attempt_at, which the sweep reads if the job is lost.
         Ok(Some(delay)) => {
@@ -155,7 +172,10 @@ pub async fn deliver_webhook(
     deps: Data<Arc<Deps>>,
 ) -> Result<(), BoxDynError> {
     let id = job.delivery_id;
-    if let Some(delay) = crate::webhooks::attempt(&deps.db, &deps.webhooks, id).await? {
+    let started = Instant::now();
+    let result = crate::webhooks::attempt(&deps.db, &deps.webhooks, id).await;
+    record(WorkKind::Webhook, started, &result);
+    if let Some(delay) = result? {
         // The retry is durable twice: this delayed job, and the row's next_attempt_at,
         // which the sweep reads if the job is lost.
         deps.queue.push_webhook(job, Some(delay)).await?;
