@@ -384,7 +384,7 @@ macro_rules! spawn_workers {
         let (d1, d2, d3) = ($deps.clone(), $deps.clone(), $deps.clone());
         let capture_worker = move |name: String, stop| {
             WorkerBuilder::new(name)
-                .backend(capture.clone().poll_with_interval(poll))
+                .backend(capture.clone().poll_with_strategy(queue::Every::new(poll)))
                 .data(d1.clone())
                 .concurrency(concurrency)
                 .enable_tracing()
@@ -393,7 +393,7 @@ macro_rules! spawn_workers {
         };
         let delivery_worker = move |name: String, stop| {
             WorkerBuilder::new(name)
-                .backend(delivery.clone().poll_with_interval(poll))
+                .backend(delivery.clone().poll_with_strategy(queue::Every::new(poll)))
                 .data(d2.clone())
                 .concurrency(concurrency)
                 .enable_tracing()
@@ -402,7 +402,7 @@ macro_rules! spawn_workers {
         };
         let webhook_worker = move |name: String, stop| {
             WorkerBuilder::new(name)
-                .backend(webhook.clone().poll_with_interval(poll))
+                .backend(webhook.clone().poll_with_strategy(queue::Every::new(poll)))
                 .data(d3.clone())
                 .concurrency(concurrency)
                 .enable_tracing()

@@ -288,3 +288,44 @@ impl Queue {
         Ok(done)
     }
 }
+
+/// How a job worker is woken to look for due jobs: every `interval`, reliably.
+///
+/// apalis's own `IntervalStrategy` (`poll_with_interval`) re-arms its timer after a
+/// tick without polling it, so the new timer holds no waker; whether the worker looks
+/// again then depends on something else waking it. Under a burst of jobs on
+/// PostgreSQL it was seen to stop looking until its 30 s heartbeat (the pickup stall;
+/// `tests/tests/worker_pickup.rs`). This one polls its new timer at once, so every
+/// tick wakes the worker.
+pub struct Every {
+    interval: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Every {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            sleep: Box::pin(tokio::time::sleep(interval)),
+        }
+    }
+}
+
+impl PollStrategy for Every {
+    fn poll_drive(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        _snapshot: &PollSnapshot,
+    ) -> std::task::Poll<Option<()>> {
+        use std::future::Future as _;
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        self.sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.interval);
+        // Arms the waker for the next tick (not due yet, so this is Pending).
+        let _ = self.sleep.as_mut().poll(cx);
+        std::task::Poll::Ready(Some(()))
+    }
+}
