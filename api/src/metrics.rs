@@ -229,3 +229,80 @@ impl Extension for RequestMetricsExtension {
         response
     }
 }
+
+/// One backlog gauge's value for a kind at a time.
+type BacklogValue = fn(&billing::jobs::ops::Backlog, chrono::DateTime<chrono::Utc>) -> f64;
+
+/// The background work in the text format: the backlog per kind read from the
+/// database now (rows due and not done, how long the longest-waiting one has been due,
+/// DEAD rows), and this process's job runs by kind and outcome with the time they took
+/// (non-zero only where a worker runs in the process: `reservoir serve`).
+pub fn render_jobs(
+    backlog: &[billing::jobs::ops::Backlog],
+    now: chrono::DateTime<chrono::Utc>,
+) -> String {
+    use billing::jobs::ops::{JOB_STATS, JobOutcome, WorkKind};
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let gauges: [(&str, &str, BacklogValue); 3] = [
+        (
+            "reservoir_jobs_waiting",
+            "Work due and not done: PENDING purchases, e-mails and webhook deliveries whose attempt is due.",
+            |b, _| b.waiting as f64,
+        ),
+        (
+            "reservoir_jobs_oldest_waiting_seconds",
+            "How long the longest-waiting due work of a kind has been due (0 when none).",
+            |b, now| {
+                b.oldest_due_at
+                    .map_or(0.0, |at| (now - at).num_milliseconds().max(0) as f64 / 1e3)
+            },
+        ),
+        (
+            "reservoir_jobs_dead",
+            "E-mails and webhook deliveries whose attempts ran out (DEAD), waiting for a retry on request.",
+            |b, _| b.dead as f64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for b in backlog {
+            let _ = writeln!(
+                out,
+                "{name}{{kind=\"{}\"}} {}",
+                b.kind.as_str(),
+                value(b, now)
+            );
+        }
+    }
+    let name = "reservoir_job_runs_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Job runs of this process by kind and outcome (done, retry, error).\n# TYPE {name} counter"
+    );
+    for kind in WorkKind::ALL {
+        for outcome in JobOutcome::ALL {
+            let runs = JOB_STATS.runs(kind, outcome);
+            let _ = writeln!(
+                out,
+                "{name}{{kind=\"{}\",outcome=\"{}\"}} {runs}",
+                kind.as_str(),
+                outcome.as_str()
+            );
+        }
+    }
+    let name = "reservoir_job_run_seconds_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time this process's job runs took, by kind (divide by the runs for the mean).\n# TYPE {name} counter"
+    );
+    for kind in WorkKind::ALL {
+        let _ = writeln!(
+            out,
+            "{name}{{kind=\"{}\"}} {}",
+            kind.as_str(),
+            JOB_STATS.seconds(kind)
+        );
+    }
+    out
+}

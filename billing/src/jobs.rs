@@ -7,6 +7,8 @@
 //! waiting. So a failed push delays work, never loses it, and every handler is
 //! idempotent.
 
+pub mod ops;
+
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
@@ -46,6 +48,33 @@ pub trait JobSink: Send + Sync {
     /// Pushes nothing unless implemented: the sweep enqueues due deliveries.
     fn deliver_webhook(&self, _job: DeliverWebhook) -> PushFuture<'_> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+/// Work a transaction wrote for the jobs to do (reload purchases to capture,
+/// notifications to send, webhook deliveries to POST): pushed right after its commit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WrittenWork {
+    pub purchases: Vec<Uuid>,
+    pub notifications: Vec<Uuid>,
+    pub webhook_deliveries: Vec<Uuid>,
+}
+
+impl WrittenWork {
+    /// Pushes one job per row. A failed push loses nothing: the rows are PENDING and
+    /// the worker's sweep enqueues them.
+    pub async fn push(&self, jobs: &dyn JobSink) {
+        for &purchase_id in &self.purchases {
+            if let Err(e) = jobs.capture(CapturePurchase { purchase_id }).await {
+                tracing::warn!(%purchase_id, error = %e, "capture job not pushed");
+            }
+        }
+        for &notification_id in &self.notifications {
+            if let Err(e) = jobs.deliver(DeliverNotification { notification_id }).await {
+                tracing::warn!(%notification_id, error = %e, "delivery job not pushed");
+            }
+        }
+        crate::webhooks::delivery::push(jobs, self.webhook_deliveries.iter().copied()).await;
     }
 }
 

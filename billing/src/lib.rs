@@ -14,6 +14,7 @@ pub mod payments;
 pub mod policies;
 pub mod pricing;
 pub mod reports;
+pub mod retry;
 pub mod seed;
 pub mod transfers;
 pub mod webhooks;

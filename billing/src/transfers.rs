@@ -3,6 +3,7 @@
 use crate::db::begin_write;
 use crate::error::{BillingError, Result};
 use crate::ids::{IdempotencyKey, new_id, request_hash};
+use crate::jobs::{JobSink, WrittenWork};
 use crate::ledger::{self, EntrySpec, Guard, LedgerAccount, PostingRefs};
 use crate::money::Credits;
 use chrono::{DateTime, Utc};
@@ -31,6 +32,24 @@ pub struct TransferRequest {
 pub struct Transferred {
     pub transfer: transfers::Model,
     pub replayed: bool,
+    /// What the transfer started (a reload of the paying workspace, alerts of either),
+    /// for the queue; empty for a replay.
+    pub written: WrittenWork,
+}
+
+/// `transfer`, then the jobs of the work it started (an auto-reload, low-balance
+/// e-mails, webhook deliveries) pushed right after its commit, when a queue is given.
+pub async fn transfer_credits(
+    db: &DatabaseConnection,
+    jobs: Option<&dyn JobSink>,
+    req: TransferRequest,
+    now: DateTime<Utc>,
+) -> Result<Transferred> {
+    let done = transfer(db, req, now).await?;
+    if let Some(jobs) = jobs {
+        done.written.push(jobs).await;
+    }
+    Ok(done)
 }
 
 async fn existing_transfer(
@@ -77,6 +96,7 @@ pub async fn transfer(
         return Ok(Transferred {
             transfer,
             replayed: true,
+            written: WrittenWork::default(),
         });
     }
     let transfer = transfers::Model {
@@ -93,11 +113,12 @@ pub async fn transfer(
     };
     let tx = begin_write(db).await?;
     match transfer_in(&tx, &from, &to, &transfer, now).await {
-        Ok(()) => {
+        Ok(written) => {
             tx.commit().await?;
             Ok(Transferred {
                 transfer,
                 replayed: false,
+                written,
             })
         }
         Err(e) => {
@@ -109,6 +130,7 @@ pub async fn transfer(
                 return Ok(Transferred {
                     transfer,
                     replayed: true,
+                    written: WrittenWork::default(),
                 });
             }
             Err(e)
@@ -160,7 +182,7 @@ async fn transfer_in(
     to: &workspaces::Model,
     transfer: &transfers::Model,
     now: DateTime<Utc>,
-) -> Result<()> {
+) -> Result<WrittenWork> {
     let amount = Credits::from_nanos(transfer.amount_nanos);
     let (from_after, to_after) = move_credits(tx, from.id, to.id, amount).await?;
     transfers::Entity::insert(transfer.clone().into_active_model().reset_all())
@@ -200,10 +222,17 @@ async fn transfer_in(
     .await?;
     ledger::balance_event(tx, &from_after, BalanceChangeCause::TransferOut, now).await?;
     ledger::balance_event(tx, &to_after, BalanceChangeCause::TransferIn, now).await?;
-    crate::policies::auto_reload::after_balance_change(tx, &from_after, now).await?;
-    crate::policies::alerts::after_balance_change(tx, &from_after, now).await?;
-    crate::policies::alerts::after_balance_change(tx, &to_after, now).await?;
-    Ok(())
+    let mut written = WrittenWork::default();
+    let reload = crate::policies::auto_reload::after_balance_change(tx, &from_after, now).await?;
+    written.purchases.extend(reload.map(|p| p.id));
+    for ws in [&from_after, &to_after] {
+        let crossed = crate::policies::alerts::after_balance_change(tx, ws, now).await?;
+        written.notifications.extend(crossed.notifications);
+        written
+            .webhook_deliveries
+            .extend(crossed.webhook_deliveries);
+    }
+    Ok(written)
 }
 
 /// Debits `from` (only if it has `amount` available) and credits `to`; returns both

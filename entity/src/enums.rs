@@ -300,8 +300,9 @@ pub enum NotificationStatus {
     Pending,
     #[sea_orm(string_value = "SENT")]
     Sent,
-    #[sea_orm(string_value = "FAILED")]
-    Failed,
+    /// Its attempts ran out; the last error is kept. Retried only on request.
+    #[sea_orm(string_value = "DEAD")]
+    Dead,
 }
 
 impl NotificationStatus {
@@ -309,7 +310,7 @@ impl NotificationStatus {
         match self {
             Self::Pending => "PENDING",
             Self::Sent => "SENT",
-            Self::Failed => "FAILED",
+            Self::Dead => "DEAD",
         }
     }
 }

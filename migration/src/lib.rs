@@ -8,6 +8,7 @@ mod m20261126_000003_transfer_indexes;
 mod m20261126_000004_usage_daily_by;
 mod m20261202_000005_stripe_cards;
 mod m20261202_000010_webhooks;
+mod m20261206_000011_notification_retries;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000004_usage_daily_by::Migration),
             Box::new(m20261202_000005_stripe_cards::Migration),
             Box::new(m20261202_000010_webhooks::Migration),
+            Box::new(m20261206_000011_notification_retries::Migration),
         ]
     }
 }

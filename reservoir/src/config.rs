@@ -345,6 +345,13 @@ fn backend_of(database_url: &str) -> Result<Backend, ConfigError> {
     }
 }
 
+/// The queue's URL as `RESERVOIR_QUEUE_URL` (or its default beside the database)
+/// names it, for the commands that read only the database settings (`jobs`).
+pub fn queue_url_from_env(db: &DatabaseConfig) -> Result<String, ConfigError> {
+    let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    queue_url(&get, &db.backend, &db.data_dir, &db.database_url)
+}
+
 fn queue_url(
     get: Lookup<'_>,
     backend: &Backend,

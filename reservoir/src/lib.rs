@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod config;
+pub mod jobs;
 
 use anyhow::Context as _;
 use billing::db::{self, PoolLimits};
@@ -372,6 +373,25 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// `reservoir jobs`: reads only the database settings (and the queue URL), like
+/// `check`; a database with pending migrations is refused.
+pub async fn jobs(config: &DatabaseConfig, action: jobs::Action) -> anyhow::Result<()> {
+    let db = connect(config).await?;
+    let pending = db::pending_migrations(&db)
+        .await
+        .context("reading the migration state")?;
+    if pending > 0 {
+        anyhow::bail!(
+            "the database {} lacks {pending} migration(s): run `reservoir migrate` first",
+            redact(&config.database_url)
+        );
+    }
+    let queue_url = config::queue_url_from_env(config)?;
+    let result = jobs::run(&db, &queue_url, action).await;
+    db.close().await.ok();
+    result
 }
 
 /// Runs the invariant checks and prints the report; Ok(false) when any failed.

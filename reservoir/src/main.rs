@@ -41,11 +41,43 @@ enum Command {
     Migrate,
     /// Check the ledger invariants; exits 1 on any violation.
     Check,
+    /// Background work: counts by kind and state, one job, retry a dead one, purge.
+    Jobs {
+        #[command(subcommand)]
+        action: JobsAction,
+    },
     /// Print the GraphQL schema (SDL), or write it to a file.
     ExportSchema {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum JobsAction {
+    /// Purchases, notifications and webhook deliveries counted by kind and state with
+    /// the age of the oldest; the queue's job rows by state; the job workers' heartbeats.
+    List,
+    /// One purchase, notification or webhook delivery, by id.
+    Show { id: String },
+    /// Put a DEAD notification or webhook delivery back to PENDING and push its job.
+    Retry { id: String },
+    /// Delete the queue's finished job rows older than this many days.
+    Purge {
+        #[arg(long, default_value_t = 7)]
+        older_than_days: u32,
+    },
+}
+
+impl From<JobsAction> for reservoir::jobs::Action {
+    fn from(action: JobsAction) -> Self {
+        match action {
+            JobsAction::List => Self::List,
+            JobsAction::Show { id } => Self::Show(id),
+            JobsAction::Retry { id } => Self::Retry(id),
+            JobsAction::Purge { older_than_days } => Self::Purge { older_than_days },
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -107,6 +139,10 @@ async fn run() -> anyhow::Result<()> {
     load_dotenv()?;
     // migrate and check read the database settings only: a migration needs neither the
     // admin token nor a payment gateway.
+    if let Command::Jobs { action } = cli.command {
+        init_logging(LogFormat::from_env()?);
+        return reservoir::jobs(&DatabaseConfig::from_env()?, action.into()).await;
+    }
     if matches!(cli.command, Command::Migrate | Command::Check) {
         init_logging(LogFormat::from_env()?);
         let config = DatabaseConfig::from_env()?;
@@ -147,6 +183,8 @@ async fn run() -> anyhow::Result<()> {
             };
             reservoir::run(config, process).await
         }
-        Command::Migrate | Command::Check | Command::ExportSchema { .. } => Ok(()),
+        Command::Migrate | Command::Check | Command::Jobs { .. } | Command::ExportSchema { .. } => {
+            Ok(())
+        }
     }
 }

@@ -4,6 +4,7 @@ pub mod app;
 pub mod load;
 pub mod localstripe;
 pub mod scratch_pg;
+pub mod smtp;
 
 use billing::Credits;
 use billing::db::{self, PoolLimits};

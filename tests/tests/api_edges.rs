@@ -227,3 +227,75 @@ async fn metrics_and_health_endpoints_answer() -> anyhow::Result<()> {
     app.stop().await;
     t.finish().await
 }
+
+/// `/metrics` reads the background work's backlog from the database: e-mails due and
+/// not sent (with how long the oldest has been due), DEAD ones, and zero for kinds with
+/// nothing waiting.
+#[tokio::test]
+async fn metrics_show_the_job_backlog() -> anyhow::Result<()> {
+    use billing::policies::notifications::{self as notes, LowBalanceAlert, NotificationPayload};
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    let owner = ["owner@test.example".to_owned()];
+    let mut ids = Vec::new();
+    for key in ["waiting", "dead"] {
+        let payload = NotificationPayload::LowBalanceAlert(LowBalanceAlert {
+            workspace_id: f.ws_a,
+            workspace_name: "A".into(),
+            severity: billing::entity::enums::AlertSeverity::Warning,
+            threshold: billing::Credits::from_nanos(1),
+            balance: billing::Credits::from_nanos(0),
+            projected_depletion_at: None,
+        });
+        let written = notes::enqueue_notification(
+            &t.db,
+            Some(f.account_id),
+            Some(f.ws_a),
+            &owner,
+            &payload,
+            key,
+            now - chrono::Duration::minutes(10),
+        )
+        .await?;
+        ids.push(written.ok_or_else(|| anyhow::anyhow!("not written"))?);
+    }
+    let one = billing::retry::RetryPolicy {
+        attempts_max: 1,
+        ..billing::retry::RetryPolicy::NOTIFICATIONS
+    };
+    notes::record_failure(&t.db, ids[1], "550", &one, now).await?;
+    let app = App::start(&t).await?;
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let value = |line: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    assert_eq!(
+        value("reservoir_jobs_waiting{kind=\"email\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    let oldest = value("reservoir_jobs_oldest_waiting_seconds{kind=\"email\"}").unwrap_or(0.0);
+    assert!((600.0..900.0).contains(&oldest), "{metrics}");
+    assert_eq!(value("reservoir_jobs_dead{kind=\"email\"}"), Some(1.0));
+    assert_eq!(value("reservoir_jobs_waiting{kind=\"capture\"}"), Some(0.0));
+    assert_eq!(
+        value("reservoir_jobs_oldest_waiting_seconds{kind=\"webhook\"}"),
+        Some(0.0)
+    );
+    assert!(
+        metrics.contains("reservoir_job_runs_total{kind=\"email\",outcome=\"done\"}"),
+        "{metrics}"
+    );
+    app.stop().await;
+    t.finish().await
+}

@@ -13,110 +13,21 @@ use billing::payments::purchases::{self, PurchaseItem, PurchaseRequest};
 use billing::policies::notifications::{
     self as notes, AutoReloadDisabled, LowBalanceAlert, NotificationPayload, ReloadFailed,
 };
+use billing::retry::RetryPolicy;
 use billing::sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait,
     IntoActiveModel, QueryFilter,
 };
 use billing::{Credits, ErrorCode};
 use chrono::{DateTime, Duration, SubsecRound, TimeZone, Utc};
-use mailin_embedded::{Handler, Response, Server, response};
+use reservoir_tests::smtp::{Received, SmtpServer};
 use reservoir_tests::{Fixture, TestDb, count};
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 use worker::email::{self, DeliveryError, DeliveryOutcome, Mailer};
 
 const FROM: &str = "Reservoir <billing@reservoir.test>";
 const OWNER: &str = "owner@test.example";
-
-// --- an SMTP server inside the test ----------------------------------------------------
-
-#[derive(Clone, Debug)]
-struct Received {
-    mail_from: String,
-    rcpt_to: Vec<String>,
-    data: Vec<u8>,
-}
-
-/// mailin clones the handler for every connection: the message being received is
-/// per connection, the inbox and the switch are shared.
-#[derive(Clone, Default)]
-struct Capture {
-    inbox: Arc<Mutex<Vec<Received>>>,
-    /// When set, every message is refused with 451 (a temporary failure).
-    reject: Arc<AtomicBool>,
-    current: Option<Received>,
-}
-
-impl Handler for Capture {
-    fn data_start(&mut self, _domain: &str, from: &str, _is8bit: bool, to: &[String]) -> Response {
-        if self.reject.load(Ordering::SeqCst) {
-            return response::INTERNAL_ERROR;
-        }
-        self.current = Some(Received {
-            mail_from: from.trim_matches(['<', '>']).to_owned(),
-            rcpt_to: to
-                .iter()
-                .map(|t| t.trim_matches(['<', '>']).to_owned())
-                .collect(),
-            data: Vec::new(),
-        });
-        response::OK
-    }
-
-    fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        if let Some(current) = &mut self.current {
-            current.data.extend_from_slice(buf);
-        }
-        Ok(())
-    }
-
-    fn data_end(&mut self) -> Response {
-        if let Some(message) = self.current.take() {
-            self.inbox.lock().expect("inbox").push(message);
-        }
-        response::OK
-    }
-}
-
-/// mailin blocks and has no shutdown: it serves on its own thread until the test
-/// process exits, on a port the test bound itself.
-struct SmtpServer {
-    port: u16,
-    capture: Capture,
-}
-
-impl SmtpServer {
-    fn start() -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        let capture = Capture::default();
-        let mut server = Server::new(capture.clone());
-        server
-            .with_name("smtp.test")
-            .with_num_threads(8)
-            .with_tcp_listener(listener);
-        std::thread::spawn(move || {
-            if let Err(e) = server.serve() {
-                eprintln!("test SMTP server stopped: {e}");
-            }
-        });
-        Ok(Self { port, capture })
-    }
-
-    fn mailer(&self) -> Mailer {
-        Mailer::plain("127.0.0.1", self.port)
-    }
-
-    fn set_rejecting(&self, reject: bool) {
-        self.capture.reject.store(reject, Ordering::SeqCst);
-    }
-
-    fn received(&self) -> Vec<Received> {
-        self.capture.inbox.lock().expect("inbox").clone()
-    }
-}
 
 /// A port nothing listens on.
 fn closed_port() -> anyhow::Result<u16> {
@@ -725,43 +636,69 @@ async fn a_failed_smtp_delivery_is_recorded_and_retried() -> anyhow::Result<()> 
     let now = Utc::now().trunc_subsecs(3);
     let f = Fixture::new(&t.db, now).await?;
     let id = enqueue(&t.db, &f, &[OWNER], &alert(f.ws_a, "A", "4.5"), "a", now).await?;
+    let policy = RetryPolicy::NOTIFICATIONS;
 
-    // No server at all.
+    // No server at all: the attempt is recorded and the next one scheduled 30 s
+    // (plus up to a quarter of jitter) later.
     let nowhere = Mailer::plain("127.0.0.1", closed_port()?);
-    let err = email::deliver(&t.db, &nowhere, id, FROM, now + Duration::seconds(1))
+    let first = now + Duration::seconds(1);
+    let err = email::deliver(&t.db, &nowhere, id, FROM, first)
         .await
         .expect_err("connection refused");
     assert!(err.is_retryable(), "{err}");
-    assert!(
-        matches!(err, DeliveryError::Failed { id: e, attempts: 1, gave_up: false, .. } if e == id)
-    );
+    let DeliveryError::Failed {
+        id: failed,
+        attempts: 1,
+        retry_after: Some(wait),
+        ..
+    } = err
+    else {
+        panic!("{err}");
+    };
+    assert_eq!(failed, id);
+    assert!(wait >= policy.base_delay(1) && wait <= policy.base_delay(1) * 5 / 4);
     let r = row(&t.db, id).await?;
     assert_eq!(
         (r.status, r.attempts, r.sent_at),
         (NotificationStatus::Pending, 1, None)
     );
     assert!(r.last_error.is_some());
-    assert_eq!(
-        notes::due_notifications(&t.db, now + Duration::minutes(1), 10).await?,
-        [id],
-        "the sweep finds it"
+    let due_at = r.next_attempt_at.expect("a next attempt");
+    assert_eq!(due_at, first + Duration::from_std(wait)?);
+    // Not due before its time: neither the sweep nor a delivery touches it.
+    assert!(
+        notes::due_notifications(&t.db, due_at - Duration::milliseconds(1), 10)
+            .await?
+            .is_empty()
     );
-
-    // A server that refuses (451, temporary).
     let smtp = SmtpServer::start()?;
     let mailer = smtp.mailer();
+    assert_eq!(
+        email::deliver(&t.db, &mailer, id, FROM, first + Duration::seconds(2)).await?,
+        DeliveryOutcome::NotDue { due_at }
+    );
+    assert!(smtp.received().is_empty());
+    assert_eq!(
+        notes::due_notifications(&t.db, due_at, 10).await?,
+        [id],
+        "the sweep finds it once due"
+    );
+
+    // A server that refuses (451, temporary): the second wait doubles.
     smtp.set_rejecting(true);
-    let err = email::deliver(&t.db, &mailer, id, FROM, now + Duration::seconds(2))
+    let second = due_at;
+    let err = email::deliver(&t.db, &mailer, id, FROM, second)
         .await
         .expect_err("refused");
-    assert!(matches!(
-        err,
-        DeliveryError::Failed {
-            attempts: 2,
-            gave_up: false,
-            ..
-        }
-    ));
+    let DeliveryError::Failed {
+        attempts: 2,
+        retry_after: Some(wait),
+        ..
+    } = err
+    else {
+        panic!("{err}");
+    };
+    assert!(wait >= policy.base_delay(2), "{wait:?}");
     let r = row(&t.db, id).await?;
     assert_eq!((r.status, r.attempts), (NotificationStatus::Pending, 2));
     assert!(
@@ -772,46 +709,82 @@ async fn a_failed_smtp_delivery_is_recorded_and_retried() -> anyhow::Result<()> 
 
     // The retry succeeds once the server accepts.
     smtp.set_rejecting(false);
-    let later = now + Duration::seconds(3);
+    let later = r.next_attempt_at.expect("a next attempt");
     assert_eq!(
         email::deliver(&t.db, &mailer, id, FROM, later).await?,
         DeliveryOutcome::Sent
     );
     let r = row(&t.db, id).await?;
     assert_eq!(
-        (r.status, r.attempts, r.sent_at),
-        (NotificationStatus::Sent, 2, Some(later))
+        (r.status, r.attempts, r.sent_at, r.next_attempt_at),
+        (NotificationStatus::Sent, 2, Some(later), None)
     );
     assert_eq!(smtp.received().len(), 1);
     assert!(notes::due_notifications(&t.db, later, 10).await?.is_empty());
     // A failure reported late for a SENT notification changes nothing.
     assert_eq!(
-        notes::record_failure(&t.db, id, "late", 1, later).await?,
+        notes::record_failure(&t.db, id, "late", &policy, later).await?,
         None
     );
     assert_eq!(row(&t.db, id).await?.status, NotificationStatus::Sent);
 
-    // After its last attempt a notification is given up, and never sent.
+    // After its last attempt a notification is DEAD with its last error, never sent;
+    // a retry on request puts it back, due at once, with a fresh budget.
+    let two = RetryPolicy {
+        attempts_max: 2,
+        ..policy
+    };
     let id = enqueue(&t.db, &f, &[OWNER], &alert(f.ws_a, "A", "4"), "b", now).await?;
-    let r = notes::record_failure(&t.db, id, "timeout", 2, now)
+    let r = notes::record_failure(&t.db, id, "timeout", &two, now)
         .await?
         .expect("pending");
-    assert_eq!((r.status, r.attempts), (NotificationStatus::Pending, 1));
-    let r = notes::record_failure(&t.db, id, "timeout", 2, now)
+    assert_eq!(
+        (r.row.status, r.row.attempts),
+        (NotificationStatus::Pending, 1)
+    );
+    assert!(r.retry_after.is_some());
+    let r = notes::record_failure(&t.db, id, "timeout", &two, now)
         .await?
         .expect("pending");
-    assert_eq!((r.status, r.attempts), (NotificationStatus::Failed, 2));
+    assert_eq!(
+        (r.row.status, r.row.attempts),
+        (NotificationStatus::Dead, 2)
+    );
+    assert_eq!((r.retry_after, r.row.next_attempt_at), (None, None));
     assert!(
-        r.last_error
+        r.row
+            .last_error
             .as_deref()
             .is_some_and(|e| e.ends_with(": timeout"))
     );
     assert_eq!(
         email::deliver(&t.db, &mailer, id, FROM, later).await?,
-        DeliveryOutcome::GaveUp
+        DeliveryOutcome::Dead
     );
     assert_eq!(smtp.received().len(), 1);
     assert!(notes::due_notifications(&t.db, later, 10).await?.is_empty());
+    let pending_again = notes::retry_dead(&t.db, None, id, later).await?;
+    assert_eq!(
+        (
+            pending_again.status,
+            pending_again.attempts,
+            pending_again.next_attempt_at
+        ),
+        (NotificationStatus::Pending, 0, Some(later))
+    );
+    assert!(pending_again.last_error.is_some(), "the last error is kept");
+    assert_eq!(
+        email::deliver(&t.db, &mailer, id, FROM, later).await?,
+        DeliveryOutcome::Sent
+    );
+    assert_eq!(smtp.received().len(), 2);
+    let again = notes::retry_dead(&t.db, None, id, later).await;
+    assert!(
+        matches!(&again, Err(e) if e.code() == ErrorCode::InvalidInput),
+        "only a DEAD notification is retried: {again:?}"
+    );
+    let unknown = notes::retry_dead(&t.db, None, Uuid::now_v7(), later).await;
+    assert!(matches!(&unknown, Err(e) if e.code() == ErrorCode::NotFound));
 
     // A bad sender address is a configuration error: nothing is recorded.
     let id = enqueue(&t.db, &f, &[OWNER], &alert(f.ws_a, "A", "3"), "c", now).await?;
@@ -879,5 +852,155 @@ async fn the_outbox_writes_one_eml_per_notification_and_never_twice() -> anyhow:
     assert_eq!(std::fs::read(&path)?, written, "the file is not rewritten");
     assert_eq!(row(&t.db, a).await?.status, NotificationStatus::Sent);
     assert_eq!(std::fs::read_dir(&outbox)?.count(), 2);
+    t.finish().await
+}
+
+/// The worker in-process over a real queue, sending to `smtp` with a short retry
+/// schedule; stopped by the returned sender.
+async fn start_worker(
+    t: &TestDb,
+    smtp: &SmtpServer,
+    retry: RetryPolicy,
+) -> anyhow::Result<(
+    worker::queue::Queue,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let queue = worker::queue::Queue::connect(&t.queue_url()).await?;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let config = worker::WorkerConfig {
+        poll_interval_ms: 50,
+        sweep_interval_ms: 200,
+        notification_retry: retry,
+        ..Default::default()
+    };
+    let (db, q, mailer) = (t.second_pool().await?, queue.clone(), smtp.mailer());
+    let gateway: std::sync::Arc<dyn billing::payments::PaymentGateway> =
+        std::sync::Arc::new(billing::payments::SandboxGateway::new());
+    let handle = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.changed().await;
+        };
+        if let Err(e) = worker::run(db, q, gateway, mailer, FROM.into(), config, shutdown).await {
+            panic!("worker failed: {e}");
+        }
+    });
+    Ok((queue, stop, handle))
+}
+
+async fn wait_for_status(
+    db: &DatabaseConnection,
+    id: Uuid,
+    status: NotificationStatus,
+    bound: std::time::Duration,
+) -> anyhow::Result<rows::Model> {
+    let started = std::time::Instant::now();
+    loop {
+        let r = row(db, id).await?;
+        if r.status == status {
+            return Ok(r);
+        }
+        anyhow::ensure!(
+            started.elapsed() < bound,
+            "not {status:?} within {bound:?}: {r:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Through the worker: a mail server that refuses for a while gets the e-mail once it
+/// accepts again (retried with backoff, not at every poll); one that never accepts
+/// leaves the notification DEAD with its last error after the bounded attempts, and a
+/// DEAD notification retried on request is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_worker_retries_with_backoff_then_gives_up_dead() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into()))
+        .with_test_writer()
+        .try_init();
+    let smtp = SmtpServer::start()?;
+    smtp.set_rejecting(true);
+    let retry = RetryPolicy {
+        base: std::time::Duration::from_millis(200),
+        cap: std::time::Duration::from_millis(800),
+        attempts_max: 6,
+    };
+    let (queue, stop, handle) = start_worker(&t, &smtp, retry).await?;
+    use billing::jobs::JobSink as _;
+
+    // Refused for about 1.5 s, then accepted: sent once, after a few spaced attempts.
+    let id = enqueue(&t.db, &f, &[OWNER], &alert(f.ws_a, "A", "4"), "r1", now).await?;
+    let pushed = std::time::Instant::now();
+    queue
+        .deliver(billing::jobs::DeliverNotification {
+            notification_id: id,
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let refused = row(&t.db, id).await?;
+    assert_eq!(refused.status, NotificationStatus::Pending, "{refused:?}");
+    // 200 + 400 + 800 ms (+ jitter) fit at most 3 failed attempts in 1.5 s.
+    assert!(
+        (1..=3).contains(&refused.attempts),
+        "backoff spaces the attempts: {refused:?}"
+    );
+    smtp.set_rejecting(false);
+    let sent = wait_for_status(
+        &t.db,
+        id,
+        NotificationStatus::Sent,
+        std::time::Duration::from_secs(30),
+    )
+    .await?;
+    eprintln!(
+        "sent after {} failed attempts, {:?} after the push",
+        sent.attempts,
+        pushed.elapsed()
+    );
+    assert_eq!(smtp.received().len(), 1, "sent once");
+
+    // Never accepted: DEAD after 6 attempts, the last error kept, nothing sent.
+    smtp.set_rejecting(true);
+    let id = enqueue(&t.db, &f, &[OWNER], &alert(f.ws_a, "A", "3"), "r2", now).await?;
+    queue
+        .deliver(billing::jobs::DeliverNotification {
+            notification_id: id,
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let dead = wait_for_status(
+        &t.db,
+        id,
+        NotificationStatus::Dead,
+        std::time::Duration::from_secs(60),
+    )
+    .await?;
+    assert_eq!(dead.attempts, 6);
+    assert!(
+        dead.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("451")),
+        "{dead:?}"
+    );
+    assert_eq!(smtp.received().len(), 1);
+
+    // Retried on request once the server accepts: sent.
+    smtp.set_rejecting(false);
+    notes::retry_dead(&t.db, Some(&queue), id, Utc::now()).await?;
+    wait_for_status(
+        &t.db,
+        id,
+        NotificationStatus::Sent,
+        std::time::Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(smtp.received().len(), 2);
+
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(15), handle).await;
     t.finish().await
 }

@@ -11,8 +11,8 @@
 use billing::entity::enums::AccountRole;
 use billing::entity::{account_members, users};
 use billing::payments::{PaymentGateway, SandboxGateway};
+use billing::retry::RetryPolicy;
 use billing::sea_orm::{DatabaseConnection, EntityTrait, Set};
-use billing::webhooks::delivery::RetryPolicy;
 use billing::webhooks::signing;
 use reservoir_tests::app::{ADMIN_TOKEN, code};
 use reservoir_tests::{Fixture, TestDb};

@@ -215,6 +215,27 @@ async fn a_card_purchase_is_captured_and_credited_once() -> anyhow::Result<()> {
         mail.contains("INV-000001") && mail.contains("owner@test.example"),
         "{mail}"
     );
+    // The worker's runs show on the process's /metrics (tests share the counters, so
+    // at least these).
+    let metrics = system
+        .client
+        .get(format!("{}/metrics", system.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for (kind, at_least) in [("capture", 2.0), ("email", 1.0)] {
+        let runs = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "reservoir_job_runs_total{{kind=\"{kind}\",outcome=\"done\"}}"
+                ))
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(runs >= at_least, "{kind}: {metrics}");
+    }
     system.stop().await;
     t.finish().await
 }
@@ -253,6 +274,61 @@ async fn the_receipt_is_pushed_right_after_the_capture() -> anyhow::Result<()> {
     assert!(sent, "no receipt within 15 s");
     eprintln!(
         "receipt in the outbox {:?} after purchaseCredits",
+        started.elapsed()
+    );
+    system.stop().await;
+    t.finish().await
+}
+
+/// A transfer that takes a workspace below an alert threshold has its e-mail pushed
+/// right after the commit (through the API, the worker's production settings): in the
+/// outbox within seconds, not at the sweep's 30 s re-enqueue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transfer_pushes_the_alert_it_caused() -> anyhow::Result<()> {
+    use billing::entity::enums::AlertSeverity;
+    use billing::policies::alert_thresholds::{AlertThresholdInput, set_alert_thresholds};
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    let token = billing::accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
+    reservoir_tests::fund(&t.db, f.ws_a, "100", now).await?;
+    set_alert_thresholds(
+        &t.db,
+        f.ws_a,
+        vec![AlertThresholdInput {
+            amount: billing::Credits::from_nanos(50_000_000_000),
+            severity: AlertSeverity::Warning,
+            recipient_ids: vec![f.owner_id],
+        }],
+        now,
+    )
+    .await?;
+    let outbox = tempfile::tempdir()?;
+    let defaults = worker::WorkerConfig::default();
+    let system =
+        System::start(&t, Arc::new(SandboxGateway::new()), outbox.path(), defaults).await?;
+    let moved = system
+        .gql(
+            &token,
+            "mutation($input: TransferCreditsInput!) { transferCredits(input: $input) { id } }",
+            json!({ "input": { "fromWorkspaceId": f.ws_a.to_string(), "toWorkspaceId": f.ws_b.to_string(), "amount": "60", "idempotencyKey": "t-1" } }),
+        )
+        .await?;
+    assert!(moved["errors"].is_null(), "{moved}");
+    let started = std::time::Instant::now();
+    let mut sent = false;
+    while started.elapsed() < Duration::from_secs(15) {
+        sent = std::fs::read_dir(outbox.path())?
+            .filter_map(Result::ok)
+            .any(|e| e.path().extension().is_some_and(|x| x == "eml"));
+        if sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sent, "no alert e-mail within 15 s");
+    eprintln!(
+        "alert in the outbox {:?} after transferCredits answered",
         started.elapsed()
     );
     system.stop().await;

@@ -8,8 +8,9 @@
 //! claim_for_delivery`: only a PENDING row with no live claim), sends, and marks it
 //! SENT only after the mail server accepted the message; a SENT notification is never
 //! claimed, so never sent, again. A failed send is recorded (attempts + 1,
-//! `last_error`) and returned as a retryable [`DeliveryError`] until
-//! `DELIVERY_ATTEMPTS_MAX`, when the notification is given up (FAILED).
+//! `last_error`, the next attempt scheduled by the retry policy with backoff and
+//! jitter) and returned as a [`DeliveryError`] carrying the wait before the next
+//! attempt, until the attempts run out and the notification is DEAD.
 //!
 //! One window remains on SMTP: a crash (or a database outage outlasting a few
 //! retries) between the server's acceptance and the SENT mark leaves the row PENDING,
@@ -22,9 +23,10 @@
 use billing::entity::enums::NotificationStatus;
 use billing::entity::notifications as rows;
 use billing::policies::notifications::{
-    self as notes, AutoReloadDisabled, DELIVERY_ATTEMPTS_MAX, LowBalanceAlert, NotificationKind,
-    NotificationPayload, PaymentActionRequired, PurchaseReceipt, ReloadFailed,
+    self as notes, AutoReloadDisabled, LowBalanceAlert, NotificationKind, NotificationPayload,
+    PaymentActionRequired, PurchaseReceipt, ReloadFailed,
 };
+use billing::retry::RetryPolicy;
 use billing::sea_orm::DatabaseConnection;
 use billing::{BillingError, Credits, ErrorCode};
 use chrono::{DateTime, Utc};
@@ -619,8 +621,10 @@ pub enum DeliveryOutcome {
     /// Another delivery holds its claim right now: nothing sent (that delivery
     /// sends it, or releases it on failure for a retry).
     Busy,
-    /// It was given up (FAILED) before: nothing sent.
-    GaveUp,
+    /// Its next attempt (a retry after a failure) is not due yet: nothing sent.
+    NotDue { due_at: DateTime<Utc> },
+    /// Its attempts ran out before (DEAD): nothing sent.
+    Dead,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -629,13 +633,13 @@ pub enum DeliveryError {
     #[error("e-mail configuration: {0}")]
     Config(String),
     /// Rendering or sending failed; the attempt was recorded on the notification.
-    /// Retry later unless `gave_up` (it is FAILED now).
+    /// The next attempt is due after `retry_after`; None: it is DEAD now.
     #[error("delivery of notification {id} failed (attempt {attempts}{}): {error}",
-        if *gave_up { ", given up" } else { ", will retry" })]
+        if retry_after.is_none() { ", dead" } else { ", will retry" })]
     Failed {
         id: Uuid,
         attempts: i32,
-        gave_up: bool,
+        retry_after: Option<Duration>,
         error: String,
     },
     /// The server accepted the message but it could not be marked SENT: it stays
@@ -652,16 +656,15 @@ impl DeliveryError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Config(_) => false,
-            Self::Failed { gave_up, .. } => !gave_up,
+            Self::Failed { retry_after, .. } => retry_after.is_some(),
             Self::NotMarked { .. } => true,
             Self::Billing(e) => matches!(e.code(), ErrorCode::Internal | ErrorCode::Unavailable),
         }
     }
 }
 
-/// Delivers one notification: claim, render, send, mark SENT. See the module
-/// documentation for the guarantees. `from` is the sender, e.g.
-/// `Reservoir <billing@example.com>`; `now` dates the message and the row.
+/// Delivers one notification: claim, render, send, mark SENT, with the production
+/// retry schedule (`RetryPolicy::NOTIFICATIONS`); see [`deliver_with`].
 pub async fn deliver(
     db: &DatabaseConnection,
     mailer: &Mailer,
@@ -669,11 +672,34 @@ pub async fn deliver(
     from: &str,
     now: DateTime<Utc>,
 ) -> Result<DeliveryOutcome, DeliveryError> {
+    deliver_with(
+        db,
+        mailer,
+        notification_id,
+        from,
+        &RetryPolicy::NOTIFICATIONS,
+        now,
+    )
+    .await
+}
+
+/// Delivers one notification: claim, render, send, mark SENT. See the module
+/// documentation for the guarantees. `from` is the sender, e.g.
+/// `Reservoir <billing@example.com>`; a failure schedules the next attempt by
+/// `policy`; `now` dates the message and the row.
+pub async fn deliver_with(
+    db: &DatabaseConnection,
+    mailer: &Mailer,
+    notification_id: Uuid,
+    from: &str,
+    policy: &RetryPolicy,
+    now: DateTime<Utc>,
+) -> Result<DeliveryOutcome, DeliveryError> {
     let from: Mailbox = from
         .parse()
         .map_err(|e| DeliveryError::Config(format!("sender address {from:?}: {e}")))?;
     let Some(n) = notes::claim_for_delivery(db, notification_id, now).await? else {
-        return unclaimed_outcome(db, notification_id).await;
+        return unclaimed_outcome(db, notification_id, now).await;
     };
     let sent = match build_message(&n, &from, now) {
         Ok(message) => mailer.send(n.id, message).await,
@@ -690,23 +716,24 @@ pub async fn deliver(
         }
         Err(e) => {
             let error = e.to_string();
-            let row = notes::record_failure(db, n.id, &error, DELIVERY_ATTEMPTS_MAX, now).await?;
-            let Some(row) = row else {
+            let Some(failure) = notes::record_failure(db, n.id, &error, policy, now).await? else {
                 // Not PENDING any more: another delivery finished it meanwhile.
-                return unclaimed_outcome(db, notification_id).await;
+                return unclaimed_outcome(db, notification_id, now).await;
             };
-            let gave_up = row.status == NotificationStatus::Failed;
+            let attempts = failure.row.attempts;
+            let retry_after = failure.retry_after;
             tracing::warn!(
                 notification_id = %n.id,
-                attempts = row.attempts,
-                gave_up,
+                attempts,
+                dead = retry_after.is_none(),
+                retry_after_ms = retry_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                 error = %error,
                 "e-mail delivery failed"
             );
             Err(DeliveryError::Failed {
                 id: n.id,
-                attempts: row.attempts,
-                gave_up,
+                attempts,
+                retry_after,
                 error,
             })
         }
@@ -717,12 +744,16 @@ pub async fn deliver(
 async fn unclaimed_outcome(
     db: &DatabaseConnection,
     id: Uuid,
+    now: DateTime<Utc>,
 ) -> Result<DeliveryOutcome, DeliveryError> {
     let n = notes::load_notification(db, id).await?;
     Ok(match n.status {
         NotificationStatus::Sent => DeliveryOutcome::AlreadySent,
-        NotificationStatus::Failed => DeliveryOutcome::GaveUp,
-        NotificationStatus::Pending => DeliveryOutcome::Busy,
+        NotificationStatus::Dead => DeliveryOutcome::Dead,
+        NotificationStatus::Pending => match n.next_attempt_at {
+            Some(due_at) if due_at > now => DeliveryOutcome::NotDue { due_at },
+            _ => DeliveryOutcome::Busy,
+        },
     })
 }
 

@@ -38,7 +38,9 @@ pub struct WorkerConfig {
     /// sweep's own task, not only re-enqueued.
     pub direct_webhook_after_ms: u64,
     /// When failed webhook attempts are retried, and how many are made.
-    pub webhook_retry: billing::webhooks::delivery::RetryPolicy,
+    pub webhook_retry: billing::retry::RetryPolicy,
+    /// When failed e-mail deliveries are retried, and how many are made.
+    pub notification_retry: billing::retry::RetryPolicy,
 }
 
 impl Default for WorkerConfig {
@@ -55,7 +57,8 @@ impl Default for WorkerConfig {
             direct_delivery_after_ms: 30_000,
             direct_capture_after_ms: 60_000,
             direct_webhook_after_ms: 30_000,
-            webhook_retry: billing::webhooks::delivery::RetryPolicy::default(),
+            webhook_retry: billing::retry::RetryPolicy::WEBHOOKS,
+            notification_retry: billing::retry::RetryPolicy::NOTIFICATIONS,
         }
     }
 }
@@ -67,37 +70,62 @@ pub struct SweepReport {
     pub budget_periods_rolled: u64,
     pub purchases_requeued: u64,
     pub notifications_requeued: u64,
-    /// Delivered by the sweep itself (the fallback for notifications the queue left).
-    pub notifications_delivered: u64,
-    /// Capture attempts made by the sweep itself (the fallback for purchases the queue left).
-    pub purchases_captured_directly: u64,
     pub reloads_repaired: u64,
     pub webhooks_requeued: u64,
 }
 
-/// Delivers notifications left unsent past `direct_delivery_after_ms`: e-mail must not
+/// Delivers notifications left due past `direct_delivery_after_ms`: e-mail must not
 /// depend on the queue alone. Delivery is claim-based and idempotent, so racing the
-/// queue's job is harmless.
+/// queue's job is harmless; a failure schedules the row's next attempt, and a delayed
+/// job is pushed for it. Returns how many were sent.
 async fn deliver_overdue(deps: &jobs::Deps, config: &WorkerConfig) -> billing::Result<u64> {
-    let now = chrono::Utc::now();
     let after = i64::try_from(config.direct_delivery_after_ms).unwrap_or(i64::MAX);
     let overdue = billing::policies::notifications::due_notifications(
         &deps.db,
-        now - chrono::Duration::milliseconds(after),
+        chrono::Utc::now() - chrono::Duration::milliseconds(after),
         REQUEUE_BATCH_MAX,
     )
     .await?;
-    let mut delivered = 0;
-    for id in overdue {
-        match email::deliver(&deps.db, &deps.mailer, id, &deps.email_from, now).await {
-            Ok(email::DeliveryOutcome::Sent) => delivered += 1,
-            Ok(_) => {}
+    let mut sent = 0;
+    for notification_id in overdue {
+        match jobs::deliver_once(deps, notification_id).await {
+            Ok(None) => sent += 1,
+            Ok(Some(delay)) => {
+                let job = billing::jobs::DeliverNotification { notification_id };
+                if let Err(e) = deps.queue.push_delivery(job, Some(delay)).await {
+                    tracing::warn!(%notification_id, error = %e, "retry not pushed; the sweep re-enqueues it");
+                }
+            }
             Err(e) => {
-                tracing::warn!(notification_id = %id, error = %e, "direct delivery failed; retried later")
+                tracing::warn!(%notification_id, error = %e, "direct delivery failed; retried later")
             }
         }
     }
-    Ok(delivered)
+    Ok(sent)
+}
+
+/// Runs `work` in a task of its own unless the previous one still runs: the sweep's
+/// fallbacks (direct capture and delivery) talk to a gateway or a mail server that
+/// may be slow, and must never delay the sweeps.
+fn spawn_fallback<F>(name: &'static str, running: &Arc<std::sync::atomic::AtomicBool>, work: F)
+where
+    F: Future<Output = billing::Result<u64>> + Send + 'static,
+{
+    use std::sync::atomic::Ordering;
+    if running.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let running = running.clone();
+    tokio::spawn(async move {
+        match work.await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(fallback = name, handled = n, "sweep fallback"),
+            Err(e) => {
+                tracing::error!(fallback = name, error = %e, code = %e.code(), "sweep fallback failed")
+            }
+        }
+        running.store(false, Ordering::Release);
+    });
 }
 
 /// Rows re-enqueued per sweep.
@@ -147,8 +175,6 @@ pub async fn sweep(
     let webhooks_requeued = requeue_webhooks(db, sink, now - grace).await?;
     Ok(SweepReport {
         webhooks_requeued,
-        notifications_delivered: 0,
-        purchases_captured_directly: 0,
         reservations_expired: billing::debits::reservations::expire_due(db, now).await?,
         budget_periods_rolled: billing::debits::usage::roll_budget_periods(db, now).await?,
         purchases_requeued,
@@ -170,14 +196,18 @@ async fn requeue_webhooks(
     Ok(count)
 }
 
+/// When the sweep last attempted each overdue purchase itself.
+type Tried = std::collections::HashMap<uuid::Uuid, std::time::Instant>;
+
 /// Captures purchases left PENDING past `direct_capture_after_ms`: payments must not
 /// depend on the queue alone. Each purchase gets at most one attempt per interval, so
 /// the capture backoff still spaces the attempts. Idempotent like the job.
 async fn capture_overdue(
     deps: &jobs::Deps,
     config: &WorkerConfig,
-    tried: &mut std::collections::HashMap<uuid::Uuid, std::time::Instant>,
+    tried: &tokio::sync::Mutex<Tried>,
 ) -> billing::Result<u64> {
+    let mut tried = tried.lock().await;
     let interval = Duration::from_millis(config.direct_capture_after_ms);
     tried.retain(|_, at| at.elapsed() < interval);
     let after = chrono::Duration::milliseconds(
@@ -209,8 +239,8 @@ async fn sweep_loop(
     config: WorkerConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut tried = std::collections::HashMap::new();
-    let webhooks_running = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tried = Arc::new(tokio::sync::Mutex::new(Tried::new()));
+    let running = Fallbacks::default();
     let (db, sink) = (deps.db.clone(), deps.queue.clone());
     let mut ticker =
         tokio::time::interval(Duration::from_millis(config.sweep_interval_ms.max(100)));
@@ -219,29 +249,14 @@ async fn sweep_loop(
         tokio::select! {
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
             _ = ticker.tick() => match sweep(&db, &sink, &config).await {
-                Ok(mut report) => {
-                    match capture_overdue(&deps, &config, &mut tried).await {
-                        Ok(n) => report.purchases_captured_directly = n,
-                        Err(e) => tracing::error!(error = %e, code = %e.code(), "overdue capture failed"),
-                    }
-                    webhooks::spawn_overdue(
-                        db.clone(),
-                        deps.webhooks.clone(),
-                        Duration::from_millis(config.direct_webhook_after_ms),
-                        webhooks_running.clone(),
-                    );
-                    match deliver_overdue(&deps, &config).await {
-                        Ok(n) => report.notifications_delivered = n,
-                        Err(e) => tracing::error!(error = %e, code = %e.code(), "overdue delivery failed"),
-                    }
+                Ok(report) => {
+                    spawn_fallbacks(&deps, &config, &tried, &running);
                     if report != SweepReport::default() {
                         tracing::info!(
                             reservations_expired = report.reservations_expired,
                             budget_periods_rolled = report.budget_periods_rolled,
                             purchases_requeued = report.purchases_requeued,
                             notifications_requeued = report.notifications_requeued,
-                            notifications_delivered = report.notifications_delivered,
-                            purchases_captured_directly = report.purchases_captured_directly,
                             reloads_repaired = report.reloads_repaired,
                             webhooks_requeued = report.webhooks_requeued,
                             "sweep"
@@ -253,6 +268,39 @@ async fn sweep_loop(
             },
         }
     }
+}
+
+/// One flag per fallback: set while its task runs.
+#[derive(Default)]
+struct Fallbacks {
+    capture: Arc<std::sync::atomic::AtomicBool>,
+    delivery: Arc<std::sync::atomic::AtomicBool>,
+    webhooks: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The sweep's fallbacks for work the queue left behind, each in its own task (one
+/// at a time per kind), so a slow gateway, mail server or receiver never delays the
+/// next sweep.
+fn spawn_fallbacks(
+    deps: &Arc<jobs::Deps>,
+    config: &WorkerConfig,
+    tried: &Arc<tokio::sync::Mutex<Tried>>,
+    running: &Fallbacks,
+) {
+    let (d, c, t) = (deps.clone(), config.clone(), tried.clone());
+    spawn_fallback("capture", &running.capture, async move {
+        capture_overdue(&d, &c, &t).await
+    });
+    let (d, c) = (deps.clone(), config.clone());
+    spawn_fallback("delivery", &running.delivery, async move {
+        deliver_overdue(&d, &c).await
+    });
+    webhooks::spawn_overdue(
+        deps.db.clone(),
+        deps.webhooks.clone(),
+        Duration::from_millis(config.direct_webhook_after_ms),
+        running.webhooks.clone(),
+    );
 }
 
 /// A worker name unique per process and per restart (apalis refuses a name that is
@@ -336,7 +384,7 @@ macro_rules! spawn_workers {
         let (d1, d2, d3) = ($deps.clone(), $deps.clone(), $deps.clone());
         let capture_worker = move |name: String, stop| {
             WorkerBuilder::new(name)
-                .backend(capture.clone().poll_with_interval(poll))
+                .backend(capture.clone().poll_with_strategy(queue::Every::new(poll)))
                 .data(d1.clone())
                 .concurrency(concurrency)
                 .enable_tracing()
@@ -345,7 +393,7 @@ macro_rules! spawn_workers {
         };
         let delivery_worker = move |name: String, stop| {
             WorkerBuilder::new(name)
-                .backend(delivery.clone().poll_with_interval(poll))
+                .backend(delivery.clone().poll_with_strategy(queue::Every::new(poll)))
                 .data(d2.clone())
                 .concurrency(concurrency)
                 .enable_tracing()
@@ -354,7 +402,7 @@ macro_rules! spawn_workers {
         };
         let webhook_worker = move |name: String, stop| {
             WorkerBuilder::new(name)
-                .backend(webhook.clone().poll_with_interval(poll))
+                .backend(webhook.clone().poll_with_strategy(queue::Every::new(poll)))
                 .data(d3.clone())
                 .concurrency(concurrency)
                 .enable_tracing()
@@ -388,6 +436,7 @@ pub async fn run(
         mailer,
         email_from,
         webhooks: webhooks::Sender::new(config.webhook_retry)?,
+        notification_retry: config.notification_retry,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeps = tokio::spawn(sweep_loop(deps.clone(), config.clone(), stop_rx.clone()));

@@ -173,3 +173,159 @@ impl JobSink for Queue {
         Box::pin(self.push_webhook(job, None))
     }
 }
+
+/// How many of the queue's job rows of one queue are in one apalis state, and the
+/// earliest `run_at` among them (unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueCount {
+    pub queue: String,
+    pub status: String,
+    pub count: i64,
+    pub earliest_run_at: Option<i64>,
+}
+
+/// A job worker as the queue knows it: its name, its queue, and its last heartbeat
+/// (unix seconds; apalis beats every 30 s while the worker runs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerSeen {
+    pub name: String,
+    pub queue: String,
+    pub last_seen: i64,
+}
+
+impl Queue {
+    /// The queue's job rows counted by queue and apalis state (Pending, Queued,
+    /// Running, Done, Failed, Killed), with the earliest `run_at` of each.
+    pub async fn counts(&self) -> Result<Vec<QueueCount>, QueueError> {
+        let rows: Vec<(String, String, i64, Option<i64>)> = match self {
+            Self::Sqlite { capture, .. } => {
+                sqlx::query_as(
+                    "SELECT job_type, status, COUNT(*), MIN(run_at) FROM Jobs \
+                     GROUP BY job_type, status ORDER BY job_type, status",
+                )
+                .fetch_all(capture.pool())
+                .await?
+            }
+            Self::Postgres { capture, .. } => {
+                sqlx::query_as(
+                    "SELECT job_type, status, COUNT(*)::BIGINT, \
+                     EXTRACT(EPOCH FROM MIN(run_at))::BIGINT FROM apalis.jobs \
+                     GROUP BY job_type, status ORDER BY job_type, status",
+                )
+                .fetch_all(capture.pool())
+                .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(queue, status, count, earliest_run_at)| QueueCount {
+                queue,
+                status,
+                count,
+                earliest_run_at,
+            })
+            .collect())
+    }
+
+    /// The job workers the queue has heard from since `since` (unix seconds), the most
+    /// recently seen first.
+    pub async fn workers_seen(&self, since: i64) -> Result<Vec<WorkerSeen>, QueueError> {
+        let rows: Vec<(String, String, i64)> = match self {
+            Self::Sqlite { capture, .. } => {
+                sqlx::query_as(
+                    "SELECT id, worker_type, last_seen FROM Workers \
+                     WHERE last_seen >= ?1 ORDER BY last_seen DESC, id",
+                )
+                .bind(since)
+                .fetch_all(capture.pool())
+                .await?
+            }
+            Self::Postgres { capture, .. } => {
+                sqlx::query_as(
+                    "SELECT id, worker_type, EXTRACT(EPOCH FROM last_seen)::BIGINT \
+                     FROM apalis.workers WHERE last_seen >= to_timestamp($1) \
+                     ORDER BY last_seen DESC, id",
+                )
+                .bind(since)
+                .fetch_all(capture.pool())
+                .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(name, queue, last_seen)| WorkerSeen {
+                name,
+                queue,
+                last_seen,
+            })
+            .collect())
+    }
+
+    /// Deletes finished job rows (done, killed, or failed with no attempt left) that
+    /// finished before `before` (unix seconds); how many. The rows that needed the
+    /// work (purchases, notifications, deliveries) are untouched.
+    pub async fn purge_finished(&self, before: i64) -> Result<u64, QueueError> {
+        let done = match self {
+            Self::Sqlite { capture, .. } => sqlx::query(
+                "DELETE FROM Jobs WHERE (status IN ('Done', 'Killed') \
+                     OR (status = 'Failed' AND attempts >= max_attempts)) \
+                     AND done_at IS NOT NULL AND done_at < ?1",
+            )
+            .bind(before)
+            .execute(capture.pool())
+            .await?
+            .rows_affected(),
+            Self::Postgres { capture, .. } => sqlx::query(
+                "DELETE FROM apalis.jobs WHERE (status IN ('Done', 'Killed') \
+                     OR (status = 'Failed' AND attempts >= max_attempts)) \
+                     AND done_at IS NOT NULL AND done_at < to_timestamp($1)",
+            )
+            .bind(before)
+            .execute(capture.pool())
+            .await?
+            .rows_affected(),
+        };
+        Ok(done)
+    }
+}
+
+/// How a job worker is woken to look for due jobs: every `interval`, reliably.
+///
+/// apalis's own `IntervalStrategy` (`poll_with_interval`) re-arms its timer after a
+/// tick without polling it, so the new timer holds no waker; whether the worker looks
+/// again then depends on something else waking it. Under a burst of jobs on
+/// PostgreSQL it was seen to stop looking until its 30 s heartbeat (the pickup stall;
+/// `tests/tests/worker_pickup.rs`). This one polls its new timer at once, so every
+/// tick wakes the worker.
+pub struct Every {
+    interval: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Every {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            sleep: Box::pin(tokio::time::sleep(interval)),
+        }
+    }
+}
+
+impl PollStrategy for Every {
+    fn poll_drive(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        _snapshot: &PollSnapshot,
+    ) -> std::task::Poll<Option<()>> {
+        use std::future::Future as _;
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        self.sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.interval);
+        // Arms the waker for the next tick (not due yet, so this is Pending).
+        let _ = self.sleep.as_mut().poll(cx);
+        std::task::Poll::Ready(Some(()))
+    }
+}

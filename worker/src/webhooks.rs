@@ -4,7 +4,8 @@
 //! the policy's next time, or DEAD); a retry is pushed as a delayed job. Runs in its
 //! own apalis worker, so a slow receiver never delays the sweeps.
 
-use billing::webhooks::delivery::{self, ATTEMPT_TIMEOUT, AttemptOutcome, Next, RetryPolicy};
+use billing::retry::RetryPolicy;
+use billing::webhooks::delivery::{self, ATTEMPT_TIMEOUT, AttemptOutcome, Next};
 use billing::webhooks::signing;
 use chrono::Utc;
 use std::sync::Arc;
@@ -105,8 +106,10 @@ pub async fn attempt(
     sender: &Sender,
     delivery_id: Uuid,
 ) -> billing::Result<Option<Duration>> {
-    let Some(attempt) = delivery::claim(db, delivery_id, Utc::now()).await? else {
-        return Ok(None);
+    let now = Utc::now();
+    let Some(attempt) = delivery::claim(db, delivery_id, now).await? else {
+        let early = delivery::not_due_until(db, delivery_id, now).await?;
+        return Ok(early.map(|at| (at - now).to_std().unwrap_or_default()));
     };
     let outcome = sender
         .post(

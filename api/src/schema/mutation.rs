@@ -651,8 +651,11 @@ impl MutationRoot {
             idempotency_key: input.idempotency_key,
             created_by_user_id: principal.user_id(),
         };
+        let jobs = ctx
+            .data_opt::<Arc<dyn billing::jobs::JobSink>>()
+            .map(AsRef::as_ref);
         Ok(Transfer(
-            transfers::transfer(db(ctx), req, Utc::now())
+            transfers::transfer_credits(db(ctx), jobs, req, Utc::now())
                 .await
                 .gql(ctx)?
                 .transfer,

@@ -10,19 +10,26 @@
 //!
 //! # Delivery states
 //!
-//! `PENDING` → `SENT` (the mail server accepted it) or `FAILED` (gave up after
-//! `attempts_max` failed attempts). A delivery first *claims* the row
-//! ([`claim_for_delivery`]): while a row is `PENDING`, `sent_at` holds the time of
-//! the claim in progress (a lease of [`DELIVERY_LEASE_SECS`]), so two workers handed
-//! the same notification at once (a job and a sweep, or a redelivered job) do not
-//! both send it. [`mark_sent`] sets `SENT` and the real `sent_at`;
-//! [`record_failure`] counts the attempt and releases the lease. A `SENT` row is
-//! never claimed again.
+//! `PENDING` (due at `next_attempt_at`) → `SENT` (the mail server accepted it) or,
+//! after a failed attempt, `PENDING` again at the next time of the
+//! [`RetryPolicy`] (`RetryPolicy::NOTIFICATIONS` unless the worker is told
+//! otherwise), until its attempts run out: `DEAD`, with the last error kept.
+//! [`retry_dead`] puts a DEAD notification back to PENDING with a fresh budget.
+//!
+//! A delivery first *claims* the row ([`claim_for_delivery`]): while a row is
+//! `PENDING`, `sent_at` holds the time of the claim in progress (a lease of
+//! [`DELIVERY_LEASE_SECS`]), so two workers handed the same notification at once (a
+//! job and a sweep, or a redelivered job) do not both send it, and a row whose retry
+//! time has not come is not claimed at all. [`mark_sent`] sets `SENT` and the real
+//! `sent_at`; [`record_failure`] counts the attempt, schedules the next one and
+//! releases the lease. A `SENT` row is never claimed again.
 
 use crate::accounts::Email;
 use crate::error::{BillingError, Result};
 use crate::ids::new_id;
+use crate::jobs::{DeliverNotification, JobSink};
 use crate::money::Credits;
+use crate::retry::RetryPolicy;
 use chrono::{DateTime, TimeDelta, Utc};
 use entity::enums::{
     AccountRole, AlertSeverity, NotificationStatus, PurchaseSource, PurchaseStatus, WorkspaceRole,
@@ -51,8 +58,6 @@ pub const DEDUPE_KEY_LEN_MAX: usize = 200;
 pub const PAYLOAD_BYTES_MAX: usize = 64 * 1024;
 /// Longest delivery error kept in `last_error`.
 pub const LAST_ERROR_LEN_MAX: usize = 500;
-/// Delivery attempts before a notification is given up (FAILED).
-pub const DELIVERY_ATTEMPTS_MAX: i32 = 10;
 /// How long a claim on a PENDING notification holds off other deliveries. Longer
 /// than any single send may take (the worker's SMTP timeouts are far shorter), so a
 /// claim only lapses when its holder crashed.
@@ -374,6 +379,7 @@ pub async fn enqueue_notification<C: ConnectionTrait>(
         last_error: None,
         created_at: now,
         sent_at: None,
+        next_attempt_at: Some(now),
     };
     let inserted = notifications::Entity::insert(row.clone().into_active_model().reset_all())
         .on_conflict(
@@ -595,9 +601,9 @@ pub async fn load_notification<C: ConnectionTrait>(
 }
 
 /// Claims a PENDING notification for one delivery attempt: one conditional UPDATE
-/// that succeeds only when no other claim is live (none, or older than
-/// [`DELIVERY_LEASE_SECS`]). `None`: it is SENT or FAILED, unknown, or another
-/// delivery holds it right now. The caller sends, then calls [`mark_sent`] or
+/// that succeeds only when it is due (`next_attempt_at` has come) and no other claim
+/// is live (none, or older than [`DELIVERY_LEASE_SECS`]). `None`: it is SENT or
+/// DEAD, unknown, not due yet, or another delivery holds it right now. The caller sends, then calls [`mark_sent`] or
 /// [`record_failure`].
 pub async fn claim_for_delivery<C: ConnectionTrait>(
     c: &C,
@@ -609,6 +615,7 @@ pub async fn claim_for_delivery<C: ConnectionTrait>(
         .col_expr(notifications::Column::SentAt, Expr::value(now))
         .filter(notifications::Column::Id.eq(id))
         .filter(notifications::Column::Status.eq(NotificationStatus::Pending))
+        .filter(due_by(now))
         .filter(
             notifications::Column::SentAt
                 .is_null()
@@ -621,7 +628,7 @@ pub async fn claim_for_delivery<C: ConnectionTrait>(
 
 /// PENDING → SENT with `sent_at = now`, once the mail server accepted the message.
 /// False when it was not PENDING (already SENT by a delivery whose claim had
-/// lapsed, or FAILED): nothing changes.
+/// lapsed, or DEAD): nothing changes.
 pub async fn mark_sent<C: ConnectionTrait>(c: &C, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
     let result = notifications::Entity::update_many()
         .col_expr(
@@ -629,6 +636,10 @@ pub async fn mark_sent<C: ConnectionTrait>(c: &C, id: Uuid, now: DateTime<Utc>) 
             Expr::value(NotificationStatus::Sent.as_str()),
         )
         .col_expr(notifications::Column::SentAt, Expr::value(now))
+        .col_expr(
+            notifications::Column::NextAttemptAt,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
         .filter(notifications::Column::Id.eq(id))
         .filter(notifications::Column::Status.eq(NotificationStatus::Pending))
         .exec(c)
@@ -636,39 +647,106 @@ pub async fn mark_sent<C: ConnectionTrait>(c: &C, id: Uuid, now: DateTime<Utc>) 
     Ok(result.rows_affected == 1)
 }
 
+/// A due PENDING notification: its `next_attempt_at` is at or before `at` (a row
+/// written before retries existed has none and is due).
+fn due_by(at: DateTime<Utc>) -> sea_orm::sea_query::SimpleExpr {
+    notifications::Column::NextAttemptAt
+        .is_null()
+        .or(notifications::Column::NextAttemptAt.lte(at))
+}
+
+/// A failed attempt, recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailureRecorded {
+    /// The row afterwards: PENDING with its next attempt scheduled, or DEAD.
+    pub row: notifications::Model,
+    /// The wait before the next attempt; None when the notification is DEAD.
+    pub retry_after: Option<std::time::Duration>,
+}
+
 /// Records a failed delivery attempt of a PENDING notification: `attempts + 1`,
 /// `last_error` (timestamped, truncated to [`LAST_ERROR_LEN_MAX`]), the claim
-/// released; FAILED once `attempts` reaches `attempts_max`, else still PENDING for
-/// a retry. Returns the row afterwards, or `None` when it was not PENDING (a SENT
-/// notification is never downgraded).
+/// released, and either the next attempt scheduled at the policy's next time or,
+/// once the attempts ran out, DEAD. `None` when it was not PENDING (a SENT
+/// notification is never downgraded) or another attempt was recorded meanwhile.
 pub async fn record_failure<C: ConnectionTrait>(
     c: &C,
     id: Uuid,
     error: &str,
-    attempts_max: i32,
+    policy: &RetryPolicy,
     now: DateTime<Utc>,
-) -> Result<Option<notifications::Model>> {
+) -> Result<Option<FailureRecorded>> {
+    use notifications::Column as N;
+    let Some(row) = notifications::Entity::find_by_id(id)
+        .one(c)
+        .await?
+        .filter(|n| n.status == NotificationStatus::Pending)
+    else {
+        return Ok(None);
+    };
     let message = format!("{}: {error}", now.format("%Y-%m-%dT%H:%M:%SZ"));
     let message: String = message.chars().take(LAST_ERROR_LEN_MAX).collect();
-    let attempts = Expr::col(notifications::Column::Attempts).add(1);
-    let status = Expr::case(
-        attempts.clone().gte(attempts_max),
-        Expr::value(NotificationStatus::Failed.as_str()),
-    )
-    .finally(Expr::value(NotificationStatus::Pending.as_str()));
-    Ok(notifications::Entity::update_many()
-        .col_expr(notifications::Column::Attempts, attempts)
-        .col_expr(notifications::Column::Status, status.into())
-        .col_expr(notifications::Column::LastError, Expr::value(message))
-        .col_expr(
-            notifications::Column::SentAt,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
-        .filter(notifications::Column::Id.eq(id))
-        .filter(notifications::Column::Status.eq(NotificationStatus::Pending))
+    let attempts = row.attempts.saturating_add(1);
+    let retry_after = policy.after_failure(attempts);
+    let (status, next_attempt_at) = match retry_after {
+        Some(delay) => (
+            NotificationStatus::Pending,
+            Some(now + TimeDelta::from_std(delay).unwrap_or(TimeDelta::MAX)),
+        ),
+        None => (NotificationStatus::Dead, None),
+    };
+    let row = notifications::Entity::update_many()
+        .col_expr(N::Attempts, Expr::value(attempts))
+        .col_expr(N::Status, Expr::value(status.as_str()))
+        .col_expr(N::LastError, Expr::value(message))
+        .col_expr(N::SentAt, Expr::value(Option::<DateTime<Utc>>::None))
+        .col_expr(N::NextAttemptAt, Expr::value(next_attempt_at))
+        .filter(N::Id.eq(id))
+        .filter(N::Status.eq(NotificationStatus::Pending))
+        .filter(N::Attempts.eq(row.attempts))
         .exec_with_returning(c)
         .await?
-        .pop())
+        .pop();
+    Ok(row.map(|row| FailureRecorded { row, retry_after }))
+}
+
+/// A DEAD notification back to PENDING, due now, with a fresh attempt budget (its
+/// last error kept until the next attempt), and its job pushed when a queue is
+/// given. NOT_FOUND for an unknown id; INVALID_INPUT when it is not DEAD.
+pub async fn retry_dead(
+    c: &sea_orm::DatabaseConnection,
+    jobs: Option<&dyn JobSink>,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<notifications::Model> {
+    use notifications::Column as N;
+    let row = load_notification(c, id).await?;
+    let revived = notifications::Entity::update_many()
+        .col_expr(N::Status, Expr::value(NotificationStatus::Pending.as_str()))
+        .col_expr(N::Attempts, Expr::value(0))
+        .col_expr(N::NextAttemptAt, Expr::value(now))
+        .col_expr(N::SentAt, Expr::value(Option::<DateTime<Utc>>::None))
+        .filter(N::Id.eq(id))
+        .filter(N::Status.eq(NotificationStatus::Dead))
+        .exec_with_returning(c)
+        .await?
+        .pop()
+        .ok_or_else(|| {
+            BillingError::invalid(format!(
+                "notification is {}; only a DEAD notification can be retried",
+                row.status.as_str()
+            ))
+        })?;
+    if let Some(jobs) = jobs
+        && let Err(e) = jobs
+            .deliver(DeliverNotification {
+                notification_id: id,
+            })
+            .await
+    {
+        tracing::warn!(notification_id = %id, error = %e, "push failed; the sweep will send it");
+    }
+    Ok(revived)
 }
 
 /// The PENDING notifications a purchase's settlement wrote (its receipt, or the
@@ -694,9 +772,10 @@ pub async fn pending_for_purchase<C: ConnectionTrait>(
         .await?)
 }
 
-/// PENDING notifications created at or before `older_than`, oldest first, at most
-/// `limit` (capped at [`DUE_BATCH_MAX`]): what the sweep re-enqueues. Rows with a
-/// live claim are included; delivering them again is refused by the claim.
+/// PENDING notifications due at or before `older_than` (written then, or scheduled
+/// for a retry then), longest due first, at most `limit` (capped at
+/// [`DUE_BATCH_MAX`]): what the sweep re-enqueues. Rows with a live claim are
+/// included; delivering them again is refused by the claim.
 pub async fn due_notifications<C: ConnectionTrait>(
     c: &C,
     older_than: DateTime<Utc>,
@@ -706,8 +785,8 @@ pub async fn due_notifications<C: ConnectionTrait>(
         .select_only()
         .column(notifications::Column::Id)
         .filter(notifications::Column::Status.eq(NotificationStatus::Pending))
-        .filter(notifications::Column::CreatedAt.lte(older_than))
-        .order_by_asc(notifications::Column::CreatedAt)
+        .filter(due_by(older_than))
+        .order_by_asc(notifications::Column::NextAttemptAt)
         .order_by_asc(notifications::Column::Id)
         .limit(Ord::min(limit, DUE_BATCH_MAX))
         .into_tuple::<Uuid>()

@@ -2,7 +2,7 @@
 //!
 //! `PENDING` (due at `next_attempt_at`) → `DELIVERED` (a 2xx answer within the
 //! timeout) or, after a failed attempt, `PENDING` again at the next time of the
-//! [`RetryPolicy`], until its attempts run out: `DEAD`, with the last error kept.
+//! [`RetryPolicy`] (`RetryPolicy::WEBHOOKS` unless the worker is told otherwise), until its attempts run out: `DEAD`, with the last error kept.
 //! [`retry_dead`] puts a DEAD delivery back to PENDING with a fresh budget.
 //!
 //! An attempt first *claims* the row ([`claim`]): `locked_until` is set to a lease
@@ -17,10 +17,10 @@ use crate::accounts::auth::Principal;
 use crate::error::{BillingError, Result};
 use crate::jobs::{DeliverWebhook, JobSink};
 use crate::reports::history::{Page, PageRequest};
+use crate::retry::RetryPolicy;
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use entity::enums::WebhookDeliveryStatus;
 use entity::{webhook_deliveries, webhook_endpoints, webhook_events};
-use rand::Rng as _;
 use sea_orm::sea_query::{Condition, Expr, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
@@ -39,50 +39,6 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const LAST_ERROR_LEN_MAX: usize = 500;
 /// Most ids one call of [`due`] returns.
 pub const DUE_BATCH_MAX: u64 = 500;
-
-/// When failed attempts are retried: the n-th failure waits `base × 2^(n−1)`, capped
-/// at `cap`, plus up to a quarter more at random (so receivers that failed together
-/// are not retried together); after `attempts_max` attempts the delivery is DEAD.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetryPolicy {
-    pub base: Duration,
-    pub cap: Duration,
-    pub attempts_max: i32,
-}
-
-impl Default for RetryPolicy {
-    /// 10 s doubling to an hour, 33 attempts: the waits add up to more than 24 h
-    /// (24 h 25 min before jitter), as the delivery promise says.
-    fn default() -> Self {
-        Self {
-            base: Duration::from_secs(10),
-            cap: Duration::from_secs(3_600),
-            attempts_max: 33,
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait after the `attempt`-th failed attempt, before jitter.
-    pub fn base_delay(&self, attempt: i32) -> Duration {
-        let doublings = u32::try_from(attempt.clamp(1, 31) - 1).unwrap_or(0);
-        self.base
-            .saturating_mul(1u32 << doublings.min(20))
-            .min(self.cap)
-    }
-
-    /// The wait after the `attempt`-th failed attempt, with jitter.
-    pub fn delay(&self, attempt: i32) -> Duration {
-        let base = self.base_delay(attempt);
-        let jitter_ms = u64::try_from(base.as_millis() / 4).unwrap_or(u64::MAX);
-        base + Duration::from_millis(rand::rng().random_range(0..=jitter_ms))
-    }
-
-    /// The shortest time from the first attempt to the last (jitter only adds).
-    pub fn min_span(&self) -> Duration {
-        (1..self.attempts_max).map(|n| self.base_delay(n)).sum()
-    }
-}
 
 /// One attempt the worker is to make: POST `body` to `url` with the signature made
 /// from `secret`.
@@ -204,6 +160,22 @@ pub async fn claim(
     }))
 }
 
+/// When a PENDING delivery becomes due, if that is still after `now`: a job that
+/// arrives early (a queue that keeps whole seconds runs a delayed job up to a second
+/// early) waits for it rather than leave the retry to the sweep.
+pub async fn not_due_until(
+    db: &DatabaseConnection,
+    delivery_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>> {
+    Ok(webhook_deliveries::Entity::find_by_id(delivery_id)
+        .one(db)
+        .await?
+        .filter(|d| d.status == WebhookDeliveryStatus::Pending)
+        .and_then(|d| d.next_attempt_at)
+        .filter(|at| *at > now))
+}
+
 fn clip(error: &str) -> String {
     error.chars().take(LAST_ERROR_LEN_MAX).collect()
 }
@@ -239,13 +211,10 @@ pub async fn record(
         ),
         AttemptOutcome::NoAnswer { error } => (None, Some(clip(error))),
     };
-    let (status, next_attempt_at, next) = match &error {
-        None => (WebhookDeliveryStatus::Delivered, None, Next::Delivered),
-        Some(_) if attempts >= policy.attempts_max => {
-            (WebhookDeliveryStatus::Dead, None, Next::Dead)
-        }
-        Some(_) => {
-            let delay = policy.delay(attempts);
+    let (status, next_attempt_at, next) = match (&error, policy.after_failure(attempts)) {
+        (None, _) => (WebhookDeliveryStatus::Delivered, None, Next::Delivered),
+        (Some(_), None) => (WebhookDeliveryStatus::Dead, None, Next::Dead),
+        (Some(_), Some(delay)) => {
             let at = now + TimeDelta::from_std(delay).unwrap_or(TimeDelta::MAX);
             (
                 WebhookDeliveryStatus::Pending,
@@ -407,7 +376,6 @@ pub async fn retry_dead(
     delivery_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<DeliveryView> {
-    use webhook_deliveries::Column as D;
     let row = webhook_deliveries::Entity::find_by_id(delivery_id)
         .one(db)
         .await?
@@ -418,6 +386,26 @@ pub async fn retry_dead(
             BillingError::NotFound(_) => BillingError::NotFound("webhook delivery"),
             other => other,
         })?;
+    let revived = revive(db, jobs, delivery_id, now).await?;
+    let types = event_types(db, [revived.event_id]).await?;
+    let t = types.get(&revived.event_id).copied().flatten();
+    Ok(DeliveryView::of(revived, t))
+}
+
+/// A DEAD delivery back to PENDING, due now, with a fresh attempt budget, and its job
+/// pushed; no access check (the mutation checks, an operator's CLI needs none).
+/// NOT_FOUND for an unknown id, INVALID_INPUT when it is not DEAD.
+pub async fn revive(
+    db: &DatabaseConnection,
+    jobs: Option<&dyn JobSink>,
+    delivery_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<webhook_deliveries::Model> {
+    use webhook_deliveries::Column as D;
+    let row = webhook_deliveries::Entity::find_by_id(delivery_id)
+        .one(db)
+        .await?
+        .ok_or(BillingError::NotFound("webhook delivery"))?;
     let revived = webhook_deliveries::Entity::update_many()
         .col_expr(
             D::Status,
@@ -440,29 +428,5 @@ pub async fn retry_dead(
     if let Some(jobs) = jobs {
         push(jobs, [delivery_id]).await;
     }
-    let types = event_types(db, [revived.event_id]).await?;
-    let t = types.get(&revived.event_id).copied().flatten();
-    Ok(DeliveryView::of(revived, t))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_default_schedule_retries_for_a_day() {
-        let p = RetryPolicy::default();
-        assert!(
-            p.min_span() >= Duration::from_secs(24 * 3_600),
-            "{:?}",
-            p.min_span()
-        );
-        assert_eq!(p.base_delay(1), Duration::from_secs(10));
-        assert_eq!(p.base_delay(2), Duration::from_secs(20));
-        assert_eq!(p.base_delay(30), Duration::from_secs(3_600));
-        for n in 1..40 {
-            let d = p.delay(n);
-            assert!(d >= p.base_delay(n) && d <= p.base_delay(n) * 5 / 4);
-        }
-    }
+    Ok(revived)
 }
