@@ -375,9 +375,10 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// `reservoir jobs`: reads only the database settings (and the queue URL), like
-/// `check`; a database with pending migrations is refused.
-pub async fn jobs(config: &DatabaseConfig, action: jobs::Action) -> anyhow::Result<()> {
+/// Connects for a command that reads the schema (`check`, `jobs`): a database with
+/// pending migrations is refused with "run `reservoir migrate` first" rather than a
+/// "no such table" later.
+async fn connect_migrated(config: &DatabaseConfig) -> anyhow::Result<DatabaseConnection> {
     let db = connect(config).await?;
     let pending = db::pending_migrations(&db)
         .await
@@ -388,6 +389,13 @@ pub async fn jobs(config: &DatabaseConfig, action: jobs::Action) -> anyhow::Resu
             redact(&config.database_url)
         );
     }
+    Ok(db)
+}
+
+/// `reservoir jobs`: reads only the database settings (and the queue URL), like
+/// `check`; a database with pending migrations is refused.
+pub async fn jobs(config: &DatabaseConfig, action: jobs::Action) -> anyhow::Result<()> {
+    let db = connect_migrated(config).await?;
     let queue_url = config::queue_url_from_env(config)?;
     let result = jobs::run(&db, &queue_url, action).await;
     db.close().await.ok();
@@ -396,16 +404,7 @@ pub async fn jobs(config: &DatabaseConfig, action: jobs::Action) -> anyhow::Resu
 
 /// Runs the invariant checks and prints the report; Ok(false) when any failed.
 pub async fn check(config: &DatabaseConfig) -> anyhow::Result<bool> {
-    let db = connect(config).await?;
-    let pending = db::pending_migrations(&db)
-        .await
-        .context("reading the migration state")?;
-    if pending > 0 {
-        anyhow::bail!(
-            "the database {} lacks {pending} migration(s): run `reservoir migrate` first",
-            redact(&config.database_url)
-        );
-    }
+    let db = connect_migrated(config).await?;
     let report = billing::ledger::invariants::check(&db).await?;
     println!(
         "{} invariant checks run, {} violations",
