@@ -38,6 +38,11 @@
 //! a workspace always maps to the same lane, so two lanes of one process never wait
 //! on each other's rows while batches for different workspaces commit in parallel.
 //!
+//! A lane keeps up to `in_flight` batches going (2 on PostgreSQL), each on its own
+//! connection: the next batch starts once the previous one holds its locks, so it
+//! queues behind them, and what overlaps is its gathering, `BEGIN` and read request
+//! with the previous batch's write and commit.
+//!
 //! A batch writes one balance event per workspace it changed (the balance sequence
 //! moves once per batch): subscribers see every committed state, coalesced per
 //! commit, with no gaps in `sequence`. Ledger entries keep one running
