@@ -74,12 +74,10 @@ pub(super) struct Named<'a> {
     pub tags: BTreeSet<&'a str>,
     pub models: BTreeSet<&'a str>,
     pub users: BTreeSet<Uuid>,
-    /// Request ids of usage and holds (a hold's id may not be used by usage, and back).
-    pub usage_keys: BTreeSet<&'a str>,
-    pub reserve_keys: BTreeSet<&'a str>,
-    /// The same request ids with their workspace: the keys of the unique indexes that
-    /// PostgreSQL's read probes one by one.
+    /// Request ids of usage and holds (a hold's id may not be used by usage), with
+    /// their workspace: the keys of the unique `(workspace_id, request_id)` indexes.
     pub usage_requests: BTreeSet<(Uuid, &'a str)>,
+    /// Request ids of holds, with their workspace.
     pub reserve_requests: BTreeSet<(Uuid, &'a str)>,
 }
 
@@ -96,7 +94,6 @@ impl<'a> Named<'a> {
                     &req.request_id,
                 ),
                 Op::Reserve { req, .. } => {
-                    n.reserve_keys.insert(&req.request_id);
                     n.reserve_requests
                         .insert((req.workspace_id, req.request_id.as_str()));
                     (
@@ -128,7 +125,6 @@ impl<'a> Named<'a> {
             }
             n.models.insert(model_id);
             n.users.extend(user_id);
-            n.usage_keys.insert(request_id);
             n.usage_requests.insert((workspace_id, request_id.as_str()));
         }
         n
@@ -269,9 +265,9 @@ async fn load_used_keys(
     reservations: &HashMap<Uuid, reservation_rows::Model>,
     workspace_ids: &BTreeSet<Uuid>,
 ) -> Result<(UsedUsage, UsedReserve)> {
-    let mut usage_keys = named.usage_keys.clone();
+    let mut usage_keys: BTreeSet<&str> = named.usage_requests.iter().map(|(_, k)| *k).collect();
     usage_keys.extend(reservations.values().map(|r| r.request_id.as_str()));
-    let reserve_keys = &named.reserve_keys;
+    let reserve_keys: BTreeSet<&str> = named.reserve_requests.iter().map(|(_, k)| *k).collect();
     let mut used_usage = HashMap::new();
     if !usage_keys.is_empty() && !workspace_ids.is_empty() {
         for e in usage_events::Entity::find()

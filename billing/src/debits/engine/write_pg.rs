@@ -162,7 +162,7 @@ fn event_columns(args: &mut Args, events: &[usage_events::Model]) {
 }
 
 /// `ledger_transactions` (`$15`..`$17`) and `ledger_entries` (`$18`..`$25`).
-fn ledger_columns(args: &mut Args, postings: &[Posting]) {
+fn ledger_columns(args: &mut Args, postings: &[Posting]) -> Result<()> {
     args.col(
         postings
             .iter()
@@ -180,6 +180,20 @@ fn ledger_columns(args: &mut Args, postings: &[Posting]) {
         .iter()
         .flat_map(|p| p.entries.iter().map(move |e| (p.usage_event_id, e)))
         .collect();
+    // The columns below fall back to a default only for optional values: an entry
+    // without its kind, amount, description or time fails the batch, as a NULL in a
+    // NOT NULL column would.
+    let complete = |e: &ledger_entries::ActiveModel| {
+        e.kind.is_set()
+            && e.amount_nanos.is_set()
+            && e.description.is_set()
+            && e.created_at.is_set()
+    };
+    if !entries.iter().all(|(_, e)| complete(e)) {
+        return Err(BillingError::Internal(
+            "a usage ledger entry without its kind, amount, description or time".into(),
+        ));
+    }
     let col = |f: &dyn Fn(&ledger_entries::ActiveModel) -> Option<String>| -> Vec<String> {
         entries
             .iter()
@@ -219,6 +233,7 @@ fn ledger_columns(args: &mut Args, postings: &[Posting]) {
                 .map(|(_, e)| set(&e.created_at).unwrap_or_default())
                 .collect::<Vec<_>>(),
         );
+    Ok(())
 }
 
 /// `usage_daily` (`$26`..`$35`) and `usage_daily_by` (`$36`..`$44`).
@@ -325,7 +340,7 @@ fn arguments(
 ) -> Result<(Vec<sea_orm::Value>, [i64; 4])> {
     let mut args = Args::default();
     event_columns(&mut args, events);
-    ledger_columns(&mut args, postings);
+    ledger_columns(&mut args, postings)?;
     rollup_columns(&mut args, events);
     project_columns(&mut args, state);
     let mut changed: Vec<&WorkspaceState> = state
