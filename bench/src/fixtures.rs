@@ -187,22 +187,24 @@ pub async fn fund(
     Ok(())
 }
 
-/// USAGE ledger transactions of the account's workspaces.
-pub async fn usage_transactions(db: &DatabaseConnection, account_id: Uuid) -> anyhow::Result<u64> {
+/// Usage events of the account's workspaces that a USAGE ledger transaction posts
+/// (`usage_events.ledger_transaction_id`; one transaction may post a batch's events
+/// of one workspace, docs/LEDGER.md §3).
+pub async fn usage_posted(db: &DatabaseConnection, account_id: Uuid) -> anyhow::Result<u64> {
     use billing::sea_orm::sea_query::Query;
     let workspace_ids = Query::select()
         .column(workspaces::Column::Id)
         .from(workspaces::Entity)
         .and_where(workspaces::Column::AccountId.eq(account_id))
         .to_owned();
-    let event_ids = Query::select()
-        .column(usage_events::Column::Id)
-        .from(usage_events::Entity)
-        .and_where(usage_events::Column::WorkspaceId.in_subquery(workspace_ids))
+    let usage_transactions = Query::select()
+        .column(ledger_transactions::Column::Id)
+        .from(ledger_transactions::Entity)
+        .and_where(ledger_transactions::Column::Kind.eq("USAGE"))
         .to_owned();
-    Ok(ledger_transactions::Entity::find()
-        .filter(ledger_transactions::Column::Kind.eq("USAGE"))
-        .filter(ledger_transactions::Column::UsageEventId.in_subquery(event_ids))
+    Ok(usage_events::Entity::find()
+        .filter(usage_events::Column::WorkspaceId.in_subquery(workspace_ids))
+        .filter(usage_events::Column::LedgerTransactionId.in_subquery(usage_transactions))
         .count(db)
         .await?)
 }

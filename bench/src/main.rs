@@ -227,7 +227,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .map_or(0, Vec::len);
         extra.insert("account_id".into(), json!(account_id));
         extra.insert("dashboard_workspaces".into(), json!(workspaces));
-        let before = fixtures::usage_transactions(&db, account_id).await?;
+        let before = fixtures::usage_posted(&db, account_id).await?;
         (account_id, load, before)
     } else {
         let workspaces = if scenario == Scenario::UsageSpread {
@@ -392,7 +392,7 @@ async fn finish(
     stats: Stats,
     extra: serde_json::Map<String, Value>,
 ) -> anyhow::Result<()> {
-    let ledger = fixtures::usage_transactions(db, account_id)
+    let ledger = fixtures::usage_posted(db, account_id)
         .await?
         .saturating_sub(usage_before);
     let (invariants_ok, violations) = fixtures::invariants(db).await?;
@@ -416,7 +416,7 @@ async fn finish(
         "errors_whole_run": stats.errors_whole_run,
         "admitted": stats.admitted,
         "ambiguous": stats.ambiguous,
-        "ledger_usage_transactions": ledger,
+        "ledger_posted_events": ledger,
         "admitted_matches_ledger": stats.admitted == ledger,
         "invariants_ok": invariants_ok,
         "invariant_violation_count": violations.len(),
@@ -491,10 +491,10 @@ fn human(r: &Value, errors: &BTreeMap<String, u64>) -> String {
         ));
     }
     out.push_str(&format!(
-        "   admitted  {} (whole run, {} unknown) vs ledger USAGE transactions {}: {}\n",
+        "   admitted  {} (whole run, {} unknown) vs usage events posted to the ledger {}: {}\n",
         r["admitted"],
         r["ambiguous"],
-        r["ledger_usage_transactions"],
+        r["ledger_posted_events"],
         if r["admitted_matches_ledger"] == true {
             "match"
         } else {

@@ -20,6 +20,9 @@ pub struct Model {
     pub request_id: String,
     pub request_hash: String,
     pub reservation_id: Option<Uuid>,
+    /// The USAGE ledger transaction that posted this event: its own, or its batch's
+    /// for the workspace (docs/LEDGER.md §3). Set by the debit engine's write.
+    pub ledger_transaction_id: Option<i64>,
     pub created_at: DateTimeUtc,
 }
 

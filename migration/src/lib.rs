@@ -9,6 +9,7 @@ mod m20261126_000004_usage_daily_by;
 mod m20261202_000005_stripe_cards;
 mod m20261202_000010_webhooks;
 mod m20261206_000011_notification_retries;
+mod m20261206_000012_usage_posting_per_batch;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000005_stripe_cards::Migration),
             Box::new(m20261202_000010_webhooks::Migration),
             Box::new(m20261206_000011_notification_retries::Migration),
+            Box::new(m20261206_000012_usage_posting_per_batch::Migration),
         ]
     }
 }

@@ -49,6 +49,13 @@ pub fn backend_name() -> &'static str {
 
 impl TestDb {
     pub async fn new() -> anyhow::Result<Self> {
+        Self::migrated(None).await
+    }
+
+    /// A database with only the first `steps` migration steps (all when None), to
+    /// test how a later step moves existing data forward.
+    pub async fn migrated(steps: Option<u32>) -> anyhow::Result<Self> {
+        use migration::MigratorTrait as _;
         match std::env::var("TEST_DATABASE_URL") {
             Ok(server) if server.starts_with("postgres") => {
                 let name = format!("reservoir_t_{}", Uuid::new_v4().simple());
@@ -66,7 +73,7 @@ impl TestDb {
                 admin.close().await?;
                 let url = replace_db_name(&server, &name);
                 let db = db::connect(&url, harness_limits()).await?;
-                db::migrate(&db).await?;
+                migration::Migrator::up(&db, steps).await?;
                 Ok(Self {
                     db,
                     url,
@@ -78,7 +85,7 @@ impl TestDb {
                 let dir = tempfile::tempdir()?;
                 let url = format!("sqlite://{}/reservoir.db", dir.path().display());
                 let db = db::connect(&url, harness_limits()).await?;
-                db::migrate(&db).await?;
+                migration::Migrator::up(&db, steps).await?;
                 Ok(Self {
                     db,
                     url,

@@ -232,3 +232,76 @@ async fn ledger_pages_follow_cursors_and_estimates_apply_the_discount() -> anyho
     app.stop().await;
     t.finish().await
 }
+
+/// A ledger entry that posts a debit batch's events of its workspace lists them, oldest
+/// first, page by page; a one-event entry keeps its `usage` (docs/LEDGER.md §3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_entry_lists_the_usage_events_it_posts() -> anyhow::Result<()> {
+    use billing::debits::writer::{DebitWriter, WriterConfig};
+    use billing::sea_orm::ConnectionTrait as _;
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "5", now).await?;
+    // A long window: the three debits land in one batch, in this order.
+    let config = WriterConfig {
+        window_us: 50_000,
+        ..WriterConfig::for_backend(t.db.get_database_backend())
+    };
+    let writer = DebitWriter::start(t.db.clone(), config, None)?;
+    let ids = ["b0", "b1", "b2"];
+    let sent = ids
+        .iter()
+        .map(|id| writer.record_usage(reservoir_tests::usage_req(f.ws_a, id, 1_000), now));
+    for recorded in futures::future::join_all(sent).await {
+        recorded?;
+    }
+    let lone = reservoir_tests::usage_req(f.ws_a, "lone", 2_000);
+    billing::debits::usage::record_usage(&t.db, lone, now).await?;
+
+    let token = accounts::create_user_token(&t.db, f.owner_id, "t", now).await?;
+    let app = App::start(&t).await?;
+    let query = "query($id: ID!, $after: String) { workspace(id: $id) { ledger(first: 2) { edges { node { kind amount description usage { requestId } usageEvents(first: 2, after: $after) { edges { node { requestId } } pageInfo { hasNextPage endCursor } } } } } } }";
+    let ask = |after: Value| {
+        app.gql(
+            Some(&token),
+            query,
+            json!({ "id": f.ws_a.to_string(), "after": after }),
+        )
+    };
+    let first = ask(Value::Null).await?;
+    let entries = &first["data"]["workspace"]["ledger"]["edges"];
+    // Newest first: the lone debit, then the batch.
+    let lone = &entries[0]["node"];
+    assert_eq!(lone["usage"]["requestId"], "lone", "{first}");
+    assert_eq!(lone["amount"], "-0.002");
+    assert_eq!(lone["usageEvents"]["edges"][0]["node"]["requestId"], "lone");
+    let batch = &entries[1]["node"];
+    assert_eq!(batch["kind"], "USAGE");
+    assert_eq!(batch["amount"], "-0.003");
+    assert_eq!(batch["description"], "usage of 3 requests");
+    assert_eq!(batch["usage"], Value::Null);
+    let page = &batch["usageEvents"];
+    let request_ids = |page: &Value| -> Vec<String> {
+        page["edges"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| {
+                e["node"]["requestId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(request_ids(page), ["b0", "b1"]);
+    assert_eq!(page["pageInfo"]["hasNextPage"], true);
+    let second = ask(page["pageInfo"]["endCursor"].clone()).await?;
+    let rest = &second["data"]["workspace"]["ledger"]["edges"][1]["node"]["usageEvents"];
+    assert_eq!(request_ids(rest), ["b2"]);
+    assert_eq!(rest["pageInfo"]["hasNextPage"], false);
+    app.handle.stop(true).await;
+    t.finish().await
+}

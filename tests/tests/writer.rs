@@ -11,8 +11,8 @@ use billing::debits::reservations::ReserveRequest;
 use billing::debits::usage::ProjectRef;
 use billing::debits::writer::{DebitWriter, SettleRequest, WriterConfig};
 use billing::entity::enums::{BudgetPeriod, ReservationStatus};
-use billing::entity::{projects, usage_events};
-use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use billing::entity::{ledger_entries, ledger_transactions, projects, usage_events};
+use billing::sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder};
 use billing::{BillingError, Credits, ErrorCode};
 use chrono::Utc;
 use rand::Rng;
@@ -194,6 +194,97 @@ async fn one_batch_answers_each_request_on_its_own() -> anyhow::Result<()> {
         .await?;
     let ids: HashSet<&str> = events.iter().map(|e| e.request_id.as_str()).collect();
     assert_eq!(ids, HashSet::from(["fits", "small"]));
+    t.finish().await
+}
+
+/// One batch posts one USAGE ledger transaction per workspace it debited, whose entries
+/// carry the sums and whose id each event keeps; a workspace debited once in the batch
+/// gets the transaction it always had (docs/LEDGER.md §3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_posts_once_per_workspace() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "5", now).await?;
+    fund(&t.db, f.ws_b, "5", now).await?;
+    // A long window: the four debits land in one batch (as above).
+    let w = writer(&t.db, 50_000)?;
+    let requests = vec![
+        usage_req(f.ws_a, "a1", 1_000_000),
+        usage_req(f.ws_b, "b1", 2_000_000),
+        usage_req(f.ws_a, "a2", 300_000),
+        usage_req(f.ws_a, "a3", 40_000),
+    ];
+    let answers = futures::future::join_all(
+        requests
+            .into_iter()
+            .map(|req| w.record_usage(req, Utc::now())),
+    )
+    .await;
+    let recorded = answers.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let (a1, b1, a2, a3) = (
+        &recorded[0].event,
+        &recorded[1].event,
+        &recorded[2].event,
+        &recorded[3].event,
+    );
+    let batch_id = a1
+        .ledger_transaction_id
+        .expect("the answer names its posting");
+    assert_eq!(a2.ledger_transaction_id, Some(batch_id));
+    assert_eq!(a3.ledger_transaction_id, Some(batch_id));
+    let own_id = b1
+        .ledger_transaction_id
+        .expect("the answer names its posting");
+    assert_ne!(own_id, batch_id);
+
+    let tx = |id: i64| ledger_transactions::Entity::find_by_id(id).one(&t.db);
+    let batch = tx(batch_id).await?.expect("the batch's transaction");
+    assert_eq!(batch.idempotency_key, format!("usage-batch:{}", a1.id));
+    assert_eq!(batch.usage_event_id, None);
+    let own = tx(own_id).await?.expect("b's transaction");
+    assert_eq!(own.idempotency_key, format!("usage:{}", b1.id));
+    assert_eq!(own.usage_event_id, Some(b1.id));
+
+    let entries = ledger_entries::Entity::find()
+        .filter(ledger_entries::Column::TransactionId.eq(batch_id))
+        .order_by_asc(ledger_entries::Column::Id)
+        .all(&t.db)
+        .await?;
+    let a_after = workspace(&t.db, f.ws_a).await?;
+    let total = 1_340_000_000; // 1 + 0.3 + 0.04 credits
+    let shape: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.workspace_id,
+                e.system_account.as_deref(),
+                e.amount_nanos,
+                e.balance_after_nanos,
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (Some(f.ws_a), None, -total, Some(a_after.balance_nanos)),
+            (None, Some("usage_revenue"), total, None),
+        ]
+    );
+    assert_eq!(entries[0].description, "usage of 3 requests");
+
+    // The rows carry what the answers said, and a replay answers the same.
+    let rows = usage_events::Entity::find()
+        .filter(usage_events::Column::LedgerTransactionId.eq(batch_id))
+        .all(&t.db)
+        .await?;
+    assert_eq!(rows.len(), 3);
+    let replay = w
+        .record_usage(usage_req(f.ws_a, "a2", 300_000), Utc::now())
+        .await?;
+    assert!(replay.replayed);
+    assert_eq!(replay.event.id, a2.id);
+    assert_eq!(replay.event.ledger_transaction_id, Some(batch_id));
     t.finish().await
 }
 

@@ -956,6 +956,9 @@ impl LedgerEntry {
     async fn created_at(&self) -> DateTime<Utc> {
         self.0.created_at
     }
+    /// The usage event of a USAGE entry that posts one event. An entry that posts a
+    /// debit batch's events of its workspace (description "usage of N requests") has
+    /// none here: see `usageEvents`.
     async fn usage(&self, ctx: &Context<'_>) -> Result<Option<UsageEvent>> {
         let tx = ledger_transaction(ctx, self.0.transaction_id).await?;
         let Some(event_id) = tx.and_then(|t| t.usage_event_id) else {
@@ -965,6 +968,31 @@ impl LedgerEntry {
         Ok(load_one(ctx, &l.usage_events, event_id)
             .await?
             .map(UsageEvent))
+    }
+    /// Every usage event a USAGE entry posts, in the order they were recorded (empty for
+    /// other kinds). Its `amount` is their cost (less shortfall, on the workspace's entry).
+    async fn usage_events(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 50)] first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<UsageEventConnection> {
+        let page = page_request(ctx, first, 50, after)?;
+        let page =
+            billing::reports::history::posted_usage_page(db(ctx), self.0.transaction_id, &page)
+                .await
+                .gql(ctx)?;
+        Ok(UsageEventConnection {
+            page_info: page_info(&page),
+            edges: page
+                .rows
+                .into_iter()
+                .map(|(cursor, node)| UsageEventEdge {
+                    cursor,
+                    node: UsageEvent(node),
+                })
+                .collect(),
+        })
     }
     async fn purchase(&self, ctx: &Context<'_>) -> Result<Option<Purchase>> {
         let tx = ledger_transaction(ctx, self.0.transaction_id).await?;
@@ -1392,3 +1420,4 @@ connection!(InvoiceConnection, InvoiceEdge, Invoice);
 connection!(LedgerEntryConnection, LedgerEntryEdge, LedgerEntry);
 connection!(PurchaseConnection, PurchaseEdge, Purchase);
 connection!(TransferConnection, TransferEdge, Transfer);
+connection!(UsageEventConnection, UsageEventEdge, UsageEvent);

@@ -71,11 +71,45 @@ const CHECKS: &[(&str, &str)] = &[
                           WHERE e.workspace_id = w.id AND e.kind = 'USAGE'), 0)",
     ),
     (
-        "every usage event is posted to the ledger exactly once",
+        "every usage event is posted by one USAGE ledger transaction",
         "SELECT CAST(u.request_id AS TEXT) AS subject, CAST(1 AS BIGINT) AS expected, \
-                CAST(COUNT(t.id) AS BIGINT) AS actual \
-         FROM usage_events u LEFT JOIN ledger_transactions t ON t.usage_event_id = u.id \
-         GROUP BY u.id, u.request_id HAVING COUNT(t.id) <> 1",
+                CAST(0 AS BIGINT) AS actual \
+         FROM usage_events u LEFT JOIN ledger_transactions t \
+           ON t.id = u.ledger_transaction_id AND t.kind = 'USAGE' \
+         WHERE t.id IS NULL",
+    ),
+    (
+        "a USAGE transaction earns usage_revenue the cost of the events it posts",
+        "SELECT CAST(t.idempotency_key AS TEXT) AS subject, \
+                CAST(COALESCE(u.cost_nanos, -1) AS BIGINT) AS expected, \
+                CAST(COALESCE(r.amount_nanos, 0) AS BIGINT) AS actual \
+         FROM ledger_transactions t \
+         LEFT JOIN (SELECT ledger_transaction_id, SUM(cost_nanos) AS cost_nanos \
+                    FROM usage_events GROUP BY ledger_transaction_id) u \
+           ON u.ledger_transaction_id = t.id \
+         LEFT JOIN (SELECT transaction_id, SUM(amount_nanos) AS amount_nanos FROM ledger_entries \
+                    WHERE system_account = 'usage_revenue' GROUP BY transaction_id) r \
+           ON r.transaction_id = t.id \
+         WHERE t.kind = 'USAGE' \
+           AND (u.cost_nanos IS NULL OR u.cost_nanos <> COALESCE(r.amount_nanos, 0))",
+    ),
+    (
+        "a USAGE transaction takes from its events' one workspace their cost less shortfall",
+        "SELECT CAST(t.idempotency_key AS TEXT) AS subject, \
+                CAST(-u.charge_nanos AS BIGINT) AS expected, \
+                CAST(COALESCE(SUM(e.amount_nanos), 0) AS BIGINT) AS actual \
+         FROM ledger_transactions t \
+         JOIN (SELECT ledger_transaction_id, COUNT(DISTINCT workspace_id) AS workspaces, \
+                      SUM(cost_nanos - shortfall_nanos) AS charge_nanos \
+               FROM usage_events GROUP BY ledger_transaction_id) u \
+           ON u.ledger_transaction_id = t.id \
+         LEFT JOIN ledger_entries e ON e.transaction_id = t.id AND e.workspace_id IS NOT NULL \
+         LEFT JOIN (SELECT DISTINCT ledger_transaction_id, workspace_id FROM usage_events) m \
+           ON m.ledger_transaction_id = t.id AND m.workspace_id = e.workspace_id \
+         WHERE t.kind = 'USAGE' \
+         GROUP BY t.id, t.idempotency_key, u.charge_nanos, u.workspaces \
+         HAVING u.workspaces <> 1 OR COUNT(e.id) <> 1 OR COUNT(m.workspace_id) <> 1 \
+             OR COALESCE(SUM(e.amount_nanos), 0) <> -u.charge_nanos",
     ),
     (
         "the last balance event of a workspace carries its cached sequence",

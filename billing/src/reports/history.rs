@@ -1,9 +1,9 @@
 //! Paged, newest-first histories: a workspace's ledger, purchases and transfers, and an
-//! account's invoices. Cursors are opaque to clients and encode the last row's key, so
+//! account's invoices; and, oldest first, the usage events one ledger transaction posts. Cursors are opaque to clients and encode the last row's key, so
 //! pages stay stable while new rows arrive at the top.
 
 use crate::error::{BillingError, Result};
-use entity::{invoices, ledger_entries, purchases, transfers, webhook_deliveries};
+use entity::{invoices, ledger_entries, purchases, transfers, usage_events, webhook_deliveries};
 use sea_orm::sea_query::Condition;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
@@ -103,6 +103,26 @@ pub async fn ledger_page<C: ConnectionTrait>(
     }
     let rows = query
         .order_by_desc(ledger_entries::Column::Id)
+        .limit(page.first + 1)
+        .all(c)
+        .await?;
+    Ok(page_of(rows, page.first, |r| r.id.to_string()))
+}
+
+/// The usage events a USAGE ledger transaction posts (one, or a debit batch's events
+/// of one workspace), in the order they were recorded (ids are time-ordered UUIDv7).
+pub async fn posted_usage_page<C: ConnectionTrait>(
+    c: &C,
+    ledger_transaction_id: i64,
+    page: &PageRequest,
+) -> Result<Page<usage_events::Model>> {
+    let mut query = usage_events::Entity::find()
+        .filter(usage_events::Column::LedgerTransactionId.eq(ledger_transaction_id));
+    if let Some(after) = uuid_key(page.after_key()?)? {
+        query = query.filter(usage_events::Column::Id.gt(after));
+    }
+    let rows = query
+        .order_by_asc(usage_events::Column::Id)
         .limit(page.first + 1)
         .all(c)
         .await?;

@@ -19,6 +19,7 @@
 
 mod load;
 mod load_pg;
+mod posting;
 pub(crate) mod rules;
 mod write;
 mod write_pg;
@@ -35,6 +36,7 @@ use chrono::{DateTime, Utc};
 use entity::enums::ReservationStatus;
 use entity::reservations as reservation_rows;
 use sea_orm::DatabaseConnection;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use uuid::Uuid;
 
@@ -122,6 +124,22 @@ impl Reply {
             Op::Reserve { .. } => Self::Reserve(Err(e)),
             Op::Settle(_) => Self::Settle(Box::new(Err(e))),
             Op::Release { .. } => Self::Release(Err(e)),
+        }
+    }
+
+    /// Gives a usage event this batch recorded the id of the ledger transaction that
+    /// posted it, as its row has it.
+    fn stamp_posting(&mut self, posted: &HashMap<Uuid, i64>) {
+        let event = match self {
+            Self::Usage(Ok(recorded)) => &mut recorded.event,
+            Self::Settle(settled) => match settled.as_mut() {
+                Ok(settled) => &mut settled.event,
+                Err(_) => return,
+            },
+            _ => return,
+        };
+        if let Some(id) = posted.get(&event.id) {
+            event.ledger_transaction_id = Some(*id);
         }
     }
 
@@ -259,7 +277,7 @@ pub(crate) async fn apply_batch_signalling(
     locked.tell();
     let loaded_at = add_us(&stats.load_us, started);
     let mut writes = rules::Writes::default();
-    let replies = batch
+    let mut replies: Vec<Reply> = batch
         .iter()
         .map(|(op, now)| {
             rules::judge(&mut state, &mut writes, op, *now)
@@ -267,7 +285,10 @@ pub(crate) async fn apply_batch_signalling(
         })
         .collect();
     let judged_at = add_us(&stats.judge_us, loaded_at);
-    let follow_up = write::write(&tx, &mut state, writes).await?;
+    let (follow_up, posted) = write::write(&tx, &mut state, writes).await?;
+    for reply in &mut replies {
+        reply.stamp_posting(&posted);
+    }
     let written_at = add_us(&stats.write_us, judged_at);
     tx.commit().await?;
     add_us(&stats.commit_us, written_at);

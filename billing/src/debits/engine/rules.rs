@@ -16,22 +16,22 @@
 
 #![deny(clippy::arithmetic_side_effects)]
 
+use super::posting::Posting;
 use super::{Op, Reply, SettleRequest};
 use crate::debits::budget;
 use crate::debits::reservations::{ReserveRequest, Settled, settle_hash};
-use crate::debits::usage::{self, ProjectRef, Recorded, UsageRequest, usage_description};
+use crate::debits::usage::{self, ProjectRef, Recorded, UsageRequest};
 use crate::error::{BillingError, Result};
 use crate::ids::new_id;
-use crate::ledger::{self, system_account};
+use crate::ledger;
 use crate::money::{Credits, DiscountBps};
 use crate::pricing::{self, TokenPrice};
 use chrono::{DateTime, Duration, Utc};
-use entity::enums::{BalanceChangeCause, LedgerEntryKind, ReservationStatus};
+use entity::enums::{BalanceChangeCause, ReservationStatus};
 use entity::{
-    alert_thresholds, auto_reload_settings, ledger_entries, models, projects,
-    reservations as reservation_rows, usage_events, workspaces,
+    alert_thresholds, auto_reload_settings, models, projects, reservations as reservation_rows,
+    usage_events, workspaces,
 };
-use sea_orm::ActiveValue::Set;
 use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
@@ -106,14 +106,6 @@ pub(crate) struct State {
     /// the balance-change policies after the batch's writes.
     pub reload_settings: HashMap<Uuid, auto_reload_settings::Model>,
     pub thresholds: HashMap<Uuid, Vec<alert_thresholds::Model>>,
-}
-
-/// One operation's ledger transaction, before it has an id.
-pub(crate) struct Posting {
-    pub idempotency_key: String,
-    pub usage_event_id: Uuid,
-    pub entries: Vec<ledger_entries::ActiveModel>,
-    pub now: DateTime<Utc>,
 }
 
 /// The rows the batch has decided to write, applied after every operation was judged.
@@ -351,75 +343,6 @@ fn charge_workspace(
     Ok(balance_after)
 }
 
-/// The ledger entries of one usage charge: the workspace pays `charge`, usage
-/// revenue earns `cost`, and any `shortfall` (cost − charge) is recorded as
-/// uncollected. They sum to zero or this is INTERNAL.
-fn usage_entries(
-    event: &usage_events::Model,
-    charge: Credits,
-    balance_after: i64,
-    now: DateTime<Utc>,
-) -> Result<Vec<ledger_entries::ActiveModel>> {
-    let description = usage_description(event);
-    let entry = |workspace_id: Option<Uuid>,
-                 system: Option<&str>,
-                 amount: Credits,
-                 balance_after: Option<i64>,
-                 description: String| ledger_entries::ActiveModel {
-        workspace_id: Set(workspace_id),
-        system_account: Set(system.map(str::to_owned)),
-        kind: Set(LedgerEntryKind::Usage),
-        amount_nanos: Set(amount.nanos()),
-        balance_after_nanos: Set(balance_after),
-        description: Set(description),
-        created_at: Set(now),
-        ..Default::default()
-    };
-    let cost = Credits::from_nanos(event.cost_nanos);
-    let shortfall = Credits::from_nanos(event.shortfall_nanos);
-    let workspace = (
-        Some(event.workspace_id),
-        None,
-        charge.checked_neg()?,
-        Some(balance_after),
-    );
-    let mut entries = vec![
-        entry(
-            workspace.0,
-            workspace.1,
-            workspace.2,
-            workspace.3,
-            description.clone(),
-        ),
-        entry(
-            None,
-            Some(system_account::USAGE_REVENUE),
-            cost,
-            None,
-            description.clone(),
-        ),
-    ];
-    if !shortfall.is_zero() {
-        let uncollected = format!("uncollected: {description}");
-        let system = Some(system_account::USAGE_SHORTFALL);
-        entries.push(entry(
-            None,
-            system,
-            shortfall.checked_neg()?,
-            None,
-            uncollected,
-        ));
-    }
-    let total = Credits::checked_sum([charge.checked_neg()?, cost, shortfall.checked_neg()?])?;
-    if !total.is_zero() {
-        return Err(BillingError::Internal(format!(
-            "unbalanced usage posting for {}",
-            event.workspace_id
-        )));
-    }
-    Ok(entries)
-}
-
 /// Adds a usage event and its posting to the batch's writes.
 fn record(
     writes: &mut Writes,
@@ -429,12 +352,9 @@ fn record(
     balance_after: i64,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    writes.postings.push(Posting {
-        idempotency_key: format!("usage:{}", event.id),
-        usage_event_id: event.id,
-        entries: usage_entries(&event, charge, balance_after, now)?,
-        now,
-    });
+    writes
+        .postings
+        .push(Posting::of_event(&event, charge, balance_after, now)?);
     writes.recorded.insert(key, writes.events.len());
     writes.events.push(event);
     Ok(())
@@ -475,6 +395,7 @@ fn judge_usage(
         request_id: req.request_id.clone(),
         request_hash: hash.to_owned(),
         reservation_id: None,
+        ledger_transaction_id: None,
         created_at: now,
     };
     // Admitted: the checked moves below cannot fail short of a corrupt row, and if
@@ -692,6 +613,7 @@ fn settle_charge(
         request_id: resolved.request_id.clone(),
         request_hash: hash,
         reservation_id: Some(resolved.id),
+        ledger_transaction_id: None,
         created_at: now,
     };
     let key = (ws_id, resolved.request_id.clone());

@@ -10,7 +10,8 @@
 
 use super::FollowUp;
 use super::load::is_postgres;
-use super::rules::{Posting, State, WorkspaceState, Writes};
+use super::posting::{self, Posting};
+use super::rules::{State, WorkspaceState, Writes};
 use crate::error::{BillingError, Result};
 use crate::ledger::{self, BALANCE_EVENTS_CHANNEL};
 use chrono::Utc;
@@ -25,6 +26,7 @@ use sea_orm::{
     EntityTrait, IntoActiveModel, QueryFilter,
 };
 use std::collections::HashMap;
+use uuid::Uuid;
 
 /// Rows per INSERT statement: under SQLite's 32,766 bound variables with the widest
 /// row (usage events, 14 columns) and PostgreSQL's 65,535.
@@ -32,21 +34,26 @@ const INSERT_ROWS_MAX: usize = 1_000;
 /// Ledger transactions per statement pair: each has up to three entries.
 const POSTINGS_PER_INSERT_MAX: usize = 333;
 
+/// Writes the batch; returns its follow-up work and each new usage event's ledger
+/// transaction id.
 pub(super) async fn write(
     tx: &DatabaseTransaction,
     state: &mut State,
     writes: Writes,
-) -> Result<FollowUp> {
+) -> Result<(FollowUp, HashMap<Uuid, i64>)> {
     let pg = is_postgres(tx);
-    if pg {
-        super::write_pg::write_money(tx, state, &writes.events, &writes.postings).await?;
+    let postings = posting::per_workspace(writes.postings)?;
+    let posted = if pg {
+        super::write_pg::write_money(tx, state, &writes.events, &postings).await?
     } else {
-        // Usage events first: the unique (workspace, request id) key is the last line
-        // of defence against a double debit; a violation fails the whole batch.
-        insert_events(tx, &writes.events).await?;
-        post_all(tx, &writes.postings).await?;
+        // The transactions first, for the events' foreign key. The unique (workspace,
+        // request id) key on the events is still the last line of defence against a
+        // double debit: a violation fails the whole batch.
+        let posted = post_all(tx, &postings).await?;
+        insert_events(tx, &writes.events, &posted).await?;
         ledger::add_to_rollups(tx, &writes.events).await?;
-    }
+        posted
+    };
     insert_reservations(tx, &writes.new_reservations).await?;
     resolve_reservations(tx, &writes.resolved_reservations).await?;
     if !pg {
@@ -78,7 +85,7 @@ pub(super) async fn write(
     if !pg {
         insert_balance_events(tx, &changed).await?;
     }
-    Ok(follow_up)
+    Ok((follow_up, posted))
 }
 
 /// Auto-reload and alerts, judged on the row as the batch left it, with the policy
@@ -109,11 +116,24 @@ type PolicyRows<'a> = (
     &'a [entity::alert_thresholds::Model],
 );
 
-async fn insert_events(tx: &DatabaseTransaction, events: &[usage_events::Model]) -> Result<()> {
+/// The events, each with the id of the transaction that posts it.
+async fn insert_events(
+    tx: &DatabaseTransaction,
+    events: &[usage_events::Model],
+    posted: &HashMap<Uuid, i64>,
+) -> Result<()> {
     for chunk in events.chunks(INSERT_ROWS_MAX) {
-        let rows = chunk
-            .iter()
-            .map(|e| e.clone().into_active_model().reset_all());
+        let mut rows = Vec::with_capacity(chunk.len());
+        for event in chunk {
+            let id = posted.get(&event.id).copied().ok_or_else(|| {
+                BillingError::Internal(format!("usage event {} has no posting", event.id))
+            })?;
+            let row = usage_events::Model {
+                ledger_transaction_id: Some(id),
+                ..event.clone()
+            };
+            rows.push(row.into_active_model().reset_all());
+        }
         usage_events::Entity::insert_many(rows)
             .exec_without_returning(tx)
             .await?;
@@ -121,14 +141,15 @@ async fn insert_events(tx: &DatabaseTransaction, events: &[usage_events::Model])
     Ok(())
 }
 
-/// Inserts the batch's ledger transactions and their entries: two statements per
-/// few hundred postings instead of two per posting.
-async fn post_all(tx: &DatabaseTransaction, postings: &[Posting]) -> Result<()> {
+/// Inserts the batch's ledger transactions (one per workspace) and their entries:
+/// two statements per few hundred transactions. Returns each event's transaction id.
+async fn post_all(tx: &DatabaseTransaction, postings: &[Posting]) -> Result<HashMap<Uuid, i64>> {
+    let mut ids: HashMap<String, i64> = HashMap::with_capacity(postings.len());
     for chunk in postings.chunks(POSTINGS_PER_INSERT_MAX) {
         let headers = chunk.iter().map(|p| ledger_transactions::ActiveModel {
             kind: Set("USAGE".to_owned()),
-            idempotency_key: Set(p.idempotency_key.clone()),
-            usage_event_id: Set(Some(p.usage_event_id)),
+            idempotency_key: Set(p.idempotency_key()),
+            usage_event_id: Set(p.usage_event_id()),
             purchase_id: Set(None),
             transfer_id: Set(None),
             created_at: Set(p.now),
@@ -137,16 +158,14 @@ async fn post_all(tx: &DatabaseTransaction, postings: &[Posting]) -> Result<()> 
         let inserted = ledger_transactions::Entity::insert_many(headers)
             .exec_with_returning(tx)
             .await?;
-        let ids: HashMap<&str, i64> = inserted
-            .iter()
-            .map(|t| (t.idempotency_key.as_str(), t.id))
-            .collect();
+        ids.extend(inserted.into_iter().map(|t| (t.idempotency_key, t.id)));
         let mut entries = Vec::with_capacity(chunk.len().saturating_mul(3));
         for p in chunk {
-            let id = *ids.get(p.idempotency_key.as_str()).ok_or_else(|| {
-                BillingError::Internal(format!("no id returned for {}", p.idempotency_key))
-            })?;
-            entries.extend(p.entries.iter().cloned().map(|mut e| {
+            let key = p.idempotency_key();
+            let id = *ids
+                .get(&key)
+                .ok_or_else(|| BillingError::Internal(format!("no id returned for {key}")))?;
+            entries.extend(p.entries()?.into_iter().map(|mut e| {
                 e.transaction_id = Set(id);
                 e
             }));
@@ -155,7 +174,24 @@ async fn post_all(tx: &DatabaseTransaction, postings: &[Posting]) -> Result<()> 
             .exec_without_returning(tx)
             .await?;
     }
-    Ok(())
+    event_postings(postings, &ids)
+}
+
+/// Each event's transaction id, from the transactions' ids by key: INTERNAL if a
+/// posting's transaction was not written.
+pub(super) fn event_postings(
+    postings: &[Posting],
+    ids: &HashMap<String, i64>,
+) -> Result<HashMap<Uuid, i64>> {
+    let mut posted = HashMap::new();
+    for p in postings {
+        let key = p.idempotency_key();
+        let id = *ids
+            .get(&key)
+            .ok_or_else(|| BillingError::Internal(format!("{key} was not posted")))?;
+        posted.extend(p.event_ids.iter().map(|event| (*event, id)));
+    }
+    Ok(posted)
 }
 
 async fn insert_reservations(

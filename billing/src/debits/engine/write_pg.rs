@@ -2,7 +2,7 @@
 //!
 //! Usage events, ledger transactions and their entries, both daily rollups, the
 //! project and workspace counters and the balance events go in as typed arrays, one
-//! per column (`$1`..`$62`), unpacked by `unnest` in data-modifying CTEs, with
+//! per column (`$1`..`$63`), unpacked by `unnest` in data-modifying CTEs, with
 //! `pg_notify` in the same statement. One plan whatever the batch size, one round trip
 //! instead of a dozen, and every value bound in binary: a `uuid[]` or `int8[]`
 //! argument reaches the executor without a text parser (the JSON document this
@@ -19,54 +19,58 @@
 
 #![deny(clippy::arithmetic_side_effects)]
 
-use super::rules::{Posting, State, WorkspaceState};
+use super::posting::Posting;
+use super::rules::{State, WorkspaceState};
 use crate::error::{BillingError, Result};
 use crate::ledger::{self, BALANCE_EVENTS_CHANNEL};
 use chrono::{DateTime, NaiveDate, Utc};
 use entity::{ledger_entries, usage_events};
 use sea_orm::ActiveValue;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement};
+use std::collections::HashMap;
 use uuid::Uuid;
 
 const WRITE_SQL: &str = r#"
-WITH ev AS (
+WITH tx AS (
+  INSERT INTO ledger_transactions (kind, idempotency_key, usage_event_id, created_at)
+  SELECT 'USAGE', x.idempotency_key,
+    NULLIF(x.usage_event_id, '00000000-0000-0000-0000-000000000000'), x.created_at
+  FROM unnest($1::text[], $2::uuid[], $3::timestamptz[])
+    AS x(idempotency_key, usage_event_id, created_at)
+  RETURNING id, idempotency_key),
+ev AS (
   INSERT INTO usage_events (id, workspace_id, project_id, user_id, api_key_id, model_id,
     prompt_tokens, completion_tokens, cost_nanos, shortfall_nanos, request_id, request_hash,
-    reservation_id, created_at)
+    reservation_id, created_at, ledger_transaction_id)
   SELECT x.id, x.workspace_id, NULLIF(x.project_id, '00000000-0000-0000-0000-000000000000'),
     NULLIF(x.user_id, '00000000-0000-0000-0000-000000000000'),
     NULLIF(x.api_key_id, '00000000-0000-0000-0000-000000000000'), x.model_id,
     x.prompt_tokens, x.completion_tokens, x.cost_nanos, x.shortfall_nanos, x.request_id,
     x.request_hash, NULLIF(x.reservation_id, '00000000-0000-0000-0000-000000000000'),
-    x.created_at
-  FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[],
-    $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[], $13::uuid[],
-    $14::timestamptz[]) AS x(id, workspace_id, project_id, user_id, api_key_id, model_id,
-    prompt_tokens, completion_tokens, cost_nanos, shortfall_nanos, request_id, request_hash,
-    reservation_id, created_at)
+    x.created_at, tx.id
+  FROM unnest($4::uuid[], $5::uuid[], $6::uuid[], $7::uuid[], $8::uuid[], $9::text[],
+    $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::text[], $15::text[], $16::uuid[],
+    $17::timestamptz[], $18::text[]) AS x(id, workspace_id, project_id, user_id, api_key_id,
+    model_id, prompt_tokens, completion_tokens, cost_nanos, shortfall_nanos, request_id,
+    request_hash, reservation_id, created_at, ledger_key)
+  JOIN tx ON tx.idempotency_key = x.ledger_key
   RETURNING 1),
-tx AS (
-  INSERT INTO ledger_transactions (kind, idempotency_key, usage_event_id, created_at)
-  SELECT 'USAGE', x.idempotency_key, x.usage_event_id, x.created_at
-  FROM unnest($15::text[], $16::uuid[], $17::timestamptz[])
-    AS x(idempotency_key, usage_event_id, created_at)
-  RETURNING id, usage_event_id),
 en AS (
   INSERT INTO ledger_entries (transaction_id, workspace_id, system_account, kind,
     amount_nanos, balance_after_nanos, description, created_at)
   SELECT tx.id, NULLIF(x.workspace_id, '00000000-0000-0000-0000-000000000000'),
     NULLIF(x.system_account, ''), x.kind, x.amount_nanos,
     NULLIF(x.balance_after_nanos, -9223372036854775808), x.description, x.created_at
-  FROM unnest($18::uuid[], $19::uuid[], $20::text[], $21::text[], $22::int8[], $23::int8[],
-    $24::text[], $25::timestamptz[]) AS x(usage_event_id, workspace_id, system_account,
+  FROM unnest($19::text[], $20::uuid[], $21::text[], $22::text[], $23::int8[], $24::int8[],
+    $25::text[], $26::timestamptz[]) AS x(ledger_key, workspace_id, system_account,
     kind, amount_nanos, balance_after_nanos, description, created_at)
-  JOIN tx ON tx.usage_event_id = x.usage_event_id
+  JOIN tx ON tx.idempotency_key = x.ledger_key
   RETURNING 1),
 daily AS (
   INSERT INTO usage_daily AS d (workspace_id, day, project_id, user_id, api_key_id, model_id,
     requests, prompt_tokens, completion_tokens, cost_nanos)
-  SELECT * FROM unnest($26::uuid[], $27::date[], $28::uuid[], $29::uuid[], $30::uuid[],
-    $31::text[], $32::int8[], $33::int8[], $34::int8[], $35::int8[])
+  SELECT * FROM unnest($27::uuid[], $28::date[], $29::uuid[], $30::uuid[], $31::uuid[],
+    $32::text[], $33::int8[], $34::int8[], $35::int8[], $36::int8[])
   ON CONFLICT (workspace_id, day, project_id, user_id, api_key_id, model_id) DO UPDATE SET
     requests = d.requests + EXCLUDED.requests,
     prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,
@@ -76,8 +80,8 @@ daily AS (
 daily_by AS (
   INSERT INTO usage_daily_by AS d (workspace_id, dimension, day, dim_uuid, dim_model,
     requests, prompt_tokens, completion_tokens, cost_nanos)
-  SELECT * FROM unnest($36::uuid[], $37::text[], $38::date[], $39::uuid[], $40::text[],
-    $41::int8[], $42::int8[], $43::int8[], $44::int8[])
+  SELECT * FROM unnest($37::uuid[], $38::text[], $39::date[], $40::uuid[], $41::text[],
+    $42::int8[], $43::int8[], $44::int8[], $45::int8[])
   ON CONFLICT (workspace_id, dimension, day, dim_uuid, dim_model) DO UPDATE SET
     requests = d.requests + EXCLUDED.requests,
     prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,
@@ -87,8 +91,8 @@ daily_by AS (
 pr AS (
   UPDATE projects AS p SET budget_spent_nanos = x.spent_after,
     budget_reserved_nanos = x.reserved_after, budget_period_start = x.period_start_after
-  FROM unnest($45::uuid[], $46::int8[], $47::int8[], $48::timestamptz[], $49::int8[],
-    $50::int8[], $51::timestamptz[]) AS x(id, spent_before, reserved_before,
+  FROM unnest($46::uuid[], $47::int8[], $48::int8[], $49::timestamptz[], $50::int8[],
+    $51::int8[], $52::timestamptz[]) AS x(id, spent_before, reserved_before,
     period_start_before, spent_after, reserved_after, period_start_after)
   WHERE p.id = x.id AND p.budget_spent_nanos = x.spent_before
     AND p.budget_reserved_nanos = x.reserved_before
@@ -97,20 +101,23 @@ pr AS (
 ws AS (
   UPDATE workspaces AS w SET balance_nanos = w.balance_nanos + x.balance_delta,
     reserved_nanos = w.reserved_nanos + x.reserved_delta, balance_sequence = x.sequence_after
-  FROM unnest($52::uuid[], $53::int8[], $54::int8[], $55::int8[], $56::int8[])
+  FROM unnest($53::uuid[], $54::int8[], $55::int8[], $56::int8[], $57::int8[])
     AS x(id, balance_delta, reserved_delta, sequence_before, sequence_after)
   WHERE w.id = x.id AND w.balance_sequence = x.sequence_before
   RETURNING 1),
 be AS (
   INSERT INTO balance_events (workspace_id, sequence, balance_nanos, reserved_nanos, cause,
     created_at)
-  SELECT * FROM unnest($57::uuid[], $58::int8[], $59::int8[], $60::int8[], $61::text[],
-    $62::timestamptz[])
+  SELECT * FROM unnest($58::uuid[], $59::int8[], $60::int8[], $61::int8[], $62::text[],
+    $63::timestamptz[])
   RETURNING 1)
 SELECT (SELECT count(*) FROM ev) AS events, (SELECT count(*) FROM en) AS entries,
   (SELECT count(*) FROM pr) AS projects, (SELECT count(*) FROM ws) AS workspaces,
   (SELECT count(*) FROM be) AS balance_events,
-  CASE WHEN (SELECT count(*) FROM be) > 0 THEN pg_notify($63, '') END::text AS notified
+  CASE WHEN (SELECT count(*) FROM be) > 0 THEN pg_notify($64, '') END::text AS notified,
+  (SELECT COALESCE(array_agg(id ORDER BY idempotency_key), '{}') FROM tx) AS posted_ids,
+  (SELECT COALESCE(array_agg(idempotency_key ORDER BY idempotency_key), '{}') FROM tx)
+    AS posted_keys
 "#;
 
 /// The statement's arguments, column by column in parameter order.
@@ -139,8 +146,26 @@ fn set<T: Clone + Into<sea_orm::Value>>(v: &ActiveValue<T>) -> Option<T> {
     }
 }
 
-/// `usage_events`: `$1`..`$14`.
-fn event_columns(args: &mut Args, events: &[usage_events::Model]) {
+/// `ledger_transactions`: `$1`..`$3`, one per (batch, workspace) (see `posting`).
+fn transaction_columns(args: &mut Args, postings: &[Posting]) {
+    args.col(
+        postings
+            .iter()
+            .map(Posting::idempotency_key)
+            .collect::<Vec<_>>(),
+    )
+    .col(
+        postings
+            .iter()
+            .map(|p| or_nil(p.usage_event_id()))
+            .collect::<Vec<_>>(),
+    )
+    .col(postings.iter().map(|p| p.now).collect::<Vec<_>>());
+}
+
+/// `usage_events`: `$4`..`$18`; the last is the key of the transaction that posts
+/// the event, which the statement turns into its `ledger_transaction_id`.
+fn event_columns(args: &mut Args, events: &[usage_events::Model], keys: &HashMap<Uuid, String>) {
     let each = |f: fn(&usage_events::Model) -> Uuid| events.iter().map(f).collect::<Vec<_>>();
     let ints = |f: fn(&usage_events::Model) -> i64| events.iter().map(f).collect::<Vec<_>>();
     let texts =
@@ -158,28 +183,25 @@ fn event_columns(args: &mut Args, events: &[usage_events::Model]) {
         .col::<String>(texts(|e| &e.request_id))
         .col::<String>(texts(|e| &e.request_hash))
         .col(each(|e| or_nil(e.reservation_id)))
-        .col(events.iter().map(|e| e.created_at).collect::<Vec<_>>());
+        .col(events.iter().map(|e| e.created_at).collect::<Vec<_>>())
+        // An event without a posting gets the empty key, which joins no
+        // transaction: the statement then inserts fewer events than it was given,
+        // and the count check fails the batch.
+        .col(
+            events
+                .iter()
+                .map(|e| keys.get(&e.id).cloned().unwrap_or_default())
+                .collect::<Vec<_>>(),
+        );
 }
 
-/// `ledger_transactions` (`$15`..`$17`) and `ledger_entries` (`$18`..`$25`).
-fn ledger_columns(args: &mut Args, postings: &[Posting]) -> Result<()> {
-    args.col(
-        postings
-            .iter()
-            .map(|p| p.idempotency_key.clone())
-            .collect::<Vec<_>>(),
-    )
-    .col(
-        postings
-            .iter()
-            .map(|p| p.usage_event_id)
-            .collect::<Vec<_>>(),
-    )
-    .col(postings.iter().map(|p| p.now).collect::<Vec<_>>());
-    let entries: Vec<(Uuid, &ledger_entries::ActiveModel)> = postings
-        .iter()
-        .flat_map(|p| p.entries.iter().map(move |e| (p.usage_event_id, e)))
-        .collect();
+/// `ledger_entries`: `$19`..`$26`, each with its transaction's key. Returns how many.
+fn entry_columns(args: &mut Args, postings: &[Posting]) -> Result<usize> {
+    let mut entries: Vec<(String, ledger_entries::ActiveModel)> = Vec::new();
+    for p in postings {
+        let key = p.idempotency_key();
+        entries.extend(p.entries()?.into_iter().map(|e| (key.clone(), e)));
+    }
     // The columns below fall back to a default only for optional values: an entry
     // without its kind, amount, description or time fails the batch, as a NULL in a
     // NOT NULL column would.
@@ -205,7 +227,7 @@ fn ledger_columns(args: &mut Args, postings: &[Posting]) -> Result<()> {
         col(&|e| set(&e.kind).map(|k| k.as_str().to_owned())),
         col(&|e| set(&e.description)),
     );
-    args.col(entries.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    args.col(entries.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())
         .col(
             entries
                 .iter()
@@ -233,10 +255,10 @@ fn ledger_columns(args: &mut Args, postings: &[Posting]) -> Result<()> {
                 .map(|(_, e)| set(&e.created_at).unwrap_or_default())
                 .collect::<Vec<_>>(),
         );
-    Ok(())
+    Ok(entries.len())
 }
 
-/// `usage_daily` (`$26`..`$35`) and `usage_daily_by` (`$36`..`$44`).
+/// `usage_daily` (`$27`..`$36`) and `usage_daily_by` (`$37`..`$45`).
 fn rollup_columns(args: &mut Args, events: &[usage_events::Model]) {
     let (daily, daily_by) = ledger::rollup_rows(events);
     let uuids = |f: fn(&ledger::DailyRow) -> Uuid| daily.iter().map(f).collect::<Vec<_>>();
@@ -269,7 +291,7 @@ fn sums(args: &mut Args, rows: &[ledger::Sums]) {
         .col(col(|s| s.cost_nanos));
 }
 
-/// The changed projects (`$45`..`$51`): before (the condition) and after.
+/// The changed projects (`$46`..`$52`): before (the condition) and after.
 fn project_columns(args: &mut Args, state: &State) {
     let changed: Vec<_> = state
         .projects
@@ -291,7 +313,7 @@ fn project_columns(args: &mut Args, state: &State) {
         .col(times(&|p| p.row.budget_period_start));
 }
 
-/// The changed workspaces (`$52`..`$56`) and their balance events (`$57`..`$62`).
+/// The changed workspaces (`$53`..`$57`) and their balance events (`$58`..`$63`).
 fn workspace_columns(args: &mut Args, changed: &[&WorkspaceState]) -> Result<()> {
     let mut deltas = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for ws in changed {
@@ -339,8 +361,16 @@ fn arguments(
     postings: &[Posting],
 ) -> Result<(Vec<sea_orm::Value>, [i64; 4])> {
     let mut args = Args::default();
-    event_columns(&mut args, events);
-    ledger_columns(&mut args, postings)?;
+    transaction_columns(&mut args, postings);
+    let keys: HashMap<Uuid, String> = postings
+        .iter()
+        .flat_map(|p| {
+            let key = p.idempotency_key();
+            p.event_ids.iter().map(move |id| (*id, key.clone()))
+        })
+        .collect();
+    event_columns(&mut args, events, &keys);
+    let entries = entry_columns(&mut args, postings)?;
     rollup_columns(&mut args, events);
     project_columns(&mut args, state);
     let mut changed: Vec<&WorkspaceState> = state
@@ -352,7 +382,6 @@ fn arguments(
     workspace_columns(&mut args, &changed)?;
     args.0.push(BALANCE_EVENTS_CHANNEL.into());
     let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-    let entries: usize = postings.iter().map(|p| p.entries.len()).sum();
     let projects = state
         .projects
         .values()
@@ -375,13 +404,14 @@ pub(super) fn sequence_after(ws: &WorkspaceState) -> Result<i64> {
 }
 
 /// Writes the batch's money rows in one statement and moves the changed workspace
-/// rows in memory to what the statement made of them.
+/// rows in memory to what the statement made of them. Returns each event's ledger
+/// transaction id.
 pub(super) async fn write_money(
     tx: &DatabaseTransaction,
     state: &mut State,
     events: &[usage_events::Model],
     postings: &[Posting],
-) -> Result<()> {
+) -> Result<HashMap<Uuid, i64>> {
     let (args, expected) = arguments(state, events, postings)?;
     let stmt = Statement::from_sql_and_values(DbBackend::Postgres, WRITE_SQL, args);
     let row = tx
@@ -403,5 +433,8 @@ pub(super) async fn write_money(
     for ws in state.workspaces.values_mut().filter(|w| w.cause.is_some()) {
         ws.row.balance_sequence = sequence_after(ws)?;
     }
-    Ok(())
+    let ids: Vec<i64> = row.try_get("", "posted_ids")?;
+    let keys: Vec<String> = row.try_get("", "posted_keys")?;
+    let by_key: HashMap<String, i64> = keys.into_iter().zip(ids).collect();
+    super::write::event_postings(postings, &by_key)
 }
