@@ -238,7 +238,6 @@ async fn ledger_pages_follow_cursors_and_estimates_apply_the_discount() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_entry_lists_the_usage_events_it_posts() -> anyhow::Result<()> {
     use billing::debits::writer::{DebitWriter, WriterConfig};
-    use billing::sea_orm::ConnectionTrait as _;
     let t = TestDb::new().await?;
     let now = chrono::Utc::now();
     let f = Fixture::new(&t.db, now).await?;

@@ -214,7 +214,7 @@ mod tests {
         let cost = Credits::from_nanos(e.cost_nanos);
         let charge = cost
             .checked_sub(Credits::from_nanos(e.shortfall_nanos))
-            .unwrap();
+            .expect("shortfall within the cost");
         Posting::of_event(e, charge, balance_after, e.created_at).expect("balanced")
     }
 
@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn one_event_posts_as_before_batching() {
         let e = event(Uuid::now_v7(), 700, 0);
-        let merged = per_workspace(vec![posting(&e, 300)]).unwrap();
+        let merged = per_workspace(vec![posting(&e, 300)]).expect("merged");
         let [p] = merged.as_slice() else {
             panic!("one posting expected")
         };
@@ -267,7 +267,7 @@ mod tests {
             posting(&a2, 870),
             posting(&a3, 845),
         ];
-        let merged = per_workspace(postings).unwrap();
+        let merged = per_workspace(postings).expect("merged");
         assert_eq!(merged.len(), 2);
         let (pa, pb) = (&merged[0], &merged[1]);
         assert_eq!(pa.event_ids, vec![a1.id, a2.id, a3.id]);
