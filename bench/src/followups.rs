@@ -546,7 +546,9 @@ pub async fn run(
     let e = expected(db, fx.account_id, &workspaces, card, endpoint).await?;
     worker.stop(Duration::from_secs(15)).await?;
     let a = analyse(&e, &smtp.received(), &hooks.received(), measure_from, crash);
-    let at_s = |t: DateTime<Utc>| ((t - measure_from).num_milliseconds() as f64 / 1000.0 - warmup.as_secs_f64());
+    let at_s = |t: DateTime<Utc>| {
+        (t - measure_from).num_milliseconds() as f64 / 1000.0 - warmup.as_secs_f64()
+    };
     let mut extra = serde_json::Map::new();
     extra.insert(
         "followups".into(),
