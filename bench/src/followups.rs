@@ -371,6 +371,8 @@ struct Crash {
 struct Analysis {
     capture: Series,
     receipt: Series,
+    /// The receipt's second leg alone: from the capture's commit (which wrote it).
+    receipt_after_capture: Series,
     alert_email: Series,
     other_email: Series,
     webhook: Series,
@@ -396,6 +398,7 @@ fn analyse(
     let mut a = Analysis {
         capture: Series::default(),
         receipt: Series::default(),
+        receipt_after_capture: Series::default(),
         alert_email: Series::default(),
         other_email: Series::default(),
         webhook: Series::default(),
@@ -418,6 +421,9 @@ fn analyse(
         // A receipt's clock starts at its purchase's commit: the whole chain.
         if let Some(&t0) = purchase_commit.get(&n.dedupe_key) {
             a.receipt.add(t0, arrivals, t0 >= measure_from, steady(t0));
+            let captured = n.created_at;
+            a.receipt_after_capture
+                .add(captured, arrivals, t0 >= measure_from, steady(t0));
         } else if n.kind == "LOW_BALANCE_ALERT" {
             let t0 = n.created_at;
             a.alert_email.add(t0, arrivals, t0 >= measure_from, steady(t0));
@@ -564,6 +570,7 @@ pub async fn run(
             "drain_s": (drain_s * 10.0).round() / 10.0,
             "capture": a.capture.json(),
             "receipt_email": a.receipt.json(),
+            "receipt_email_after_capture": a.receipt_after_capture.json(),
             "alert_email": a.alert_email.json(),
             "other_email": a.other_email.json(),
             "webhook": a.webhook.json(),
@@ -587,6 +594,7 @@ pub fn human(r: &Value) -> String {
     for (name, key) in [
         ("capture", "capture"),
         ("receipt e-mail", "receipt_email"),
+        ("  after capture", "receipt_email_after_capture"),
         ("alert e-mail", "alert_email"),
         ("webhook", "webhook"),
         ("setup e-mail", "other_email"),
