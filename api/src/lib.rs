@@ -384,7 +384,12 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if !state.health.is_ready() {
         return worker_ops::unready("database unreachable");
     }
-    match state.config.worker_readiness.as_ref().and_then(|w| w.unready()) {
+    match state
+        .config
+        .worker_readiness
+        .as_ref()
+        .and_then(|w| w.unready())
+    {
         Some(why) => worker_ops::unready(&why),
         None => HttpResponse::Ok().body("ready"),
     }

@@ -117,7 +117,10 @@ async fn add_card(db: &DatabaseConnection, account_id: Uuid) -> anyhow::Result<U
     payment_methods::Entity::insert(payment_methods::ActiveModel {
         id: Set(id),
         account_id: Set(account_id),
-        gateway_token: Set(format!("pm_sandbox_visa_{}", &Uuid::new_v4().simple().to_string()[..8])),
+        gateway_token: Set(format!(
+            "pm_sandbox_visa_{}",
+            &Uuid::new_v4().simple().to_string()[..8]
+        )),
         brand: Set(CardBrand::Visa),
         last4: Set("4242".into()),
         exp_month: Set(12),
@@ -140,11 +143,18 @@ async fn alert_workspace(
     index: usize,
 ) -> anyhow::Result<Tenant> {
     let now = Utc::now();
-    let ws = billing::accounts::create_workspace(db, fx.account_id, &format!("alert-{index:05}"), now)
-        .await?;
+    let ws =
+        billing::accounts::create_workspace(db, fx.account_id, &format!("alert-{index:05}"), now)
+            .await?;
     let project = billing::accounts::create_project(db, ws.id, "Bench", "bench", now).await?;
     let key = billing::accounts::create_api_key(db, ws.id, "bench", Some(project.id), now).await?;
-    fixtures::fund(db, ws.id, Credits::from_whole_credits(ALERT_FUND_CREDITS)?, now).await?;
+    fixtures::fund(
+        db,
+        ws.id,
+        Credits::from_whole_credits(ALERT_FUND_CREDITS)?,
+        now,
+    )
+    .await?;
     set_alert_thresholds(
         db,
         ws.id,
@@ -171,7 +181,9 @@ async fn alert_tokens(db: &DatabaseConnection, model: &str) -> anyhow::Result<i6
         .context("the bench model vanished")?;
     let per_million = m.completion_price_per_million_nanos.max(1) as i128;
     let wanted = i128::from(ALERT_DEBIT_CREDITS) * 1_000_000_000 * 1_000_000 / per_million;
-    let tokens = i64::try_from(wanted).unwrap_or(i64::MAX).min(billing::pricing::TOKENS_MAX);
+    let tokens = i64::try_from(wanted)
+        .unwrap_or(i64::MAX)
+        .min(billing::pricing::TOKENS_MAX);
     Ok(tokens)
 }
 
@@ -199,8 +211,16 @@ where
     made
 }
 
-async fn buy_loop(api: Api, token: String, ws: Uuid, card: Uuid, per_s: f64, window: Window) -> Made {
-    const Q: &str = "mutation($i: PurchaseCreditsInput!) { purchaseCredits(input: $i) { id status } }";
+async fn buy_loop(
+    api: Api,
+    token: String,
+    ws: Uuid,
+    card: Uuid,
+    per_s: f64,
+    window: Window,
+) -> Made {
+    const Q: &str =
+        "mutation($i: PurchaseCreditsInput!) { purchaseCredits(input: $i) { id status } }";
     paced(window, per_s, usize::MAX, |_| {
         let (api, token) = (api.clone(), token.clone());
         async move {
@@ -212,7 +232,14 @@ async fn buy_loop(api: Api, token: String, ws: Uuid, card: Uuid, per_s: f64, win
     .await
 }
 
-async fn alert_loop(api: Api, tenants: Vec<Tenant>, model: String, tokens: i64, per_s: f64, window: Window) -> Made {
+async fn alert_loop(
+    api: Api,
+    tenants: Vec<Tenant>,
+    model: String,
+    tokens: i64,
+    per_s: f64,
+    window: Window,
+) -> Made {
     let query = format!(
         "mutation($r: String!) {{ recordUsage(input: {{modelId: {}, promptTokens: 0, \
          completionTokens: {tokens}, requestId: $r}}) {{ id cost }} }}",
@@ -222,8 +249,12 @@ async fn alert_loop(api: Api, tenants: Vec<Tenant>, model: String, tokens: i64, 
     paced(window, per_s, limit, |i| {
         let (api, query, secret) = (api.clone(), query.clone(), tenants[i].secret.clone());
         async move {
-            api.call(&secret, &query, json!({"r": Uuid::new_v4().simple().to_string()}))
-                .await
+            api.call(
+                &secret,
+                &query,
+                json!({"r": Uuid::new_v4().simple().to_string()}),
+            )
+            .await
         }
     })
     .await
@@ -233,7 +264,12 @@ const ALL_EVENTS: &str = "[BALANCE_LOW, BALANCE_RECOVERED, PURCHASE_SUCCEEDED, P
      AUTO_RELOAD_FAILED, AUTO_RELOAD_DISABLED, INVOICE_CREATED, INVOICE_PAID]";
 
 /// Registers the receiver for every event type, as the owner; its id.
-async fn create_endpoint(api: &Api, token: &str, account_id: Uuid, url: &str) -> anyhow::Result<Uuid> {
+async fn create_endpoint(
+    api: &Api,
+    token: &str,
+    account_id: Uuid,
+    url: &str,
+) -> anyhow::Result<Uuid> {
     let query = format!(
         "mutation($a: ID!, $u: String!) {{ createWebhookEndpoint(input: {{accountId: $a, url: $u, \
          events: {ALL_EVENTS}}}) {{ endpoint {{ id }} }} }}"
@@ -309,10 +345,18 @@ fn arrivals_by_id(list: &[Arrival]) -> HashMap<Uuid, Vec<DateTime<Utc>>> {
 
 /// Nothing left to come: no purchase PENDING, every notification and delivery
 /// finished and seen at its sink.
-fn complete(e: &Expected, mail: &HashMap<Uuid, Vec<DateTime<Utc>>>, hooks: &HashMap<Uuid, Vec<DateTime<Utc>>>) -> bool {
-    e.purchases.iter().all(|p| p.status != PurchaseStatus::Pending)
+fn complete(
+    e: &Expected,
+    mail: &HashMap<Uuid, Vec<DateTime<Utc>>>,
+    hooks: &HashMap<Uuid, Vec<DateTime<Utc>>>,
+) -> bool {
+    e.purchases
+        .iter()
+        .all(|p| p.status != PurchaseStatus::Pending)
         && e.notifications.iter().all(|n| mail.contains_key(&n.id))
-        && e.deliveries.iter().all(|(_, ev)| hooks.contains_key(&ev.id))
+        && e.deliveries
+            .iter()
+            .all(|(_, ev)| hooks.contains_key(&ev.id))
 }
 
 /// One kind of follow-up: how many were expected, arrived, arrived more than once,
@@ -408,7 +452,10 @@ fn analyse(
     };
     let mut purchase_commit = HashMap::new();
     for p in &e.purchases {
-        purchase_commit.insert(billing::policies::notifications::dedupe::receipt(p.id), p.created_at);
+        purchase_commit.insert(
+            billing::policies::notifications::dedupe::receipt(p.id),
+            p.created_at,
+        );
         let captured: Vec<DateTime<Utc>> = match (p.status, p.completed_at) {
             (PurchaseStatus::Succeeded, Some(at)) => vec![at],
             _ => Vec::new(),
@@ -426,7 +473,8 @@ fn analyse(
                 .add(captured, arrivals, t0 >= measure_from, steady(t0));
         } else if n.kind == "LOW_BALANCE_ALERT" {
             let t0 = n.created_at;
-            a.alert_email.add(t0, arrivals, t0 >= measure_from, steady(t0));
+            a.alert_email
+                .add(t0, arrivals, t0 >= measure_from, steady(t0));
         } else {
             a.other_email.add(n.created_at, arrivals, false, false);
         }
@@ -437,20 +485,34 @@ fn analyse(
         let t0 = ev.created_at;
         a.webhook.add(t0, arrivals, t0 >= measure_from, steady(t0));
     }
-    let known_mail: std::collections::HashSet<Uuid> = e.notifications.iter().map(|n| n.id).collect();
-    a.unmatched_emails = mail.iter().filter(|m| m.id.is_none_or(|id| !known_mail.contains(&id))).count() as u64;
-    let known_events: std::collections::HashSet<Uuid> = e.deliveries.iter().map(|(_, ev)| ev.id).collect();
-    a.unmatched_webhooks = hooks.iter().filter(|h| h.id.is_none_or(|id| !known_events.contains(&id))).count() as u64;
+    let known_mail: std::collections::HashSet<Uuid> =
+        e.notifications.iter().map(|n| n.id).collect();
+    a.unmatched_emails = mail
+        .iter()
+        .filter(|m| m.id.is_none_or(|id| !known_mail.contains(&id)))
+        .count() as u64;
+    let known_events: std::collections::HashSet<Uuid> =
+        e.deliveries.iter().map(|(_, ev)| ev.id).collect();
+    a.unmatched_webhooks = hooks
+        .iter()
+        .filter(|h| h.id.is_none_or(|id| !known_events.contains(&id)))
+        .count() as u64;
     a
 }
 
 fn verdict(a: &Analysis) -> Value {
     let timed = [&a.capture, &a.receipt, &a.alert_email, &a.webhook];
     let latency_met = timed.iter().all(|s| s.meets_target());
-    let lost: u64 = [&a.capture, &a.receipt, &a.alert_email, &a.other_email, &a.webhook]
-        .iter()
-        .map(|s| s.expected - s.received)
-        .sum();
+    let lost: u64 = [
+        &a.capture,
+        &a.receipt,
+        &a.alert_email,
+        &a.other_email,
+        &a.webhook,
+    ]
+    .iter()
+    .map(|s| s.expected - s.received)
+    .sum();
     let email_twice = a.receipt.duplicates + a.alert_email.duplicates + a.other_email.duplicates;
     json!({
         "p99_target_ms": TARGET_P99_MS,
@@ -474,7 +536,11 @@ async fn drain(
     let started = tokio::time::Instant::now();
     loop {
         let e = expected(db, account, workspaces, card, endpoint).await?;
-        let done = complete(&e, &arrivals_by_id(&smtp.received()), &arrivals_by_id(&hooks.received()));
+        let done = complete(
+            &e,
+            &arrivals_by_id(&smtp.received()),
+            &arrivals_by_id(&hooks.received()),
+        );
         if done || started.elapsed() >= limit {
             return Ok((e, done, started.elapsed().as_secs_f64()));
         }
@@ -525,17 +591,37 @@ pub async fn run(
     );
     let window = Window::after(warmup, duration);
     let hot_load = tokio::spawn(load::run(load, clients, window));
-    let buys = tokio::spawn(buy_loop(api.clone(), fx.owner_token.clone(), hot.workspace_id, card, opts.purchases_per_s, window));
-    let alerts = tokio::spawn(alert_loop(api.clone(), alert_tenants.clone(), fx.model_id.clone(), tokens, opts.alerts_per_s, window));
+    let buys = tokio::spawn(buy_loop(
+        api.clone(),
+        fx.owner_token.clone(),
+        hot.workspace_id,
+        card,
+        opts.purchases_per_s,
+        window,
+    ));
+    let alerts = tokio::spawn(alert_loop(
+        api.clone(),
+        alert_tenants.clone(),
+        fx.model_id.clone(),
+        tokens,
+        opts.alerts_per_s,
+        window,
+    ));
     let mut crash = None;
     if let Some(at) = opts.kill_at {
         tokio::time::sleep_until(window.start + duration.mul_f64(at.clamp(0.0, 1.0))).await;
         worker.kill()?;
         let killed = Utc::now();
-        eprintln!("followups: worker SIGKILLed; starting it again in {:?}", opts.worker_down);
+        eprintln!(
+            "followups: worker SIGKILLed; starting it again in {:?}",
+            opts.worker_down
+        );
         tokio::time::sleep(opts.worker_down).await;
         worker = WorkerProcess::start(&opts.worker_bin, &opts.database_url, &smtp.url(), &log)?;
-        crash = Some(Crash { killed, restarted: Utc::now() });
+        crash = Some(Crash {
+            killed,
+            restarted: Utc::now(),
+        });
     }
     let mut stats = hot_load.await??;
     let (buys, alerts) = (buys.await?, alerts.await?);
@@ -588,8 +674,14 @@ pub fn human(r: &Value) -> String {
     let f = &r["followups"];
     let mut out = format!(
         "   follow-ups: {} purchases ({} errors), {} alert debits ({} errors); worker SIGKILLed at {} s, running again at {} s; drained {} in {} s\n",
-        f["purchases_made"], f["purchase_errors"], f["alert_debits_made"], f["alert_errors"],
-        f["worker_killed_at_s"], f["worker_restarted_at_s"], f["drained"], f["drain_s"]
+        f["purchases_made"],
+        f["purchase_errors"],
+        f["alert_debits_made"],
+        f["alert_errors"],
+        f["worker_killed_at_s"],
+        f["worker_restarted_at_s"],
+        f["drained"],
+        f["drain_s"]
     );
     for (name, key) in [
         ("capture", "capture"),

@@ -42,7 +42,13 @@ struct Capture {
 }
 
 impl Handler for Capture {
-    fn data_start(&mut self, _domain: &str, _from: &str, _is8bit: bool, _to: &[String]) -> Response {
+    fn data_start(
+        &mut self,
+        _domain: &str,
+        _from: &str,
+        _is8bit: bool,
+        _to: &[String],
+    ) -> Response {
         self.current.clear();
         response::OK
     }
@@ -55,13 +61,7 @@ impl Handler for Capture {
     /// The 250 that follows is the acceptance the worker waits for before marking SENT.
     fn data_end(&mut self) -> Response {
         let id = message_id(&self.current);
-        push(
-            &self.inbox,
-            Arrival {
-                id,
-                at: Utc::now(),
-            },
-        );
+        push(&self.inbox, Arrival { id, at: Utc::now() });
         self.current.clear();
         response::OK
     }
@@ -78,7 +78,10 @@ fn message_id(data: &[u8]) -> Option<Uuid> {
             && name.eq_ignore_ascii_case("message-id")
         {
             let value = value.trim().trim_start_matches('<');
-            return value.split('@').next().and_then(|s| Uuid::parse_str(s).ok());
+            return value
+                .split('@')
+                .next()
+                .and_then(|s| Uuid::parse_str(s).ok());
         }
     }
     None
@@ -208,7 +211,12 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    pub fn start(bin: &Path, database_url: &str, smtp_url: &str, log: &Path) -> anyhow::Result<Self> {
+    pub fn start(
+        bin: &Path,
+        database_url: &str,
+        smtp_url: &str,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -94,7 +94,15 @@ async fn worker_readyz_follows_its_database() -> anyhow::Result<()> {
         .timeout(Duration::from_secs(5))
         .build()?;
 
-    until_status(&client, &base, 200, Duration::from_secs(60), &mut worker, &log).await?;
+    until_status(
+        &client,
+        &base,
+        200,
+        Duration::from_secs(60),
+        &mut worker,
+        &log,
+    )
+    .await?;
     let metrics = client
         .get(format!("{base}/metrics"))
         .send()
@@ -105,14 +113,25 @@ async fn worker_readyz_follows_its_database() -> anyhow::Result<()> {
         metrics.contains("reservoir_worker_ready 1"),
         "metrics: {metrics}"
     );
-    assert!(metrics.contains("reservoir_jobs_waiting"), "metrics: {metrics}");
+    assert!(
+        metrics.contains("reservoir_jobs_waiting"),
+        "metrics: {metrics}"
+    );
 
     let pg = tokio::task::spawn_blocking(move || {
         let mut pg = pg;
         pg.stop().map(|()| pg)
     })
     .await??;
-    let why = until_status(&client, &base, 503, Duration::from_secs(30), &mut worker, &log).await?;
+    let why = until_status(
+        &client,
+        &base,
+        503,
+        Duration::from_secs(30),
+        &mut worker,
+        &log,
+    )
+    .await?;
     assert!(why.contains("unreachable"), "the reason: {why}");
     let metrics = client
         .get(format!("{base}/metrics"))
@@ -132,7 +151,15 @@ async fn worker_readyz_follows_its_database() -> anyhow::Result<()> {
     .await??;
     // The job workers that failed meanwhile wait out their restart backoff (at most
     // 30 s) before they poll again.
-    until_status(&client, &base, 200, Duration::from_secs(90), &mut worker, &log).await?;
+    until_status(
+        &client,
+        &base,
+        200,
+        Duration::from_secs(90),
+        &mut worker,
+        &log,
+    )
+    .await?;
     drop(worker);
     drop(pg);
     Ok(())

@@ -352,6 +352,10 @@ async fn the_per_call_path_pushes_the_alert_it_wrote() -> anyhow::Result<()> {
     let sent = alerts_sent(&s.t.db, s.f.ws_a).await?;
     assert_eq!(sent.len(), 1, "one crossing, one alert");
     let pushed = sink.0.lock().map(|p| p.clone()).unwrap_or_default();
-    assert_eq!(pushed, vec![sent[0].0.id], "its job pushed after the commit");
+    assert_eq!(
+        pushed,
+        vec![sent[0].0.id],
+        "its job pushed after the commit"
+    );
     Ok(())
 }

@@ -422,9 +422,24 @@ macro_rules! spawn_workers {
                 .run_until(until(stop))
         };
         vec![
-            tokio::spawn(supervise("capture", $stop.clone(), $health.clone(), capture_worker)),
-            tokio::spawn(supervise("email", $stop.clone(), $health.clone(), delivery_worker)),
-            tokio::spawn(supervise("webhook", $stop.clone(), $health.clone(), webhook_worker)),
+            tokio::spawn(supervise(
+                "capture",
+                $stop.clone(),
+                $health.clone(),
+                capture_worker,
+            )),
+            tokio::spawn(supervise(
+                "email",
+                $stop.clone(),
+                $health.clone(),
+                delivery_worker,
+            )),
+            tokio::spawn(supervise(
+                "webhook",
+                $stop.clone(),
+                $health.clone(),
+                webhook_worker,
+            )),
         ]
     }};
 }
@@ -452,7 +467,10 @@ pub async fn run(
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeps = tokio::spawn(sweep_loop(deps.clone(), config.clone(), stop_rx.clone()));
-    let poll_health = config.health.clone().unwrap_or_else(health::WorkerHealth::new);
+    let poll_health = config
+        .health
+        .clone()
+        .unwrap_or_else(health::WorkerHealth::new);
     let probe = tokio::spawn(health::probe_loop(
         db.clone(),
         queue.clone(),
@@ -464,12 +482,28 @@ pub async fn run(
             capture,
             delivery,
             webhook,
-        } => spawn_workers!(capture, delivery, webhook, deps, config, stop_rx, poll_health),
+        } => spawn_workers!(
+            capture,
+            delivery,
+            webhook,
+            deps,
+            config,
+            stop_rx,
+            poll_health
+        ),
         Queue::Postgres {
             capture,
             delivery,
             webhook,
-        } => spawn_workers!(capture, delivery, webhook, deps, config, stop_rx, poll_health),
+        } => spawn_workers!(
+            capture,
+            delivery,
+            webhook,
+            deps,
+            config,
+            stop_rx,
+            poll_health
+        ),
     };
     shutdown.await;
     let _ = stop_tx.send(true);
