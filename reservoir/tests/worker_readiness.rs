@@ -25,7 +25,11 @@ impl Drop for Worker {
 
 /// `/readyz`'s status and body (status 0: no answer).
 async fn readyz(client: &reqwest::Client, base: &str) -> (u16, String) {
-    match client.get(format!("{base}/readyz")).send().await {
+    let asked = client
+        .get(format!("{base}/readyz"))
+        .timeout(Duration::from_secs(5))
+        .send();
+    match asked.await {
         Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
         Err(_) => (0, String::new()),
     }
@@ -90,9 +94,7 @@ async fn worker_readyz_follows_its_database() -> anyhow::Result<()> {
             .spawn()?,
     );
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()?;
+    let client = reservoir_tests::app::http_client();
 
     until_status(
         &client,

@@ -255,7 +255,7 @@ async fn readyz_covers_the_job_workers_of_the_process() -> anyhow::Result<()> {
     };
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let (handle, addr, _join) = api::spawn(listener, t.second_pool().await?, config)?;
-    let client = reqwest::Client::new();
+    let client = reservoir_tests::app::http_client();
     let readyz = || async {
         let r = client.get(format!("http://{addr}/readyz")).send().await?;
         anyhow::Ok((r.status().as_u16(), r.text().await?))
