@@ -638,8 +638,10 @@ pub async fn run(
     let e = expected(db, fx.account_id, &workspaces, card, endpoint).await?;
     worker.stop(Duration::from_secs(15)).await?;
     let a = analyse(&e, &smtp.received(), &hooks.received(), measure_from, crash);
+    // Seconds into the measured window, to the millisecond.
     let at_s = |t: DateTime<Utc>| {
-        (t - measure_from).num_milliseconds() as f64 / 1000.0 - warmup.as_secs_f64()
+        let ms = (t - measure_from).num_milliseconds() - warmup.as_millis() as i64;
+        ms as f64 / 1000.0
     };
     let mut extra = serde_json::Map::new();
     extra.insert(
@@ -672,12 +674,16 @@ pub async fn run(
 /// The report's follow-up lines (stderr).
 pub fn human(r: &Value) -> String {
     let f = &r["followups"];
+    let errors = |v: &Value| {
+        v.as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>())
+    };
     let mut out = format!(
         "   follow-ups: {} purchases ({} errors), {} alert debits ({} errors); worker SIGKILLed at {} s, running again at {} s; drained {} in {} s\n",
         f["purchases_made"],
-        f["purchase_errors"],
+        errors(&f["purchase_errors"]),
         f["alert_debits_made"],
-        f["alert_errors"],
+        errors(&f["alert_errors"]),
         f["worker_killed_at_s"],
         f["worker_restarted_at_s"],
         f["drained"],
