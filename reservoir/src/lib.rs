@@ -194,6 +194,21 @@ pub async fn run(config: Config, process: Process) -> anyhow::Result<()> {
         handle.stop(true).await;
         let _ = tokio::time::timeout(timeout, join).await;
     }
+    stop_worker(ops, worker, timeout).await;
+    db.close().await.ok();
+    Ok(())
+}
+
+/// After the stop signal: the worker-only process's listener stopped, then the worker
+/// waited for, each for at most `timeout`.
+async fn stop_worker(
+    ops: Option<(
+        api::ServerHandle,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    )>,
+    worker: Option<tokio::task::JoinHandle<()>>,
+    timeout: Duration,
+) {
     if let Some((handle, join)) = ops {
         handle.stop(true).await;
         let _ = tokio::time::timeout(timeout, join).await;
@@ -206,8 +221,6 @@ pub async fn run(config: Config, process: Process) -> anyhow::Result<()> {
             "worker did not stop in time"
         );
     }
-    db.close().await.ok();
-    Ok(())
 }
 
 /// The mailer the configuration names (SMTP, or the outbox folder), after checking the
