@@ -8,6 +8,10 @@
 #   bench/run-scenario.sh usage-batch postgres --clients 16
 #   bench/run-scenario.sh subscribe postgres --subscribers 1000
 #   SEED_EVENTS=1000000 bench/run-scenario.sh dashboard postgres
+#   bench/run-scenario.sh followups postgres --clients 64
+#
+# followups starts `reservoir api` (not `serve`): the bench runs the worker itself, as a
+# process of its own with this script's server environment, so it can SIGKILL it.
 #
 # Environment: RUNS (3), DURATION (10), PORT (18085), OUT_DIR (/tmp/reservoir-bench),
 # SKIP_BUILD=1, BIN_DIR (the folder holding reservoir and reservoir-bench, default the
@@ -50,25 +54,30 @@ stop_server() {
 }
 trap stop_server EXIT
 
-# Starts a server on a fresh database; sets $db_url and $data_dir.
+# Starts a server on a fresh database; sets $db_url, $data_dir and $server_env (the
+# followups bench hands the latter to the worker it starts).
 start_server() {
     data_dir=$(mktemp -d "$out_dir/server.XXXXXX")
-    local env=(RESERVOIR_DATA_DIR="$data_dir" RESERVOIR_LISTEN="127.0.0.1:$port"
+    local mode=serve
+    [[ $scenario == followups ]] && mode=api
+    server_env=(RESERVOIR_DATA_DIR="$data_dir" RESERVOIR_LISTEN="127.0.0.1:$port"
         RESERVOIR_DEMO_SEED=false RESERVOIR_LOG="${RESERVOIR_LOG:-warn}"
         # The load generator is one credential at full speed: measure the engine, not
         # the per-key limit.
-        RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND="${RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND:-0}")
+        RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND="${RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND:-0}"
+        # followups registers the bench's own plain-HTTP receiver.
+        RESERVOIR_WEBHOOKS_ALLOW_HTTP=true)
     if [[ $backend == postgres ]]; then
         local name="reservoir_bench_run"
         psql "$pg_base/postgres" -qc "DROP DATABASE IF EXISTS $name WITH (FORCE)" >/dev/null
         psql "$pg_base/postgres" -qc "CREATE DATABASE $name" >/dev/null
         db_url="$pg_base/$name"
-        env+=(RESERVOIR_DATABASE_URL="$db_url" RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES=true
+        server_env+=(RESERVOIR_DATABASE_URL="$db_url" RESERVOIR_ALLOW_SANDBOX_WITH_POSTGRES=true
             RESERVOIR_ADMIN_TOKEN="bench-admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')")
     else
         db_url="sqlite://$data_dir/reservoir.db"
     fi
-    (cd "$data_dir" && exec env "${env[@]}" "$server_bin" serve >"$data_dir/server.log" 2>&1) &
+    (cd "$data_dir" && exec env "${server_env[@]}" "$server_bin" "$mode" >"$data_dir/server.log" 2>&1) &
     server_pid=$!
     for _ in $(seq 1 600); do
         curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && return 0
@@ -91,7 +100,8 @@ fi
 for run in $(seq 1 "$runs"); do
     [[ $scenario == dashboard ]] || start_server
     echo "[run-scenario] $scenario on $backend, run $run/$runs" >&2
-    (cd "$data_dir" && "$bench_bin" run --scenario "$scenario" --url "http://127.0.0.1:$port" \
+    (cd "$data_dir" && env "${server_env[@]}" "$bench_bin" run --scenario "$scenario" \
+        --url "http://127.0.0.1:$port" --worker-bin "$server_bin" \
         --database-url "$db_url" --duration-s "$duration" "$@") | tee -a "$results"
     echo "[run-scenario] writer: $(writer_metrics)" >&2
     [[ $scenario == dashboard ]] || stop_server
@@ -110,6 +120,13 @@ summary = {
     "all_invariants_ok": all(r.get("invariants_ok") for r in rows),
     "all_admitted_match_ledger": all(r.get("admitted_matches_ledger") for r in rows),
 }
+if rows[0]["scenario"] == "followups":
+    for key in ("capture", "receipt_email", "alert_email", "webhook"):
+        summary[key + "_steady_p99_ms_median"] = statistics.median(r["followups"][key]["steady_ms"]["p99"] for r in rows)
+        summary[key + "_all_p99_ms_median"] = statistics.median(r["followups"][key]["all_ms"]["p99"] for r in rows)
+        summary[key + "_lost_total"] = sum(r["followups"][key]["lost"] for r in rows)
+        summary[key + "_duplicates_total"] = sum(r["followups"][key]["duplicates"] for r in rows)
+    summary["all_targets_met"] = all(r["followups"]["target"]["met"] for r in rows)
 if rows[0]["scenario"] == "subscribe":
     summary["delivery_p50_ms_median"] = med("delivery_ms", "p50")
     summary["delivery_p99_ms_median"] = med("delivery_ms", "p99")

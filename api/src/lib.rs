@@ -12,8 +12,10 @@ pub mod rate_limit;
 pub mod scalars;
 pub mod schema;
 pub mod websocket;
+pub mod worker_ops;
 
-use actix_web::dev::{Server, ServerHandle};
+use actix_web::dev::Server;
+pub use actix_web::dev::ServerHandle;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, guard, web};
 use billing::sea_orm::DatabaseConnection;
 use error::RequestId;
@@ -54,6 +56,9 @@ pub struct ApiConfig {
     pub rate_limits: rate_limit::RateLimits,
     /// Whether `http://` webhook endpoints are accepted on PostgreSQL.
     pub webhook_urls: billing::webhooks::endpoints::UrlPolicy,
+    /// The job workers running in this process (`reservoir serve`): `/readyz` is 503
+    /// while they cannot poll. None: no worker here.
+    pub worker_readiness: Option<Arc<dyn billing::jobs::WorkerReadiness>>,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -69,6 +74,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("introspection", &self.introspection)
             .field("rate_limits", &self.rate_limits)
             .field("webhook_urls", &self.webhook_urls)
+            .field("worker_readiness", &self.worker_readiness.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -88,6 +94,7 @@ impl Default for ApiConfig {
             introspection: true,
             rate_limits: rate_limit::RateLimits::default(),
             webhook_urls: billing::webhooks::endpoints::UrlPolicy::default(),
+            worker_readiness: None,
         }
     }
 }
@@ -370,15 +377,21 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().body("ok")
 }
 
-/// The database answered the last health ping, and recently: read from the cached
-/// state, so this answers at once even while the database hangs.
+/// The database answered the last health ping, and recently, and the job workers of
+/// this process (if any) can poll their queues: read from cached states, so this
+/// answers at once even while the database hangs.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.health.is_ready() {
-        HttpResponse::Ok().body("ready")
-    } else {
-        HttpResponse::ServiceUnavailable()
-            .insert_header((actix_web::http::header::RETRY_AFTER, "1"))
-            .body("database unreachable")
+    if !state.health.is_ready() {
+        return worker_ops::unready("database unreachable");
+    }
+    match state
+        .config
+        .worker_readiness
+        .as_ref()
+        .and_then(|w| w.unready())
+    {
+        Some(why) => worker_ops::unready(&why),
+        None => HttpResponse::Ok().body("ready"),
     }
 }
 

@@ -101,6 +101,9 @@ pub struct Tenant {
 #[derive(Debug)]
 pub struct Fixture {
     pub account_id: Uuid,
+    /// The account's owner and their user token (`followups` buys and configures as them).
+    pub owner_id: Uuid,
+    pub owner_token: String,
     pub model_id: String,
     pub tenants: Vec<Tenant>,
     pub setup_s: f64,
@@ -133,13 +136,15 @@ pub async fn setup(
         .await?;
     Ok(Fixture {
         account_id,
+        owner_id: created.owner.id,
+        owner_token: created.owner_token,
         model_id,
         tenants,
         setup_s: started.elapsed().as_secs_f64(),
     })
 }
 
-async fn setup_workspace(
+pub async fn setup_workspace(
     db: &DatabaseConnection,
     account_id: Uuid,
     index: usize,

@@ -6,8 +6,10 @@
 
 mod dashboard;
 mod fixtures;
+mod followups;
 mod hist;
 mod load;
+mod sinks;
 mod subscribe;
 
 use anyhow::Context;
@@ -54,6 +56,7 @@ enum Scenario {
     ReserveSettle,
     Subscribe,
     Dashboard,
+    Followups,
 }
 
 impl Scenario {
@@ -65,6 +68,7 @@ impl Scenario {
             Self::ReserveSettle => "reserve-settle",
             Self::Subscribe => "subscribe",
             Self::Dashboard => "dashboard",
+            Self::Followups => "followups",
         }
     }
 }
@@ -104,6 +108,26 @@ struct RunArgs {
     /// dashboard: a token that can read the account (default: from ./bench-dashboard.json).
     #[arg(long)]
     token: Option<String>,
+    /// followups: the `reservoir` binary run as the worker (default: next to this one).
+    /// Its configuration is this process's environment (the server's), plus the SMTP URL.
+    #[arg(long)]
+    worker_bin: Option<std::path::PathBuf>,
+    /// followups: card purchases per second (on the hot workspace, as its owner).
+    #[arg(long, default_value_t = 2.0)]
+    purchases_per_s: f64,
+    /// followups: low-balance alert crossings per second (one alert workspace each).
+    #[arg(long, default_value_t = 2.0)]
+    alerts_per_s: f64,
+    /// followups: when in the measured window to SIGKILL the worker (0 to 1); negative: never.
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    kill_at: f64,
+    /// followups: seconds the killed worker stays down before it is started again.
+    #[arg(long, default_value_t = 2.0)]
+    worker_down_s: f64,
+    /// followups: longest wait after the load for every follow-up to arrive (a job cut
+    /// off by the kill waits for its claim's lease: 300 s for an e-mail).
+    #[arg(long, default_value_t = 420.0)]
+    drain_s: f64,
 }
 
 #[derive(Parser)]
@@ -255,6 +279,44 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         let auths = fx.tenants.iter().map(|t| t.auth.clone()).collect();
         let load = Load::new(client, &base, kind, auths, &fx.model_id)?;
+        if scenario == Scenario::Followups {
+            let opts = followups::Options {
+                worker_bin: args
+                    .worker_bin
+                    .clone()
+                    .unwrap_or_else(sinks::default_worker_bin),
+                database_url: args.database_url.clone(),
+                purchases_per_s: args.purchases_per_s,
+                alerts_per_s: args.alerts_per_s,
+                kill_at: (args.kill_at >= 0.0).then_some(args.kill_at),
+                worker_down: secs(args.worker_down_s, "worker-down-s")?,
+                drain: secs(args.drain_s, "drain-s")?,
+            };
+            let (stats, more) = followups::run(
+                &db,
+                &base,
+                &fx,
+                Arc::new(load),
+                clients,
+                warmup,
+                duration,
+                &opts,
+            )
+            .await?;
+            extra.extend(more);
+            return finish(
+                &args,
+                scenario,
+                backend,
+                clients,
+                &db,
+                fx.account_id,
+                0,
+                stats,
+                extra,
+            )
+            .await;
+        }
         if scenario == Scenario::Subscribe {
             let (stats, sub) = run_subscribe(
                 &db,
@@ -489,6 +551,9 @@ fn human(r: &Value, errors: &BTreeMap<String, u64>) -> String {
             r["undelivered_tail"],
             r["subscriptions_ended"],
         ));
+    }
+    if r["scenario"] == "followups" {
+        out.push_str(&followups::human(r));
     }
     out.push_str(&format!(
         "   admitted  {} (whole run, {} unknown) vs usage events posted to the ledger {}: {}\n",

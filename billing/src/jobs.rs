@@ -51,6 +51,14 @@ pub trait JobSink: Send + Sync {
     }
 }
 
+/// Whether this process's job workers can take work, for `/readyz`: implemented by
+/// the worker, read by the API of an all-in-one process (`reservoir serve`), whose
+/// readiness must also cover the workers running inside it.
+pub trait WorkerReadiness: Send + Sync {
+    /// `None` when every job worker can poll its queue; else why not.
+    fn unready(&self) -> Option<String>;
+}
+
 /// Work a transaction wrote for the jobs to do (reload purchases to capture,
 /// notifications to send, webhook deliveries to POST): pushed right after its commit.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -53,6 +53,9 @@ pub struct Config {
     pub backend: Backend,
     pub queue_url: String,
     pub listen: SocketAddr,
+    /// Where a worker-only process (`reservoir worker`) serves `/healthz`, `/readyz`
+    /// and `/metrics`; None: it serves nothing.
+    pub worker_listen: Option<SocketAddr>,
     pub admin_token: AdminToken,
     /// None: emails are written as .eml files under `<data dir>/outbox`.
     pub smtp_url: Option<String>,
@@ -92,6 +95,7 @@ pub const VARIABLES: &[&str] = &[
     "RESERVOIR_DATABASE_URL",
     "RESERVOIR_QUEUE_URL",
     "RESERVOIR_LISTEN",
+    "RESERVOIR_WORKER_LISTEN",
     "RESERVOIR_ADMIN_TOKEN",
     "RESERVOIR_SMTP_URL",
     "RESERVOIR_EMAIL_FROM",
@@ -168,8 +172,13 @@ impl Config {
             db_acquire_timeout_ms,
         } = DatabaseConfig::from_lookup(get)?;
         let queue_url = queue_url(get, &backend, &data_dir, &database_url)?;
-        let listen =
-            listen_addr(&get("RESERVOIR_LISTEN").unwrap_or_else(|| "127.0.0.1:8000".into()))?;
+        let listen = listen_addr(
+            "RESERVOIR_LISTEN",
+            &get("RESERVOIR_LISTEN").unwrap_or_else(|| "127.0.0.1:8000".into()),
+        )?;
+        let worker_listen = get("RESERVOIR_WORKER_LISTEN")
+            .map(|v| listen_addr("RESERVOIR_WORKER_LISTEN", &v))
+            .transpose()?;
         let admin_token = admin_token(get, &backend)?;
         let (smtp_url, email_from) = email(get)?;
         let payment_gateway = payment_gateway(get)?;
@@ -205,6 +214,7 @@ impl Config {
             backend,
             queue_url,
             listen,
+            worker_listen,
             admin_token,
             smtp_url,
             email_from,
@@ -307,18 +317,14 @@ impl LogFormat {
     }
 }
 
-/// `RESERVOIR_LISTEN`: an `ip:port`, or a `host:port` whose host resolves (such as
-/// `localhost:8001`; the first address it resolves to is used).
-fn listen_addr(value: &str) -> Result<SocketAddr, ConfigError> {
+/// `RESERVOIR_LISTEN` (or `RESERVOIR_WORKER_LISTEN`, named by `var`): an `ip:port`, or
+/// a `host:port` whose host resolves (such as `localhost:8001`; the first address it
+/// resolves to is used).
+fn listen_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
     if let Ok(addr) = value.parse::<SocketAddr>() {
         return Ok(addr);
     }
-    let bad = |why: String| {
-        invalid(
-            "RESERVOIR_LISTEN",
-            format!("expected host:port, got {value:?} ({why})"),
-        )
-    };
+    let bad = |why: String| invalid(var, format!("expected host:port, got {value:?} ({why})"));
     match value.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
         _ => return Err(bad("no port".into())),
@@ -583,6 +589,15 @@ mod tests {
             let err = config(&[("RESERVOIR_LISTEN", bad)]).expect_err(bad);
             assert!(err.to_string().contains("RESERVOIR_LISTEN"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn the_worker_listens_only_when_told_where() {
+        assert_eq!(config(&[]).expect("defaults").worker_listen, None);
+        let c = config(&[("RESERVOIR_WORKER_LISTEN", "127.0.0.1:9100")]).expect("an address");
+        assert_eq!(c.worker_listen.map(|a| a.port()), Some(9100));
+        let err = config(&[("RESERVOIR_WORKER_LISTEN", "localhost")]).expect_err("no port");
+        assert!(err.to_string().contains("RESERVOIR_WORKER_LISTEN"), "{err}");
     }
 
     #[test]

@@ -160,26 +160,56 @@ pub async fn run(config: Config, process: Process) -> anyhow::Result<()> {
         .await?;
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let worker = with_worker.then(|| {
+    // What `/readyz` reads about the job workers (the API's in `serve`, the worker's own
+    // listener in `worker`).
+    let worker_health = with_worker.then(worker::health::WorkerHealth::new);
+    let worker = worker_health.clone().map(|health| {
         let (db, queue, gateway) = (db.clone(), queue.clone(), gateway.clone());
         let email_from = config.email_from.clone();
         let mut stop = stop_rx.clone();
         let shutdown = async move {
             let _ = stop.changed().await;
         };
-        tokio::spawn(run_worker(db, queue, gateway, mailer, email_from, shutdown))
+        let deps = (db, queue, gateway, mailer, email_from);
+        tokio::spawn(run_worker(deps, health, shutdown))
     });
     let server = match listener {
         Some(listener) => {
-            let api_config = api_config(&config, &db, &gateway, &queue)?;
+            let mut api_config = api_config(&config, &db, &gateway, &queue)?;
+            api_config.worker_readiness = worker_health
+                .clone()
+                .map(|h| h as Arc<dyn billing::jobs::WorkerReadiness>);
             Some(api::spawn(listener, db.clone(), api_config)?)
         }
         None => None,
+    };
+    let ops = match (&server, &worker_health, config.worker_listen) {
+        (None, Some(health), Some(addr)) => Some(worker_ops(&db, health, addr)?),
+        _ => None,
     };
     shutdown_signal().await;
     let _ = stop_tx.send(true);
     let timeout = Duration::from_millis(SHUTDOWN_TIMEOUT_MS);
     if let Some((handle, _, join)) = server {
+        handle.stop(true).await;
+        let _ = tokio::time::timeout(timeout, join).await;
+    }
+    stop_worker(ops, worker, timeout).await;
+    db.close().await.ok();
+    Ok(())
+}
+
+/// After the stop signal: the worker-only process's listener stopped, then the worker
+/// waited for, each for at most `timeout`.
+async fn stop_worker(
+    ops: Option<(
+        api::ServerHandle,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    )>,
+    worker: Option<tokio::task::JoinHandle<()>>,
+    timeout: Duration,
+) {
+    if let Some((handle, join)) = ops {
         handle.stop(true).await;
         let _ = tokio::time::timeout(timeout, join).await;
     }
@@ -191,8 +221,6 @@ pub async fn run(config: Config, process: Process) -> anyhow::Result<()> {
             "worker did not stop in time"
         );
     }
-    db.close().await.ok();
-    Ok(())
 }
 
 /// The mailer the configuration names (SMTP, or the outbox folder), after checking the
@@ -207,19 +235,48 @@ fn mailer(config: &Config) -> anyhow::Result<worker::email::Mailer> {
     })
 }
 
-/// The worker until `shutdown` resolves; a failure is logged, the API keeps serving.
+/// What the worker runs on: the database, the queue, the gateway, the mailer and the
+/// sender address.
+type WorkerDeps = (
+    DatabaseConnection,
+    worker::queue::Queue,
+    Arc<dyn PaymentGateway>,
+    worker::email::Mailer,
+    String,
+);
+
+/// The worker until `shutdown` resolves, reporting to `health`; a failure is logged,
+/// the API keeps serving.
 async fn run_worker(
-    db: DatabaseConnection,
-    queue: worker::queue::Queue,
-    gateway: Arc<dyn PaymentGateway>,
-    mailer: worker::email::Mailer,
-    email_from: String,
+    (db, queue, gateway, mailer, email_from): WorkerDeps,
+    health: Arc<worker::health::WorkerHealth>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let config = worker::WorkerConfig::default();
+    let config = worker::WorkerConfig {
+        health: Some(health),
+        ..Default::default()
+    };
     if let Err(e) = worker::run(db, queue, gateway, mailer, email_from, config, shutdown).await {
         tracing::error!(error = %e, "worker failed");
     }
+}
+
+/// A worker-only process's `/healthz`, `/readyz` and `/metrics` on `addr`
+/// (`RESERVOIR_WORKER_LISTEN`), in the background.
+fn worker_ops(
+    db: &DatabaseConnection,
+    health: &Arc<worker::health::WorkerHealth>,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(
+    api::ServerHandle,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
+    let listener = TcpListener::bind(addr)
+        .with_context(|| format!("binding RESERVOIR_WORKER_LISTEN {addr}"))?;
+    let readiness: Arc<dyn billing::jobs::WorkerReadiness> = health.clone();
+    let (handle, bound, join) = api::worker_ops::spawn(listener, db.clone(), readiness)?;
+    tracing::info!(addr = %bound, "worker health and metrics listening");
+    Ok((handle, join))
 }
 
 /// The API's configuration: the group-commit writer's settings (the backend's

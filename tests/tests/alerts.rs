@@ -323,3 +323,39 @@ async fn a_threshold_without_recipients_still_disarms() -> anyhow::Result<()> {
     assert!(alerts::after_balance_change(&t.db, &ws, now).await? == alerts::Crossings::default());
     t.finish().await
 }
+
+/// The per-call debit path pushes the jobs of what it wrote after its commit, by the
+/// group-commit writer's rule: the alert e-mail of a crossing is pushed at once, not
+/// left to the worker's sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_call_path_pushes_the_alert_it_wrote() -> anyhow::Result<()> {
+    use billing::jobs::{CapturePurchase, DeliverNotification, JobSink, PushFuture};
+    #[derive(Default)]
+    struct Pushed(std::sync::Mutex<Vec<Uuid>>);
+    impl JobSink for Pushed {
+        fn capture(&self, _job: CapturePurchase) -> PushFuture<'_> {
+            Box::pin(async { Ok(()) })
+        }
+        fn deliver(&self, job: DeliverNotification) -> PushFuture<'_> {
+            if let Ok(mut pushed) = self.0.lock() {
+                pushed.push(job.notification_id);
+            }
+            Box::pin(async { Ok(()) })
+        }
+    }
+    let s = setup().await?;
+    let sink = Pushed::default();
+    // 10 → 7.5 credits: below the WARNING threshold at 8.
+    let tokens = credits("2.5").nanos() / 1_000;
+    let req = usage_req(s.f.ws_a, "per-call-cross", tokens);
+    usage::record_usage_then_push(&s.t.db, &sink, req, t0()).await?;
+    let sent = alerts_sent(&s.t.db, s.f.ws_a).await?;
+    assert_eq!(sent.len(), 1, "one crossing, one alert");
+    let pushed = sink.0.lock().map(|p| p.clone()).unwrap_or_default();
+    assert_eq!(
+        pushed,
+        vec![sent[0].0.id],
+        "its job pushed after the commit"
+    );
+    Ok(())
+}

@@ -301,6 +301,49 @@ async fn a_batch_entry_lists_the_usage_events_it_posts() -> anyhow::Result<()> {
     let rest = &second["data"]["workspace"]["ledger"]["edges"][1]["node"]["usageEvents"];
     assert_eq!(request_ids(rest), ["b2"]);
     assert_eq!(rest["pageInfo"]["hasNextPage"], false);
-    app.handle.stop(true).await;
+    app.stop().await;
     t.finish().await
+}
+
+/// In `reservoir serve` the API's `/readyz` also covers the job workers running in the
+/// process: 503 with their reason while they cannot poll, 200 once they can (read per
+/// request from the workers' state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_covers_the_job_workers_of_the_process() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Workers(AtomicBool);
+    impl billing::jobs::WorkerReadiness for Workers {
+        fn unready(&self) -> Option<String> {
+            (!self.0.load(Ordering::SeqCst)).then(|| "job workers down: email".to_owned())
+        }
+    }
+    let t = TestDb::new().await?;
+    let workers = Arc::new(Workers(AtomicBool::new(false)));
+    let config = api::ApiConfig {
+        workers: 1,
+        worker_readiness: Some(workers.clone()),
+        ..Default::default()
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let (handle, addr, _join) = api::spawn(listener, t.second_pool().await?, config)?;
+    let client = reservoir_tests::app::http_client();
+    let readyz = || async {
+        let r = client.get(format!("http://{addr}/readyz")).send().await?;
+        anyhow::Ok((r.status().as_u16(), r.text().await?))
+    };
+    // Until the first database ping answers, the database is the reason.
+    let mut answer = readyz().await?;
+    for _ in 0..100 {
+        if answer.1 != "database unreachable" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        answer = readyz().await?;
+    }
+    assert_eq!(answer, (503, "job workers down: email".to_owned()));
+    workers.0.store(true, Ordering::SeqCst);
+    assert_eq!(readyz().await?, (200, "ready".to_owned()));
+    handle.stop(true).await;
+    Ok(())
 }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod email;
+pub mod health;
 pub mod jobs;
 pub mod queue;
 pub mod webhooks;
@@ -41,6 +42,9 @@ pub struct WorkerConfig {
     pub webhook_retry: billing::retry::RetryPolicy,
     /// When failed e-mail deliveries are retried, and how many are made.
     pub notification_retry: billing::retry::RetryPolicy,
+    /// Where the job workers report whether they can poll (read by `/readyz`); none:
+    /// a state of their own that nobody reads.
+    pub health: Option<Arc<health::WorkerHealth>>,
 }
 
 impl Default for WorkerConfig {
@@ -59,6 +63,7 @@ impl Default for WorkerConfig {
             direct_webhook_after_ms: 30_000,
             webhook_retry: billing::retry::RetryPolicy::WEBHOOKS,
             notification_retry: billing::retry::RetryPolicy::NOTIFICATIONS,
+            health: None,
         }
     }
 }
@@ -336,18 +341,25 @@ async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
 /// Runs one kind of job worker until `stop`, starting a new one whenever it ends with
 /// an error: a backend error (the database stopped, a connection killed, the pool
 /// timed out) ends an apalis worker for good, which once left the queue unserved
-/// until the process was restarted. Each failure is logged here, once.
-async fn supervise<W, Fut>(kind: &'static str, stop: tokio::sync::watch::Receiver<bool>, start: W)
-where
+/// until the process was restarted. Each failure is logged here, once, and `health`
+/// has the kind down until it is started again (nobody polls its queue meanwhile).
+async fn supervise<W, Fut>(
+    kind: &'static str,
+    stop: tokio::sync::watch::Receiver<bool>,
+    health: Arc<health::WorkerHealth>,
+    start: W,
+) where
     W: Fn(String, tokio::sync::watch::Receiver<bool>) -> Fut,
     Fut: Future<Output = Result<(), WorkerError>>,
 {
     let mut restarts: u32 = 0;
     loop {
+        health.set_down(kind, false);
         let outcome = start(worker_name(kind, restarts), stop.clone()).await;
         if *stop.borrow() {
             return;
         }
+        health.set_down(kind, true);
         restarts = restarts.saturating_add(1);
         let wait = restart_backoff(restarts);
         match outcome {
@@ -377,7 +389,7 @@ async fn until(stop: tokio::sync::watch::Receiver<bool>) -> Result<(), WorkerErr
 /// The capture and e-mail workers on one queue backend (whose storage types differ,
 /// hence a macro), each under [`supervise`]; their join handles.
 macro_rules! spawn_workers {
-    ($capture:expr, $delivery:expr, $webhook:expr, $deps:expr, $config:expr, $stop:expr) => {{
+    ($capture:expr, $delivery:expr, $webhook:expr, $deps:expr, $config:expr, $stop:expr, $health:expr) => {{
         let (capture, delivery, webhook) = ($capture.clone(), $delivery.clone(), $webhook.clone());
         let poll = Duration::from_millis($config.poll_interval_ms.max(10));
         let concurrency = $config.concurrency.max(1);
@@ -410,9 +422,24 @@ macro_rules! spawn_workers {
                 .run_until(until(stop))
         };
         vec![
-            tokio::spawn(supervise("capture", $stop.clone(), capture_worker)),
-            tokio::spawn(supervise("email", $stop.clone(), delivery_worker)),
-            tokio::spawn(supervise("webhook", $stop.clone(), webhook_worker)),
+            tokio::spawn(supervise(
+                "capture",
+                $stop.clone(),
+                $health.clone(),
+                capture_worker,
+            )),
+            tokio::spawn(supervise(
+                "email",
+                $stop.clone(),
+                $health.clone(),
+                delivery_worker,
+            )),
+            tokio::spawn(supervise(
+                "webhook",
+                $stop.clone(),
+                $health.clone(),
+                webhook_worker,
+            )),
         ]
     }};
 }
@@ -440,17 +467,43 @@ pub async fn run(
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeps = tokio::spawn(sweep_loop(deps.clone(), config.clone(), stop_rx.clone()));
+    let poll_health = config
+        .health
+        .clone()
+        .unwrap_or_else(health::WorkerHealth::new);
+    let probe = tokio::spawn(health::probe_loop(
+        db.clone(),
+        queue.clone(),
+        Arc::downgrade(&poll_health),
+        stop_rx.clone(),
+    ));
     let workers = match &queue {
         Queue::Sqlite {
             capture,
             delivery,
             webhook,
-        } => spawn_workers!(capture, delivery, webhook, deps, config, stop_rx),
+        } => spawn_workers!(
+            capture,
+            delivery,
+            webhook,
+            deps,
+            config,
+            stop_rx,
+            poll_health
+        ),
         Queue::Postgres {
             capture,
             delivery,
             webhook,
-        } => spawn_workers!(capture, delivery, webhook, deps, config, stop_rx),
+        } => spawn_workers!(
+            capture,
+            delivery,
+            webhook,
+            deps,
+            config,
+            stop_rx,
+            poll_health
+        ),
     };
     shutdown.await;
     let _ = stop_tx.send(true);
@@ -464,6 +517,7 @@ pub async fn run(
         }
     }
     let _ = sweeps.await;
+    let _ = probe.await;
     tracing::info!("worker stopped");
     Ok(())
 }
@@ -500,7 +554,8 @@ mod tests {
         let starts = Arc::new(AtomicU32::new(0));
         let names = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (s, n) = (starts.clone(), names.clone());
-        let supervisor = tokio::spawn(supervise("test", stop_rx, move |name, stop| {
+        let health = health::WorkerHealth::new();
+        let supervisor = tokio::spawn(supervise("test", stop_rx, health, move |name, stop| {
             let (s, n) = (s.clone(), n.clone());
             async move {
                 n.lock().map(|mut n| n.push(name)).ok();

@@ -42,6 +42,20 @@ pub enum QueueError {
 }
 
 impl Queue {
+    /// One round trip to the queue's database over the job workers' pool (the
+    /// readiness probe, `crate::health`): an error when it cannot be reached.
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        match self {
+            Self::Sqlite { capture, .. } => {
+                sqlx::query("SELECT 1").execute(capture.pool()).await?;
+            }
+            Self::Postgres { capture, .. } => {
+                sqlx::query("SELECT 1").execute(capture.pool()).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Connects to the queue and creates its tables if needed.
     pub async fn connect(url: &str) -> Result<Self, QueueError> {
         if url.starts_with("sqlite:") {

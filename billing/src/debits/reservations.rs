@@ -69,7 +69,7 @@ pub async fn reserve(
     req: ReserveRequest,
     now: DateTime<Utc>,
 ) -> Result<reservations::Model> {
-    engine::run_one(db, Op::reserve(req)?, now)
+    engine::run_one(db, Op::reserve(req)?, now, None)
         .await?
         .into_reserve()
 }
@@ -122,7 +122,7 @@ pub async fn settle(
         prompt_tokens,
         completion_tokens,
     };
-    engine::run_one(db, Op::Settle(req), now)
+    engine::run_one(db, Op::Settle(req), now, None)
         .await?
         .into_settle()
 }
@@ -138,7 +138,7 @@ pub async fn release(
         reservation_id,
         to: ReservationStatus::Released,
     };
-    engine::run_one(db, op, now).await?.into_release()
+    engine::run_one(db, op, now, None).await?.into_release()
 }
 
 /// Expires HELD reservations past their TTL (the worker's sweep). Returns how many.

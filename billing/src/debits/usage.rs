@@ -123,12 +123,29 @@ impl ProjectRef {
 /// ledger entries, cached balance, project spend, daily rollup and balance event. A
 /// call that does not fit is refused with INSUFFICIENT_CREDITS or BUDGET_EXCEEDED and
 /// writes nothing. The same request id twice records once.
+///
+/// Pushes no follow-up job (there is no queue here): the reload purchase or alert it
+/// may write waits for the worker's sweep. [`record_usage_then_push`] pushes them.
 pub async fn record_usage(
     db: &DatabaseConnection,
     req: UsageRequest,
     now: DateTime<Utc>,
 ) -> Result<Recorded> {
-    engine::run_one(db, Op::usage(req)?, now)
+    engine::run_one(db, Op::usage(req)?, now, None)
+        .await?
+        .into_usage()
+}
+
+/// [`record_usage`], then, after its commit, the jobs of what it wrote (a reload
+/// purchase, alert e-mails, webhook deliveries) pushed to `jobs`, by the rule the
+/// group-commit writer applies to each batch.
+pub async fn record_usage_then_push(
+    db: &DatabaseConnection,
+    jobs: &dyn crate::jobs::JobSink,
+    req: UsageRequest,
+    now: DateTime<Utc>,
+) -> Result<Recorded> {
+    engine::run_one(db, Op::usage(req)?, now, Some(jobs))
         .await?
         .into_usage()
 }

@@ -361,7 +361,7 @@ impl Lane {
                 self.stats.batches_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(lane = self.index, error = %e, ops = ops.len(), "debit batch failed; retrying its operations one by one");
                 for ((op, now), reply) in ops.into_iter().zip(replies) {
-                    alone(&self.db, op, now, reply);
+                    alone(&self.db, self.jobs.clone(), op, now, reply);
                 }
                 false
             }
@@ -397,10 +397,17 @@ fn refuse_waiting(rx: &mut mpsc::Receiver<Pending>, taken: Vec<Pending>, lane: u
 
 /// Runs one operation of a failed batch as a batch of its own and answers its
 /// caller: a refusal or a database error then reaches only the request it is about.
-fn alone(db: &DatabaseConnection, op: Op, now: DateTime<Utc>, reply: oneshot::Sender<Reply>) {
+/// Its follow-up jobs are pushed after its commit, as a batch's are.
+fn alone(
+    db: &DatabaseConnection,
+    jobs: Option<Arc<dyn JobSink>>,
+    op: Op,
+    now: DateTime<Utc>,
+    reply: oneshot::Sender<Reply>,
+) {
     let db = db.clone();
     tokio::spawn(async move {
-        let answer = match engine::run_one(&db, op.clone(), now).await {
+        let answer = match engine::run_one(&db, op.clone(), now, jobs.as_deref()).await {
             Ok(answer) => answer,
             Err(e) => Reply::refused(&op, e),
         };

@@ -296,16 +296,24 @@ pub(crate) async fn apply_batch_signalling(
 }
 
 /// One operation as a batch of its own, for callers without a writer (and for the
-/// writer's retries of a failed batch). Follow-up jobs are not pushed here: the rows
-/// they name are durable and the worker's sweep enqueues them.
+/// writer's retries of a failed batch). After the commit, the jobs of the work it
+/// wrote (reload purchases, alert e-mails, webhook deliveries) are pushed to `jobs` by
+/// the writer's own rule ([`FollowUp::push`]). Without a sink (the per-call functions:
+/// tests, tools, seeds) nothing is pushed: the rows are durable and the worker's sweep
+/// enqueues them.
 ///
 /// A unique-key violation means another process committed the same request id while
 /// this batch waited for its locks (its read came from an earlier snapshot, see
 /// `load_pg`): the next attempt sees that row and answers the replay.
-pub(crate) async fn run_one(db: &DatabaseConnection, op: Op, now: DateTime<Utc>) -> Result<Reply> {
+pub(crate) async fn run_one(
+    db: &DatabaseConnection,
+    op: Op,
+    now: DateTime<Utc>,
+    jobs: Option<&dyn JobSink>,
+) -> Result<Reply> {
     let batch = [(op, now)];
     let mut attempts = 0_u32;
-    let (mut replies, _follow_up) = loop {
+    let (mut replies, follow_up) = loop {
         match apply_batch(db, &batch, &WriterStats::default()).await {
             Err(e) if e.is_unique_violation() && attempts < RACE_RETRIES_MAX => {
                 attempts = attempts.saturating_add(1);
@@ -313,6 +321,9 @@ pub(crate) async fn run_one(db: &DatabaseConnection, op: Op, now: DateTime<Utc>)
             other => break other?,
         }
     };
+    if let Some(jobs) = jobs {
+        follow_up.push(jobs).await;
+    }
     replies
         .pop()
         .ok_or_else(|| BillingError::Internal("debit engine gave no answer".into()))
