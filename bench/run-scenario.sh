@@ -100,8 +100,12 @@ fi
 for run in $(seq 1 "$runs"); do
     [[ $scenario == dashboard ]] || start_server
     echo "[run-scenario] $scenario on $backend, run $run/$runs" >&2
+    # Only followups runs a worker (older bench binaries know no --worker-bin, and
+    # side-by-side runs use them with this script).
+    worker_args=()
+    [[ $scenario == followups ]] && worker_args=(--worker-bin "$server_bin")
     (cd "$data_dir" && env "${server_env[@]}" "$bench_bin" run --scenario "$scenario" \
-        --url "http://127.0.0.1:$port" --worker-bin "$server_bin" \
+        --url "http://127.0.0.1:$port" "${worker_args[@]}" \
         --database-url "$db_url" --duration-s "$duration" "$@") | tee -a "$results"
     echo "[run-scenario] writer: $(writer_metrics)" >&2
     [[ $scenario == dashboard ]] || stop_server
