@@ -19,8 +19,9 @@ pub enum Action {
     Purge { older_than_days: u32 },
 }
 
-/// Job workers whose last heartbeat is older than this are not listed (apalis beats
-/// every 30 s; a worker not seen for a minute is gone or stuck).
+/// Job workers whose last heartbeat is older than this are not listed (they beat every
+/// `worker::queue::HEARTBEAT_INTERVAL`, 2 s; one not seen for 6 s is gone or stuck, and
+/// the jobs it held are put back by the others).
 pub const WORKER_SEEN_WITHIN_SECS: i64 = 600;
 
 /// Runs one action against the database and the queue, printing to stdout.

@@ -1,5 +1,6 @@
 //! The worker as a real process: SIGKILLed while a charge is in flight at the gateway,
-//! then started again. The purchase completes exactly once: one charge (every request
+//! then started again. The job the killed worker held runs again once its heartbeat is
+//! missed, and the purchase completes exactly once: one charge (every request
 //! the gateway saw carries the purchase id as its idempotency key, which a real
 //! gateway dedupes), credited once, and the ledger invariants hold.
 #![allow(
@@ -16,6 +17,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// The capture queue's job rows, counted by apalis state.
+async fn capture_rows(queue: &worker::queue::Queue) -> anyhow::Result<Vec<(String, i64)>> {
+    Ok(queue
+        .counts()
+        .await?
+        .into_iter()
+        .filter(|c| c.queue == billing::jobs::CAPTURE_QUEUE)
+        .map(|c| (c.status, c.count))
+        .collect())
+}
 
 fn start_worker(
     t: &TestDb,
@@ -157,6 +169,19 @@ async fn a_worker_killed_mid_charge_completes_the_purchase_exactly_once() -> any
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The killed worker's job itself ran again: the new worker's heartbeat found it
+    // orphaned (its worker silent for 3 beats of 2 s) and put it back, so the sweep
+    // never had to push another (it would after 30 s: two capture job rows). Its
+    // acknowledgement follows the commit that credited the purchase.
+    let mut captures = Vec::new();
+    for _ in 0..100 {
+        captures = capture_rows(&queue).await?;
+        if captures.iter().all(|(status, _)| status == "Done") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(captures, vec![("Done".to_owned(), 1)], "capture job rows");
     second.kill()?;
     second.wait()?;
     let done = done.ok_or_else(|| {
@@ -167,6 +192,7 @@ async fn a_worker_killed_mid_charge_completes_the_purchase_exactly_once() -> any
     })?;
     assert_eq!(done.status, PurchaseStatus::Succeeded);
     assert_eq!(done.gateway_charge_id.as_deref(), Some("pi_crash_1"));
+
     assert_eq!(
         workspace(&t.db, f.ws_a).await?.balance_nanos,
         25_000_000_000,

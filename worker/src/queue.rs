@@ -17,6 +17,18 @@ use std::time::Duration;
 /// transient payment failures themselves, durably, with their own backoff).
 pub const JOB_ATTEMPTS_MAX: usize = 3;
 
+/// How often each job worker tells the queue it is alive. apalis's default is 30 s.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// Heartbeats a job worker may miss before the jobs it had fetched count as orphaned:
+/// any other job worker of the queue puts them back to Pending on its next heartbeat.
+/// 2 s × 3: a job fetched by a worker that was killed (SIGKILL, a crash) runs again
+/// about 6 s later, instead of waiting for the sweep's re-push (`stale_after_ms`, 30 s)
+/// or apalis's defaults (60 s on SQLite, 300 s on PostgreSQL). A live worker that
+/// misses three beats (a queue database stalled for 6 s) may see a job it holds run
+/// again elsewhere: every handler is idempotent (the capture's idempotency key and
+/// status guard, the notification and delivery claims).
+pub const MISSED_HEARTBEATS: usize = 3;
+
 #[derive(Clone)]
 pub enum Queue {
     Sqlite {
@@ -39,6 +51,20 @@ pub enum QueueError {
     Database(#[from] sqlx::Error),
     #[error("queue setup: {0}")]
     Setup(String),
+}
+
+fn sqlite_config(queue: &str) -> apalis_sqlite::Config {
+    apalis_sqlite::Config::default()
+        .queue(queue)
+        .heartbeat_interval(HEARTBEAT_INTERVAL)
+        .missed_heartbeats(MISSED_HEARTBEATS)
+}
+
+fn postgres_config(queue: &str) -> apalis_postgres::Config {
+    apalis_postgres::Config::default()
+        .queue(queue)
+        .heartbeat_interval(HEARTBEAT_INTERVAL)
+        .missed_heartbeats(MISSED_HEARTBEATS)
 }
 
 impl Queue {
@@ -73,12 +99,9 @@ impl Queue {
                 .await
                 .map_err(|e| QueueError::Setup(e.to_string()))?;
             Ok(Self::Sqlite {
-                capture: SqliteStorage::new(&pool)
-                    .with_config(apalis_sqlite::Config::default().queue(CAPTURE_QUEUE)),
-                delivery: SqliteStorage::new(&pool)
-                    .with_config(apalis_sqlite::Config::default().queue(DELIVERY_QUEUE)),
-                webhook: SqliteStorage::new(&pool)
-                    .with_config(apalis_sqlite::Config::default().queue(WEBHOOK_QUEUE)),
+                capture: SqliteStorage::new(&pool).with_config(sqlite_config(CAPTURE_QUEUE)),
+                delivery: SqliteStorage::new(&pool).with_config(sqlite_config(DELIVERY_QUEUE)),
+                webhook: SqliteStorage::new(&pool).with_config(sqlite_config(WEBHOOK_QUEUE)),
             })
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = sqlx::postgres::PgPoolOptions::new()
@@ -89,12 +112,9 @@ impl Queue {
                 .await
                 .map_err(|e| QueueError::Setup(e.to_string()))?;
             Ok(Self::Postgres {
-                capture: PostgresStorage::new(&pool)
-                    .with_config(apalis_postgres::Config::default().queue(CAPTURE_QUEUE)),
-                delivery: PostgresStorage::new(&pool)
-                    .with_config(apalis_postgres::Config::default().queue(DELIVERY_QUEUE)),
-                webhook: PostgresStorage::new(&pool)
-                    .with_config(apalis_postgres::Config::default().queue(WEBHOOK_QUEUE)),
+                capture: PostgresStorage::new(&pool).with_config(postgres_config(CAPTURE_QUEUE)),
+                delivery: PostgresStorage::new(&pool).with_config(postgres_config(DELIVERY_QUEUE)),
+                webhook: PostgresStorage::new(&pool).with_config(postgres_config(WEBHOOK_QUEUE)),
             })
         } else {
             Err(QueueError::Url(
@@ -199,7 +219,7 @@ pub struct QueueCount {
 }
 
 /// A job worker as the queue knows it: its name, its queue, and its last heartbeat
-/// (unix seconds; apalis beats every 30 s while the worker runs).
+/// (unix seconds; every `HEARTBEAT_INTERVAL` while the worker runs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerSeen {
     pub name: String,
