@@ -320,18 +320,7 @@ async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
     state.metrics.set_subscribers(state.hub.subscriber_count());
     let mut body = state.metrics.render();
     body.push_str(&metrics::render_writer(state.writer.stats()));
-    let now = chrono::Utc::now();
-    // Bounded like a request: during an outage /metrics still answers, without these.
-    let backlog = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        billing::jobs::ops::backlog(&state.db, now),
-    )
-    .await;
-    match backlog {
-        Ok(Ok(backlog)) => body.push_str(&metrics::render_jobs(&backlog, now)),
-        Ok(Err(e)) => tracing::warn!(error = %e, "job backlog not read for /metrics"),
-        Err(_) => tracing::warn!("job backlog not read for /metrics in time"),
-    }
+    metrics::append_jobs(&mut body, &state.db).await;
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(body)

@@ -43,18 +43,7 @@ async fn metrics(state: web::Data<OpsState>) -> HttpResponse {
         "# HELP reservoir_worker_ready 1 when every job worker of this process can poll its queue (what /readyz answers).\n\
          # TYPE reservoir_worker_ready gauge\nreservoir_worker_ready {ready}\n"
     );
-    let now = chrono::Utc::now();
-    // Bounded like the API's: during an outage /metrics still answers, without these.
-    let backlog = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        billing::jobs::ops::backlog(&state.db, now),
-    )
-    .await;
-    match backlog {
-        Ok(Ok(backlog)) => body.push_str(&crate::metrics::render_jobs(&backlog, now)),
-        Ok(Err(e)) => tracing::warn!(error = %e, "job backlog not read for /metrics"),
-        Err(_) => tracing::warn!("job backlog not read for /metrics in time"),
-    }
+    crate::metrics::append_jobs(&mut body, &state.db).await;
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(body)
