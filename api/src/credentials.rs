@@ -2,8 +2,12 @@
 //!
 //! The gateway sends thousands of requests a second with the same API key; looking
 //! the key up for each one costs a database round trip per debit. A hit here is
-//! served from memory for at most `ttl`. Revocation takes effect at once in the
-//! process that revoked (the entry is dropped) and within `ttl` in the others.
+//! served from memory for at most `ttl`, and only while the configuration version
+//! this process has seen is the one the entry was cached at. Revocation takes effect
+//! at once in the process that revoked (the entry is dropped); in the others, once
+//! one of their debit batches has read the version the revocation moved (a trigger
+//! moves it in the revoking transaction: `billing::debits::engine::cache`), and at
+//! the latest after `ttl`.
 
 use billing::accounts::auth::{self, Principal};
 use billing::sea_orm::DatabaseConnection;
@@ -16,16 +20,22 @@ use std::time::{Duration, Instant};
 pub const ENTRIES_MAX: usize = 10_000;
 pub const TTL_MS_MAX: u64 = 60_000;
 
+/// The newest configuration version the process has seen (None: none yet).
+pub type VersionSource = Box<dyn Fn() -> Option<i64> + Send + Sync>;
+
 pub struct CredentialCache {
     ttl: Duration,
-    /// SHA-256 of the token (never the token itself) -> who it is and since when.
-    entries: Mutex<HashMap<String, (Principal, Instant)>>,
+    version: VersionSource,
+    /// SHA-256 of the token (never the token itself) -> who it is, since when, and
+    /// the configuration version seen then.
+    entries: Mutex<HashMap<String, (Principal, Instant, Option<i64>)>>,
 }
 
 impl CredentialCache {
-    pub fn new(ttl_ms: u64) -> Self {
+    pub fn new(ttl_ms: u64, version: VersionSource) -> Self {
         Self {
             ttl: Duration::from_millis(ttl_ms.min(TTL_MS_MAX)),
+            version,
             entries: Mutex::new(HashMap::new()),
         }
     }
@@ -46,7 +56,9 @@ impl CredentialCache {
             return auth::authenticate(db, token, admin_token, now).await;
         }
         let key = auth::hash_secret(token);
-        if let Some(principal) = self.fresh(&key) {
+        // Read before the lookup: an entry is never newer than the version it claims.
+        let version = (self.version)();
+        if let Some(principal) = self.fresh(&key, version) {
             return Ok(principal);
         }
         let principal = auth::authenticate(db, token, admin_token, now).await?;
@@ -54,21 +66,21 @@ impl CredentialCache {
             if entries.len() >= ENTRIES_MAX {
                 entries.clear();
             }
-            entries.insert(key, (principal.clone(), Instant::now()));
+            entries.insert(key, (principal.clone(), Instant::now(), version));
         }
         Ok(principal)
     }
 
-    fn fresh(&self, key: &str) -> Option<Principal> {
+    fn fresh(&self, key: &str, version: Option<i64>) -> Option<Principal> {
         let entries = self.entries.lock().ok()?;
-        let (principal, at) = entries.get(key)?;
-        (at.elapsed() < self.ttl).then(|| principal.clone())
+        let (principal, at, seen) = entries.get(key)?;
+        (at.elapsed() < self.ttl && *seen == version).then(|| principal.clone())
     }
 
     /// Drops every cached entry of an API key (after it is revoked in this process).
     pub fn forget_api_key(&self, api_key_id: uuid::Uuid) {
         if let Ok(mut entries) = self.entries.lock() {
-            entries.retain(|_, (p, _)| {
+            entries.retain(|_, (p, _, _)| {
                 !matches!(p, Principal::ApiKey { api_key_id: id, .. } if *id == api_key_id)
             });
         }

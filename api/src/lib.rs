@@ -410,8 +410,10 @@ pub fn build_server(
         Some(config.jobs.clone()),
     )
     .map_err(std::io::Error::other)?;
+    let seen = writer.clone();
     let credentials = Arc::new(credentials::CredentialCache::new(
         config.credential_cache_ttl_ms,
+        Box::new(move || seen.config_version()),
     ));
     let health = health::Health::start(db.clone());
     let state = AppState {

@@ -108,6 +108,11 @@ pub fn render_writer(stats: &billing::debits::writer::WriterStats) -> String {
             stats.batches_failed.load(Relaxed) as f64,
         ),
         (
+            "reservoir_writer_speculations_failed_total",
+            "Pipelined debit batches (judged on the previous batch's uncommitted state) that ran again under their locks.",
+            stats.speculations_failed.load(Relaxed) as f64,
+        ),
+        (
             "reservoir_writer_load_seconds_total",
             "Time spent beginning batches and reading their rows under the locks.",
             stats.load_us.load(Relaxed) as f64 / 1e6,

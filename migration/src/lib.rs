@@ -10,6 +10,7 @@ mod m20261202_000005_stripe_cards;
 mod m20261202_000010_webhooks;
 mod m20261206_000011_notification_retries;
 mod m20261206_000012_usage_posting_per_batch;
+mod m20261206_000013_config_version;
 
 pub struct Migrator;
 
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000010_webhooks::Migration),
             Box::new(m20261206_000011_notification_retries::Migration),
             Box::new(m20261206_000012_usage_posting_per_batch::Migration),
+            Box::new(m20261206_000013_config_version::Migration),
         ]
     }
 }

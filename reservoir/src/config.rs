@@ -71,6 +71,8 @@ pub struct Config {
     pub writer_window_us: Option<u64>,
     /// Batches of one lane in flight at once (1–4; None: 2 on PostgreSQL, 1 on SQLite).
     pub writer_in_flight: Option<usize>,
+    /// Pipelined batches (None: on for PostgreSQL, off for SQLite).
+    pub writer_pipeline: Option<bool>,
     pub credential_cache_ttl_ms: u64,
     /// Answer introspection queries (GraphiQL, code generators); off in production if
     /// the schema is not to be browsable.
@@ -190,6 +192,9 @@ impl Config {
             number(get, "RESERVOIR_WRITER_BATCH_OPS_MAX", 4_096)?.map(|n| n as usize);
         let writer_window_us = number(get, "RESERVOIR_WRITER_WINDOW_US", 100_000)?;
         let writer_in_flight = number(get, "RESERVOIR_WRITER_IN_FLIGHT", 4)?.map(|n| n as usize);
+        let writer_pipeline = get("RESERVOIR_WRITER_PIPELINE")
+            .map(|v| parse_bool("RESERVOIR_WRITER_PIPELINE", &v))
+            .transpose()?;
         let credential_cache_ttl_ms =
             number(get, "RESERVOIR_CREDENTIAL_CACHE_TTL_MS", 60_000)?.unwrap_or(2_000);
         let introspection = get("RESERVOIR_INTROSPECTION")
@@ -227,6 +232,7 @@ impl Config {
             writer_batch_ops_max,
             writer_window_us,
             writer_in_flight,
+            writer_pipeline,
             credential_cache_ttl_ms,
             introspection,
             webhooks_allow_http,

@@ -296,6 +296,7 @@ fn api_config(
         window_us: config.writer_window_us.unwrap_or(defaults.window_us),
         queue_ops_max: defaults.queue_ops_max,
         in_flight: config.writer_in_flight.unwrap_or(defaults.in_flight),
+        pipeline: config.writer_pipeline.unwrap_or(defaults.pipeline),
     };
     writer.validate()?;
     Ok(api::ApiConfig {

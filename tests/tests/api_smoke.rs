@@ -347,3 +347,30 @@ async fn readyz_covers_the_job_workers_of_the_process() -> anyhow::Result<()> {
     handle.stop(true).await;
     Ok(())
 }
+
+/// An API key revoked by another process is refused here as soon as one of this
+/// process's debit batches has read the configuration version the revocation moved,
+/// even though the credential cache would trust the key for another minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_elsewhere_is_refused_after_the_next_batch() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "5", now).await?;
+    let pool = t.second_pool().await?;
+    let app = App::start_configured(&pool, |c| c.credential_cache_ttl_ms = 60_000).await?;
+    let key = accounts::create_api_key(&t.db, f.ws_a, "gateway", None, now).await?;
+    let other = accounts::create_api_key(&t.db, f.ws_a, "other", None, now).await?;
+    let record = "mutation($input: RecordUsageInput!) { recordUsage(input: $input) { requestId } }";
+    let input = |request_id: &str| json!({ "input": { "workspaceId": f.ws_a.to_string(), "modelId": TEST_MODEL, "promptTokens": 10, "completionTokens": 0, "requestId": request_id } });
+    let ok = app.gql(Some(&key.secret), record, input("k1")).await?;
+    assert_eq!(ok["data"]["recordUsage"]["requestId"], "k1", "{ok}");
+    // Another process revokes the key (the test's own pool, not the app's).
+    accounts::revoke_api_key(&t.db, key.api_key.id, chrono::Utc::now()).await?;
+    let ok = app.gql(Some(&other.secret), record, input("o1")).await?;
+    assert_eq!(ok["data"]["recordUsage"]["requestId"], "o1", "{ok}");
+    let refused = app.gql(Some(&key.secret), record, input("k2")).await?;
+    assert_eq!(code(&refused), Some("UNAUTHENTICATED"), "{refused}");
+    app.stop().await;
+    t.finish().await
+}

@@ -39,16 +39,22 @@
 //! on each other's rows while batches for different workspaces commit in parallel.
 //!
 //! A lane keeps up to `in_flight` batches going (2 on PostgreSQL), each on its own
-//! connection: the next batch starts once the previous one holds its locks, so it
-//! queues behind them, and what overlaps is its gathering, `BEGIN` and read request
-//! with the previous batch's write and commit.
+//! connection. Without pipelining the next batch starts once the previous one holds
+//! its locks, so it queues behind them, and what overlaps is its gathering, `BEGIN`
+//! and read request with the previous batch's write and commit. Pipelined (the
+//! default on PostgreSQL, `WriterConfig::pipeline`), the next batch of usage records
+//! starts once the previous one has written: it is read from a snapshot without
+//! locks, with the previous batch's uncommitted rows laid over it, judged, and its
+//! conditional write waits on the row lock, so a hot workspace's lock is held for a
+//! batch's write and commit only; it commits after the previous batch did, or runs
+//! again under its locks (`engine::overlay` says why that is safe).
 //!
 //! A batch writes one balance event per workspace it changed (the balance sequence
 //! moves once per batch): subscribers see every committed state, coalesced per
 //! commit, with no gaps in `sequence`. Ledger entries keep one running
 //! `balance_after` per operation.
 
-use crate::debits::engine::{self, FollowUp, Locked, Op, Reply};
+use crate::debits::engine::{self, ConfigCache, FollowUp, Op, Overlay, Pipe, Reply};
 use crate::debits::reservations::{ReserveRequest, Settled};
 use crate::debits::usage::{Recorded, UsageRequest};
 use crate::error::{BillingError, Result};
@@ -88,6 +94,12 @@ pub struct WriterConfig {
     /// the previous batch's answers overlap the previous batch's write and commit.
     /// SQLite has one writer at a time: 1 there.
     pub in_flight: usize,
+    /// Pipelining (PostgreSQL): the next batch of usage records starts once this one
+    /// has written, is read without locks over this batch's uncommitted rows, judged,
+    /// and its conditional write waits on the row locks; it commits only after this
+    /// one did (`engine::overlay`). Off: the next batch starts once this one holds its
+    /// locks and reads under them.
+    pub pipeline: bool,
 }
 
 impl WriterConfig {
@@ -100,6 +112,7 @@ impl WriterConfig {
             window_us: 0,
             queue_ops_max: 16_384,
             in_flight: if backend == DbBackend::Postgres { 2 } else { 1 },
+            pipeline: backend == DbBackend::Postgres,
         }
     }
 
@@ -145,6 +158,7 @@ struct Pending {
 pub struct DebitWriter {
     lanes: Arc<[mpsc::Sender<Pending>]>,
     stats: Arc<WriterStats>,
+    cache: Arc<ConfigCache>,
 }
 
 impl std::fmt::Debug for DebitWriter {
@@ -165,6 +179,7 @@ impl DebitWriter {
     ) -> Result<Self> {
         config.validate()?;
         let stats = Arc::new(WriterStats::default());
+        let cache = Arc::new(ConfigCache::default());
         let mut lanes = Vec::with_capacity(config.lanes);
         for lane in 0..config.lanes {
             let (tx, rx) = mpsc::channel(config.queue_ops_max);
@@ -174,6 +189,7 @@ impl DebitWriter {
                 config,
                 jobs: jobs.clone(),
                 stats: stats.clone(),
+                cache: cache.clone(),
             };
             tokio::spawn(lane_state.run(rx));
             lanes.push(tx);
@@ -181,11 +197,18 @@ impl DebitWriter {
         Ok(Self {
             lanes: lanes.into(),
             stats,
+            cache,
         })
     }
 
     pub fn stats(&self) -> &WriterStats {
         &self.stats
+    }
+
+    /// The newest configuration version a batch of this process has read (see
+    /// `engine::cache`): what the API's credential cache checks its entries against.
+    pub fn config_version(&self) -> Option<i64> {
+        self.cache.version()
     }
 
     fn lane(&self, workspace_id: Uuid) -> Result<&mpsc::Sender<Pending>> {
@@ -266,6 +289,7 @@ struct Lane {
     config: WriterConfig,
     jobs: Option<Arc<dyn JobSink>>,
     stats: Arc<WriterStats>,
+    cache: Arc<ConfigCache>,
 }
 
 impl Lane {
@@ -273,6 +297,8 @@ impl Lane {
         let slots = Arc::new(Semaphore::new(self.config.in_flight));
         let unavailable = Arc::new(AtomicBool::new(false));
         let mut batch: Vec<Pending> = Vec::with_capacity(self.config.batch_ops_max);
+        // The last batch's overlay and the news of its commit, when pipelining.
+        let mut previous: Option<(Arc<Overlay>, oneshot::Receiver<bool>)> = None;
         while let Some(first) = rx.recv().await {
             // With every slot busy, operations keep queueing and join the next batch.
             let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -281,22 +307,34 @@ impl Lane {
             batch.push(first);
             if unavailable.swap(false, Ordering::AcqRel) {
                 refuse_waiting(&mut rx, std::mem::take(&mut batch), self.index);
+                previous = None;
                 continue;
             }
             self.gather(&mut rx, &mut batch).await;
-            let (locked, holds_locks) = oneshot::channel();
+            let (next, handed_over) = oneshot::channel();
+            let (committed, commit_news) = oneshot::channel();
+            let pipe = Pipe {
+                previous: previous.take(),
+                next: Some(next),
+                committed: Some(committed),
+                pipelined: self.config.pipeline,
+            };
             let (lane, flag) = (self.clone(), unavailable.clone());
             let ops = std::mem::take(&mut batch);
             tokio::spawn(async move {
                 let size = ops.len();
-                if lane.run_batch(ops, Locked::new(locked)).await {
+                if lane.run_batch(ops, pipe).await {
                     flag.store(true, Ordering::Release);
                 }
                 tracing::trace!(lane = lane.index, ops = size, "debit batch done");
                 drop(slot);
             });
-            // An error means the batch ended before taking its locks: go on as well.
-            let _ = holds_locks.await;
+            // An error means the batch ended before handing over: the next one
+            // reads under its locks.
+            previous = match handed_over.await {
+                Ok(Some(overlay)) => Some((overlay, commit_news)),
+                Ok(None) | Err(_) => None,
+            };
         }
     }
 
@@ -325,13 +363,14 @@ impl Lane {
 
     /// Runs one batch and answers its callers; true when it failed because the
     /// database cannot be reached.
-    async fn run_batch(&self, batch: Vec<Pending>, locked: Locked) -> bool {
+    async fn run_batch(&self, batch: Vec<Pending>, pipe: Pipe) -> bool {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         let size = u64::try_from(batch.len()).unwrap_or(u64::MAX);
         self.stats.ops.fetch_add(size, Ordering::Relaxed);
         let (ops, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| ((p.op, p.now), p.reply)).unzip();
-        match engine::apply_batch_signalling(&self.db, &ops, &self.stats, locked).await {
+        let cache = Some(self.cache.as_ref());
+        match engine::apply_batch_piped(&self.db, &ops, &self.stats, pipe, cache).await {
             Ok((answers, follow_up)) => {
                 for (reply, answer) in replies.into_iter().zip(answers) {
                     // A caller that went away (timeout, disconnect) has nothing to

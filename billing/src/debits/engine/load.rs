@@ -10,6 +10,7 @@
 //! committed (and is seen) or is still waiting behind us.
 
 use super::Op;
+use super::cache::{ConfigCache, Entries};
 use super::rules::{ProjectState, State, WorkspaceState};
 use crate::debits::usage::ProjectRef;
 use crate::error::{BillingError, Result};
@@ -29,28 +30,60 @@ pub(super) fn is_postgres(c: &DatabaseTransaction) -> bool {
     c.get_database_backend() == DbBackend::Postgres
 }
 
-/// Loads every row the batch's operations name, in lock order.
+/// Loads every row the batch's operations name, in lock order. `locked: false`
+/// (PostgreSQL only: a speculative batch, see `overlay`) reads the same rows from a
+/// snapshot without locking them; SQLite's `BEGIN IMMEDIATE` has locked already.
+/// Prices, discounts and policy rows come from `cache` where it holds them at the
+/// configuration version this batch reads (`cache`).
 pub(super) async fn load<'a>(
     tx: &DatabaseTransaction,
     ops: impl Iterator<Item = &'a Op>,
+    locked: bool,
+    cache: Option<&ConfigCache>,
 ) -> Result<State> {
     let named = Named::of(ops);
     if is_postgres(tx) {
-        return super::load_pg::load(tx, &named).await;
+        return super::load_pg::load(tx, &named, locked, cache).await;
     }
+    let version = config_version(tx).await?;
+    let hits = cache
+        .map(|c| {
+            c.lookup(
+                named.models.iter().copied(),
+                named.workspaces.iter().copied(),
+            )
+        })
+        .unwrap_or_default();
+    let hit = |set: &dyn Fn(&Entries) -> bool| hits.version == Some(version) && set(&hits.entries);
     let reservations = lock_reservations(tx, &named.reservations).await?;
     let mut workspace_ids = named.workspaces.clone();
     workspace_ids.extend(reservations.values().map(|r| r.workspace_id));
     let workspaces = lock_workspaces(tx, &workspace_ids).await?;
     let projects = lock_projects(tx, &named, &reservations, &workspace_ids).await?;
-    let models = load_models(tx, &named.models, &reservations).await?;
-    let account_ids: BTreeSet<Uuid> = workspaces.values().map(|w| w.row.account_id).collect();
+    let models_named: BTreeSet<&str> = named
+        .models
+        .iter()
+        .copied()
+        .filter(|m| !hit(&|e| e.models.contains_key(*m)))
+        .collect();
+    let models = load_models(tx, &models_named, &reservations).await?;
+    let account_ids: BTreeSet<Uuid> = workspaces
+        .values()
+        .filter(|w| !hit(&|e| e.discounts.contains_key(&w.row.id)))
+        .map(|w| w.row.account_id)
+        .collect();
     let discounts = load_discounts(tx, &account_ids).await?;
-    let members = load_members(tx, &named.users, &account_ids).await?;
+    let all_accounts: BTreeSet<Uuid> = workspaces.values().map(|w| w.row.account_id).collect();
+    let members = load_members(tx, &named.users, &all_accounts).await?;
     let (used_usage, used_reserve) =
         load_used_keys(tx, &named, &reservations, &workspace_ids).await?;
-    let (reload_settings, thresholds) = load_policies(tx, &workspace_ids).await?;
-    Ok(State {
+    let policy_ids: BTreeSet<Uuid> = workspace_ids
+        .iter()
+        .copied()
+        .filter(|id| !hit(&|e| e.policies.contains_key(id)))
+        .collect();
+    let (reload_settings, thresholds) = load_policies(tx, &policy_ids).await?;
+    let mut state = State {
         workspaces,
         discounts,
         models,
@@ -61,7 +94,22 @@ pub(super) async fn load<'a>(
         used_reserve,
         reload_settings,
         thresholds,
-    })
+    };
+    super::cache::combine(cache, &mut state, hits, version);
+    Ok(state)
+}
+
+/// The configuration version, in the batch's transaction (see `cache`).
+async fn config_version(tx: &DatabaseTransaction) -> Result<i64> {
+    let stmt = sea_orm::Statement::from_string(
+        DbBackend::Sqlite,
+        "SELECT version FROM config_version WHERE id = 1",
+    );
+    let row = tx
+        .query_one_raw(stmt)
+        .await?
+        .ok_or_else(|| BillingError::Internal("config_version has no row".into()))?;
+    Ok(row.try_get::<i64>("", "version")?)
 }
 
 /// What the batch's operations name, before anything is read (both backends' loads

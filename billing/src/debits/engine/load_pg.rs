@@ -4,7 +4,9 @@
 //! then workspace rows, then project rows, each `ORDER BY id FOR UPDATE`; the output
 //! object is built in that order, so each CTE is materialized, and its rows locked,
 //! before the next); then, in the same statement, everything else the batch needs:
-//! prices, discounts, memberships, request ids already used and the policy rows. The
+//! prices, discounts, memberships, request ids already used and the policy rows (the
+//! prices, discounts and policy rows only where the process's `cache` does not already
+//! hold them at the configuration version the statement reads: `$11`..`$14`). The
 //! result is one JSON document; the arguments are typed arrays (`uuid[]`, `text[]`)
 //! bound in binary, one plan for every batch size, `= ANY(...)` so the planner uses
 //! the indexes. The request ids already used are probed key by key on the unique
@@ -24,6 +26,7 @@
 //! conditional UPDATEs (an alert fires only if still armed, a reload starts only from
 //! IDLE), which see the latest version.
 
+use super::cache::ConfigCache;
 use super::load::Named;
 use super::rules::{ProjectState, State, WorkspaceState};
 use crate::error::{BillingError, Result};
@@ -48,16 +51,20 @@ p AS (
   SELECT * FROM projects
   WHERE id = ANY($3::uuid[]) OR id = ANY(ARRAY(SELECT project_id FROM r))
      OR (workspace_id = ANY(ARRAY(SELECT id FROM w)) AND tag = ANY($4::text[]))
-  ORDER BY id FOR UPDATE)
+  ORDER BY id FOR UPDATE),
+cv AS (SELECT version FROM config_version WHERE id = 1)
 SELECT json_build_object(
+  'version', (SELECT version FROM cv),
   'reservations', (SELECT coalesce(json_agg(r), '[]'::json) FROM r),
   'workspaces', (SELECT coalesce(json_agg(w), '[]'::json) FROM w),
   'projects', (SELECT coalesce(json_agg(p), '[]'::json) FROM p),
   'models', (SELECT coalesce(json_agg(m), '[]'::json) FROM models m
-    WHERE m.id = ANY($5::text[]) OR m.id IN (SELECT model_id FROM r)),
+    WHERE (m.id = ANY($5::text[]) OR m.id IN (SELECT model_id FROM r))
+      AND NOT (m.id = ANY($12::text[]) AND (SELECT version FROM cv) = $11)),
   'accounts', (SELECT coalesce(json_agg(json_build_object('id', a.id,
       'volume_discount_bps', a.volume_discount_bps)), '[]'::json) FROM accounts a
-    WHERE a.id = ANY(ARRAY(SELECT account_id FROM w))),
+    WHERE a.id = ANY(ARRAY(SELECT account_id FROM w
+      WHERE NOT (w.id = ANY($13::uuid[]) AND (SELECT version FROM cv) = $11)))),
   'members', (SELECT coalesce(json_agg(json_build_object('account_id', m.account_id,
       'user_id', m.user_id)), '[]'::json) FROM account_members m
     WHERE m.account_id = ANY(ARRAY(SELECT account_id FROM w)) AND m.user_id = ANY($6::uuid[])),
@@ -71,9 +78,11 @@ SELECT json_build_object(
     CROSS JOIN LATERAL (SELECT * FROM reservations x
       WHERE x.workspace_id = k.workspace_id AND x.request_id = k.request_id) x),
   'settings', (SELECT coalesce(json_agg(s), '[]'::json) FROM auto_reload_settings s
-    WHERE s.workspace_id = ANY(ARRAY(SELECT id FROM w))),
+    WHERE s.workspace_id = ANY(ARRAY(SELECT id FROM w
+      WHERE NOT (w.id = ANY($14::uuid[]) AND (SELECT version FROM cv) = $11)))),
   'thresholds', (SELECT coalesce(json_agg(t ORDER BY t.amount_nanos DESC), '[]'::json)
-    FROM alert_thresholds t WHERE t.workspace_id = ANY(ARRAY(SELECT id FROM w)))
+    FROM alert_thresholds t WHERE t.workspace_id = ANY(ARRAY(SELECT id FROM w
+      WHERE NOT (w.id = ANY($14::uuid[]) AND (SELECT version FROM cv) = $11))))
 )::text AS doc
 "#;
 
@@ -91,6 +100,7 @@ struct Member {
 
 #[derive(Deserialize)]
 struct Read {
+    version: i64,
     reservations: Vec<reservation_rows::Model>,
     workspaces: Vec<workspaces::Model>,
     projects: Vec<projects::Model>,
@@ -132,7 +142,27 @@ fn texts_of(keys: &BTreeSet<(Uuid, &str)>) -> sea_orm::Value {
         .into()
 }
 
-pub(super) async fn load(tx: &DatabaseTransaction, named: &Named<'_>) -> Result<State> {
+/// [`LOAD_SQL`] without its locks, for a batch that runs speculatively on the
+/// previous batch's overlay (`overlay`): the same reads from one snapshot.
+static LOAD_SQL_UNLOCKED: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| LOAD_SQL.replace(" FOR UPDATE", ""));
+
+/// The batch's reads; `locked` takes the row locks in the global order.
+pub(super) async fn load(
+    tx: &DatabaseTransaction,
+    named: &Named<'_>,
+    locked: bool,
+    cache: Option<&ConfigCache>,
+) -> Result<State> {
+    let hits = cache
+        .map(|c| {
+            c.lookup(
+                named.models.iter().copied(),
+                named.workspaces.iter().copied(),
+            )
+        })
+        .unwrap_or_default();
+    let cached_ids = |ids: Vec<Uuid>| -> sea_orm::Value { ids.into() };
     let args = [
         uuids(&named.reservations),
         uuids(&named.workspaces),
@@ -144,14 +174,32 @@ pub(super) async fn load(tx: &DatabaseTransaction, named: &Named<'_>) -> Result<
         texts_of(&named.usage_requests),
         uuids_of(&named.reserve_requests),
         texts_of(&named.reserve_requests),
+        // The cache's version (never a real one when empty) and what it holds.
+        hits.version.unwrap_or(-1).into(),
+        hits.entries
+            .models
+            .keys()
+            .cloned()
+            .collect::<Vec<String>>()
+            .into(),
+        cached_ids(hits.entries.discounts.keys().copied().collect()),
+        cached_ids(hits.entries.policies.keys().copied().collect()),
     ];
-    let stmt = Statement::from_sql_and_values(DbBackend::Postgres, LOAD_SQL, args);
+    let sql = if locked {
+        LOAD_SQL
+    } else {
+        LOAD_SQL_UNLOCKED.as_str()
+    };
+    let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql, args);
     let row = tx
         .query_one_raw(stmt)
         .await?
         .ok_or_else(|| BillingError::Internal("the batch read returned no row".into()))?;
     let read: Read = decode(&row.try_get::<String>("", "doc")?)?;
-    state(read)
+    let version = read.version;
+    let mut state = state(read)?;
+    super::cache::combine(cache, &mut state, hits, version);
+    Ok(state)
 }
 
 fn state(read: Read) -> Result<State> {
@@ -202,4 +250,17 @@ fn state(read: Read) -> Result<State> {
             .collect(),
         thresholds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_unlocked_read_is_the_locked_one_without_its_three_locks() {
+        assert_eq!(super::LOAD_SQL.matches("FOR UPDATE").count(), 3);
+        assert!(!super::LOAD_SQL_UNLOCKED.contains("FOR UPDATE"));
+        assert_eq!(
+            super::LOAD_SQL_UNLOCKED.len() + 3 * " FOR UPDATE".len(),
+            super::LOAD_SQL.len()
+        );
+    }
 }

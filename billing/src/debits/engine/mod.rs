@@ -4,7 +4,8 @@
 //! A batch runs in four steps, each in its own module:
 //! 1. [`load`]: `BEGIN`, then the rows the batch needs, locked in the global order
 //!    (reservations, workspaces, projects, by id), and the prices, discounts,
-//!    memberships and request ids already used.
+//!    memberships and request ids already used (prices, discounts and policy rows from
+//!    the writer's [`cache`] where it holds them at the version the batch reads).
 //! 2. [`rules`]: every operation judged in arrival order against that state, in
 //!    memory, with no I/O: admitted (and the state moved on) or refused (and the
 //!    state untouched). These functions are the only place the money rules of
@@ -17,8 +18,10 @@
 
 #![deny(clippy::arithmetic_side_effects)]
 
+pub mod cache;
 mod load;
 mod load_pg;
+mod overlay;
 mod posting;
 pub(crate) mod rules;
 mod write;
@@ -37,8 +40,13 @@ use entity::enums::ReservationStatus;
 use entity::reservations as reservation_rows;
 use sea_orm::DatabaseConnection;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::oneshot;
 use uuid::Uuid;
+
+pub use cache::ConfigCache;
+pub(crate) use overlay::Overlay;
 
 /// Settle a reservation at its actual token counts.
 #[derive(Clone, Debug)]
@@ -190,8 +198,12 @@ pub struct WriterStats {
     pub judge_us: AtomicU64,
     /// The INSERTs and UPDATEs, the auto-reload and alert checks, the balance events.
     pub write_us: AtomicU64,
-    /// COMMIT (the WAL flush).
+    /// COMMIT (the WAL flush), and, for a speculative batch, waiting for the
+    /// previous batch's.
     pub commit_us: AtomicU64,
+    /// Speculative batches (judged on the previous batch's overlay) that failed and
+    /// ran again under their locks.
+    pub speculations_failed: AtomicU64,
 }
 
 fn add_us(counter: &AtomicU64, since: std::time::Instant) -> std::time::Instant {
@@ -236,45 +248,80 @@ pub(crate) async fn apply_batch(
     batch: &[(Op, DateTime<Utc>)],
     stats: &WriterStats,
 ) -> Result<(Vec<Reply>, FollowUp)> {
-    apply_batch_signalling(db, batch, stats, Locked::default()).await
+    apply_batch_piped(db, batch, stats, Pipe::default(), None).await
 }
 
-/// Told once a batch holds its locks (or has failed before taking them): the writer
-/// starts the next batch of the lane then, so the next one queues behind these locks
-/// and operations are judged in arrival order.
+/// What a lane's batch gets from the batch before it and owes the one after it.
+///
+/// The lane starts its next batch when this one tells `next`: after taking its locks
+/// (without pipelining: the next batch's read queues behind them), or, pipelined,
+/// after its write, handing over its [`Overlay`] so the next batch is read without
+/// locks and judged while this one commits (see `overlay`). `committed` tells that
+/// next batch whether the state it was judged on committed.
 #[derive(Default)]
-pub(crate) struct Locked(Option<tokio::sync::oneshot::Sender<()>>);
+pub(crate) struct Pipe {
+    /// The previous batch's overlay and the news of its commit (pipelined only).
+    pub previous: Option<(Arc<Overlay>, oneshot::Receiver<bool>)>,
+    pub next: Option<oneshot::Sender<Option<Arc<Overlay>>>>,
+    pub committed: Option<oneshot::Sender<bool>>,
+    pub pipelined: bool,
+}
 
-impl Locked {
-    pub(crate) fn new(signal: tokio::sync::oneshot::Sender<()>) -> Self {
-        Self(Some(signal))
-    }
-
-    fn tell(&mut self) {
-        if let Some(signal) = self.0.take() {
+impl Pipe {
+    fn tell_next(&mut self, overlay: Option<Overlay>) {
+        if let Some(next) = self.next.take() {
             // The lane may have stopped waiting; nothing to tell then.
-            let _ = signal.send(());
+            let _ = next.send(overlay.map(Arc::new));
         }
     }
 }
 
-impl Drop for Locked {
-    fn drop(&mut self) {
-        self.tell();
-    }
-}
-
-/// [`apply_batch`], telling `locked` when the batch's rows are locked.
-pub(crate) async fn apply_batch_signalling(
+/// [`apply_batch`] in a lane's pipeline. A batch of usage records with the previous
+/// batch's overlay runs speculatively; if that fails (a row moved, the previous batch
+/// did not commit, a request id used meanwhile), it runs once more under its locks.
+pub(crate) async fn apply_batch_piped(
     db: &DatabaseConnection,
     batch: &[(Op, DateTime<Utc>)],
     stats: &WriterStats,
-    mut locked: Locked,
+    mut pipe: Pipe,
+    cache: Option<&ConfigCache>,
+) -> Result<(Vec<Reply>, FollowUp)> {
+    let all_usage = batch.iter().all(|(op, _)| matches!(op, Op::Usage { .. }));
+    let previous = pipe.previous.take().filter(|_| all_usage);
+    if previous.is_none() {
+        return attempt(db, batch, stats, (&mut pipe, cache), None).await;
+    }
+    match attempt(db, batch, stats, (&mut pipe, cache), previous).await {
+        Err(e) if !e.is_unavailable() => {
+            if pipe.next.is_none()
+                && let Some(committed) = pipe.committed.take()
+            {
+                // The next batch was judged on what this try wrote: it did not commit.
+                let _ = committed.send(false);
+            }
+            stats.speculations_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, ops = batch.len(), "speculative debit batch run again under its locks");
+            attempt(db, batch, stats, (&mut pipe, cache), None).await
+        }
+        other => other,
+    }
+}
+
+/// One try at a batch: read (under locks, or from a snapshot with the previous
+/// batch's overlay), judge, write, commit.
+async fn attempt(
+    db: &DatabaseConnection,
+    batch: &[(Op, DateTime<Utc>)],
+    stats: &WriterStats,
+    (pipe, cache): (&mut Pipe, Option<&ConfigCache>),
+    previous: Option<(Arc<Overlay>, oneshot::Receiver<bool>)>,
 ) -> Result<(Vec<Reply>, FollowUp)> {
     let started = std::time::Instant::now();
     let tx = begin_write(db).await?;
-    let mut state = load::load(&tx, batch.iter().map(|(op, _)| op)).await?;
-    locked.tell();
+    let (mut state, waits_for) = read(&tx, batch, previous, cache).await?;
+    if !pipe.pipelined {
+        pipe.tell_next(None);
+    }
     let loaded_at = add_us(&stats.load_us, started);
     let mut writes = rules::Writes::default();
     let mut replies: Vec<Reply> = batch
@@ -285,14 +332,51 @@ pub(crate) async fn apply_batch_signalling(
         })
         .collect();
     let judged_at = add_us(&stats.judge_us, loaded_at);
+    let created = pipe
+        .next
+        .is_some()
+        .then(|| (writes.events.clone(), writes.new_reservations.clone()));
     let (follow_up, posted) = write::write(&tx, &mut state, writes).await?;
+    if let Some((events, holds)) = created {
+        pipe.tell_next(Some(Overlay::of(&state, events, holds, &posted)));
+    }
     for reply in &mut replies {
         reply.stamp_posting(&posted);
     }
     let written_at = add_us(&stats.write_us, judged_at);
+    if let Some(previous_committed) = waits_for
+        && !previous_committed.await.unwrap_or(false)
+    {
+        return Err(BillingError::Internal(
+            "the batch this one was judged after did not commit".into(),
+        ));
+    }
     tx.commit().await?;
+    if let Some(committed) = pipe.committed.take() {
+        let _ = committed.send(true);
+    }
     add_us(&stats.commit_us, written_at);
     Ok((replies, follow_up))
+}
+
+/// Step 1: the batch's state, and, when it was judged on the previous batch's
+/// overlay, the news of that batch's commit to wait for before committing.
+async fn read(
+    tx: &sea_orm::DatabaseTransaction,
+    batch: &[(Op, DateTime<Utc>)],
+    previous: Option<(Arc<Overlay>, oneshot::Receiver<bool>)>,
+    cache: Option<&ConfigCache>,
+) -> Result<(rules::State, Option<oneshot::Receiver<bool>>)> {
+    let ops = || batch.iter().map(|(op, _)| op);
+    if let Some((overlay, committed)) = previous {
+        let mut state = load::load(tx, ops(), false, cache).await?;
+        if overlay.apply(&mut state) {
+            return Ok((state, Some(committed)));
+        }
+        // Something else committed since the previous batch read: read again,
+        // under the locks, in a new snapshot.
+    }
+    Ok((load::load(tx, ops(), true, cache).await?, None))
 }
 
 /// One operation as a batch of its own, for callers without a writer (and for the

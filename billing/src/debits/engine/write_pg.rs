@@ -10,7 +10,9 @@
 //! the server a document to build). The UPDATEs stay conditional on what the batch
 //! locked; the counts they return are checked, so a row that moved under its lock
 //! fails the batch. Foreign keys are checked at the end of the statement, so rows of
-//! one CTE may reference rows of another.
+//! one CTE may reference rows of another. The projects' UPDATE reads the workspaces'
+//! first, so a pipelined batch, whose locks are taken here rather than by its read,
+//! takes them in the global order too (workspaces, then projects).
 //!
 //! Array elements cannot be NULL through the driver's array binds, so optional
 //! columns travel with a sentinel that no row can hold and `NULLIF` turns back into
@@ -88,22 +90,23 @@ daily_by AS (
     completion_tokens = d.completion_tokens + EXCLUDED.completion_tokens,
     cost_nanos = d.cost_nanos + EXCLUDED.cost_nanos
   RETURNING 1),
-pr AS (
-  UPDATE projects AS p SET budget_spent_nanos = x.spent_after,
-    budget_reserved_nanos = x.reserved_after, budget_period_start = x.period_start_after
-  FROM unnest($46::uuid[], $47::int8[], $48::int8[], $49::timestamptz[], $50::int8[],
-    $51::int8[], $52::timestamptz[]) AS x(id, spent_before, reserved_before,
-    period_start_before, spent_after, reserved_after, period_start_after)
-  WHERE p.id = x.id AND p.budget_spent_nanos = x.spent_before
-    AND p.budget_reserved_nanos = x.reserved_before
-    AND p.budget_period_start = x.period_start_before
-  RETURNING 1),
 ws AS (
   UPDATE workspaces AS w SET balance_nanos = w.balance_nanos + x.balance_delta,
     reserved_nanos = w.reserved_nanos + x.reserved_delta, balance_sequence = x.sequence_after
   FROM unnest($53::uuid[], $54::int8[], $55::int8[], $56::int8[], $57::int8[])
     AS x(id, balance_delta, reserved_delta, sequence_before, sequence_after)
   WHERE w.id = x.id AND w.balance_sequence = x.sequence_before
+  RETURNING 1),
+pr AS (
+  UPDATE projects AS p SET budget_spent_nanos = x.spent_after,
+    budget_reserved_nanos = x.reserved_after, budget_period_start = x.period_start_after
+  FROM unnest($46::uuid[], $47::int8[], $48::int8[], $49::timestamptz[], $50::int8[],
+    $51::int8[], $52::timestamptz[]) AS x(id, spent_before, reserved_before,
+    period_start_before, spent_after, reserved_after, period_start_after)
+    CROSS JOIN (SELECT count(*) FROM ws) AS workspaces_first
+  WHERE p.id = x.id AND p.budget_spent_nanos = x.spent_before
+    AND p.budget_reserved_nanos = x.reserved_before
+    AND p.budget_period_start = x.period_start_before
   RETURNING 1),
 be AS (
   INSERT INTO balance_events (workspace_id, sequence, balance_nanos, reserved_nanos, cause,
