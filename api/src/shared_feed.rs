@@ -572,7 +572,9 @@ mod tests {
     #[test]
     fn formatting_does_not_split_a_feed_and_strings_are_kept() {
         assert_eq!(
-            normalize("subscription($w: ID!)\n{\n  balanceChanged(workspaceId: $w) {\n sequence, at } # c\n}"),
+            normalize(
+                "subscription($w: ID!)\n{\n  balanceChanged(workspaceId: $w) {\n sequence, at } # c\n}"
+            ),
             normalize(DOC)
         );
         assert_ne!(
@@ -623,9 +625,8 @@ mod tests {
     #[test]
     fn the_key_tells_variables_and_names_apart() {
         let key = |w: &str| {
-            let request = Request::new(DOC).variables(Variables::from_json(
-                serde_json::json!({ "w": w }),
-            ));
+            let request =
+                Request::new(DOC).variables(Variables::from_json(serde_json::json!({ "w": w })));
             Eligible::of(&request).map(|e| e.key)
         };
         assert_eq!(key("a"), key("a"));

@@ -4,9 +4,9 @@
 //! shutdown every open connection gets a close frame (1001, going away) at once, so a
 //! client reconnects elsewhere instead of waiting for the server's drain timeout.
 
+use crate::shared_feed::{self, Eligible, Execute, SharedFeeds};
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
-use crate::shared_feed::{self, Eligible, Execute, SharedFeeds};
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, WebSocket, WebSocketProtocols, WsMessage};
 use futures::stream::{AbortHandle, Abortable, BoxStream, SelectAll};
 use futures::{SinkExt as _, StreamExt as _};
@@ -178,8 +178,7 @@ async fn run(
     let mut graphql = std::pin::pin!(graphql);
     // Only the current protocol's handshake is policed; the legacy one keeps
     // async-graphql's behaviour.
-    let mut handshake =
-        (own.protocol == WebSocketProtocols::GraphQLWS).then(Handshake::default);
+    let mut handshake = (own.protocol == WebSocketProtocols::GraphQLWS).then(Handshake::default);
     let first_beat = tokio::time::Instant::now() + HEARTBEAT_INTERVAL;
     let mut heartbeat = tokio::time::interval_at(first_beat, HEARTBEAT_INTERVAL);
     let mut last_heard = Instant::now();
@@ -307,9 +306,8 @@ impl Own {
         feeds: Arc<SharedFeeds>,
     ) -> Self {
         let data = established.clone();
-        let execute: Execute = Arc::new(move |request| {
-            executor.execute_stream(request, data.get().cloned())
-        });
+        let execute: Execute =
+            Arc::new(move |request| executor.execute_stream(request, data.get().cloned()));
         Self {
             protocol,
             executor: execute,

@@ -102,10 +102,9 @@ impl Server {
 
     async fn ws_connect_with(&self, protocol: &'static str) -> Result<Ws, tungstenite::Error> {
         let mut request = self.ws_url.as_str().into_client_request()?;
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            HeaderValue::from_static(protocol),
-        );
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(protocol));
         Ok(tokio_tungstenite::connect_async(request).await?.0)
     }
 
@@ -787,8 +786,10 @@ async fn read_through(
     above: i64,
     through: i64,
 ) -> anyhow::Result<std::collections::HashMap<String, Vec<i64>>> {
-    let mut seen: std::collections::HashMap<String, Vec<i64>> =
-        ids.iter().map(|id| ((*id).to_owned(), Vec::new())).collect();
+    let mut seen: std::collections::HashMap<String, Vec<i64>> = ids
+        .iter()
+        .map(|id| ((*id).to_owned(), Vec::new()))
+        .collect();
     let mut last: std::collections::HashMap<String, i64> =
         ids.iter().map(|id| ((*id).to_owned(), i64::MIN)).collect();
     while last.values().any(|l| *l < through) {
@@ -965,7 +966,10 @@ async fn a_shared_subscription_is_refused_per_subscriber_exactly_as_an_unshared_
     let mut anonymous = server.ws_connect().await?;
     send(&mut anonymous, json!({ "type": "connection_init" })).await?;
     let ack = next_json(&mut anonymous, WAIT).await?;
-    assert!(matches!(&ack, Some(m) if m["type"] == "connection_ack"), "{ack:?}");
+    assert!(
+        matches!(&ack, Some(m) if m["type"] == "connection_ack"),
+        "{ack:?}"
+    );
     let bad_id = json!({ "id": "not-a-uuid" });
     for (ws, who, vars, expected) in [
         (&mut theirs, "outsider", vars.clone(), "NOT_FOUND"),
@@ -1083,7 +1087,10 @@ async fn a_shared_subscriber_that_falls_behind_is_dropped_and_the_others_keep_re
     }
     assert_eq!(got.len(), 3, "{got:?}");
     for (value, expected) in got[..2].iter().zip(&seen) {
-        assert_eq!(value["data"]["balanceChanged"]["sequence"].as_i64(), Some(*expected));
+        assert_eq!(
+            value["data"]["balanceChanged"]["sequence"].as_i64(),
+            Some(*expected)
+        );
     }
     let error = &got[2]["errors"][0];
     assert_eq!(error["message"], "subscriber too slow; resubscribe");

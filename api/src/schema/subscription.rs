@@ -7,8 +7,8 @@ use super::{Account, Purchase, Workspace, caller, credits, db, parse_id};
 use crate::error::{GqlResult, RequestId, to_gql};
 use crate::events::{BalanceEvent, BalanceHub, BalanceStream, SubscriberTooSlow};
 use crate::metrics::Metrics;
-use crate::shared_feed::SharedRun;
 use crate::scalars::{BigInt, CreditsScalar};
+use crate::shared_feed::SharedRun;
 use async_graphql::{Context, Enum, ID, Object, Result, Subscription};
 use billing::accounts::access;
 use billing::accounts::auth::Principal;
@@ -135,9 +135,9 @@ impl SubscriptionRoot {
                 admission.admit(hub(ctx)?.reserve_seat().gql(ctx)?);
                 return Ok(futures::stream::empty().boxed());
             }
-            Some(SharedRun::Feed | SharedRun::TooSlow) => {
-                hub(ctx)?.subscribe_workspace_shared(workspace_id).gql(ctx)?
-            }
+            Some(SharedRun::Feed | SharedRun::TooSlow) => hub(ctx)?
+                .subscribe_workspace_shared(workspace_id)
+                .gql(ctx)?,
         };
         let metrics = ctx.data_opt::<Metrics>().cloned();
         let mut last_sequence = i64::MIN;
