@@ -203,21 +203,10 @@ async fn run(
                     Some(Err(e)) => break close_reason(CloseCode::Protocol, &e.to_string()),
                     None => return,
                 };
-                if let Some((code, why)) = handshake.as_mut().and_then(|h| refuse(h, &bytes)) {
-                    break close_reason(code, why);
-                }
-                match own.take(&bytes) {
-                    Taken::No => {}
-                    Taken::Yes => continue,
-                    Taken::Answer(text) => {
-                        if session.text(text).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                }
-                if to_graphql.send(bytes).await.is_err() {
-                    break None;
+                match dispatch(bytes, &mut session, handshake.as_mut(), &mut own, &mut to_graphql).await {
+                    Step::Go => {}
+                    Step::Close(reason) => break reason,
+                    Step::Gone => return,
                 }
             }
             to_client = graphql.next() => match to_client {
@@ -255,6 +244,44 @@ async fn run(
     };
     // An error here means the client is already gone: nothing left to tell it.
     let _ = session.close(reason).await;
+}
+
+/// What the connection does after a client message.
+enum Step {
+    /// Goes on.
+    Go,
+    /// Ends with this close frame.
+    Close(Option<CloseReason>),
+    /// The client is gone: nothing left to tell it.
+    Gone,
+}
+
+/// A client's text or binary message: refused by the handshake, answered here (a
+/// shared subscription, `crate::shared_feed`), or handed to async-graphql's machine.
+async fn dispatch(
+    bytes: Vec<u8>,
+    session: &mut Session,
+    handshake: Option<&mut Handshake>,
+    own: &mut Own,
+    to_graphql: &mut futures::channel::mpsc::Sender<Vec<u8>>,
+) -> Step {
+    if let Some((code, why)) = handshake.and_then(|h| refuse(h, &bytes)) {
+        return Step::Close(close_reason(code, why));
+    }
+    match own.take(&bytes) {
+        Taken::No => {}
+        Taken::Yes => return Step::Go,
+        Taken::Answer(text) => {
+            return match session.text(text).await {
+                Ok(()) => Step::Go,
+                Err(_) => Step::Gone,
+            };
+        }
+    }
+    match to_graphql.send(bytes).await {
+        Ok(()) => Step::Go,
+        Err(_) => Step::Close(None),
+    }
 }
 
 /// What the loop does with a client message.
