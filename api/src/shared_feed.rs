@@ -20,10 +20,11 @@
 //!    the same bytes.
 //! 3. **Delivery.** The loop frames the shared bytes with the subscriber's own id.
 //!
-//! Only caller-independent fields are eligible ([`SHAREABLE_FIELDS`]): the feed runs
+//! Only caller-independent fields are eligible ([`SHAREABLE_FIELDS`], and
+//! [`SHAREABLE_WORKSPACE_FIELDS`] under `workspace`): the feed runs
 //! with the connection data of the subscriber that created it, so a field whose value
-//! depends on who asks (`workspace { … }` with its guarded fields) must never be
-//! shared. Everything else goes to async-graphql's protocol machine as before.
+//! depends on who asks (`workspace { account … }`, `members`, `apiKeys`: guarded) must
+//! never be shared. Everything else goes to async-graphql's protocol machine as before.
 //!
 //! Ordering and lag are the hub's: each subscriber has a bounded channel of
 //! `subscriber_buffer` events, only ever `try_send`-ed; a subscriber whose channel is
@@ -56,6 +57,12 @@ pub const SHAREABLE_FIELDS: &[&str] = &[
     "at",
     "__typename",
 ];
+
+/// `Workspace` fields a shared subscription may select under `workspace`: the id, and
+/// the balance columns, which `BalanceChange` takes from the event (the name, read
+/// when the feed started, could be older than a later subscriber's start).
+pub const SHAREABLE_WORKSPACE_FIELDS: &[&str] =
+    &["id", "balance", "reserved", "available", "__typename"];
 
 /// Request data telling `balanceChanged` which part of a shared subscription it runs.
 pub enum SharedRun {
@@ -110,8 +117,9 @@ pub struct Eligible {
 
 impl Eligible {
     /// Some when the request is one operation, a subscription whose only root field is
-    /// `balanceChanged` selecting only [`SHAREABLE_FIELDS`], without fragments,
-    /// directives or request extensions. Anything else is left to async-graphql.
+    /// `balanceChanged` selecting only [`SHAREABLE_FIELDS`] (and `workspace` with only
+    /// [`SHAREABLE_WORKSPACE_FIELDS`]), without fragments, directives or request
+    /// extensions. Anything else is left to async-graphql.
     pub fn of(request: &Request) -> Option<Self> {
         if !request.extensions.0.is_empty() {
             return None;
@@ -183,11 +191,26 @@ fn shareable_root(items: &[async_graphql::Positioned<Selection>]) -> bool {
                 return false;
             };
             let field = &field.node;
-            SHAREABLE_FIELDS.contains(&field.name.node.as_str())
-                && field.arguments.is_empty()
-                && field.directives.is_empty()
-                && field.selection_set.node.items.is_empty()
+            let items = &field.selection_set.node.items;
+            let shareable = if field.name.node == "workspace" {
+                !items.is_empty() && items.iter().all(|i| leaf(i, SHAREABLE_WORKSPACE_FIELDS))
+            } else {
+                SHAREABLE_FIELDS.contains(&field.name.node.as_str()) && items.is_empty()
+            };
+            shareable && field.arguments.is_empty() && field.directives.is_empty()
         })
+}
+
+/// A field among `names`, without arguments, directives or selections.
+fn leaf(item: &async_graphql::Positioned<Selection>, names: &[&str]) -> bool {
+    let Selection::Field(field) = &item.node else {
+        return false;
+    };
+    let field = &field.node;
+    names.contains(&field.name.node.as_str())
+        && field.arguments.is_empty()
+        && field.directives.is_empty()
+        && field.selection_set.node.items.is_empty()
 }
 
 /// The document with every run of ignored tokens (white space, commas, comments)
@@ -599,8 +622,17 @@ mod tests {
         assert!(eligible(
             "subscription S { b: balanceChanged(workspaceId: \"x\") { balance __typename } }"
         ));
+        // The dashboard's document.
+        assert!(eligible(
+            "subscription($id: ID!) { balanceChanged(workspaceId: $id) { \
+             workspace { id } balance reserved available sequence at } }"
+        ));
         for query in [
-            "subscription { balanceChanged(workspaceId: \"x\") { workspace { id } sequence } }",
+            "subscription { balanceChanged(workspaceId: \"x\") { workspace { name } sequence } }",
+            "subscription { balanceChanged(workspaceId: \"x\") { workspace { account { id } } } }",
+            "subscription { balanceChanged(workspaceId: \"x\") { workspace { id members { role } } } }",
+            "subscription { balanceChanged(workspaceId: \"x\") { workspace } }",
+            "subscription { balanceChanged(workspaceId: \"x\") { sequence { x } } }",
             "subscription { balanceChanged(workspaceId: \"x\") { ...F } } fragment F on BalanceChange { sequence }",
             "subscription { balanceChanged(workspaceId: \"x\") { ... on BalanceChange { sequence } } }",
             "subscription { balanceChanged(workspaceId: \"x\") @skip(if: false) { sequence } }",
