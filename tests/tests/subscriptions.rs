@@ -780,6 +780,20 @@ async fn metric(server: &Server, sample: &str) -> anyhow::Result<i64> {
         .map_or(0, |v| v as i64))
 }
 
+/// Waits (up to 10 s) for a sample of `/metrics` to read `value`, and returns what it read
+/// last (subscribers come and go asynchronously).
+async fn metric_becomes(server: &Server, sample: &str, value: i64) -> anyhow::Result<i64> {
+    let mut read = metric(server, sample).await?;
+    for _ in 0..200 {
+        if read == value {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        read = metric(server, sample).await?;
+    }
+    Ok(read)
+}
+
 const EXECUTIONS: &str = "reservoir_subscription_executions_total{field=\"balanceChanged\"}";
 
 /// Reads one connection until each of `ids` has seen `through` (a sequence), and
@@ -886,7 +900,10 @@ async fn identical_subscriptions_share_one_execution_and_each_gets_every_event()
         Some(json!({ "type": "complete", "id": "a" })),
         "{answer:?}"
     );
-    assert_eq!(metric(&server, "reservoir_subscribers").await?, 3);
+    assert_eq!(
+        metric_becomes(&server, "reservoir_subscribers", 3).await?,
+        3
+    );
     server
         .record_usage(&token, f.ws_a, "after-complete", 1_000)
         .await?;
@@ -909,16 +926,12 @@ async fn identical_subscriptions_share_one_execution_and_each_gets_every_event()
     drop(one);
     drop(two);
     drop(legacy);
-    let mut feeds = 1;
-    for _ in 0..100 {
-        feeds = metric(&server, "reservoir_shared_subscriptions").await?;
-        if feeds == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let feeds = metric_becomes(&server, "reservoir_shared_subscriptions", 0).await?;
     assert_eq!(feeds, 0);
-    assert_eq!(metric(&server, "reservoir_subscribers").await?, 0);
+    assert_eq!(
+        metric_becomes(&server, "reservoir_subscribers", 0).await?,
+        0
+    );
     server.stop().await;
     t.finish().await
 }
@@ -990,6 +1003,11 @@ async fn a_shared_subscription_is_refused_per_subscriber_exactly_as_an_unshared_
     }
     // Shared subscribers count against the hub's limit as unshared ones do.
     subscribe(&mut mine, "second", SHARED_BALANCE, vars.clone()).await?;
+    // Admitted asynchronously: wait for its seat before the next one.
+    assert_eq!(
+        metric_becomes(&server, "reservoir_subscribers", 2).await?,
+        2
+    );
     let mut third = server.ws(&token).await?;
     let shared = refusal(&mut third, "third-s", SHARED_BALANCE, vars.clone()).await?;
     let unshared = refusal(&mut third, "third-u", UNSHARED_BALANCE, vars.clone()).await?;
