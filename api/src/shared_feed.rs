@@ -539,31 +539,57 @@ async fn admit_and_join(
             .boxed();
     };
     let member = feeds.join(&eligible, &execute, seat);
-    let state = Joined {
+    Joined {
         member,
         eligible,
         execute,
-    };
-    futures::stream::unfold(Some(state), |state| async move {
-        let mut state = state?;
-        match state.member.rx.recv().await {
-            Some(payload) => Some((futures::stream::iter(vec![payload]).boxed(), Some(state))),
-            // Dropped for falling behind: the error an unshared subscription gets.
-            None if state.member.too_slow.load(Ordering::SeqCst) => {
-                Some((state.too_slow_error(), None))
-            }
-            None => None,
-        }
-    })
-    .flatten()
+        tail: None,
+        ended: false,
+    }
     .boxed()
 }
 
-/// An admitted subscriber: its place in the feed.
+/// An admitted subscriber: the feed's payloads as they come, then, if it was dropped
+/// for falling behind, the error an unshared subscription gets.
 struct Joined {
     member: Member,
     eligible: Eligible,
     execute: Execute,
+    /// The "too slow" error's response, once dropped.
+    tail: Option<BoxStream<'static, Arc<str>>>,
+    ended: bool,
+}
+
+impl futures::Stream for Joined {
+    type Item = Arc<str>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Arc<str>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.tail.is_none() && !this.ended {
+            match this.member.rx.poll_recv(cx) {
+                Poll::Ready(Some(payload)) => return Poll::Ready(Some(payload)),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    if this.member.too_slow.load(Ordering::SeqCst) {
+                        this.tail = Some(this.too_slow_error());
+                    }
+                }
+            }
+        }
+        let Some(tail) = &mut this.tail else {
+            return Poll::Ready(None);
+        };
+        let next = tail.poll_next_unpin(cx);
+        if let Poll::Ready(None) = next {
+            this.tail = None; // never polled again once it ended
+        }
+        next
+    }
 }
 
 impl Joined {
