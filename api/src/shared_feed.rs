@@ -12,7 +12,7 @@
 //!    (a [`Seat`]) exactly as an unshared subscription does, then returns an empty
 //!    stream. Any response (a parse or validation error, NOT_FOUND, UNAUTHENTICATED,
 //!    LIMIT_EXCEEDED) is the refusal, sent as async-graphql would have sent it.
-//! 2. **Joining the feed.** Admitted subscribers join the process-wide [`Feed`] of
+//! 2. **Joining the feed.** Admitted subscribers join the process-wide feed of
 //!    their [`FeedKey`] (normalized document, operation name, variables), creating it
 //!    if needed. A feed is one async-graphql execution of the document
 //!    ([`SharedRun::Feed`]: its hub channel is not counted, its subscribers' seats

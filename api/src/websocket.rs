@@ -3,6 +3,11 @@
 //! async-graphql-actix-web's actor: this process decides how a connection ends. On
 //! shutdown every open connection gets a close frame (1001, going away) at once, so a
 //! client reconnects elsewhere instead of waiting for the server's drain timeout.
+//!
+//! The loop also answers shareable `balanceChanged` subscriptions itself (`Own`,
+//! `crate::shared_feed`): identical ones of the process share one execution, and each
+//! subscriber only gets the shared payload framed with its own id. Every other client
+//! message goes to async-graphql's protocol machine, as before.
 
 use crate::shared_feed::{self, Eligible, Execute, SharedFeeds};
 use actix_web::{HttpRequest, HttpResponse, web};
