@@ -181,7 +181,28 @@ impl BalanceHub {
         self.shared.subscribe(Key::Account(account_id))
     }
 
-    /// Subscribers registered now (for metrics).
+    /// Events of one workspace for a shared subscription (`crate::shared_feed`): not
+    /// counted against `subscribers_max`, since each of its subscribers holds a
+    /// [`Seat`] instead. The caller authorizes first.
+    pub fn subscribe_workspace_shared(
+        &self,
+        workspace_id: Uuid,
+    ) -> Result<BalanceStream, BillingError> {
+        self.shared
+            .subscribe_with(Key::Workspace(workspace_id), Counted::No)
+    }
+
+    /// One subscriber's place under `subscribers_max` without a channel of its own (a
+    /// subscriber of a shared subscription): refused exactly as `subscribe_workspace`
+    /// would be, counted in `subscriber_count` until dropped.
+    pub fn reserve_seat(&self) -> Result<Seat, BillingError> {
+        self.shared.admit(1)?;
+        Ok(Seat {
+            shared: Arc::downgrade(&self.shared),
+        })
+    }
+
+    /// Subscribers registered now (for metrics): channels and seats.
     pub fn subscriber_count(&self) -> usize {
         self.shared.lock().count
     }
@@ -233,6 +254,32 @@ impl Stream for BalanceStream {
     }
 }
 
+/// A subscriber of a shared subscription, counted as one hub subscriber until dropped.
+#[derive(Debug)]
+pub struct Seat {
+    shared: Weak<Shared>,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            let mut registry = shared.lock();
+            // After `close` the count was reset; a seat given back then is not counted.
+            if !registry.closed {
+                registry.count = registry.count.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Whether a channel counts as a subscriber (a shared subscription's does not: its
+/// subscribers hold seats).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Counted {
+    Yes,
+    No,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Key {
     Workspace(Uuid),
@@ -242,6 +289,7 @@ enum Key {
 struct Slot {
     tx: mpsc::Sender<Arc<BalanceEvent>>,
     too_slow: Arc<AtomicBool>,
+    counted: Counted,
 }
 
 #[derive(Default)]
@@ -257,21 +305,27 @@ impl Registry {
         let Some(slots) = self.subscribers.get_mut(&key) else {
             return;
         };
-        let before = slots.len();
-        slots.retain(|id, slot| match slot.tx.try_send(event.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                slot.too_slow.store(true, Ordering::SeqCst);
-                tracing::info!(
-                    subscriber = id,
-                    ?key,
-                    "dropping a balance subscriber that fell behind"
-                );
-                false
+        let mut dropped = 0;
+        slots.retain(|id, slot| {
+            let keep = match slot.tx.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    slot.too_slow.store(true, Ordering::SeqCst);
+                    tracing::info!(
+                        subscriber = id,
+                        ?key,
+                        "dropping a balance subscriber that fell behind"
+                    );
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            };
+            if !keep && slot.counted == Counted::Yes {
+                dropped += 1;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            keep
         });
-        self.count -= before - slots.len();
+        self.count -= dropped;
         if slots.is_empty() {
             self.subscribers.remove(&key);
         }
@@ -292,29 +346,50 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Checks that `more` subscribers fit, under the lock, and counts them.
+    fn admit_locked(&self, registry: &mut Registry, more: usize) -> Result<(), BillingError> {
+        if registry.closed {
+            return Err(BillingError::Internal("the balance hub has stopped".into()));
+        }
+        if registry.count + more > self.config.subscribers_max {
+            return Err(BillingError::LimitExceeded(format!(
+                "too many live subscriptions on this server (at most {}); try again later",
+                self.config.subscribers_max
+            )));
+        }
+        registry.count += more;
+        Ok(())
+    }
+
+    fn admit(&self, more: usize) -> Result<(), BillingError> {
+        let mut registry = self.lock();
+        self.admit_locked(&mut registry, more)
+    }
+
     fn subscribe(self: &Arc<Self>, key: Key) -> Result<BalanceStream, BillingError> {
+        self.subscribe_with(key, Counted::Yes)
+    }
+
+    fn subscribe_with(
+        self: &Arc<Self>,
+        key: Key,
+        counted: Counted,
+    ) -> Result<BalanceStream, BillingError> {
         let (tx, rx) = mpsc::channel(self.config.subscriber_buffer.max(1));
         let too_slow = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut registry = self.lock();
-            if registry.closed {
-                return Err(BillingError::Internal("the balance hub has stopped".into()));
-            }
-            if registry.count >= self.config.subscribers_max {
-                return Err(BillingError::LimitExceeded(format!(
-                    "too many live subscriptions on this server (at most {}); try again later",
-                    self.config.subscribers_max
-                )));
-            }
+            let more = usize::from(counted == Counted::Yes);
+            self.admit_locked(&mut registry, more)?;
             registry.subscribers.entry(key).or_default().insert(
                 id,
                 Slot {
                     tx,
                     too_slow: too_slow.clone(),
+                    counted,
                 },
             );
-            registry.count += 1;
         }
         Ok(BalanceStream {
             rx,
@@ -331,12 +406,14 @@ impl Shared {
     fn unregister(&self, key: Key, id: u64) {
         let mut registry = self.lock();
         if let Some(slots) = registry.subscribers.get_mut(&key)
-            && slots.remove(&id).is_some()
+            && let Some(slot) = slots.remove(&id)
         {
             if slots.is_empty() {
                 registry.subscribers.remove(&key);
             }
-            registry.count -= 1;
+            if slot.counted == Counted::Yes {
+                registry.count -= 1;
+            }
         }
     }
 
@@ -345,7 +422,7 @@ impl Shared {
             return;
         }
         let mut registry = self.lock();
-        if registry.count == 0 {
+        if registry.subscribers.is_empty() {
             return;
         }
         for event in events {

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod rate_limit;
 pub mod scalars;
 pub mod schema;
+pub mod shared_feed;
 pub mod websocket;
 pub mod worker_ops;
 
@@ -107,6 +108,8 @@ struct AppState {
     /// Open WebSocket connections of this process (all workers).
     ws_connections: Arc<AtomicUsize>,
     hub: Arc<events::BalanceHub>,
+    /// Identical balance subscriptions of this process, executed once.
+    feeds: Arc<shared_feed::SharedFeeds>,
     metrics: metrics::Metrics,
     credentials: Arc<credentials::CredentialCache>,
     writer: billing::debits::writer::DebitWriter,
@@ -282,9 +285,27 @@ async fn graphql_ws(
         payload,
         state.schema.clone(),
         move |init| connection_init(db, credentials, admin_token, init),
+        state.feeds.clone(),
         state.closing.clone(),
         slot,
     )
+}
+
+/// A WebSocket connection's caller and id, as `connection_init` established them.
+struct ConnectionSession {
+    caller: Option<Caller>,
+    http_request_id: RequestId,
+}
+
+impl websocket::SessionData for ConnectionSession {
+    fn to_data(&self) -> async_graphql::Data {
+        let mut data = async_graphql::Data::default();
+        if let Some(caller) = &self.caller {
+            data.insert(caller.clone());
+        }
+        data.insert(self.http_request_id.clone());
+        data
+    }
 }
 
 async fn connection_init(
@@ -292,9 +313,9 @@ async fn connection_init(
     credentials: Arc<credentials::CredentialCache>,
     admin_token: Option<String>,
     init: serde_json::Value,
-) -> async_graphql::Result<async_graphql::Data> {
+) -> async_graphql::Result<ConnectionSession> {
     let http_request_id = RequestId(uuid::Uuid::new_v4().simple().to_string());
-    let mut data = async_graphql::Data::default();
+    let mut caller = None;
     let value = init
         .get("authorization")
         .or_else(|| init.get("Authorization"))
@@ -309,15 +330,18 @@ async fn connection_init(
             .authenticate(&db, token, admin_token.as_deref())
             .await
             .map_err(|e| error::to_gql(e, Some(&http_request_id)))?;
-        data.insert(Caller(principal));
+        caller = Some(Caller(principal));
     }
-    data.insert(http_request_id);
-    Ok(data)
+    Ok(ConnectionSession {
+        caller,
+        http_request_id,
+    })
 }
 
 /// Prometheus metrics.
 async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
     state.metrics.set_subscribers(state.hub.subscriber_count());
+    state.metrics.set_shared_feeds(state.feeds.feed_count());
     let mut body = state.metrics.render();
     body.push_str(&metrics::render_writer(state.writer.stats()));
     metrics::append_jobs(&mut body, &state.db).await;
@@ -420,6 +444,7 @@ pub fn build_server(
         schema: schema_of(&db, &config, &metrics, &hub, &writer, &credentials)
             .data(rate_limiter.clone())
             .finish(),
+        feeds: shared_feed::SharedFeeds::new(config.balance_hub.subscriber_buffer),
         hub,
         metrics,
         db,

@@ -20,6 +20,8 @@ pub struct Metrics {
     latency: HistogramVec,
     debits: IntCounterVec,
     subscribers: IntGauge,
+    subscription_executions: IntCounterVec,
+    shared_feeds: IntGauge,
 }
 
 impl Metrics {
@@ -53,6 +55,21 @@ impl Metrics {
             "reservoir_subscribers",
             "Live balance subscribers of this process",
         )?;
+        let subscription_executions = IntCounterVec::new(
+            Opts::new(
+                "reservoir_subscription_executions_total",
+                "Balance events handed to async-graphql to resolve and serialise, by \
+                 subscription field: once per event and execution (a shared subscription \
+                 is one execution for all its subscribers)",
+            ),
+            &["field"],
+        )?;
+        let shared_feeds = IntGauge::new(
+            "reservoir_shared_subscriptions",
+            "Shared balance subscriptions (executions) of this process",
+        )?;
+        registry.register(Box::new(subscription_executions.clone()))?;
+        registry.register(Box::new(shared_feeds.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(debits.clone()))?;
@@ -63,7 +80,20 @@ impl Metrics {
             latency,
             debits,
             subscribers,
+            subscription_executions,
+            shared_feeds,
         })
+    }
+
+    /// Counts one event of a subscription `field` resolved by async-graphql.
+    pub fn subscription_execution(&self, field: &str) {
+        self.subscription_executions
+            .with_label_values(&[field])
+            .inc();
+    }
+
+    pub fn set_shared_feeds(&self, n: usize) {
+        self.shared_feeds.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Counts one usage debit: `admitted`, or the error code that refused it.

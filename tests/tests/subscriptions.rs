@@ -97,17 +97,25 @@ impl Server {
     }
 
     async fn ws_connect(&self) -> Result<Ws, tungstenite::Error> {
+        self.ws_connect_with("graphql-transport-ws").await
+    }
+
+    async fn ws_connect_with(&self, protocol: &'static str) -> Result<Ws, tungstenite::Error> {
         let mut request = self.ws_url.as_str().into_client_request()?;
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            HeaderValue::from_static("graphql-transport-ws"),
-        );
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(protocol));
         Ok(tokio_tungstenite::connect_async(request).await?.0)
     }
 
     /// A connection initialised with the token, after its `connection_ack`.
     async fn ws(&self, token: &str) -> anyhow::Result<Ws> {
-        let mut ws = self.ws_connect().await?;
+        self.ws_with("graphql-transport-ws", token).await
+    }
+
+    /// The same on `protocol` (`graphql-ws` is the legacy one).
+    async fn ws_with(&self, protocol: &'static str, token: &str) -> anyhow::Result<Ws> {
+        let mut ws = self.ws_connect_with(protocol).await?;
         send(
             &mut ws,
             json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } }),
@@ -172,7 +180,8 @@ async fn next_payload(ws: &mut Ws, id: &str, wait: Duration) -> anyhow::Result<O
             continue;
         }
         match message["type"].as_str() {
-            Some("next") => return Ok(Some(message["payload"].clone())),
+            // `data` on the legacy graphql-ws protocol.
+            Some("next" | "data") => return Ok(Some(message["payload"].clone())),
             Some("error") => return Ok(Some(json!({ "errors": message["payload"] }))),
             Some("complete") => return Ok(None),
             _ => anyhow::bail!("unexpected message {message}"),
@@ -743,5 +752,378 @@ async fn an_event_committed_after_a_later_id_is_still_delivered() -> anyhow::Res
 
     drop(hub);
     other_pool.close().await?;
+    t.finish().await
+}
+
+/// The bench's kind of document: only fields that do not depend on the caller, so
+/// identical subscriptions share one execution per process (`api::shared_feed`).
+const SHARED_BALANCE: &str =
+    "subscription($id: ID!) { balanceChanged(workspaceId: $id) { sequence balance at } }";
+
+/// Not shareable (`workspace.name` is read when a subscription starts), so executed per
+/// subscriber by async-graphql as before; the same first line as `SHARED_BALANCE`.
+const UNSHARED_BALANCE: &str = "subscription($id: ID!) { balanceChanged(workspaceId: $id) { \
+    workspace { id name } sequence balance at } }";
+
+/// A sample of the server's `/metrics` (0 when absent).
+async fn metric(server: &Server, sample: &str) -> anyhow::Result<i64> {
+    let text = server
+        .client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|line| line.strip_prefix(sample)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as i64))
+}
+
+/// Waits (up to 10 s) for a sample of `/metrics` to read `value`, and returns what it read
+/// last (subscribers come and go asynchronously).
+async fn metric_becomes(server: &Server, sample: &str, value: i64) -> anyhow::Result<i64> {
+    let mut read = metric(server, sample).await?;
+    for _ in 0..200 {
+        if read == value {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        read = metric(server, sample).await?;
+    }
+    Ok(read)
+}
+
+const EXECUTIONS: &str = "reservoir_subscription_executions_total{field=\"balanceChanged\"}";
+
+/// Reads one connection until each of `ids` has seen `through` (a sequence), and
+/// returns the sequences each saw above `above`, in order. A message for any other
+/// id, an error or an early end fails.
+async fn read_through(
+    ws: &mut Ws,
+    ids: &[&str],
+    above: i64,
+    through: i64,
+) -> anyhow::Result<std::collections::HashMap<String, Vec<i64>>> {
+    let mut seen: std::collections::HashMap<String, Vec<i64>> = ids
+        .iter()
+        .map(|id| ((*id).to_owned(), Vec::new()))
+        .collect();
+    let mut last: std::collections::HashMap<String, i64> =
+        ids.iter().map(|id| ((*id).to_owned(), i64::MIN)).collect();
+    while last.values().any(|l| *l < through) {
+        let message = next_json(ws, WAIT)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("closed"))?;
+        let id = message["id"].as_str().unwrap_or_default().to_owned();
+        anyhow::ensure!(
+            matches!(message["type"].as_str(), Some("next" | "data")),
+            "unexpected {message}"
+        );
+        let payload = &message["payload"];
+        anyhow::ensure!(payload["errors"].is_null(), "{payload}");
+        let sequence = payload["data"]["balanceChanged"]["sequence"]
+            .as_i64()
+            .ok_or_else(|| anyhow::anyhow!("no sequence: {message}"))?;
+        let previous = last
+            .get_mut(&id)
+            .ok_or_else(|| anyhow::anyhow!("a message for another id: {message}"))?;
+        anyhow::ensure!(sequence > *previous, "{id}: {sequence} after {previous}");
+        *previous = sequence;
+        if sequence > above {
+            seen.entry(id).or_default().push(sequence);
+        }
+    }
+    Ok(seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_subscriptions_share_one_execution_and_each_gets_every_event()
+-> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "10", now).await?;
+    let token = accounts::create_user_token(&t.db, f.owner_id, "test", now).await?;
+    let server = Server::start(t.second_pool().await?).await?;
+    let vars = json!({ "id": f.ws_a.to_string() });
+
+    // Two subscriptions on one connection, one on another, one on the legacy protocol.
+    let mut one = server.ws(&token).await?;
+    subscribe(&mut one, "a", SHARED_BALANCE, vars.clone()).await?;
+    subscribe(&mut one, "b", SHARED_BALANCE, vars.clone()).await?;
+    let mut two = server.ws(&token).await?;
+    // Formatted differently: the same feed.
+    let reformatted = SHARED_BALANCE.replace(" { ", "\n{\n  ").replace(' ', "  ");
+    subscribe(&mut two, "c", &reformatted, vars.clone()).await?;
+    let mut legacy = server.ws_with("graphql-ws", &token).await?;
+    send(
+        &mut legacy,
+        json!({ "id": "d", "type": "start", "payload": { "query": SHARED_BALANCE, "variables": vars } }),
+    )
+    .await?;
+    // Every subscriber is live once it has seen an event.
+    until_subscribed(&server, &token, f.ws_a, &mut one, "a").await?;
+    until_subscribed(&server, &token, f.ws_a, &mut one, "b").await?;
+    until_subscribed(&server, &token, f.ws_a, &mut two, "c").await?;
+    until_subscribed(&server, &token, f.ws_a, &mut legacy, "d").await?;
+    let fence = workspace(&t.db, f.ws_a).await?.balance_sequence;
+    read_through(&mut one, &["a", "b"], fence, fence).await?;
+    read_through(&mut two, &["c"], fence, fence).await?;
+    read_through(&mut legacy, &["d"], fence, fence).await?;
+    assert_eq!(metric(&server, "reservoir_shared_subscriptions").await?, 1);
+    assert_eq!(metric(&server, "reservoir_subscribers").await?, 4);
+    let executed = metric(&server, EXECUTIONS).await?;
+
+    for i in 0..6 {
+        server
+            .record_usage(&token, f.ws_a, &format!("shared-{i}"), 1_000)
+            .await?;
+    }
+    let last = workspace(&t.db, f.ws_a).await?.balance_sequence;
+    let every: Vec<i64> = (fence + 1..=last).collect();
+    assert_eq!(every.len(), 6);
+    let mut seen = read_through(&mut one, &["a", "b"], fence, last).await?;
+    seen.extend(read_through(&mut two, &["c"], fence, last).await?);
+    seen.extend(read_through(&mut legacy, &["d"], fence, last).await?);
+    for id in ["a", "b", "c", "d"] {
+        assert_eq!(seen[id], every, "{id}");
+    }
+    // Executed once per event, not once per subscriber (the old way: 4 × 6).
+    assert_eq!(metric(&server, EXECUTIONS).await? - executed, 6);
+
+    // `complete` ends that subscriber only.
+    send(&mut one, json!({ "id": "a", "type": "complete" })).await?;
+    let answer = next_json(&mut one, WAIT).await?;
+    assert_eq!(
+        answer,
+        Some(json!({ "type": "complete", "id": "a" })),
+        "{answer:?}"
+    );
+    assert_eq!(
+        metric_becomes(&server, "reservoir_subscribers", 3).await?,
+        3
+    );
+    server
+        .record_usage(&token, f.ws_a, "after-complete", 1_000)
+        .await?;
+    let after = workspace(&t.db, f.ws_a).await?.balance_sequence;
+    assert_eq!(
+        read_through(&mut one, &["b"], last, after).await?["b"],
+        vec![after]
+    );
+    assert_eq!(
+        read_through(&mut two, &["c"], last, after).await?["c"],
+        vec![after]
+    );
+    assert_eq!(
+        read_through(&mut legacy, &["d"], last, after).await?["d"],
+        vec![after]
+    );
+    assert_eq!(metric(&server, EXECUTIONS).await? - executed, 7);
+
+    // The feed ends with its last subscriber.
+    drop(one);
+    drop(two);
+    drop(legacy);
+    let feeds = metric_becomes(&server, "reservoir_shared_subscriptions", 0).await?;
+    assert_eq!(feeds, 0);
+    assert_eq!(
+        metric_becomes(&server, "reservoir_subscribers", 0).await?,
+        0
+    );
+    server.stop().await;
+    t.finish().await
+}
+
+/// The first answer to a subscription and the `complete` after it.
+async fn refusal(ws: &mut Ws, id: &str, query: &str, variables: Value) -> anyhow::Result<Value> {
+    subscribe(ws, id, query, variables).await?;
+    let payload = next_payload(ws, id, WAIT)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("{id}: no answer"))?;
+    let end = next_json(ws, WAIT).await?;
+    anyhow::ensure!(
+        end == Some(json!({ "type": "complete", "id": id })),
+        "{id}: {end:?}"
+    );
+    Ok(payload)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_is_refused_per_subscriber_exactly_as_an_unshared_one()
+-> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "10", now).await?;
+    let token = accounts::create_user_token(&t.db, f.owner_id, "test", now).await?;
+    let other =
+        accounts::create_account(&t.db, "Other", "other@test.example", "Other", now).await?;
+    let outsider = accounts::create_user_token(&t.db, other.owner.id, "test", now).await?;
+    let server = Server::start_with(
+        t.second_pool().await?,
+        api::ApiConfig {
+            balance_hub: HubConfig {
+                subscribers_max: 2,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await?;
+    let vars = json!({ "id": f.ws_a.to_string() });
+    let mut mine = server.ws(&token).await?;
+    subscribe(&mut mine, "mine", SHARED_BALANCE, vars.clone()).await?;
+    until_subscribed(&server, &token, f.ws_a, &mut mine, "mine").await?;
+
+    // The same document and variables from a caller who may not read the workspace, an
+    // anonymous one, and a bad id: refused with what the unshared path answers (the
+    // documents share their first line, so even the locations agree).
+    let mut theirs = server.ws(&outsider).await?;
+    let mut anonymous = server.ws_connect().await?;
+    send(&mut anonymous, json!({ "type": "connection_init" })).await?;
+    let ack = next_json(&mut anonymous, WAIT).await?;
+    assert!(
+        matches!(&ack, Some(m) if m["type"] == "connection_ack"),
+        "{ack:?}"
+    );
+    let bad_id = json!({ "id": "not-a-uuid" });
+    for (ws, who, vars, expected) in [
+        (&mut theirs, "outsider", vars.clone(), "NOT_FOUND"),
+        (&mut anonymous, "anonymous", vars.clone(), "UNAUTHENTICATED"),
+        (&mut mine, "bad-id", bad_id, "NOT_FOUND"),
+    ] {
+        let shared = refusal(ws, &format!("{who}-s"), SHARED_BALANCE, vars.clone()).await?;
+        let unshared = refusal(ws, &format!("{who}-u"), UNSHARED_BALANCE, vars).await?;
+        assert_eq!(code(&shared), Some(expected), "{who}: {shared}");
+        assert!(shared["data"].is_null(), "{who}: {shared}");
+        assert_eq!(shared["errors"][0]["path"], json!(["balanceChanged"]));
+        assert_eq!(shared, unshared, "{who}");
+    }
+    // Shared subscribers count against the hub's limit as unshared ones do.
+    subscribe(&mut mine, "second", SHARED_BALANCE, vars.clone()).await?;
+    // Admitted asynchronously: wait for its seat before the next one.
+    assert_eq!(
+        metric_becomes(&server, "reservoir_subscribers", 2).await?,
+        2
+    );
+    let mut third = server.ws(&token).await?;
+    let shared = refusal(&mut third, "third-s", SHARED_BALANCE, vars.clone()).await?;
+    let unshared = refusal(&mut third, "third-u", UNSHARED_BALANCE, vars.clone()).await?;
+    assert_eq!(code(&shared), Some("LIMIT_EXCEEDED"), "{shared}");
+    assert_eq!(shared, unshared);
+    assert_eq!(metric(&server, "reservoir_subscribers").await?, 2);
+
+    // The authorized subscriber is served throughout.
+    let before = workspace(&t.db, f.ws_a).await?.balance_sequence;
+    server.record_usage(&token, f.ws_a, "served", 1_000).await?;
+    let payload = next_payload(&mut mine, "mine", WAIT)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("ended"))?;
+    assert!(payload["errors"].is_null(), "{payload}");
+    assert!(payload["data"]["balanceChanged"]["sequence"].as_i64() > Some(before));
+
+    drop((mine, theirs, anonymous, third));
+    server.stop().await;
+    t.finish().await
+}
+
+/// A shared subscriber whose channel fills is dropped as a hub subscriber is: what was
+/// buffered, the "too slow" error (as async-graphql renders it for the document), the
+/// end; the others keep receiving from the same execution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscriber_that_falls_behind_is_dropped_and_the_others_keep_receiving()
+-> anyhow::Result<()> {
+    use api::shared_feed::{self, Eligible, Execute, SharedFeeds};
+    let t = TestDb::new().await?;
+    let now = chrono::Utc::now();
+    let f = Fixture::new(&t.db, now).await?;
+    fund(&t.db, f.ws_a, "10", now).await?;
+    let hub = BalanceHub::start(
+        t.db.clone(),
+        HubConfig {
+            poll_interval_ms: 10,
+            ..Default::default()
+        },
+    );
+    let schema = api::schema::schema_builder(
+        t.db.clone(),
+        std::sync::Arc::new(billing::payments::SandboxGateway::new()),
+        None,
+    )
+    .data(hub.clone())
+    .finish();
+    let mut session = async_graphql::Data::default();
+    session.insert(api::schema::Caller(
+        billing::accounts::auth::Principal::PlatformAdmin,
+    ));
+    let session = std::sync::Arc::new(session);
+    let execute: Execute = std::sync::Arc::new(move |request| {
+        async_graphql::Executor::execute_stream(&schema, request, Some(session.clone()))
+    });
+    let request = async_graphql::Request::new(SHARED_BALANCE).variables(
+        async_graphql::Variables::from_json(json!({ "id": f.ws_a.to_string() })),
+    );
+    let eligible = Eligible::of(&request).ok_or_else(|| anyhow::anyhow!("not eligible"))?;
+    let feeds = SharedFeeds::new(2);
+    let mut fast = shared_feed::subscribe(feeds.clone(), eligible.clone(), execute.clone());
+    let mut slow = shared_feed::subscribe(feeds.clone(), eligible, execute);
+    let sequence = |payload: &str| -> anyhow::Result<i64> {
+        let value: Value = serde_json::from_str(payload)?;
+        value["data"]["balanceChanged"]["sequence"]
+            .as_i64()
+            .ok_or_else(|| anyhow::anyhow!("{value}"))
+    };
+    // Both joined once both have seen an event; then drain.
+    let (mut fast_seen, mut slow_seen) = (false, false);
+    for i in 0..100 {
+        usage::record_usage(&t.db, debit(f.ws_a, format!("warm-{i}")), now).await?;
+        let wait = Duration::from_millis(300);
+        fast_seen |= matches!(tokio::time::timeout(wait, fast.next()).await, Ok(Some(_)));
+        slow_seen |= matches!(tokio::time::timeout(wait, slow.next()).await, Ok(Some(_)));
+        if fast_seen && slow_seen {
+            break;
+        }
+    }
+    assert!(fast_seen && slow_seen, "the feed never delivered");
+    let quiet = Duration::from_millis(300);
+    while let Ok(Some(_)) = tokio::time::timeout(quiet, fast.next()).await {}
+    while let Ok(Some(_)) = tokio::time::timeout(quiet, slow.next()).await {}
+    assert_eq!(feeds.feed_count(), 1);
+    assert_eq!(hub.subscriber_count(), 2);
+
+    let mut seen = Vec::new();
+    for i in 0..4 {
+        usage::record_usage(&t.db, debit(f.ws_a, format!("d-{i}")), now).await?;
+        let payload = tokio::time::timeout(WAIT, fast.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("ended"))?;
+        seen.push(sequence(&payload)?);
+    }
+    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+    assert_eq!(hub.subscriber_count(), 1, "the slow subscriber was dropped");
+
+    let mut got = Vec::new();
+    while let Some(payload) = tokio::time::timeout(WAIT, slow.next()).await? {
+        got.push(serde_json::from_str::<Value>(&payload)?);
+    }
+    assert_eq!(got.len(), 3, "{got:?}");
+    for (value, expected) in got[..2].iter().zip(&seen) {
+        assert_eq!(
+            value["data"]["balanceChanged"]["sequence"].as_i64(),
+            Some(*expected)
+        );
+    }
+    let error = &got[2]["errors"][0];
+    assert_eq!(error["message"], "subscriber too slow; resubscribe");
+    assert_eq!(error["extensions"]["code"], "LIMIT_EXCEEDED");
+    assert_eq!(error["path"], json!(["balanceChanged"]));
+
+    // The feed lives on for the fast one, and ends with it.
+    drop(fast);
+    assert_eq!(feeds.feed_count(), 0);
+    assert_eq!(hub.subscriber_count(), 0);
+    hub.shutdown();
     t.finish().await
 }

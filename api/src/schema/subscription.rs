@@ -5,8 +5,10 @@
 
 use super::{Account, Purchase, Workspace, caller, credits, db, parse_id};
 use crate::error::{GqlResult, RequestId, to_gql};
-use crate::events::{BalanceEvent, BalanceHub, BalanceStream};
+use crate::events::{BalanceEvent, BalanceHub, BalanceStream, SubscriberTooSlow};
+use crate::metrics::Metrics;
 use crate::scalars::{BigInt, CreditsScalar};
+use crate::shared_feed::SharedRun;
 use async_graphql::{Context, Enum, ID, Object, Result, Subscription};
 use billing::accounts::access;
 use billing::accounts::auth::Principal;
@@ -113,14 +115,31 @@ impl SubscriptionRoot {
         ctx: &Context<'_>,
         workspace_id: ID,
     ) -> Result<Changes<BalanceChange>> {
+        let request_id = ctx.data_opt::<RequestId>().cloned();
+        let shared = ctx.data_opt::<SharedRun>();
+        if let Some(SharedRun::TooSlow) = shared {
+            let too_slow = to_gql(BillingError::from(SubscriberTooSlow), request_id.as_ref());
+            return Ok(futures::stream::once(std::future::ready(Err(too_slow))).boxed());
+        }
         let principal = caller(ctx)?;
         let workspace_id = parse_id(ctx, &workspace_id, "workspace")?;
         // Any access to the workspace will do, a workspace API key included.
         let (workspace, _) = access::workspace_access(db(ctx), &principal, workspace_id)
             .await
             .gql(ctx)?;
-        let events = hub(ctx)?.subscribe_workspace(workspace_id).gql(ctx)?;
-        let request_id = ctx.data_opt::<RequestId>().cloned();
+        let events = match shared {
+            None => hub(ctx)?.subscribe_workspace(workspace_id).gql(ctx)?,
+            // A shared subscription's subscriber: authorized and counted, it receives
+            // the feed's events (crate::shared_feed), not a stream of its own.
+            Some(SharedRun::Admit(admission)) => {
+                admission.admit(hub(ctx)?.reserve_seat().gql(ctx)?);
+                return Ok(futures::stream::empty().boxed());
+            }
+            Some(SharedRun::Feed | SharedRun::TooSlow) => hub(ctx)?
+                .subscribe_workspace_shared(workspace_id)
+                .gql(ctx)?,
+        };
+        let metrics = ctx.data_opt::<Metrics>().cloned();
         let mut last_sequence = i64::MIN;
         Ok(events
             .filter_map(move |item| {
@@ -130,6 +149,9 @@ impl SubscriptionRoot {
                     Ok(event) if event.sequence <= last_sequence => None,
                     Ok(event) => {
                         last_sequence = event.sequence;
+                        if let Some(metrics) = &metrics {
+                            metrics.subscription_execution("balanceChanged");
+                        }
                         Some(Ok(BalanceChange::new(&workspace, event)))
                     }
                     Err(too_slow) => Some(Err(to_gql(
@@ -178,6 +200,7 @@ impl SubscriptionRoot {
             principal,
             db: db(ctx).clone(),
             request_id: ctx.data_opt::<RequestId>().cloned(),
+            metrics: ctx.data_opt::<Metrics>().cloned(),
         };
         Ok(futures::stream::unfold(state, |mut state| async move {
             let out = state.next().await?;
@@ -216,6 +239,7 @@ struct AccountState {
     principal: Principal,
     db: DatabaseConnection,
     request_id: Option<RequestId>,
+    metrics: Option<Metrics>,
 }
 
 impl AccountState {
@@ -251,6 +275,9 @@ impl AccountState {
             self.latest.insert(row.id, change.workspace.clone());
             if !self.visible.contains(&row.id) {
                 continue; // counted in the total, not shown
+            }
+            if let Some(metrics) = &self.metrics {
+                metrics.subscription_execution("accountBalanceChanged");
             }
             return Some(match billing::ledger::total_balance(self.latest.values()) {
                 Ok(total_balance) => Ok(AccountBalanceChange {
