@@ -26,9 +26,15 @@ pub type VersionSource = Box<dyn Fn() -> Option<i64> + Send + Sync>;
 pub struct CredentialCache {
     ttl: Duration,
     version: VersionSource,
-    /// SHA-256 of the token (never the token itself) -> who it is, since when, and
-    /// the configuration version seen then.
-    entries: Mutex<HashMap<String, (Principal, Instant, Option<i64>)>>,
+    /// SHA-256 of the token (never the token itself) -> its entry.
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+/// Who a token is, since when, and the configuration version seen then.
+struct Entry {
+    principal: Principal,
+    at: Instant,
+    version: Option<i64>,
 }
 
 impl CredentialCache {
@@ -66,22 +72,27 @@ impl CredentialCache {
             if entries.len() >= ENTRIES_MAX {
                 entries.clear();
             }
-            entries.insert(key, (principal.clone(), Instant::now(), version));
+            let entry = Entry {
+                principal: principal.clone(),
+                at: Instant::now(),
+                version,
+            };
+            entries.insert(key, entry);
         }
         Ok(principal)
     }
 
     fn fresh(&self, key: &str, version: Option<i64>) -> Option<Principal> {
         let entries = self.entries.lock().ok()?;
-        let (principal, at, seen) = entries.get(key)?;
-        (at.elapsed() < self.ttl && *seen == version).then(|| principal.clone())
+        let entry = entries.get(key)?;
+        (entry.at.elapsed() < self.ttl && entry.version == version).then(|| entry.principal.clone())
     }
 
     /// Drops every cached entry of an API key (after it is revoked in this process).
     pub fn forget_api_key(&self, api_key_id: uuid::Uuid) {
         if let Ok(mut entries) = self.entries.lock() {
-            entries.retain(|_, (p, _, _)| {
-                !matches!(p, Principal::ApiKey { api_key_id: id, .. } if *id == api_key_id)
+            entries.retain(|_, e| {
+                !matches!(e.principal, Principal::ApiKey { api_key_id: id, .. } if id == api_key_id)
             });
         }
     }

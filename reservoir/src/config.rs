@@ -192,19 +192,11 @@ impl Config {
             number(get, "RESERVOIR_WRITER_BATCH_OPS_MAX", 4_096)?.map(|n| n as usize);
         let writer_window_us = number(get, "RESERVOIR_WRITER_WINDOW_US", 100_000)?;
         let writer_in_flight = number(get, "RESERVOIR_WRITER_IN_FLIGHT", 4)?.map(|n| n as usize);
-        let writer_pipeline = get("RESERVOIR_WRITER_PIPELINE")
-            .map(|v| parse_bool("RESERVOIR_WRITER_PIPELINE", &v))
-            .transpose()?;
+        let writer_pipeline = flag(get, "RESERVOIR_WRITER_PIPELINE")?;
         let credential_cache_ttl_ms =
             number(get, "RESERVOIR_CREDENTIAL_CACHE_TTL_MS", 60_000)?.unwrap_or(2_000);
-        let introspection = get("RESERVOIR_INTROSPECTION")
-            .map(|v| parse_bool("RESERVOIR_INTROSPECTION", &v))
-            .transpose()?
-            .unwrap_or(true);
-        let webhooks_allow_http = get("RESERVOIR_WEBHOOKS_ALLOW_HTTP")
-            .map(|v| parse_bool("RESERVOIR_WEBHOOKS_ALLOW_HTTP", &v))
-            .transpose()?
-            .unwrap_or(false);
+        let introspection = flag(get, "RESERVOIR_INTROSPECTION")?.unwrap_or(true);
+        let webhooks_allow_http = flag(get, "RESERVOIR_WEBHOOKS_ALLOW_HTTP")?.unwrap_or(false);
         let rate_limit_usage_per_second =
             number(get, "RESERVOIR_RATE_LIMIT_USAGE_PER_SECOND", 1_000_000)?.map_or(5_000, as_u32);
         let rate_limit_auth_failures_per_minute = number(
@@ -538,6 +530,11 @@ fn as_u32(n: u64) -> u32 {
 }
 
 /// An optional number from 0 to `max` (the writer and cache tuning knobs).
+/// A boolean variable, if set.
+fn flag(get: Lookup<'_>, var: &'static str) -> Result<Option<bool>, ConfigError> {
+    get(var).map(|v| parse_bool(var, &v)).transpose()
+}
+
 fn number(get: Lookup<'_>, var: &'static str, max: u64) -> Result<Option<u64>, ConfigError> {
     get(var)
         .map(|v| {
