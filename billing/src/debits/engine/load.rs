@@ -10,7 +10,7 @@
 //! committed (and is seen) or is still waiting behind us.
 
 use super::Op;
-use super::cache::{ConfigCache, Entries};
+use super::cache::{ConfigCache, Entries, Hits};
 use super::rules::{ProjectState, State, WorkspaceState};
 use crate::debits::usage::ProjectRef;
 use crate::error::{BillingError, Result};
@@ -46,14 +46,7 @@ pub(super) async fn load<'a>(
         return super::load_pg::load(tx, &named, locked, cache).await;
     }
     let version = config_version(tx).await?;
-    let hits = cache
-        .map(|c| {
-            c.lookup(
-                named.models.iter().copied(),
-                named.workspaces.iter().copied(),
-            )
-        })
-        .unwrap_or_default();
+    let hits = named.hits(cache);
     let hit = |set: &dyn Fn(&Entries) -> bool| hits.version == Some(version) && set(&hits.entries);
     let reservations = lock_reservations(tx, &named.reservations).await?;
     let mut workspace_ids = named.workspaces.clone();
@@ -130,6 +123,14 @@ pub(super) struct Named<'a> {
 }
 
 impl<'a> Named<'a> {
+    /// What the process's cache holds for the models and workspaces named (see
+    /// `cache`): usable only if the batch reads the version it comes with.
+    pub(super) fn hits(&self, cache: Option<&ConfigCache>) -> Hits {
+        cache
+            .map(|c| c.lookup(self.models.iter().copied(), self.workspaces.iter().copied()))
+            .unwrap_or_default()
+    }
+
     fn of(ops: impl Iterator<Item = &'a Op>) -> Self {
         let mut n = Self::default();
         for op in ops {

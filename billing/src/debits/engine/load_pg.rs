@@ -154,14 +154,7 @@ pub(super) async fn load(
     locked: bool,
     cache: Option<&ConfigCache>,
 ) -> Result<State> {
-    let hits = cache
-        .map(|c| {
-            c.lookup(
-                named.models.iter().copied(),
-                named.workspaces.iter().copied(),
-            )
-        })
-        .unwrap_or_default();
+    let hits = named.hits(cache);
     let cached_ids = |ids: Vec<Uuid>| -> sea_orm::Value { ids.into() };
     let args = [
         uuids(&named.reservations),
