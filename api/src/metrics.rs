@@ -143,6 +143,16 @@ pub fn render_writer(stats: &billing::debits::writer::WriterStats) -> String {
             stats.speculations_failed.load(Relaxed) as f64,
         ),
         (
+            "reservoir_writer_speculations_total",
+            "Pipelined debit batches judged on the previous batch's uncommitted state.",
+            stats.speculations.load(Relaxed) as f64,
+        ),
+        (
+            "reservoir_writer_wait_seconds_total",
+            "Time pipelined batches spent, once judged, waiting for the previous batch's commit before writing.",
+            stats.wait_us.load(Relaxed) as f64 / 1e6,
+        ),
+        (
             "reservoir_writer_load_seconds_total",
             "Time spent beginning batches and reading their rows under the locks.",
             stats.load_us.load(Relaxed) as f64 / 1e6,

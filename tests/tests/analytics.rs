@@ -615,6 +615,73 @@ async fn many_scopes_in_one_statement() -> anyhow::Result<()> {
     s.t.finish().await
 }
 
+/// A dashboard's loader batch: every workspace's totals and breakdowns by project,
+/// member, model and key, over two windows, beside project reports and a
+/// two-dimension report. The one-dimension workspace reports of a window are ONE
+/// statement whatever their dimensions, and every report is exactly what
+/// `usage_reports` answers for it alone.
+#[tokio::test]
+async fn breakdowns_in_one_statement_match_one_statement_each() -> anyhow::Result<()> {
+    let s = Scenario::new().await?;
+    let (counted, statements) = counting(&s.t.db);
+    let windows = [
+        (at(1, 0, 0, 0), at(4, 0, 0, 0)),
+        (at(2, 12, 0, 0), at(5, 0, 0, 0)),
+    ];
+    let groupings: [&[Dim]; 7] = [
+        &[],
+        &[Dim::Project],
+        &[Dim::Member],
+        &[Dim::Model],
+        &[Dim::ApiKey],
+        &[Dim::Model, Dim::Model],
+        &[Dim::Project, Dim::Model],
+    ];
+    let scopes = [
+        UsageScope::Workspace(s.ws_a),
+        UsageScope::Workspace(s.ws_b),
+        UsageScope::Workspace(s.ws_c),
+        UsageScope::Project(s.p1),
+    ];
+    let mut requests = Vec::new();
+    for (from, to) in windows {
+        for group_by in groupings {
+            for scope in &scopes {
+                requests.push(analytics::ReportRequest {
+                    scope: scope.clone(),
+                    from,
+                    to,
+                    group_by: group_by.to_vec(),
+                });
+            }
+        }
+    }
+    let reports = analytics::usage_reports_for(&counted, &requests).await?;
+    // Per window: one statement for the workspaces' one-dimension reports; for the
+    // rest one per grouping (the project scope's 6 distinct, the two-dimension one).
+    assert_eq!(statements.load(Ordering::SeqCst), 2 * (1 + 6 + 1));
+    assert_eq!(reports.len(), requests.len());
+    let mut rows = 0;
+    for request in &requests {
+        let range = DayRange::new(request.from, request.to)?;
+        let alone = analytics::usage_reports(
+            &s.t.db,
+            std::slice::from_ref(&request.scope),
+            &range,
+            &request.group_by,
+        )
+        .await?;
+        assert_eq!(
+            reports.get(request),
+            alone.get(&request.scope),
+            "{request:?}"
+        );
+        rows += alone.get(&request.scope).map_or(0, |r| r.rows.len());
+    }
+    assert!(rows > 40, "the scenario has rows to compare: {rows}");
+    s.t.finish().await
+}
+
 #[tokio::test]
 async fn project_scope() -> anyhow::Result<()> {
     let s = Scenario::new().await?;

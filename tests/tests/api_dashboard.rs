@@ -30,6 +30,41 @@ query($id: ID!, $from: DateTime!, $to: DateTime!) {
   }
 }"#;
 
+/// The page `reservoir-bench`'s dashboard scenario reads: three breakdowns, one chart
+/// each.
+const BREAKDOWNS: &str = r#"
+query($id: ID!, $from: DateTime!, $to: DateTime!) {
+  account(id: $id) {
+    workspaces {
+      id
+      byProject: usage(from: $from, to: $to, groupBy: [PROJECT]) {
+        requests cost
+        rows { project { tag } requests cost }
+      }
+      byMember: usage(from: $from, to: $to, groupBy: [MEMBER]) {
+        rows { user { email } requests cost }
+      }
+      byModel: usage(from: $from, to: $to, groupBy: [MODEL]) {
+        rows { model { id name } requests cost }
+      }
+    }
+  }
+}"#;
+
+/// The same page with one breakdown.
+const ONE_BREAKDOWN: &str = r#"
+query($id: ID!, $from: DateTime!, $to: DateTime!) {
+  account(id: $id) {
+    workspaces {
+      id
+      byProject: usage(from: $from, to: $to, groupBy: [PROJECT]) {
+        requests cost
+        rows { project { tag } requests cost }
+      }
+    }
+  }
+}"#;
+
 /// Seeds an account with `workspaces` × `projects` and some usage on each project;
 /// returns the account id and the owner's token.
 async fn seed(
@@ -93,6 +128,7 @@ async fn seed(
 
 /// Runs the dashboard against a fresh database and counts the SQL statements it took.
 async fn statements_for(
+    query: &str,
     workspaces: usize,
     projects: usize,
 ) -> anyhow::Result<(usize, serde_json::Value)> {
@@ -119,12 +155,12 @@ async fn statements_for(
     let from = to - chrono::Duration::days(30);
     let vars = json!({ "id": account_id, "from": from.to_rfc3339(), "to": to.to_rfc3339() });
     // Warm-up (the first request may touch the pool differently), then measure.
-    app.gql(Some(&token), DASHBOARD, vars.clone()).await?;
+    app.gql(Some(&token), query, vars.clone()).await?;
     counter.store(0, Ordering::Relaxed);
     if let Ok(mut log) = log.lock() {
         log.clear();
     }
-    let response = app.gql(Some(&token), DASHBOARD, vars).await?;
+    let response = app.gql(Some(&token), query, vars).await?;
     let statements = counter.load(Ordering::Relaxed);
     if let Ok(log) = log.lock() {
         eprintln!(
@@ -139,8 +175,8 @@ async fn statements_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_query_does_not_grow_with_rows() -> anyhow::Result<()> {
-    let (small, small_response) = statements_for(2, 2).await?;
-    let (large, large_response) = statements_for(20, 10).await?;
+    let (small, small_response) = statements_for(DASHBOARD, 2, 2).await?;
+    let (large, large_response) = statements_for(DASHBOARD, 20, 10).await?;
     assert!(small_response["errors"].is_null(), "{small_response}");
     assert!(large_response["errors"].is_null(), "{large_response}");
     let workspaces = large_response["data"]["account"]["workspaces"]
@@ -158,6 +194,39 @@ async fn the_dashboard_query_does_not_grow_with_rows() -> anyhow::Result<()> {
     assert_eq!(
         small, large,
         "SQL statements must not grow with the number of workspaces and projects"
+    );
+    Ok(())
+}
+
+/// A page's breakdowns by project, member and model (of every workspace on it) are
+/// one SQL statement: the page with three costs what the page with one does, and
+/// their figures agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_breakdowns_cost_one_statement() -> anyhow::Result<()> {
+    let (one, one_response) = statements_for(ONE_BREAKDOWN, 3, 4).await?;
+    let (three, response) = statements_for(BREAKDOWNS, 3, 4).await?;
+    assert!(response["errors"].is_null(), "{response}");
+    assert!(one_response["errors"].is_null(), "{one_response}");
+    // Three breakdowns add the members' and models' lookups for their rows, and not
+    // one statement of usage.
+    assert_eq!(three, one + 2, "three breakdowns: {three}, one: {one}");
+    let first = &response["data"]["account"]["workspaces"][0];
+    assert_eq!(
+        first["byProject"],
+        one_response["data"]["account"]["workspaces"][0]["byProject"]
+    );
+    assert_eq!(first["byProject"]["requests"], 4);
+    assert_eq!(first["byProject"]["rows"].as_array().map(Vec::len), Some(4));
+    // Every seeded call was the owner's, on the test model.
+    assert_eq!(first["byMember"]["rows"][0]["requests"], 4);
+    assert_eq!(
+        first["byMember"]["rows"][0]["user"]["email"],
+        "owner@big.example"
+    );
+    assert_eq!(first["byModel"]["rows"][0]["model"]["id"], TEST_MODEL);
+    assert_eq!(
+        first["byModel"]["rows"][0]["cost"],
+        first["byProject"]["cost"]
     );
     Ok(())
 }

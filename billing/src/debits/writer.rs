@@ -44,10 +44,11 @@
 //! and read request with the previous batch's write and commit. Pipelined (the
 //! default on PostgreSQL, `WriterConfig::pipeline`), the next batch of usage records
 //! starts once the previous one has written: it is read from a snapshot without
-//! locks, with the previous batch's uncommitted rows laid over it, judged, and its
-//! conditional write waits on the row lock, so a hot workspace's lock is held for a
-//! batch's write and commit only; it commits after the previous batch did, or runs
-//! again under its locks (`engine::overlay` says why that is safe).
+//! locks, with the previous batch's uncommitted rows laid over it, judged, and it
+//! writes its conditional UPDATEs once the previous batch has committed, so a hot
+//! workspace's lock is held for a batch's write and commit only; if the previous
+//! batch did not commit, or a row is not what it was judged on, it runs again under
+//! its locks (`engine::overlay` says why that is safe).
 //!
 //! A batch writes one balance event per workspace it changed (the balance sequence
 //! moves once per batch): subscribers see every committed state, coalesced per
@@ -96,8 +97,7 @@ pub struct WriterConfig {
     pub in_flight: usize,
     /// Pipelining (PostgreSQL): the next batch of usage records starts once this one
     /// has written, is read without locks over this batch's uncommitted rows, judged,
-    /// and its conditional write waits on the row locks; it commits only after this
-    /// one did (`engine::overlay`). Off: the next batch starts once this one holds its
+    /// and writes only after this one committed (`engine::overlay`). Off: the next batch starts once this one holds its
     /// locks and reads under them.
     pub pipeline: bool,
 }

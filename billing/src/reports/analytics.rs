@@ -17,7 +17,7 @@
 //! range"; SQLite: "integer overflow") and reported as LIMIT_EXCEEDED, never wrapped.
 
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Days, NaiveDate, NaiveTime, TimeDelta, Utc};
 use entity::usage_daily;
@@ -282,15 +282,21 @@ pub async fn usage_reports<C: ConnectionTrait>(
         }
     }
     for report in reports.values_mut() {
-        report.rows.sort_by(|a, b| {
-            b.totals.cost.cmp(&a.totals.cost).then_with(|| {
-                dimensions
-                    .iter()
-                    .fold(Ordering::Equal, |o, d| o.then_with(|| a.compare(b, *d)))
-            })
-        });
+        sort_rows(&mut report.rows, &dimensions);
     }
     Ok(reports)
+}
+
+/// A report's rows by cost descending, then by the dimension values in the requested
+/// order, so equal costs still come back in a stable order.
+fn sort_rows(rows: &mut [UsageRow], dimensions: &[UsageDimension]) {
+    rows.sort_by(|a, b| {
+        b.totals.cost.cmp(&a.totals.cost).then_with(|| {
+            dimensions
+                .iter()
+                .fold(Ordering::Equal, |o, d| o.then_with(|| a.compare(b, *d)))
+        })
+    });
 }
 
 /// Average daily spend of each workspace over the last `days` UTC days, today
@@ -470,15 +476,13 @@ fn report_branch_by_dimension(
     dimensions: &[UsageDimension],
 ) -> Option<SelectStatement> {
     use entity::usage_daily_by::{Column as B, Entity as By};
-    let (name, value) = match dimensions {
-        [] => ("project", None),
-        [UsageDimension::Project] => ("project", Some(B::DimUuid)),
-        [UsageDimension::Member] => ("member", Some(B::DimUuid)),
-        [UsageDimension::ApiKey] => ("api_key", Some(B::DimUuid)),
-        [UsageDimension::Model] => ("model", Some(B::DimModel)),
+    let name = rollup_dimension(dimensions)?;
+    let value = match dimensions {
+        [] => None,
+        [UsageDimension::Model] => Some(B::DimModel),
+        [_] => Some(B::DimUuid),
         _ => return None,
     };
-    let by_sum = |column: B| -> Expr { Func::cast_as(Expr::col(column).sum(), "BIGINT").into() };
     let mut query = Query::select();
     query
         .from(By)
@@ -503,9 +507,37 @@ fn report_branch_by_dimension(
     Some(query)
 }
 
+/// The `usage_daily_by` dimension whose rows answer a workspace report grouped by
+/// `dimensions` (deduplicated), if one does. Totals alone read the project rows:
+/// every event is in exactly one of them.
+fn rollup_dimension(dimensions: &[UsageDimension]) -> Option<&'static str> {
+    match dimensions {
+        [] | [UsageDimension::Project] => Some("project"),
+        [UsageDimension::Member] => Some("member"),
+        [UsageDimension::ApiKey] => Some("api_key"),
+        [UsageDimension::Model] => Some("model"),
+        _ => None,
+    }
+}
+
 /// `CAST(SUM(col) AS BIGINT)`: one integer type on both backends.
 fn sum(column: usage_daily::Column) -> Expr {
     Func::cast_as(Expr::col(column).sum(), "BIGINT").into()
+}
+
+/// The same over `usage_daily_by`.
+fn by_sum(column: entity::usage_daily_by::Column) -> Expr {
+    Func::cast_as(Expr::col(column).sum(), "BIGINT").into()
+}
+
+/// The four sums every report statement selects.
+fn decode_totals(row: &QueryResult) -> Result<UsageTotals> {
+    Ok(UsageTotals {
+        requests: row.try_get("", "requests")?,
+        prompt_tokens: row.try_get("", "prompt_tokens")?,
+        completion_tokens: row.try_get("", "completion_tokens")?,
+        cost: Credits::from_nanos(row.try_get("", "cost_nanos")?),
+    })
 }
 
 fn decode_report_row(
@@ -523,12 +555,7 @@ fn decode_report_row(
         model_id: None,
         api_key_id: None,
         day: None,
-        totals: UsageTotals {
-            requests: row.try_get("", "requests")?,
-            prompt_tokens: row.try_get("", "prompt_tokens")?,
-            completion_tokens: row.try_get("", "completion_tokens")?,
-            cost: Credits::from_nanos(row.try_get("", "cost_nanos")?),
-        },
+        totals: decode_totals(row)?,
     };
     let uuid = |d: UsageDimension| -> Result<Option<Uuid>> {
         let id: Uuid = row.try_get("", d.alias())?;
@@ -755,22 +782,40 @@ pub struct ReportRequest {
     pub group_by: Vec<UsageDimension>,
 }
 
-/// Many reports at once (a DataLoader's batch): ONE statement per distinct window and
-/// grouping, the scopes batched within it (see [`usage_reports`]). A bad window fails
-/// with its own code (INVALID_INPUT when reversed, LIMIT_EXCEEDED when too long).
+/// Many reports at once (a DataLoader's batch). Workspace reports by at most one
+/// dimension take ONE statement per window whatever their dimensions (a dashboard's
+/// breakdowns by project, member and model: [`workspace_breakdowns`]); every other
+/// report ONE statement per distinct window and grouping, the scopes batched within it
+/// (see [`usage_reports`]). A bad window fails with its own code (INVALID_INPUT when
+/// reversed, LIMIT_EXCEEDED when too long).
 pub async fn usage_reports_for<C: ConnectionTrait>(
     c: &C,
     requests: &[ReportRequest],
 ) -> Result<HashMap<ReportRequest, UsageReport>> {
     type Shape = (DateTime<Utc>, DateTime<Utc>, Vec<UsageDimension>);
     let mut shapes: HashMap<Shape, Vec<UsageScope>> = HashMap::new();
+    let mut breakdowns: HashMap<(DateTime<Utc>, DateTime<Utc>), Vec<ReportRequest>> =
+        HashMap::new();
+    let mut out = HashMap::with_capacity(requests.len());
     for r in requests {
+        if matches!(r.scope, UsageScope::Workspace(_))
+            && rollup_dimension(&dedup(&r.group_by)).is_some()
+        {
+            breakdowns
+                .entry((r.from, r.to))
+                .or_default()
+                .push(r.clone());
+            continue;
+        }
         shapes
             .entry((r.from, r.to, r.group_by.clone()))
             .or_default()
             .push(r.scope.clone());
     }
-    let mut out = HashMap::with_capacity(requests.len());
+    for ((from, to), batch) in breakdowns {
+        let range = DayRange::new(from, to)?;
+        out.extend(workspace_breakdowns(c, &batch, &range).await?);
+    }
     for ((from, to, group_by), scopes) in shapes {
         let range = DayRange::new(from, to)?;
         for (scope, report) in usage_reports(c, &scopes, &range, &group_by).await? {
@@ -801,6 +846,115 @@ pub async fn average_daily_spend_for<C: ConnectionTrait>(
     for (days, ids) in by_days {
         for (workspace_id, avg) in average_daily_spend(c, &ids, days, now).await? {
             out.insert((workspace_id, days), avg);
+        }
+    }
+    Ok(out)
+}
+
+/// Workspace reports by at most one dimension over one window, whatever dimension
+/// each asks for, in ONE statement over the one-dimension rollup (`usage_daily_by`,
+/// grouped by workspace, dimension and value): a dashboard page's breakdowns by
+/// project, member and model of every workspace on it are one statement, not one per
+/// dimension. Same answers as [`usage_reports`] (test `analytics::
+/// breakdowns_in_one_statement_match_one_statement_each`).
+async fn workspace_breakdowns<C: ConnectionTrait>(
+    c: &C,
+    requests: &[ReportRequest],
+    range: &DayRange,
+) -> Result<HashMap<ReportRequest, UsageReport>> {
+    use entity::usage_daily_by::{Column as B, Entity as By};
+    type Wanted = Vec<(ReportRequest, Vec<UsageDimension>)>;
+    // Rollup dimension → workspace → the reports its rows answer.
+    let mut wanted: HashMap<&'static str, HashMap<Uuid, Wanted>> = HashMap::new();
+    let mut out = HashMap::with_capacity(requests.len());
+    for r in requests {
+        let dimensions = dedup(&r.group_by);
+        let (UsageScope::Workspace(id), Some(name)) = (&r.scope, rollup_dimension(&dimensions))
+        else {
+            return Err(BillingError::Internal(format!("not a breakdown: {r:?}")));
+        };
+        if out.insert(r.clone(), UsageReport::default()).is_none() {
+            let by_workspace = wanted.entry(name).or_default();
+            by_workspace
+                .entry(*id)
+                .or_default()
+                .push((r.clone(), dimensions));
+        }
+    }
+    let ids: BTreeSet<Uuid> = wanted.values().flat_map(|w| w.keys().copied()).collect();
+    let names: BTreeSet<&str> = wanted.keys().copied().collect();
+    if ids.len() > BATCH_MAX {
+        return Err(BillingError::LimitExceeded(format!(
+            "at most {BATCH_MAX} usage scopes per batch"
+        )));
+    }
+    let mut query = Query::select();
+    query
+        .from(By)
+        .columns([B::WorkspaceId, B::Dimension, B::DimUuid, B::DimModel])
+        .expr_as(by_sum(B::Requests), "requests")
+        .expr_as(by_sum(B::PromptTokens), "prompt_tokens")
+        .expr_as(by_sum(B::CompletionTokens), "completion_tokens")
+        .expr_as(by_sum(B::CostNanos), "cost_nanos")
+        .and_where(Expr::col(B::WorkspaceId).is_in(ids))
+        .and_where(Expr::col(B::Dimension).is_in(names))
+        .and_where(Expr::col(B::Day).gte(range.first))
+        .and_where(Expr::col(B::Day).lt(range.end))
+        .group_by_columns([B::WorkspaceId, B::Dimension, B::DimUuid, B::DimModel]);
+    for row in c.query_all(&query).await.map_err(sum_error)? {
+        let (id, name): (Uuid, String) = (
+            row.try_get("", "workspace_id")?,
+            row.try_get("", "dimension")?,
+        );
+        // A workspace's rows of a dimension only another workspace asked for.
+        let Some(targets) = wanted.get(name.as_str()).and_then(|w| w.get(&id)) else {
+            continue;
+        };
+        let totals = decode_totals(&row)?;
+        for (request, dimensions) in targets {
+            let report = out.get_mut(request).ok_or_else(|| {
+                BillingError::Internal(format!("breakdown row for an unrequested {request:?}"))
+            })?;
+            report.totals.checked_add_assign(&totals)?;
+            if let [dimension] = dimensions.as_slice() {
+                report
+                    .rows
+                    .push(breakdown_row(&row, *dimension, totals.clone())?);
+            }
+        }
+    }
+    for (request, report) in &mut out {
+        sort_rows(&mut report.rows, &dedup(&request.group_by));
+    }
+    Ok(out)
+}
+
+/// One row of a one-dimension breakdown: the value of `dimension` (the nil UUID is
+/// "none", as everywhere in the rollups) and its sums.
+fn breakdown_row(
+    row: &QueryResult,
+    dimension: UsageDimension,
+    totals: UsageTotals,
+) -> Result<UsageRow> {
+    let id: Uuid = row.try_get("", "dim_uuid")?;
+    let id = (!id.is_nil()).then_some(id);
+    let mut out = UsageRow {
+        project_id: None,
+        user_id: None,
+        model_id: None,
+        api_key_id: None,
+        day: None,
+        totals,
+    };
+    match dimension {
+        UsageDimension::Project => out.project_id = id,
+        UsageDimension::Member => out.user_id = id,
+        UsageDimension::ApiKey => out.api_key_id = id,
+        UsageDimension::Model => out.model_id = Some(row.try_get("", "dim_model")?),
+        UsageDimension::Day => {
+            return Err(BillingError::Internal(
+                "no day rollup in usage_daily_by".into(),
+            ));
         }
     }
     Ok(out)

@@ -198,11 +198,14 @@ pub struct WriterStats {
     pub judge_us: AtomicU64,
     /// The INSERTs and UPDATEs, the auto-reload and alert checks, the balance events.
     pub write_us: AtomicU64,
-    /// COMMIT (the WAL flush), and, for a speculative batch, waiting for the
-    /// previous batch's.
+    /// COMMIT (the WAL flush).
     pub commit_us: AtomicU64,
-    /// Speculative batches (judged on the previous batch's overlay) that failed and
-    /// ran again under their locks.
+    /// Speculative batches waiting, once judged, for the previous batch's commit
+    /// before they write.
+    pub wait_us: AtomicU64,
+    /// Batches judged speculatively, on the previous batch's overlay.
+    pub speculations: AtomicU64,
+    /// Speculative batches that failed and ran again under their locks.
     pub speculations_failed: AtomicU64,
 }
 
@@ -332,6 +335,7 @@ async fn attempt(
         })
         .collect();
     let judged_at = add_us(&stats.judge_us, loaded_at);
+    let judged_at = wait_for_previous(waits_for, stats, judged_at).await?;
     let created = pipe
         .next
         .is_some()
@@ -344,19 +348,39 @@ async fn attempt(
         reply.stamp_posting(&posted);
     }
     let written_at = add_us(&stats.write_us, judged_at);
-    if let Some(previous_committed) = waits_for
-        && !previous_committed.await.unwrap_or(false)
-    {
-        return Err(BillingError::Internal(
-            "the batch this one was judged after did not commit".into(),
-        ));
-    }
     tx.commit().await?;
     if let Some(committed) = pipe.committed.take() {
         let _ = committed.send(true);
     }
     add_us(&stats.commit_us, written_at);
     Ok((replies, follow_up))
+}
+
+/// A speculative batch, once judged, waits for the previous batch's commit before it
+/// writes; it fails if that batch did not commit (it is then run again under its
+/// locks). Waiting before the write, not only before the commit: PostgreSQL checks
+/// an UPDATE's condition first against the row version in the statement's snapshot,
+/// and a write statement that starts before the previous commit sees the row the
+/// previous batch started from, fails `balance_sequence = <after it>` there, and
+/// skips the row without waiting for its lock (3-5 % of pipelined batches ran twice
+/// for that, docs/BENCHMARKS.md). After the commit, the statement's snapshot has it.
+async fn wait_for_previous(
+    waits_for: Option<oneshot::Receiver<bool>>,
+    stats: &WriterStats,
+    since: std::time::Instant,
+) -> Result<std::time::Instant> {
+    let Some(previous_committed) = waits_for else {
+        return Ok(since);
+    };
+    stats.speculations.fetch_add(1, Ordering::Relaxed);
+    let committed = previous_committed.await.unwrap_or(false);
+    let now = add_us(&stats.wait_us, since);
+    if !committed {
+        return Err(BillingError::Internal(
+            "the batch this one was judged after did not commit".into(),
+        ));
+    }
+    Ok(now)
 }
 
 /// Step 1: the batch's state, and, when it was judged on the previous batch's

@@ -8,8 +8,8 @@
 //! read, judged and written: the lock chain per batch is read + judge + write +
 //! commit. With it, the next batch reads without locks (a snapshot that does not yet
 //! see this batch), takes this batch's rows as it left them from the [`Overlay`], is
-//! judged, and sends its write, which waits on the row lock: the chain is write +
-//! commit.
+//! judged, and writes as soon as this batch has committed: the chain is write +
+//! commit, and the read and judgement overlap it.
 //!
 //! # Why it is safe
 //!
@@ -21,9 +21,9 @@
 //!   snapshot's row is neither the one this batch started from nor the one it left
 //!   (something else committed in between): the batch is read again under its locks.
 //!   So a refusal (insufficient credits, a cap) is never judged on a stale row.
-//! - The next batch commits (and answers) only once this batch's commit is known to
-//!   have succeeded (`Pipe::previous_committed`); otherwise it is run again under its
-//!   locks. A refusal or a replay decided on this batch's state is never answered if
+//! - The next batch writes (and so commits and answers) only once this batch's commit
+//!   is known to have succeeded (`engine::wait_for_previous`); otherwise it is run
+//!   again under its locks. A refusal or a replay decided on this batch's state is never answered if
 //!   that state did not commit.
 //! - Request ids this batch used are in the overlay, so the next batch answers their
 //!   replays; one used by another process since the snapshot is caught by the unique
