@@ -853,7 +853,7 @@ pub async fn average_daily_spend_for<C: ConnectionTrait>(
 
 /// Workspace reports by at most one dimension over one window, whatever dimension
 /// each asks for, in ONE statement over the one-dimension rollup (`usage_daily_by`,
-/// grouped by workspace, dimension and value): a dashboard page's breakdowns by
+/// a branch per dimension grouped by workspace and value): a dashboard page's breakdowns by
 /// project, member and model of every workspace on it are one statement, not one per
 /// dimension. Same answers as [`usage_reports`] (test `analytics::
 /// breakdowns_in_one_statement_match_one_statement_each`).
@@ -882,33 +882,51 @@ async fn workspace_breakdowns<C: ConnectionTrait>(
         }
     }
     let ids: BTreeSet<Uuid> = wanted.values().flat_map(|w| w.keys().copied()).collect();
-    let names: BTreeSet<&str> = wanted.keys().copied().collect();
     if ids.len() > BATCH_MAX {
         return Err(BillingError::LimitExceeded(format!(
             "at most {BATCH_MAX} usage scopes per batch"
         )));
     }
-    let mut query = Query::select();
-    query
-        .from(By)
-        .columns([B::WorkspaceId, B::Dimension, B::DimUuid, B::DimModel])
-        .expr_as(by_sum(B::Requests), "requests")
-        .expr_as(by_sum(B::PromptTokens), "prompt_tokens")
-        .expr_as(by_sum(B::CompletionTokens), "completion_tokens")
-        .expr_as(by_sum(B::CostNanos), "cost_nanos")
-        .and_where(Expr::col(B::WorkspaceId).is_in(ids))
-        .and_where(Expr::col(B::Dimension).is_in(names))
-        .and_where(Expr::col(B::Day).gte(range.first))
-        .and_where(Expr::col(B::Day).lt(range.end))
-        .group_by_columns([B::WorkspaceId, B::Dimension, B::DimUuid, B::DimModel]);
+    // One branch per dimension, each the index scan a statement of its own would be
+    // (`dimension = …` on the rollup's unique index), joined by UNION ALL: one round
+    // trip and one plan, and never a worse plan than the separate statements.
+    let mut names: Vec<&'static str> = wanted.keys().copied().collect();
+    names.sort_unstable();
+    let mut branches = names.into_iter().map(|name| {
+        let ids: BTreeSet<Uuid> = wanted
+            .get(name)
+            .map(|w| w.keys().copied().collect())
+            .unwrap_or_default();
+        let mut branch = Query::select();
+        branch
+            .from(By)
+            .columns([B::WorkspaceId, B::Dimension, B::DimUuid, B::DimModel])
+            .expr_as(by_sum(B::Requests), "requests")
+            .expr_as(by_sum(B::PromptTokens), "prompt_tokens")
+            .expr_as(by_sum(B::CompletionTokens), "completion_tokens")
+            .expr_as(by_sum(B::CostNanos), "cost_nanos")
+            .and_where(Expr::col(B::WorkspaceId).is_in(ids))
+            .and_where(Expr::col(B::Dimension).eq(name))
+            .and_where(Expr::col(B::Day).gte(range.first))
+            .and_where(Expr::col(B::Day).lt(range.end))
+            .group_by_columns([B::WorkspaceId, B::Dimension, B::DimUuid, B::DimModel]);
+        branch
+    });
+    let Some(mut query) = branches.next() else {
+        return Ok(out);
+    };
+    for branch in branches {
+        query.union(UnionType::All, branch);
+    }
     for row in c.query_all(&query).await.map_err(sum_error)? {
         let (id, name): (Uuid, String) = (
             row.try_get("", "workspace_id")?,
             row.try_get("", "dimension")?,
         );
-        // A workspace's rows of a dimension only another workspace asked for.
         let Some(targets) = wanted.get(name.as_str()).and_then(|w| w.get(&id)) else {
-            continue;
+            return Err(BillingError::Internal(format!(
+                "breakdown row for an unrequested {name} of {id}"
+            )));
         };
         let totals = decode_totals(&row)?;
         for (request, dimensions) in targets {
