@@ -862,7 +862,6 @@ async fn workspace_breakdowns<C: ConnectionTrait>(
     requests: &[ReportRequest],
     range: &DayRange,
 ) -> Result<HashMap<ReportRequest, UsageReport>> {
-    use entity::usage_daily_by::{Column as B, Entity as By};
     type Wanted = Vec<(ReportRequest, Vec<UsageDimension>)>;
     // Rollup dimension → workspace → the reports its rows answer.
     let mut wanted: HashMap<&'static str, HashMap<Uuid, Wanted>> = HashMap::new();
@@ -887,37 +886,9 @@ async fn workspace_breakdowns<C: ConnectionTrait>(
             "at most {BATCH_MAX} usage scopes per batch"
         )));
     }
-    // One branch per dimension, each the index scan a statement of its own would be
-    // (`dimension = …` on the rollup's unique index), joined by UNION ALL: one round
-    // trip and one plan, and never a worse plan than the separate statements.
-    let mut names: Vec<&'static str> = wanted.keys().copied().collect();
-    names.sort_unstable();
-    let mut branches = names.into_iter().map(|name| {
-        let ids: BTreeSet<Uuid> = wanted
-            .get(name)
-            .map(|w| w.keys().copied().collect())
-            .unwrap_or_default();
-        let mut branch = Query::select();
-        branch
-            .from(By)
-            .columns([B::WorkspaceId, B::Dimension, B::DimUuid, B::DimModel])
-            .expr_as(by_sum(B::Requests), "requests")
-            .expr_as(by_sum(B::PromptTokens), "prompt_tokens")
-            .expr_as(by_sum(B::CompletionTokens), "completion_tokens")
-            .expr_as(by_sum(B::CostNanos), "cost_nanos")
-            .and_where(Expr::col(B::WorkspaceId).is_in(ids))
-            .and_where(Expr::col(B::Dimension).eq(name))
-            .and_where(Expr::col(B::Day).gte(range.first))
-            .and_where(Expr::col(B::Day).lt(range.end))
-            .group_by_columns([B::WorkspaceId, B::Dimension, B::DimUuid, B::DimModel]);
-        branch
-    });
-    let Some(mut query) = branches.next() else {
+    let Some(query) = breakdowns_query(&wanted, range) else {
         return Ok(out);
     };
-    for branch in branches {
-        query.union(UnionType::All, branch);
-    }
     for row in c.query_all(&query).await.map_err(sum_error)? {
         let (id, name): (Uuid, String) = (
             row.try_get("", "workspace_id")?,
@@ -945,6 +916,44 @@ async fn workspace_breakdowns<C: ConnectionTrait>(
         sort_rows(&mut report.rows, &dedup(&request.group_by));
     }
     Ok(out)
+}
+
+/// The breakdowns statement: one branch per dimension, each the index scan a
+/// statement of its own would be (`dimension = …` on the rollup's unique index),
+/// joined by UNION ALL: one round trip and one plan, and never a worse plan than the
+/// separate statements. None when nothing is wanted.
+fn breakdowns_query<T>(
+    wanted: &HashMap<&'static str, HashMap<Uuid, T>>,
+    range: &DayRange,
+) -> Option<SelectStatement> {
+    use entity::usage_daily_by::{Column as B, Entity as By};
+    let mut names: Vec<&'static str> = wanted.keys().copied().collect();
+    names.sort_unstable();
+    let mut branches = names.into_iter().map(|name| {
+        let ids: BTreeSet<Uuid> = wanted
+            .get(name)
+            .map(|w| w.keys().copied().collect())
+            .unwrap_or_default();
+        let mut branch = Query::select();
+        branch
+            .from(By)
+            .columns([B::WorkspaceId, B::Dimension, B::DimUuid, B::DimModel])
+            .expr_as(by_sum(B::Requests), "requests")
+            .expr_as(by_sum(B::PromptTokens), "prompt_tokens")
+            .expr_as(by_sum(B::CompletionTokens), "completion_tokens")
+            .expr_as(by_sum(B::CostNanos), "cost_nanos")
+            .and_where(Expr::col(B::WorkspaceId).is_in(ids))
+            .and_where(Expr::col(B::Dimension).eq(name))
+            .and_where(Expr::col(B::Day).gte(range.first))
+            .and_where(Expr::col(B::Day).lt(range.end))
+            .group_by_columns([B::WorkspaceId, B::Dimension, B::DimUuid, B::DimModel]);
+        branch
+    });
+    let mut query = branches.next()?;
+    for branch in branches {
+        query.union(UnionType::All, branch);
+    }
+    Some(query)
 }
 
 /// One row of a one-dimension breakdown: the value of `dimension` (the nil UUID is
