@@ -1,6 +1,8 @@
 //! Step 1 of a batch: read what it needs, under its locks. What the operations name
-//! is gathered once ([`Named`]); PostgreSQL then reads in two statements
-//! (`load_pg`), SQLite with the statements here.
+//! is gathered once ([`Named`]); PostgreSQL then reads in one statement (`load_pg`),
+//! SQLite in one statement for what every batch reads (`load_sqlite`) and one each
+//! for what is rarely needed (holds being settled, and prices, discounts and policy
+//! rows when the process's cache does not hold them).
 //!
 //! Rows are read in one global order: reservation rows by id, then workspace rows by
 //! id, then project rows by id (on PostgreSQL each `FOR UPDATE`; on SQLite the
@@ -16,14 +18,13 @@ use crate::debits::usage::ProjectRef;
 use crate::error::{BillingError, Result};
 use crate::money::DiscountBps;
 use entity::{
-    account_members, accounts, alert_thresholds, auto_reload_settings, models, projects,
-    reservations as reservation_rows, usage_events, workspaces,
+    accounts, alert_thresholds, auto_reload_settings, models, reservations as reservation_rows,
 };
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
     QueryOrder,
 };
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use uuid::Uuid;
 
 pub(super) fn is_postgres(c: &DatabaseTransaction) -> bool {
@@ -45,14 +46,16 @@ pub(super) async fn load<'a>(
     if is_postgres(tx) {
         return super::load_pg::load(tx, &named, locked, cache).await;
     }
-    let version = config_version(tx).await?;
     let hits = named.hits(cache);
-    let hit = |set: &dyn Fn(&Entries) -> bool| hits.version == Some(version) && set(&hits.entries);
     let reservations = lock_reservations(tx, &named.reservations).await?;
-    let mut workspace_ids = named.workspaces.clone();
-    workspace_ids.extend(reservations.values().map(|r| r.workspace_id));
-    let workspaces = lock_workspaces(tx, &workspace_ids).await?;
-    let projects = lock_projects(tx, &named, &reservations, &workspace_ids).await?;
+    let read = read_sqlite(tx, &named, &reservations).await?;
+    let version = read.version;
+    let hit = |set: &dyn Fn(&Entries) -> bool| hits.version == Some(version) && set(&hits.entries);
+    let workspaces: HashMap<Uuid, WorkspaceState> = read
+        .workspaces
+        .into_iter()
+        .map(|row| (row.id, WorkspaceState::new(row)))
+        .collect();
     let models_named: BTreeSet<&str> = named
         .models
         .iter()
@@ -66,13 +69,10 @@ pub(super) async fn load<'a>(
         .map(|w| w.row.account_id)
         .collect();
     let discounts = load_discounts(tx, &account_ids).await?;
-    let all_accounts: BTreeSet<Uuid> = workspaces.values().map(|w| w.row.account_id).collect();
-    let members = load_members(tx, &named.users, &all_accounts).await?;
-    let (used_usage, used_reserve) =
-        load_used_keys(tx, &named, &reservations, &workspace_ids).await?;
+    let mut workspace_ids = named.workspaces.clone();
+    workspace_ids.extend(reservations.values().map(|r| r.workspace_id));
     let policy_ids: BTreeSet<Uuid> = workspace_ids
-        .iter()
-        .copied()
+        .into_iter()
         .filter(|id| !hit(&|e| e.policies.contains_key(id)))
         .collect();
     let (reload_settings, thresholds) = load_policies(tx, &policy_ids).await?;
@@ -80,11 +80,23 @@ pub(super) async fn load<'a>(
         workspaces,
         discounts,
         models,
-        projects,
-        members,
+        projects: read
+            .projects
+            .into_iter()
+            .map(|row| (row.id, ProjectState::new(row)))
+            .collect(),
+        members: read.members.into_iter().collect(),
         reservations,
-        used_usage,
-        used_reserve,
+        used_usage: read
+            .used_usage
+            .into_iter()
+            .map(|e| ((e.workspace_id, e.request_id.clone()), e))
+            .collect(),
+        used_reserve: read
+            .used_reserve
+            .into_iter()
+            .map(|r| ((r.workspace_id, r.request_id.clone()), r))
+            .collect(),
         reload_settings,
         thresholds,
     };
@@ -92,17 +104,30 @@ pub(super) async fn load<'a>(
     Ok(state)
 }
 
-/// The configuration version, in the batch's transaction (see `cache`).
-async fn config_version(tx: &DatabaseTransaction) -> Result<i64> {
-    let stmt = sea_orm::Statement::from_string(
-        DbBackend::Sqlite,
-        "SELECT version FROM config_version WHERE id = 1",
-    );
-    let row = tx
-        .query_one_raw(stmt)
-        .await?
-        .ok_or_else(|| BillingError::Internal("config_version has no row".into()))?;
-    Ok(row.try_get::<i64>("", "version")?)
+/// SQLite's one read of what every batch needs (`load_sqlite`): the workspaces named by
+/// the operations or by the holds they settle, their projects (by id or tag), the
+/// attributed users' memberships, and the request ids already used.
+async fn read_sqlite(
+    tx: &DatabaseTransaction,
+    named: &Named<'_>,
+    reservations: &HashMap<Uuid, reservation_rows::Model>,
+) -> Result<super::load_sqlite::Read> {
+    let mut workspaces = named.workspaces.clone();
+    workspaces.extend(reservations.values().map(|r| r.workspace_id));
+    let mut projects = named.projects.clone();
+    projects.extend(reservations.values().filter_map(|r| r.project_id));
+    let mut usage_keys: BTreeSet<&str> = named.usage_requests.iter().map(|(_, k)| *k).collect();
+    usage_keys.extend(reservations.values().map(|r| r.request_id.as_str()));
+    let reserve_keys: BTreeSet<&str> = named.reserve_requests.iter().map(|(_, k)| *k).collect();
+    let ask = super::load_sqlite::Ask {
+        workspaces: &workspaces,
+        projects: &projects,
+        tags: &named.tags,
+        users: &named.users,
+        usage_keys: &usage_keys,
+        reserve_keys: &reserve_keys,
+    };
+    super::load_sqlite::read(tx, &ask).await
 }
 
 /// What the batch's operations name, before anything is read (both backends' loads
@@ -194,55 +219,6 @@ async fn lock_reservations(
     Ok(q.all(tx).await?.into_iter().map(|r| (r.id, r)).collect())
 }
 
-/// 2. Workspace rows, locked by id.
-async fn lock_workspaces(
-    tx: &DatabaseTransaction,
-    ids: &BTreeSet<Uuid>,
-) -> Result<HashMap<Uuid, WorkspaceState>> {
-    let q = workspaces::Entity::find()
-        .filter(workspaces::Column::Id.is_in(ids.iter().copied()))
-        .order_by_asc(workspaces::Column::Id);
-    Ok(q.all(tx)
-        .await?
-        .into_iter()
-        .map(|row| (row.id, WorkspaceState::new(row)))
-        .collect())
-}
-
-/// 3. Project rows (named by id or by tag, or held by a reservation), locked by id.
-async fn lock_projects(
-    tx: &DatabaseTransaction,
-    named: &Named<'_>,
-    reservations: &HashMap<Uuid, reservation_rows::Model>,
-    workspace_ids: &BTreeSet<Uuid>,
-) -> Result<HashMap<Uuid, ProjectState>> {
-    let mut ids = named.projects.clone();
-    ids.extend(reservations.values().filter_map(|r| r.project_id));
-    let tags = &named.tags;
-    if ids.is_empty() && tags.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let mut condition = sea_orm::Condition::any();
-    if !ids.is_empty() {
-        condition = condition.add(projects::Column::Id.is_in(ids));
-    }
-    if !tags.is_empty() {
-        condition = condition.add(
-            sea_orm::Condition::all()
-                .add(projects::Column::WorkspaceId.is_in(workspace_ids.iter().copied()))
-                .add(projects::Column::Tag.is_in(tags.iter().copied())),
-        );
-    }
-    let q = projects::Entity::find()
-        .filter(condition)
-        .order_by_asc(projects::Column::Id);
-    Ok(q.all(tx)
-        .await?
-        .into_iter()
-        .map(|row| (row.id, ProjectState::new(row)))
-        .collect())
-}
-
 /// 4a. Prices: read, not locked (the prices in force when the batch runs apply).
 async fn load_models(
     tx: &DatabaseTransaction,
@@ -282,64 +258,6 @@ async fn load_discounts(
         discounts.insert(account.id, discount);
     }
     Ok(discounts)
-}
-
-/// 4c. Which attributed users are members of the workspaces' accounts.
-async fn load_members(
-    tx: &DatabaseTransaction,
-    user_ids: &BTreeSet<Uuid>,
-    account_ids: &BTreeSet<Uuid>,
-) -> Result<HashSet<(Uuid, Uuid)>> {
-    if user_ids.is_empty() || account_ids.is_empty() {
-        return Ok(HashSet::new());
-    }
-    Ok(account_members::Entity::find()
-        .filter(account_members::Column::UserId.is_in(user_ids.iter().copied()))
-        .filter(account_members::Column::AccountId.is_in(account_ids.iter().copied()))
-        .all(tx)
-        .await?
-        .into_iter()
-        .map(|m| (m.account_id, m.user_id))
-        .collect())
-}
-
-type UsedUsage = HashMap<(Uuid, String), usage_events::Model>;
-type UsedReserve = HashMap<(Uuid, String), reservation_rows::Model>;
-
-/// 5. Request ids already used: the usage events (direct or settled) and the
-///    reservations recorded under them, whole, so replays are answered from here.
-async fn load_used_keys(
-    tx: &DatabaseTransaction,
-    named: &Named<'_>,
-    reservations: &HashMap<Uuid, reservation_rows::Model>,
-    workspace_ids: &BTreeSet<Uuid>,
-) -> Result<(UsedUsage, UsedReserve)> {
-    let mut usage_keys: BTreeSet<&str> = named.usage_requests.iter().map(|(_, k)| *k).collect();
-    usage_keys.extend(reservations.values().map(|r| r.request_id.as_str()));
-    let reserve_keys: BTreeSet<&str> = named.reserve_requests.iter().map(|(_, k)| *k).collect();
-    let mut used_usage = HashMap::new();
-    if !usage_keys.is_empty() && !workspace_ids.is_empty() {
-        for e in usage_events::Entity::find()
-            .filter(usage_events::Column::WorkspaceId.is_in(workspace_ids.iter().copied()))
-            .filter(usage_events::Column::RequestId.is_in(usage_keys.iter().copied()))
-            .all(tx)
-            .await?
-        {
-            used_usage.insert((e.workspace_id, e.request_id.clone()), e);
-        }
-    }
-    let mut used_reserve = HashMap::new();
-    if !reserve_keys.is_empty() && !workspace_ids.is_empty() {
-        for r in reservation_rows::Entity::find()
-            .filter(reservation_rows::Column::WorkspaceId.is_in(workspace_ids.iter().copied()))
-            .filter(reservation_rows::Column::RequestId.is_in(reserve_keys.iter().copied()))
-            .all(tx)
-            .await?
-        {
-            used_reserve.insert((r.workspace_id, r.request_id.clone()), r);
-        }
-    }
-    Ok((used_usage, used_reserve))
 }
 
 type ReloadSettings = HashMap<Uuid, auto_reload_settings::Model>;

@@ -21,6 +21,7 @@
 pub mod cache;
 mod load;
 mod load_pg;
+mod load_sqlite;
 mod overlay;
 mod posting;
 pub(crate) mod rules;
