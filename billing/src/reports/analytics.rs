@@ -133,6 +133,18 @@ pub struct UsageRow {
 }
 
 impl UsageRow {
+    /// A row with these sums and no dimension set yet.
+    fn of(totals: UsageTotals) -> Self {
+        Self {
+            project_id: None,
+            user_id: None,
+            model_id: None,
+            api_key_id: None,
+            day: None,
+            totals,
+        }
+    }
+
     fn compare(&self, other: &Self, dimension: UsageDimension) -> Ordering {
         match dimension {
             UsageDimension::Project => self.project_id.cmp(&other.project_id),
@@ -549,14 +561,7 @@ fn decode_report_row(
         ScopeKind::Workspace => UsageScope::Workspace(scope_id),
         ScopeKind::Project => UsageScope::Project(scope_id),
     };
-    let mut out = UsageRow {
-        project_id: None,
-        user_id: None,
-        model_id: None,
-        api_key_id: None,
-        day: None,
-        totals: decode_totals(row)?,
-    };
+    let mut out = UsageRow::of(decode_totals(row)?);
     let uuid = |d: UsageDimension| -> Result<Option<Uuid>> {
         let id: Uuid = row.try_get("", d.alias())?;
         Ok((!id.is_nil()).then_some(id))
@@ -965,14 +970,7 @@ fn breakdown_row(
 ) -> Result<UsageRow> {
     let id: Uuid = row.try_get("", "dim_uuid")?;
     let id = (!id.is_nil()).then_some(id);
-    let mut out = UsageRow {
-        project_id: None,
-        user_id: None,
-        model_id: None,
-        api_key_id: None,
-        day: None,
-        totals,
-    };
+    let mut out = UsageRow::of(totals);
     match dimension {
         UsageDimension::Project => out.project_id = id,
         UsageDimension::Member => out.user_id = id,

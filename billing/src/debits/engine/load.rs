@@ -87,21 +87,26 @@ pub(super) async fn load<'a>(
             .collect(),
         members: read.members.into_iter().collect(),
         reservations,
-        used_usage: read
-            .used_usage
-            .into_iter()
-            .map(|e| ((e.workspace_id, e.request_id.clone()), e))
-            .collect(),
-        used_reserve: read
-            .used_reserve
-            .into_iter()
-            .map(|r| ((r.workspace_id, r.request_id.clone()), r))
-            .collect(),
+        used_usage: by_request(read.used_usage, |e| (e.workspace_id, &e.request_id)),
+        used_reserve: by_request(read.used_reserve, |r| (r.workspace_id, &r.request_id)),
         reload_settings,
         thresholds,
     };
     super::cache::combine(cache, &mut state, hits, version);
     Ok(state)
+}
+
+/// Rows recorded under a request id, keyed as `State` holds them: (workspace, request id).
+pub(super) fn by_request<T>(
+    rows: Vec<T>,
+    key: impl Fn(&T) -> (Uuid, &String),
+) -> HashMap<(Uuid, String), T> {
+    rows.into_iter()
+        .map(|row| {
+            let (workspace_id, request_id) = key(&row);
+            ((workspace_id, request_id.clone()), row)
+        })
+        .collect()
 }
 
 /// SQLite's one read of what every batch needs (`load_sqlite`): the workspaces named by

@@ -226,16 +226,10 @@ fn state(read: Read) -> Result<State> {
             .map(|m| (m.account_id, m.user_id))
             .collect(),
         reservations,
-        used_usage: read
-            .used_usage
-            .into_iter()
-            .map(|e| ((e.workspace_id, e.request_id.clone()), e))
-            .collect(),
-        used_reserve: read
-            .used_reserve
-            .into_iter()
-            .map(|r| ((r.workspace_id, r.request_id.clone()), r))
-            .collect(),
+        used_usage: super::load::by_request(read.used_usage, |e| (e.workspace_id, &e.request_id)),
+        used_reserve: super::load::by_request(read.used_reserve, |r| {
+            (r.workspace_id, &r.request_id)
+        }),
         reload_settings: read
             .settings
             .into_iter()
